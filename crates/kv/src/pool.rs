@@ -1,0 +1,249 @@
+//! The block pool: per-block reference counts and holders, the free list,
+//! the LRU list of cached blocks, and the prefix index that maps content
+//! addresses to cached blocks.
+//!
+//! Every block is in exactly one state, derived from its fields:
+//!
+//! | state  | refs | key (published) | lives in  |
+//! |--------|------|-----------------|-----------|
+//! | free   | 0    | none            | `free`    |
+//! | used   | > 0  | either          | nowhere   |
+//! | cached | 0    | some            | `lru`     |
+//!
+//! Allocation pops the free list, and when it is empty evicts the least
+//! recently used cached block (dropping its index entry and key), so free +
+//! cached is what can be allocated; it checks that count first and then takes
+//! all `n` or none. Releasing the last reference sends a published block to
+//! the most-recent end of the LRU and an unpublished one to the free list.
+//! Callers release a sequence's blocks tail first, so within a chain the tail
+//! is always older than its parent and eviction eats chains from the tail:
+//! the surviving part of a chain stays a usable prefix. All operations are
+//! O(1) except lookup verification, which is O(block size).
+//!
+//! `refs` is the sum of the holder counts; each holder is an owner slot with
+//! the number of references it has, which is how owners' distinct-block
+//! counts stay exact under sharing.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::hash::{BlockHash, Namespace, Prehashed};
+use crate::ids::{BlockId, TokenId};
+use crate::lru::LruList;
+use crate::owners::{OwnerSlot, OwnerTable};
+
+/// What a published block's content is: enough to verify a lookup exactly
+/// and, later, to persist the block under its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BlockKey {
+    pub(crate) hash: BlockHash,
+    pub(crate) parent: Option<BlockHash>,
+    pub(crate) ns: Namespace,
+    pub(crate) tokens: Box<[TokenId]>,
+}
+
+#[derive(Default)]
+struct BlockMeta {
+    refs: u32,
+    /// (owner, references it holds); at most a few entries, capacity kept
+    /// across reuse so steady-state allocation does not allocate.
+    holders: Vec<(OwnerSlot, u32)>,
+    key: Option<Box<BlockKey>>,
+}
+
+/// Where a block is, as seen by invariant checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockState {
+    Free,
+    Used,
+    Cached,
+}
+
+pub(crate) struct BlockPool {
+    blocks: Vec<BlockMeta>,
+    free: Vec<BlockId>,
+    lru: LruList,
+    index: HashMap<BlockHash, BlockId, Prehashed>,
+    evictions: u64,
+}
+
+impl BlockPool {
+    pub(crate) fn new(num_blocks: usize) -> Self {
+        let mut blocks = Vec::with_capacity(num_blocks);
+        blocks.resize_with(num_blocks, BlockMeta::default);
+        // Pop order hands out low ids first, which keeps tests readable.
+        let free = (0..num_blocks as u32).rev().map(BlockId::new).collect();
+        Self { blocks, free, lru: LruList::new(num_blocks), index: HashMap::default(), evictions: 0 }
+    }
+
+    pub(crate) fn total(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub(crate) fn free_len(&self) -> usize {
+        self.free.len()
+    }
+
+    pub(crate) fn cached_len(&self) -> usize {
+        self.lru.len()
+    }
+
+    /// Blocks an allocation can get: free plus evictable.
+    pub(crate) fn available(&self) -> usize {
+        self.free.len() + self.lru.len()
+    }
+
+    pub(crate) fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Takes `n` blocks for `owner` into `out`, all or none.
+    pub(crate) fn allocate_into(
+        &mut self,
+        owner: OwnerSlot,
+        n: usize,
+        owners: &mut OwnerTable,
+        out: &mut Vec<BlockId>,
+    ) -> Result<()> {
+        if n > self.available() {
+            return Err(Error::Exhausted { requested: n, available: self.available() });
+        }
+        out.reserve(n);
+        for _ in 0..n {
+            let id = match self.free.pop() {
+                Some(id) => id,
+                None => self.evict_one().expect("free + cached >= n was checked under the same borrow"),
+            };
+            let meta = &mut self.blocks[id.index()];
+            debug_assert!(meta.refs == 0 && meta.key.is_none() && meta.holders.is_empty());
+            meta.refs = 1;
+            meta.holders.push((owner, 1));
+            owners.started_holding(owner);
+            out.push(id);
+        }
+        Ok(())
+    }
+
+    fn evict_one(&mut self) -> Option<BlockId> {
+        let i = self.lru.pop_front()?;
+        let id = BlockId::new(i);
+        if let Some(key) = self.blocks[id.index()].key.take() {
+            self.index.remove(&key.hash);
+        }
+        self.evictions += 1;
+        Some(id)
+    }
+
+    /// Adds a reference for `owner`; a cached block becomes used again.
+    pub(crate) fn retain(&mut self, id: BlockId, owner: OwnerSlot, owners: &mut OwnerTable) {
+        let meta = &mut self.blocks[id.index()];
+        if meta.refs == 0 {
+            self.lru.remove(id.get());
+        }
+        meta.refs += 1;
+        match meta.holders.iter_mut().find(|(o, _)| *o == owner) {
+            Some((_, n)) => *n += 1,
+            None => {
+                meta.holders.push((owner, 1));
+                owners.started_holding(owner);
+            }
+        }
+    }
+
+    /// How many references `owner` has on `id`.
+    pub(crate) fn held_by(&self, id: BlockId, owner: OwnerSlot) -> u32 {
+        self.blocks.get(id.index()).and_then(|m| m.holders.iter().find(|(o, _)| *o == owner)).map_or(0, |(_, n)| *n)
+    }
+
+    /// Drops one of `owner`'s references. Callers guarantee the reference
+    /// exists (sequences and the raw-allocation map track them).
+    pub(crate) fn release(&mut self, id: BlockId, owner: OwnerSlot, owners: &mut OwnerTable) {
+        let meta = &mut self.blocks[id.index()];
+        let Some(pos) = meta.holders.iter().position(|(o, _)| *o == owner) else {
+            debug_assert!(false, "released {id} for an owner that holds no reference");
+            return;
+        };
+        meta.holders[pos].1 -= 1;
+        if meta.holders[pos].1 == 0 {
+            meta.holders.swap_remove(pos);
+            owners.stopped_holding(owner);
+        }
+        debug_assert!(meta.refs > 0, "refcount underflow on {id}");
+        meta.refs = meta.refs.saturating_sub(1);
+        if meta.refs == 0 {
+            if meta.key.is_some() {
+                self.lru.push_back(id.get());
+            } else {
+                self.free.push(id);
+            }
+        }
+    }
+
+    pub(crate) fn refs(&self, id: BlockId) -> u32 {
+        self.blocks[id.index()].refs
+    }
+
+    pub(crate) fn is_published(&self, id: BlockId) -> bool {
+        self.blocks[id.index()].key.is_some()
+    }
+
+    /// Makes a used block findable by its content address. Returns false (and
+    /// leaves the block private) if another block already has that address.
+    pub(crate) fn publish(&mut self, id: BlockId, key: BlockKey) -> bool {
+        let meta = &mut self.blocks[id.index()];
+        if meta.key.is_some() || self.index.contains_key(&key.hash) {
+            return false;
+        }
+        self.index.insert(key.hash, id);
+        meta.key = Some(Box::new(key));
+        true
+    }
+
+    /// The cached or used block with exactly this content, if any.
+    pub(crate) fn lookup(
+        &self,
+        hash: BlockHash,
+        parent: Option<BlockHash>,
+        ns: Namespace,
+        tokens: &[TokenId],
+    ) -> Option<BlockId> {
+        let id = *self.index.get(&hash)?;
+        let key = self.blocks[id.index()].key.as_deref()?;
+        (key.parent == parent && key.ns == ns && *key.tokens == *tokens).then_some(id)
+    }
+
+    // ---- read-only views for invariant checks ----
+
+    pub(crate) fn state(&self, id: BlockId) -> BlockState {
+        let m = &self.blocks[id.index()];
+        match (m.refs, m.key.is_some()) {
+            (0, false) => BlockState::Free,
+            (0, true) => BlockState::Cached,
+            _ => BlockState::Used,
+        }
+    }
+
+    pub(crate) fn holders(&self, id: BlockId) -> &[(OwnerSlot, u32)] {
+        &self.blocks[id.index()].holders
+    }
+
+    pub(crate) fn key(&self, id: BlockId) -> Option<&BlockKey> {
+        self.blocks[id.index()].key.as_deref()
+    }
+
+    pub(crate) fn free_list(&self) -> &[BlockId] {
+        &self.free
+    }
+
+    pub(crate) fn lru_contains(&self, id: BlockId) -> bool {
+        self.lru.contains(id.get())
+    }
+
+    pub(crate) fn lru_order(&self) -> impl Iterator<Item = BlockId> + '_ {
+        self.lru.iter().map(BlockId::new)
+    }
+
+    pub(crate) fn index_entries(&self) -> impl Iterator<Item = (&BlockHash, &BlockId)> + '_ {
+        self.index.iter()
+    }
+}
