@@ -39,3 +39,25 @@ pub fn computed_seq(cache: &mut KvCache, who: &OwnerId, tokens: &[u32]) -> kv::S
     cache.mark_computed(id, tokens.len()).expect("appended just now");
     id
 }
+
+/// Runs `f` on its own thread and fails the test if it does not finish in
+/// `limit` (a deadlock), instead of hanging the test run. A panic inside `f`
+/// is passed on.
+pub fn with_watchdog<F: FnOnce() + Send + 'static>(limit: std::time::Duration, f: F) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(()) => worker.join().expect("worker finished"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("no progress for {limit:?}: deadlock suspected")
+        }
+    }
+}
