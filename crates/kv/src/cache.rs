@@ -34,8 +34,9 @@ pub struct KvCache {
     pub(crate) pool: BlockPool,
     pub(crate) owners: OwnerTable,
     pub(crate) seqs: HashMap<SeqId, Sequence>,
-    /// Blocks handed out by [`KvCache::allocate`], by holder.
-    pub(crate) raw: HashMap<BlockId, OwnerSlot>,
+    /// Holder of each block handed out by [`KvCache::allocate`], indexed by
+    /// block (a flat array: O(1) without hashing on the hot path).
+    pub(crate) raw: Vec<Option<OwnerSlot>>,
     next_seq: u64,
     scratch: Vec<u8>,
     prefix_lookup_tokens: u64,
@@ -47,14 +48,14 @@ impl KvCache {
     pub fn new(spec: CacheSpec) -> Self {
         Self {
             pool: BlockPool::new(spec.num_blocks()),
-            spec,
             owners: OwnerTable::default(),
             seqs: HashMap::new(),
-            raw: HashMap::new(),
+            raw: vec![None; spec.num_blocks()],
             next_seq: 0,
             scratch: Vec::new(),
             prefix_lookup_tokens: 0,
             prefix_hit_tokens: 0,
+            spec,
         }
     }
 
@@ -103,7 +104,7 @@ impl KvCache {
             return Err(e);
         }
         for &b in &out {
-            self.raw.insert(b, slot);
+            self.raw[b.index()] = Some(slot);
         }
         Ok(out)
     }
@@ -120,15 +121,20 @@ impl KvCache {
             (Some(slot), _) => slot,
             (None, Some(&b)) => return Err(not_held(b)),
         };
-        let mut sorted = blocks.to_vec();
-        sorted.sort_unstable();
-        for (i, &b) in sorted.iter().enumerate() {
-            if self.raw.get(&b) != Some(&slot) || (i > 0 && sorted[i - 1] == b) {
-                return Err(not_held(b));
+        // Claim every entry first; a block not held, or named twice (its
+        // entry already claimed), rolls the claims back and fails.
+        for (i, &b) in blocks.iter().enumerate() {
+            match self.raw.get_mut(b.index()) {
+                Some(entry) if *entry == Some(slot) => *entry = None,
+                _ => {
+                    for &claimed in &blocks[..i] {
+                        self.raw[claimed.index()] = Some(slot);
+                    }
+                    return Err(not_held(b));
+                }
             }
         }
         for &b in blocks.iter().rev() {
-            self.raw.remove(&b);
             self.pool.release(b, slot, &mut self.owners);
         }
         self.owners.release_if_idle(slot);

@@ -60,10 +60,10 @@ impl KvCache {
         }
         ensure!(lru_len == pool.cached_len(), "LRU length {} but walked {lru_len}", pool.cached_len());
         let mut used = 0;
-        for i in 0..total {
+        for (i, &free) in on_free.iter().enumerate() {
             let b = BlockId::new(i as u32);
             let state = pool.state(b);
-            ensure!(on_free[i] == (state == BlockState::Free), "{b} is {state:?} but on_free={}", on_free[i]);
+            ensure!(free == (state == BlockState::Free), "{b} is {state:?} but on_free={free}");
             ensure!(
                 pool.lru_contains(b) == (state == BlockState::Cached),
                 "{b} is {state:?} but LRU membership disagrees"
@@ -114,8 +114,10 @@ impl KvCache {
                 *expected.entry((b, s.owner)).or_default() += 1;
             }
         }
-        for (&b, &slot) in &self.raw {
-            *expected.entry((b, slot)).or_default() += 1;
+        for (i, slot) in self.raw.iter().enumerate() {
+            if let Some(slot) = *slot {
+                *expected.entry((BlockId::new(i as u32), slot)).or_default() += 1;
+            }
         }
         let mut distinct_per_owner: HashMap<OwnerSlot, u32> = HashMap::new();
         let mut holder_entries = 0;

@@ -26,7 +26,7 @@ const PHASE_TIME: Duration = Duration::from_millis(1000);
 
 fn stress(spec: CacheSpec, seed: u64) {
     let cache = SharedKvCache::new(spec);
-    cache.set_quota(&owner("capped"), Some(40)).unwrap();
+    cache.set_quota(&owner("capped"), Some(40)).expect("not poisoned");
     // Sequences any thread may fork, read or remove.
     let public: Arc<Mutex<Vec<SeqId>>> = Arc::new(Mutex::new(Vec::new()));
     let barrier = Arc::new(Barrier::new(THREADS + 1));
@@ -152,11 +152,11 @@ fn stress(spec: CacheSpec, seed: u64) {
     }
     // Only the sequences someone removed by id are gone; the rest went with
     // their handles. The pool must be whole again.
-    let st = cache.stats().unwrap();
+    let st = cache.stats().expect("not poisoned");
     assert_eq!(st.sequences, 0);
     assert_eq!(st.used_blocks, 0, "blocks leaked");
     assert_eq!(st.free_blocks + st.cached_blocks, st.total_blocks);
-    cache.check_invariants().unwrap();
+    cache.check_invariants().expect("consistent at the end");
     eprintln!("{} operations, {st:?}", ops.load(Ordering::Relaxed));
     assert!(ops.load(Ordering::Relaxed) > 10_000, "too little work to prove anything");
 }
