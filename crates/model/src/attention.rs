@@ -40,6 +40,10 @@ pub(crate) struct Dims {
 
 const QUERY_CHUNK: usize = 32;
 
+/// What one task produced: sequence, KV head, first query, outputs
+/// `[queries, group, head_dim]`.
+type ChunkOut = (usize, usize, usize, Vec<f32>);
+
 /// `q` is `[tokens, heads, head_dim]`; returns the same shape.
 pub(crate) fn paged_attention(
     q: &[f32],
@@ -54,7 +58,7 @@ pub(crate) fn paged_attention(
         .enumerate()
         .flat_map(|(s, sq)| (0..kv_heads).flat_map(move |g| (0..sq.len).step_by(QUERY_CHUNK).map(move |c| (s, g, c))))
         .collect();
-    let results: Vec<Result<(usize, usize, usize, Vec<f32>)>> = tasks
+    let results: Vec<Result<ChunkOut>> = tasks
         .into_par_iter()
         .map(|(s, g, c)| {
             let sq = &seqs[s];

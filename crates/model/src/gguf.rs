@@ -66,11 +66,11 @@ impl GgufFile {
             let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
             return Err(Error::Open { path, source });
         }
-        // SAFETY: the map is read-only and private to this process. A file
-        // changed underneath by another process could change what we read,
-        // which every read below bounds-checks; it cannot break memory safety
-        // of the slice itself beyond what the OS maps.
         #[allow(unsafe_code)] // mmap is the point: the issue asks for a memory-mapped GGUF
+        // SAFETY: the map is read-only and private to this process. A file
+        // truncated or rewritten underneath by another process is outside
+        // what any mmap user can prevent; every read below is bounds-checked
+        // against the length taken at mapping time.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Open { path: path.clone(), source })?;
         if mmap.len() < 4 || &mmap[..4] != b"GGUF" {
             return Err(Error::NotGguf { path, magic: mmap[..mmap.len().min(4)].to_vec() });

@@ -1,6 +1,7 @@
 //! The forward pass on tiny random-weight models written by the test itself:
 //! parity with candle-transformers' stock quantized llama, ragged batches,
 //! copy-on-write forks, and typed load errors.
+#![allow(clippy::unwrap_used)] // helpers of a test binary: a failed unwrap is a failed test, which is the point
 
 use std::path::{Path, PathBuf};
 
@@ -122,8 +123,8 @@ const TOL_F16: f32 = 5e-2;
 #[test]
 fn logits_match_the_stock_candle_llama_and_greedy_tokens_agree_for_80_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let path = tiny(dir.path(), &TinySpec::default());
     {
+        let path = tiny(dir.path(), &TinySpec::default());
         let (dtype, tol) = (KvDType::F32, TOL_F32);
         let mut ours = Runner::new(&path, dtype);
         let mut reference = Reference::new(&path);
@@ -146,6 +147,32 @@ fn logits_match_the_stock_candle_llama_and_greedy_tokens_agree_for_80_steps() {
         let distinct = tokens.iter().collect::<std::collections::HashSet<_>>().len();
         assert!(distinct > 5, "degenerate test model: {tokens:?}");
     }
+}
+
+/// The default model's shapes (9 query heads sharing 3 K/V heads of 64,
+/// Q4_1 weights): a prefill matches the stock model. Only the prefill: with
+/// hidden 576 these sharp random weights are chaotic enough that f32
+/// summation order alone flips 8-bit activation rounding within a few decode
+/// steps (ours with f16 instead of f32 K/V moves the logits far more than
+/// ours vs stock do), so decode parity at depth is checked on the real model.
+#[test]
+fn default_model_shapes_prefill_matches_the_stock_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        hidden: 576,
+        heads: 9,
+        kv_heads: 3,
+        ffn: 1536,
+        dtype: candle_core::quantized::GgmlDType::Q4_1,
+        ..TinySpec::default()
+    };
+    let path = tiny(dir.path(), &spec);
+    let mut ours = Runner::new(&path, KvDType::F32);
+    let seq = ours.create();
+    let a = ours.step(&[(seq, PROMPT.to_vec())]).remove(0);
+    let b = Reference::new(&path).logits(&PROMPT);
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(max_abs_diff(&a, &b) <= TOL_F32 * scale, "differ by {} (scale {scale})", max_abs_diff(&a, &b));
 }
 
 #[test]

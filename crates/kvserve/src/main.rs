@@ -1,0 +1,54 @@
+//! `kvserve`: the one binary. Thin: parses arguments, sets up logging and the
+//! thread pool, and calls into the library crates.
+
+mod run;
+mod sampling;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// kvserve: LLM inference over a paged, shared, durable KV cache.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing syntax), for example `info` or `model=debug`.
+    #[arg(long, env = "KVSERVE_LOG", default_value = "warn", global = true)]
+    log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Answer one prompt with the chat template applied, streaming to stdout.
+    Run(run::RunArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct ModelArgs {
+    /// A GGUF file to use instead of the default model (fetched on first use).
+    #[arg(long, env = "KVSERVE_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads for the model (default: all cores).
+    #[arg(long, env = "KVSERVE_THREADS")]
+    threads: Option<usize>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
