@@ -125,7 +125,7 @@ fn stress(spec: CacheSpec, seed: u64) {
                             | Err(Error::WindowReleased { .. }) => {}
                             Err(e) => panic!("unexpected error {e}"),
                         }
-                        if n % 64 == 0 {
+                        if n.is_multiple_of(64) {
                             if let Err(v) = cache.check_invariants() {
                                 panic!("thread {t}: {v}");
                             }

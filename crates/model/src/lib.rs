@@ -12,6 +12,7 @@
 //! | K/V arenas indexed by block id | `kv_store.rs` |
 //! | paged attention | `attention.rs` |
 //! | the forward pass | `llama.rs` |
+//! | SIMD quantized matmul kernels | `quant.rs` |
 //! | fetching the default model | `fetch.rs` |
 //! | tiny random-weight GGUF files for tests | `tiny.rs` |
 
@@ -23,6 +24,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod kv_store;
 pub mod llama;
+pub mod quant;
 pub mod tiny;
 pub mod tokenizer;
 
@@ -31,5 +33,5 @@ pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv_store::PagedKvStore;
-pub use llama::{argmax_rows, LlamaModel, SeqStep};
+pub use llama::{argmax_rows, LlamaModel, MatmulPath, SeqStep};
 pub use tokenizer::Tokenizer;

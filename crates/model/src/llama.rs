@@ -11,7 +11,7 @@
 //! SwiGLU feed-forward and residual. The final norm and the vocabulary
 //! projection run only on each sequence's last token.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use kv::{BlockTable, Slot};
 
@@ -20,6 +20,84 @@ use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::kv_store::PagedKvStore;
+use crate::quant::{self, Isa, Q4_1Matrix};
+
+/// Which code multiplies by the quantized weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// kvserve's kernels for the types they cover (Q4_1), with this
+    /// instruction set; candle for the rest.
+    Kernels(Isa),
+    /// candle's quantized matmul for everything.
+    Candle,
+}
+
+impl MatmulPath {
+    /// The best path for this CPU, unless `KVSERVE_MATMUL` overrides it
+    /// (`candle`, `scalar`, `avx2`, `avx512`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] for an unknown value or an instruction set
+    /// this CPU lacks.
+    pub fn from_env() -> Result<Self> {
+        let path = match std::env::var("KVSERVE_MATMUL").as_deref() {
+            Err(_) | Ok("" | "auto") => Self::Kernels(Isa::detect()),
+            Ok("candle") => Self::Candle,
+            Ok("scalar") => Self::Kernels(Isa::Scalar),
+            Ok("avx2") => Self::Kernels(Isa::Avx2),
+            Ok("avx512") => Self::Kernels(Isa::Avx512Vnni),
+            Ok(other) => {
+                return Err(Error::InvalidBatch(format!(
+                    "KVSERVE_MATMUL={other:?}: expected auto, candle, scalar, avx2 or avx512"
+                )))
+            }
+        };
+        if let Self::Kernels(isa) = path {
+            if !isa.available() {
+                return Err(Error::InvalidBatch(format!("KVSERVE_MATMUL: this CPU cannot run {}", isa.name())));
+            }
+        }
+        Ok(path)
+    }
+
+    /// A short name for tables and logs.
+    pub fn name(self) -> String {
+        match self {
+            Self::Kernels(isa) => format!("kvserve-{}", isa.name()),
+            Self::Candle => "candle".into(),
+        }
+    }
+}
+
+/// A weight matrix and the code that multiplies by it.
+enum Linear {
+    Q4_1 { w: Q4_1Matrix, isa: Isa },
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(t: QTensor, path: MatmulPath) -> Result<Self> {
+        match (t.dtype(), path) {
+            (GgmlDType::Q4_1, MatmulPath::Kernels(isa)) => {
+                let (n, k) = t.shape().dims2()?;
+                Ok(Self::Q4_1 { w: Q4_1Matrix::from_ggml_bytes(&t.data()?, n, k)?, isa })
+            }
+            _ => Ok(Self::Candle(QMatMul::from_qtensor(t)?)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => Ok(m.forward(x)?),
+            Self::Q4_1 { w, isa } => {
+                let (m, _) = x.dims2()?;
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let y = quant::matmul(w, &xs, m, *isa)?;
+                Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
+            }
+        }
+    }
+}
 
 /// One sequence's part of a batch.
 #[derive(Clone, Copy, Debug)]
@@ -36,15 +114,15 @@ pub struct SeqStep<'a> {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     bias: Option<(Tensor, Tensor, Tensor)>,
-    wo: QMatMul,
+    wo: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// A loaded llama-family model.
@@ -54,7 +132,8 @@ pub struct LlamaModel {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
+    path: MatmulPath,
     cos: Tensor,
     sin: Tensor,
 }
@@ -73,6 +152,14 @@ impl LlamaModel {
     /// pass, [`Error::Tensor`] for a missing or misshapen weight,
     /// [`Error::Metadata`] for bad hyper-parameters.
     pub fn load(file: &GgufFile, device: &Device) -> Result<Self> {
+        Self::load_with(file, device, MatmulPath::from_env()?)
+    }
+
+    /// [`LlamaModel::load`] with an explicit matmul path.
+    ///
+    /// # Errors
+    /// As [`LlamaModel::load`].
+    pub fn load_with(file: &GgufFile, device: &Device, path: MatmulPath) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
         if config.arch == Arch::Gemma3 {
             return Err(Error::UnsupportedArchitecture {
@@ -94,8 +181,7 @@ impl LlamaModel {
             }
             Ok(t)
         };
-        let matmul =
-            |name: &str, dims: &[usize]| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(shaped(name, dims)?)?) };
+        let matmul = |name: &str, dims: &[usize]| -> Result<Linear> { Linear::new(shaped(name, dims)?, path) };
         let vector = |name: &str, n: usize| -> Result<Tensor> { Ok(shaped(name, &[n])?.dequantize(device)?) };
 
         let embed_q = shaped("token_embd.weight", &[c.vocab, c.hidden])?;
@@ -103,7 +189,7 @@ impl LlamaModel {
         let output = if file.has_tensor("output.weight") {
             matmul("output.weight", &[c.vocab, c.hidden])?
         } else {
-            QMatMul::from_qtensor(embed_q)? // tied embeddings
+            Linear::new(embed_q, path)? // tied embeddings
         };
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
@@ -132,7 +218,12 @@ impl LlamaModel {
         }
         let norm = vector("output_norm.weight", c.hidden)?;
         let (cos, sin) = rope_tables(c, device)?;
-        Ok(Self { config, device: device.clone(), embed, layers, norm, output, cos, sin })
+        Ok(Self { config, device: device.clone(), embed, layers, norm, output, path, cos, sin })
+    }
+
+    /// The matmul path it was loaded with.
+    pub fn matmul_path(&self) -> MatmulPath {
+        self.path
     }
 
     /// Hyper-parameters.
