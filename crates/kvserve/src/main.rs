@@ -1,6 +1,7 @@
 //! `kvserve`: the one binary. Thin: parses arguments, sets up logging and the
 //! thread pool, and calls into the library crates.
 
+mod bench;
 mod run;
 mod sampling;
 
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Answer one prompt with the chat template applied, streaming to stdout.
     Run(run::RunArgs),
+    /// Measure throughput and print a table.
+    Bench(bench::BenchArgs),
 }
 
 /// Options shared by every command that loads a model.
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -19,6 +19,7 @@
 mod attention;
 pub mod chat;
 pub mod config;
+pub mod dispatch;
 mod error;
 pub mod fetch;
 pub mod gguf;

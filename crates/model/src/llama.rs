@@ -11,12 +11,16 @@
 //! SwiGLU feed-forward and residual. The final norm and the vocabulary
 //! projection run only on each sequence's last token.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use kv::{BlockTable, Slot};
 
 use crate::attention::{paged_attention, Dims, SeqQueries};
 use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::dispatch::{Path, PerfTracker, ShapeKey};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::kv_store::PagedKvStore;
@@ -25,34 +29,43 @@ use crate::quant::{self, Isa, Q4_1Matrix};
 /// Which code multiplies by the quantized weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
-    /// kvserve's kernels for the types they cover (Q4_1), with this
-    /// instruction set; candle for the rest.
+    /// Measured dispatch (`dispatch.rs`): for Q4_1 weights, kvserve's
+    /// kernels (with this instruction set) or a dense f32 GEMM over weights
+    /// dequantized at load, whichever has measured cheaper for the shape and
+    /// batch; candle for other types. The default.
+    Auto(Isa),
+    /// kvserve's kernels for Q4_1, always; candle for the rest.
     Kernels(Isa),
+    /// Dense f32 GEMM for Q4_1, always; candle for the rest.
+    Dense,
     /// candle's quantized matmul for everything.
     Candle,
 }
 
 impl MatmulPath {
-    /// The best path for this CPU, unless `KVSERVE_MATMUL` overrides it
-    /// (`candle`, `scalar`, `avx2`, `avx512`).
+    /// Measured dispatch with the best kernels for this CPU, unless
+    /// `KVSERVE_MATMUL` overrides it: `auto`, `kernels`, `dense`, `candle`,
+    /// or an instruction set for the kernels (`scalar`, `avx2`, `avx512`).
     ///
     /// # Errors
     /// [`Error::InvalidBatch`] for an unknown value or an instruction set
     /// this CPU lacks.
     pub fn from_env() -> Result<Self> {
         let path = match std::env::var("KVSERVE_MATMUL").as_deref() {
-            Err(_) | Ok("" | "auto") => Self::Kernels(Isa::detect()),
+            Err(_) | Ok("" | "auto") => Self::Auto(Isa::detect()),
+            Ok("kernels") => Self::Kernels(Isa::detect()),
+            Ok("dense") => Self::Dense,
             Ok("candle") => Self::Candle,
             Ok("scalar") => Self::Kernels(Isa::Scalar),
             Ok("avx2") => Self::Kernels(Isa::Avx2),
             Ok("avx512") => Self::Kernels(Isa::Avx512Vnni),
             Ok(other) => {
                 return Err(Error::InvalidBatch(format!(
-                    "KVSERVE_MATMUL={other:?}: expected auto, candle, scalar, avx2 or avx512"
+                    "KVSERVE_MATMUL={other:?}: expected auto, kernels, dense, candle, scalar, avx2 or avx512"
                 )))
             }
         };
-        if let Self::Kernels(isa) = path {
+        if let Self::Kernels(isa) | Self::Auto(isa) = path {
             if !isa.available() {
                 return Err(Error::InvalidBatch(format!("KVSERVE_MATMUL: this CPU cannot run {}", isa.name())));
             }
@@ -63,39 +76,67 @@ impl MatmulPath {
     /// A short name for tables and logs.
     pub fn name(self) -> String {
         match self {
-            Self::Kernels(isa) => format!("kvserve-{}", isa.name()),
+            Self::Auto(isa) => format!("auto (kernels-{} | dense-gemm, measured)", isa.name()),
+            Self::Kernels(isa) => format!("kernels-{}", isa.name()),
+            Self::Dense => "dense-gemm".into(),
             Self::Candle => "candle".into(),
         }
     }
 }
 
+/// How a Q4_1 matrix picks its path.
+enum Mode {
+    Measured(Arc<PerfTracker>),
+    Fixed(Path),
+}
+
 /// A weight matrix and the code that multiplies by it.
 enum Linear {
-    Q4_1 { w: Q4_1Matrix, isa: Isa },
+    Q4_1 { w: Q4_1Matrix, isa: Isa, dense: Option<Tensor>, mode: Mode },
     Candle(QMatMul),
 }
 
 impl Linear {
-    fn new(t: QTensor, path: MatmulPath) -> Result<Self> {
-        match (t.dtype(), path) {
-            (GgmlDType::Q4_1, MatmulPath::Kernels(isa)) => {
-                let (n, k) = t.shape().dims2()?;
-                Ok(Self::Q4_1 { w: Q4_1Matrix::from_ggml_bytes(&t.data()?, n, k)?, isa })
-            }
-            _ => Ok(Self::Candle(QMatMul::from_qtensor(t)?)),
+    fn new(t: QTensor, path: MatmulPath, tracker: &Arc<PerfTracker>) -> Result<Self> {
+        if t.dtype() != GgmlDType::Q4_1 || path == MatmulPath::Candle {
+            return Ok(Self::Candle(QMatMul::from_qtensor(t)?));
         }
+        let (n, k) = t.shape().dims2()?;
+        let w = Q4_1Matrix::from_ggml_bytes(&t.data()?, n, k)?;
+        let dense = || -> Result<Option<Tensor>> { Ok(Some(t.dequantize(&t.device())?)) };
+        Ok(match path {
+            MatmulPath::Auto(isa) => Self::Q4_1 { w, isa, dense: dense()?, mode: Mode::Measured(tracker.clone()) },
+            MatmulPath::Kernels(isa) => Self::Q4_1 { w, isa, dense: None, mode: Mode::Fixed(Path::Quantized) },
+            MatmulPath::Dense => {
+                Self::Q4_1 { w, isa: Isa::Scalar, dense: dense()?, mode: Mode::Fixed(Path::DenseGemm) }
+            }
+            MatmulPath::Candle => unreachable!("handled above"),
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Q4_1 { w, isa } => {
-                let (m, _) = x.dims2()?;
+        let Self::Q4_1 { w, isa, dense, mode } = self else {
+            let Self::Candle(m) = self else { unreachable!("two variants") };
+            return Ok(m.forward(x)?);
+        };
+        let (m, k) = x.dims2()?;
+        let key = ShapeKey::new(w.rows(), k, m);
+        let path = match mode {
+            Mode::Measured(t) => t.choose(key),
+            Mode::Fixed(p) => *p,
+        };
+        let start = Instant::now();
+        let y = match (path, dense) {
+            (Path::DenseGemm, Some(d)) => x.matmul(&d.t()?)?,
+            _ => {
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let y = quant::matmul(w, &xs, m, *isa)?;
-                Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
+                Tensor::from_vec(quant::matmul(w, &xs, m, *isa)?, (m, w.rows()), x.device())?
             }
+        };
+        if let Mode::Measured(t) = mode {
+            t.record(key, path, u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
+        Ok(y)
     }
 }
 
@@ -134,6 +175,7 @@ pub struct LlamaModel {
     norm: Tensor,
     output: Linear,
     path: MatmulPath,
+    perf: Arc<PerfTracker>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -181,7 +223,8 @@ impl LlamaModel {
             }
             Ok(t)
         };
-        let matmul = |name: &str, dims: &[usize]| -> Result<Linear> { Linear::new(shaped(name, dims)?, path) };
+        let perf = Arc::new(PerfTracker::new());
+        let matmul = |name: &str, dims: &[usize]| -> Result<Linear> { Linear::new(shaped(name, dims)?, path, &perf) };
         let vector = |name: &str, n: usize| -> Result<Tensor> { Ok(shaped(name, &[n])?.dequantize(device)?) };
 
         let embed_q = shaped("token_embd.weight", &[c.vocab, c.hidden])?;
@@ -189,7 +232,7 @@ impl LlamaModel {
         let output = if file.has_tensor("output.weight") {
             matmul("output.weight", &[c.vocab, c.hidden])?
         } else {
-            Linear::new(embed_q, path)? // tied embeddings
+            Linear::new(embed_q, path, &perf)? // tied embeddings
         };
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
@@ -218,12 +261,17 @@ impl LlamaModel {
         }
         let norm = vector("output_norm.weight", c.hidden)?;
         let (cos, sin) = rope_tables(c, device)?;
-        Ok(Self { config, device: device.clone(), embed, layers, norm, output, path, cos, sin })
+        Ok(Self { config, device: device.clone(), embed, layers, norm, output, path, perf, cos, sin })
     }
 
     /// The matmul path it was loaded with.
     pub fn matmul_path(&self) -> MatmulPath {
         self.path
+    }
+
+    /// The measured costs behind dispatch decisions.
+    pub fn perf(&self) -> &PerfTracker {
+        &self.perf
     }
 
     /// Hyper-parameters.

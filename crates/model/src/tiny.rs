@@ -34,6 +34,10 @@ pub struct TinySpec {
     pub seed: u64,
     /// `{arch}.attention.sliding_window`, written when set.
     pub sliding_window: Option<u32>,
+    /// Scale of the attention and gate/up weights relative to
+    /// `1/sqrt(hidden)`: the default 6 makes greedy decoding of random
+    /// weights varied (and chaotic); smaller is tamer.
+    pub weight_scale: f32,
 }
 
 impl Default for TinySpec {
@@ -49,6 +53,7 @@ impl Default for TinySpec {
             dtype: GgmlDType::Q8_0,
             seed: 7,
             sliding_window: None,
+            weight_scale: 6.0,
         }
     }
 }
@@ -120,7 +125,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             ("ffn_gate.weight", [spec.ffn, spec.hidden]),
             ("ffn_up.weight", [spec.ffn, spec.hidden]),
         ] {
-            tensors.push((n(name), q(rand(&dims, w * 6.0)?, spec.dtype)?));
+            tensors.push((n(name), q(rand(&dims, w * spec.weight_scale)?, spec.dtype)?));
         }
         tensors.push((
             n("ffn_down.weight"),

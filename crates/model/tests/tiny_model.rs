@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use kv::{AttentionKind, KvCache, KvDType, Namespace, OwnerId, SeqId};
+use model::quant::Isa;
 use model::tiny::{write_tiny_gguf, TinySpec};
-use model::{argmax_rows, Error, GgufFile, LlamaModel, ModelConfig, PagedKvStore, SeqStep, Tokenizer};
+use model::{argmax_rows, Error, GgufFile, LlamaModel, MatmulPath, ModelConfig, PagedKvStore, SeqStep, Tokenizer};
 
 fn tiny(dir: &Path, spec: &TinySpec) -> PathBuf {
     let path = dir.join(format!("{}-{}.gguf", spec.arch, spec.seed));
@@ -25,9 +26,15 @@ struct Runner {
 }
 
 impl Runner {
+    /// With kvserve's kernels pinned: they are bit-exact with candle, which
+    /// the parity tests rely on.
     fn new(path: &Path, dtype: KvDType) -> Self {
+        Self::with_path(path, dtype, MatmulPath::Kernels(Isa::detect()))
+    }
+
+    fn with_path(path: &Path, dtype: KvDType, matmul: MatmulPath) -> Self {
         let file = GgufFile::open(path).unwrap();
-        let model = LlamaModel::load(&file, &Device::Cpu).unwrap();
+        let model = LlamaModel::load_with(&file, &Device::Cpu, matmul).unwrap();
         let spec = model.config().cache_spec(16, 256, dtype).unwrap();
         Self { model, store: PagedKvStore::new(&spec), cache: KvCache::new(spec), owner: OwnerId::new("t").unwrap() }
     }
@@ -173,6 +180,51 @@ fn default_model_shapes_prefill_matches_the_stock_llama() {
     let b = Reference::new(&path).logits(&PROMPT);
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
     assert!(max_abs_diff(&a, &b) <= TOL_F32 * scale, "differ by {} (scale {scale})", max_abs_diff(&a, &b));
+}
+
+/// Every matmul path computes the same model: measured dispatch (which
+/// tries both the quantized kernels and the dense GEMM), the dense GEMM
+/// alone and candle's path stay within the f16 tolerance of the kernels
+/// (the dense path skips 8-bit activation rounding, so it is not
+/// bit-identical), and the tracker measures both paths for decode shapes.
+#[test]
+fn every_matmul_path_computes_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // Tame weights: the paths round differently, and sharp random weights
+    // would amplify that into chaos.
+    let spec = TinySpec { dtype: candle_core::quantized::GgmlDType::Q4_1, weight_scale: 1.0, ..TinySpec::default() };
+    let path = tiny(dir.path(), &spec);
+    let run = |matmul| {
+        let mut r = Runner::with_path(&path, KvDType::F32, matmul);
+        let s = r.create();
+        let mut out = vec![r.step(&[(s, PROMPT.to_vec())]).remove(0)];
+        for t in [65, 66, 67, 68, 69, 70, 71, 72] {
+            out.push(r.step(&[(s, vec![t])]).remove(0));
+        }
+        (out, r)
+    };
+    let (reference, _) = run(MatmulPath::Kernels(Isa::Scalar));
+    for matmul in [MatmulPath::Kernels(Isa::detect()), MatmulPath::Candle] {
+        let (got, _) = run(matmul);
+        assert_eq!(got, reference, "{matmul:?} is bit-identical to the scalar kernels");
+    }
+    for matmul in [MatmulPath::Auto(Isa::detect()), MatmulPath::Dense] {
+        let (got, runner) = run(matmul);
+        for (a, b) in got.iter().zip(&reference) {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(max_abs_diff(a, b) <= TOL_F16 * scale, "{matmul:?}: {}", max_abs_diff(a, b));
+        }
+        if matches!(matmul, MatmulPath::Auto(_)) {
+            let snap = runner.model.perf().snapshot();
+            assert!(!snap.is_empty());
+            // Decode shapes ran often enough for both paths to be measured.
+            let rows1 = snap.iter().filter(|r| r.key.rows == 1);
+            assert!(
+                rows1.clone().count() >= 3 && rows1.clone().all(|r| r.quantized.1 >= 3 && r.dense.1 >= 3),
+                "{snap:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,172 @@
+//! `kvserve bench model`: prefill and decode throughput of the model
+//! runtime, printed as a table with the matmul path that ran.
+//!
+//! Prefill: one sequence, the whole prompt in one forward call, for each
+//! prompt length. Decode: `B` sequences with 32-token prompts, then 32
+//! greedy steps in which every step is one ragged batch of `B` single-token
+//! decodes; the rate is aggregate tokens per second. A short warm-up runs
+//! first so the measured dispatch has timings for every shape it will meet;
+//! the table after the rates is the dispatch tracker's snapshot.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use kv::{KvCache, KvDType, Namespace, OwnerId, SeqId};
+use model::dispatch::Path;
+use model::{argmax_rows, LlamaModel, PagedKvStore, SeqStep};
+
+use crate::run::{init_threads, load, resolve_model};
+use crate::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BenchWhat {
+    /// Prefill and batched decode throughput of the model.
+    Model(ModelBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ModelBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt lengths to prefill.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![128, 512])]
+    prompt_lens: Vec<usize>,
+    /// Concurrent sequences to decode.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 4, 8, 16])]
+    batches: Vec<usize>,
+    /// Decode steps per batch size.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+}
+
+pub(crate) fn bench(args: BenchArgs) -> Result<()> {
+    let BenchWhat::Model(args) = args.what;
+    init_threads(args.model.threads)?;
+    let path = resolve_model(&args.model)?;
+    let loaded = load(&path)?;
+    let model = &loaded.model;
+    let threads = rayon::current_num_threads();
+    println!("model: {} | threads: {threads} | matmul: {}", path.display(), model.matmul_path().name());
+
+    // Warm-up: every shape the measurement will use, enough times for the
+    // tracker to have measured both paths.
+    for _ in 0..2 {
+        for &len in &args.prompt_lens {
+            prefill_rate(model, len)?;
+        }
+        for &b in &args.batches {
+            decode_rate(model, b, 4)?;
+        }
+    }
+
+    println!();
+    println!("| phase | size | tok/s | path (rows bucket: choice) |");
+    println!("|---|---|---|---|");
+    for &len in &args.prompt_lens {
+        let rate = prefill_rate(model, len)?;
+        println!("| prefill | {len} tokens | {rate:.1} | {} |", choice(model, len));
+    }
+    for &b in &args.batches {
+        let rate = decode_rate(model, b, args.steps)?;
+        println!("| decode | batch {b} | {rate:.1} | {} |", choice(model, b));
+    }
+
+    println!();
+    println!("| n | k | rows | quantized µs (samples) | dense µs (samples) | choice |");
+    println!("|---|---|---|---|---|---|");
+    for r in model.perf().snapshot() {
+        println!(
+            "| {} | {} | {} | {:.1} ({}) | {:.1} ({}) | {} |",
+            r.key.n,
+            r.key.k,
+            r.key.rows,
+            r.quantized.0 / 1e3,
+            r.quantized.1,
+            r.dense.0 / 1e3,
+            r.dense.1,
+            r.choice.name()
+        );
+    }
+    Ok(())
+}
+
+/// The tracker's choices for `rows` activation rows, summarised.
+fn choice(model: &LlamaModel, rows: usize) -> String {
+    let bucket = rows.max(1).next_power_of_two().min(1024);
+    let snap: Vec<_> = model.perf().snapshot().into_iter().filter(|r| r.key.rows == bucket).collect();
+    if snap.is_empty() {
+        return model.matmul_path().name();
+    }
+    let dense = snap.iter().filter(|r| r.choice == Path::DenseGemm).count();
+    format!("{bucket}: {} quantized, {dense} dense", snap.len() - dense)
+}
+
+fn fresh(model: &LlamaModel, tokens: usize) -> Result<(KvCache, PagedKvStore)> {
+    let blocks = u32::try_from(tokens.div_ceil(16) + 4)?;
+    let spec = model.config().cache_spec(16, blocks, KvDType::F16)?;
+    Ok((KvCache::new(spec.clone()), PagedKvStore::new(&spec)))
+}
+
+fn prompt(len: usize, salt: usize) -> Vec<u32> {
+    (0..len).map(|i| (1000 + (i * 37 + salt * 101) % 20_000) as u32).collect()
+}
+
+fn prefill_rate(model: &LlamaModel, len: usize) -> Result<f64> {
+    let (mut cache, mut store) = fresh(model, len)?;
+    let seq = cache.create_sequence(&OwnerId::new("bench")?, Namespace::new(b"bench", b""));
+    let tokens = prompt(len, 0);
+    let start = Instant::now();
+    let a = cache.append(seq, &tokens)?;
+    let table = cache.block_table(seq)?.clone();
+    model.forward(&[SeqStep { tokens: &tokens, start_pos: 0, table: &table, slots: &a.slots }], &mut store)?;
+    Ok(len as f64 / start.elapsed().as_secs_f64())
+}
+
+fn decode_rate(model: &LlamaModel, batch: usize, steps: usize) -> Result<f64> {
+    const PROMPT: usize = 32;
+    let (mut cache, mut store) = fresh(model, batch * (PROMPT + steps + 16))?;
+    let owner = OwnerId::new("bench")?;
+    let seqs: Vec<SeqId> = (0..batch).map(|_| cache.create_sequence(&owner, Namespace::new(b"bench", b""))).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(PROMPT, i)).collect();
+    let mut next = run_batch(model, &mut cache, &mut store, &seqs, &prompts)?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        let work: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+        next = run_batch(model, &mut cache, &mut store, &seqs, &work)?;
+    }
+    Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// One ragged batch: appends each sequence's tokens, runs them together,
+/// returns each sequence's greedy next token.
+fn run_batch(
+    model: &LlamaModel,
+    cache: &mut KvCache,
+    store: &mut PagedKvStore,
+    seqs: &[SeqId],
+    tokens: &[Vec<u32>],
+) -> Result<Vec<u32>> {
+    let mut starts = Vec::with_capacity(seqs.len());
+    let mut slots = Vec::with_capacity(seqs.len());
+    for (&s, t) in seqs.iter().zip(tokens) {
+        starts.push(cache.seq_len(s)?);
+        slots.push(cache.append(s, t)?.slots);
+    }
+    let tables: Vec<_> = seqs.iter().map(|&s| cache.block_table(s).cloned()).collect::<Result<_, _>>()?;
+    let batch: Vec<SeqStep<'_>> = (0..seqs.len())
+        .map(|i| SeqStep { tokens: &tokens[i], start_pos: starts[i], table: &tables[i], slots: &slots[i] })
+        .collect();
+    let logits = model.forward(&batch, store)?;
+    for (&s, t) in seqs.iter().zip(tokens) {
+        let len = cache.seq_len(s)?;
+        cache.mark_computed(s, len)?;
+        debug_assert!(len >= t.len());
+    }
+    Ok(argmax_rows(&logits)?)
+}
