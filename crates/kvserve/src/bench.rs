@@ -45,6 +45,7 @@ struct ModelBenchArgs {
     steps: usize,
 }
 
+#[allow(clippy::print_stdout)] // the table on stdout is this command's output
 pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     let BenchWhat::Model(args) = args.what;
     init_threads(args.model.threads)?;
