@@ -90,20 +90,44 @@ enum Mode {
     Fixed(Path),
 }
 
-/// A weight matrix and the code that multiplies by it.
+/// A weight matrix (or several side by side) and the code that multiplies
+/// by it.
 enum Linear {
-    Q4_1 { w: Q4_1Matrix, isa: Isa, dense: Option<Tensor>, mode: Mode },
+    Q4_1 {
+        w: Q4_1Matrix,
+        isa: Isa,
+        dense: Option<Tensor>,
+        mode: Mode,
+    },
     Candle(QMatMul),
+    /// Matrices that could not be fused; their outputs are concatenated.
+    Stacked(Vec<Linear>),
 }
 
 impl Linear {
     fn new(t: QTensor, path: MatmulPath, tracker: &Arc<PerfTracker>) -> Result<Self> {
-        if t.dtype() != GgmlDType::Q4_1 || path == MatmulPath::Candle {
-            return Ok(Self::Candle(QMatMul::from_qtensor(t)?));
+        Self::fused(vec![t], path, tracker)
+    }
+
+    /// One matmul for several weight matrices with the same input (q, k and
+    /// v; gate and up): one pass over the activations and one parallel
+    /// region instead of several. Output columns are the parts' in order.
+    fn fused(parts: Vec<QTensor>, path: MatmulPath, tracker: &Arc<PerfTracker>) -> Result<Self> {
+        if path == MatmulPath::Candle || parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) {
+            let mut linears =
+                parts.into_iter().map(|t| Ok(Self::Candle(QMatMul::from_qtensor(t)?))).collect::<Result<Vec<_>>>()?;
+            return Ok(if linears.len() == 1 { linears.remove(0) } else { Self::Stacked(linears) });
         }
-        let (n, k) = t.shape().dims2()?;
-        let w = Q4_1Matrix::from_ggml_bytes(&t.data()?, n, k)?;
-        let dense = || -> Result<Option<Tensor>> { Ok(Some(t.dequantize(&t.device())?)) };
+        let mut matrices = Vec::with_capacity(parts.len());
+        for t in &parts {
+            let (n, k) = t.shape().dims2()?;
+            matrices.push(Q4_1Matrix::from_ggml_bytes(&t.data()?, n, k)?);
+        }
+        let w = Q4_1Matrix::stack(matrices)?;
+        let dense = || -> Result<Option<Tensor>> {
+            let d = parts.iter().map(|t| t.dequantize(&t.device())).collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Some(Tensor::cat(&d, 0)?))
+        };
         Ok(match path {
             MatmulPath::Auto(isa) => Self::Q4_1 { w, isa, dense: dense()?, mode: Mode::Measured(tracker.clone()) },
             MatmulPath::Kernels(isa) => Self::Q4_1 { w, isa, dense: None, mode: Mode::Fixed(Path::Quantized) },
@@ -115,9 +139,13 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let Self::Q4_1 { w, isa, dense, mode } = self else {
-            let Self::Candle(m) = self else { unreachable!("two variants") };
-            return Ok(m.forward(x)?);
+        let (w, isa, dense, mode) = match self {
+            Self::Q4_1 { w, isa, dense, mode } => (w, isa, dense, mode),
+            Self::Candle(m) => return Ok(m.forward(x)?),
+            Self::Stacked(parts) => {
+                let outs = parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&outs, 1)?);
+            }
         };
         let (m, k) = x.dims2()?;
         let key = ShapeKey::new(w.rows(), k, m);
@@ -155,14 +183,14 @@ pub struct SeqStep<'a> {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    bias: Option<(Tensor, Tensor, Tensor)>,
+    /// q, k and v projections fused: outputs `[q | k | v]`.
+    qkv: Linear,
+    /// qwen2's biases, `[q | k | v]`.
+    bias: Option<Tensor>,
     wo: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up projections fused: outputs `[gate | up]`.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -225,6 +253,10 @@ impl LlamaModel {
         };
         let perf = Arc::new(PerfTracker::new());
         let matmul = |name: &str, dims: &[usize]| -> Result<Linear> { Linear::new(shaped(name, dims)?, path, &perf) };
+        let fused = |parts: &[(String, [usize; 2])]| -> Result<Linear> {
+            let tensors = parts.iter().map(|(name, dims)| shaped(name, dims)).collect::<Result<Vec<_>>>()?;
+            Linear::fused(tensors, path, &perf)
+        };
         let vector = |name: &str, n: usize| -> Result<Tensor> { Ok(shaped(name, &[n])?.dequantize(device)?) };
 
         let embed_q = shaped("token_embd.weight", &[c.vocab, c.hidden])?;
@@ -238,24 +270,26 @@ impl LlamaModel {
         for i in 0..c.layers {
             let n = |s: &str| format!("blk.{i}.{s}");
             let bias = if c.arch == Arch::Qwen2 {
-                Some((
+                let parts = [
                     vector(&n("attn_q.bias"), q_out)?,
                     vector(&n("attn_k.bias"), kv_out)?,
                     vector(&n("attn_v.bias"), kv_out)?,
-                ))
+                ];
+                Some(Tensor::cat(&parts, 0)?)
             } else {
                 None
             };
             layers.push(Layer {
                 attn_norm: vector(&n("attn_norm.weight"), c.hidden)?,
-                wq: matmul(&n("attn_q.weight"), &[q_out, c.hidden])?,
-                wk: matmul(&n("attn_k.weight"), &[kv_out, c.hidden])?,
-                wv: matmul(&n("attn_v.weight"), &[kv_out, c.hidden])?,
+                qkv: fused(&[
+                    (n("attn_q.weight"), [q_out, c.hidden]),
+                    (n("attn_k.weight"), [kv_out, c.hidden]),
+                    (n("attn_v.weight"), [kv_out, c.hidden]),
+                ])?,
                 bias,
                 wo: matmul(&n("attn_output.weight"), &[c.hidden, q_out])?,
                 ffn_norm: vector(&n("ffn_norm.weight"), c.hidden)?,
-                gate: matmul(&n("ffn_gate.weight"), &[c.ffn, c.hidden])?,
-                up: matmul(&n("ffn_up.weight"), &[c.ffn, c.hidden])?,
+                gate_up: fused(&[(n("ffn_gate.weight"), [c.ffn, c.hidden]), (n("ffn_up.weight"), [c.ffn, c.hidden])])?,
                 down: matmul(&n("ffn_down.weight"), &[c.hidden, c.ffn])?,
             });
         }
@@ -343,12 +377,14 @@ impl LlamaModel {
         let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let (mut q, mut k, mut v) = (layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?);
-            if let Some((bq, bk, bv)) = &layer.bias {
-                q = q.broadcast_add(bq)?;
-                k = k.broadcast_add(bk)?;
-                v = v.broadcast_add(bv)?;
+            let mut qkv = layer.qkv.forward(&h)?;
+            if let Some(bias) = &layer.bias {
+                qkv = qkv.broadcast_add(bias)?;
             }
+            let (q_out, kv_out) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+            let q = qkv.narrow(1, 0, q_out)?.contiguous()?;
+            let k = qkv.narrow(1, q_out, kv_out)?.contiguous()?;
+            let v = qkv.narrow(1, q_out + kv_out, kv_out)?;
             let q = self.rope(&q, c.heads, &cos, &sin)?;
             let k = self.rope(&k, c.kv_heads, &cos, &sin)?;
             let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
@@ -365,7 +401,9 @@ impl LlamaModel {
             let attn = Tensor::from_vec(attn, (n, c.heads * c.head_dim), &self.device)?;
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let ff = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let gate_up = layer.gate_up.forward(&h)?;
+            let gate = gate_up.narrow(1, 0, c.ffn)?;
+            let ff = (candle_nn::ops::silu(&gate)? * gate_up.narrow(1, c.ffn, c.ffn)?)?;
             x = (x + layer.down.forward(&ff)?)?;
         }
         let last: Vec<u32> = queries.iter().map(|q| (q.row + q.len - 1) as u32).collect();

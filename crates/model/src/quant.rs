@@ -132,6 +132,26 @@ impl Q4_1Matrix {
         Ok(Self { n, k, codes, scale, min })
     }
 
+    /// Stacks matrices with the same input size into one (their outputs
+    /// side by side), so one call does the work of several.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] if the input sizes differ or nothing is given.
+    pub fn stack(parts: Vec<Self>) -> Result<Self> {
+        let k = parts.first().map(|p| p.k).ok_or_else(|| Error::InvalidBatch("nothing to stack".into()))?;
+        if parts.iter().any(|p| p.k != k) {
+            return Err(Error::InvalidBatch("stacked matrices must share their input size".into()));
+        }
+        let mut out = Self { n: 0, k, codes: Vec::new(), scale: Vec::new(), min: Vec::new() };
+        for p in parts {
+            out.n += p.n;
+            out.codes.extend(p.codes);
+            out.scale.extend(p.scale);
+            out.min.extend(p.min);
+        }
+        Ok(out)
+    }
+
     /// Output size.
     pub fn rows(&self) -> usize {
         self.n
