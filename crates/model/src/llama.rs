@@ -24,7 +24,7 @@ use crate::dispatch::{Path, PerfTracker, ShapeKey};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::kv_store::PagedKvStore;
-use crate::quant::{self, Isa, Q4_1Matrix};
+use crate::quant::{self, Isa, Q4_1Matrix, Q8_0Matrix};
 
 /// Which code multiplies by the quantized weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,9 +32,9 @@ pub enum MatmulPath {
     /// Measured dispatch (`dispatch.rs`): for Q4_1 weights, kvserve's
     /// kernels (with this instruction set) or a dense f32 GEMM over weights
     /// dequantized at load, whichever has measured cheaper for the shape and
-    /// batch; candle for other types. The default.
+    /// batch; kvserve's kernels for Q8_0; candle for other types. The default.
     Auto(Isa),
-    /// kvserve's kernels for Q4_1, always; candle for the rest.
+    /// kvserve's kernels for Q4_1 and Q8_0, always; candle for the rest.
     Kernels(Isa),
     /// Dense f32 GEMM for Q4_1, always; candle for the rest.
     Dense,
@@ -99,6 +99,13 @@ enum Linear {
         dense: Option<Tensor>,
         mode: Mode,
     },
+    /// Q8_0 weights on kvserve's kernels (no dense alternative: the one
+    /// Q8_0 matrix of the default model is the vocabulary projection, run
+    /// for a few rows at a time).
+    Q8_0 {
+        w: Q8_0Matrix,
+        isa: Isa,
+    },
     Candle(QMatMul),
     /// Matrices that could not be fused; their outputs are concatenated.
     Stacked(Vec<Linear>),
@@ -113,6 +120,12 @@ impl Linear {
     /// v; gate and up): one pass over the activations and one parallel
     /// region instead of several. Output columns are the parts' in order.
     fn fused(parts: Vec<QTensor>, path: MatmulPath, tracker: &Arc<PerfTracker>) -> Result<Self> {
+        if let (MatmulPath::Auto(isa) | MatmulPath::Kernels(isa), [t]) = (path, parts.as_slice()) {
+            if t.dtype() == GgmlDType::Q8_0 {
+                let (n, k) = t.shape().dims2()?;
+                return Ok(Self::Q8_0 { w: Q8_0Matrix::from_ggml_bytes(&t.data()?, n, k)?, isa });
+            }
+        }
         if path == MatmulPath::Candle || parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) {
             let mut linears =
                 parts.into_iter().map(|t| Ok(Self::Candle(QMatMul::from_qtensor(t)?))).collect::<Result<Vec<_>>>()?;
@@ -142,6 +155,11 @@ impl Linear {
         let (w, isa, dense, mode) = match self {
             Self::Q4_1 { w, isa, dense, mode } => (w, isa, dense, mode),
             Self::Candle(m) => return Ok(m.forward(x)?),
+            Self::Q8_0 { w, isa } => {
+                let (m, _) = x.dims2()?;
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                return Ok(Tensor::from_vec(quant::matmul_q8_0(w, &xs, m, *isa)?, (m, w.rows()), x.device())?);
+            }
             Self::Stacked(parts) => {
                 let outs = parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
                 return Ok(Tensor::cat(&outs, 1)?);

@@ -213,22 +213,113 @@ pub fn matmul(w: &Q4_1Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>>
         return Err(Error::InvalidBatch(format!("this CPU cannot run the {} kernels", isa.name())));
     }
     let acts = Q8Acts::quantize(x, m, w.k);
+    Ok(par_columns(w.n, m, |j, col| column(w, j, &acts, isa, col)))
+}
+
+/// Runs `column(j, out)` for every output column `j < n` (each filling the
+/// `m` outputs of that column) on the one rayon pool, and returns the
+/// row-major `[m, n]` result.
+fn par_columns(n: usize, m: usize, column: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     // Column-major result: each task owns a contiguous run of columns.
-    let mut out_t = vec![0f32; w.n * m];
-    let per_task = w.n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK);
+    let mut out_t = vec![0f32; n * m];
+    let per_task = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK);
     out_t.par_chunks_mut(per_task * m).enumerate().for_each(|(task, chunk)| {
-        let first = task * per_task;
         for (c, col) in chunk.chunks_exact_mut(m).enumerate() {
-            column(w, first + c, &acts, isa, col);
+            column(task * per_task + c, col);
         }
     });
-    let mut out = vec![0f32; m * w.n];
+    let mut out = vec![0f32; m * n];
     for (j, col) in out_t.chunks_exact(m).enumerate() {
         for (r, v) in col.iter().enumerate() {
-            out[r * w.n + j] = *v;
+            out[r * n + j] = *v;
         }
     }
-    Ok(out)
+    out
+}
+
+/// A Q8_0 weight matrix `[n, k]` (32 weights per block: f16 scale, 32 i8
+/// codes), re-laid out for the kernels. The default model's token
+/// embedding, which is also its output projection, is Q8_0.
+pub struct Q8_0Matrix {
+    n: usize,
+    k: usize,
+    codes: Vec<i8>,
+    scale: Vec<f32>,
+}
+
+impl std::fmt::Debug for Q8_0Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Q8_0Matrix").field("n", &self.n).field("k", &self.k).finish_non_exhaustive()
+    }
+}
+
+impl Q8_0Matrix {
+    /// Parses GGUF Q8_0 block bytes (34 per block: f16 d, 32 codes) of an
+    /// `[n, k]` matrix.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] if `k` is not a multiple of 32 or the byte
+    /// count does not match.
+    pub fn from_ggml_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        if !k.is_multiple_of(BLOCK) || bytes.len() != n * (k / BLOCK) * 34 {
+            return Err(Error::InvalidBatch(format!("Q8_0 data of {} bytes does not fit [{n}, {k}]", bytes.len())));
+        }
+        let mut codes = Vec::with_capacity(n * k);
+        let mut scale = Vec::with_capacity(n * k / BLOCK);
+        for b in bytes.chunks_exact(34) {
+            scale.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+            codes.extend(b[2..34].iter().map(|&c| c as i8));
+        }
+        Ok(Self { n, k, codes, scale })
+    }
+
+    /// Output size.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+}
+
+/// `x[m, k] · Wᵀ` → `[m, n]` for Q8_0 weights. Bit-identical to candle's
+/// Q8_0 matmul on the same instruction-set class: the AVX2 and VNNI kernels
+/// follow candle's AVX2 path (per-lane fused multiply-add across blocks,
+/// then its horizontal sum), the scalar kernel its portable path.
+///
+/// # Errors
+/// As [`matmul`].
+pub fn matmul_q8_0(w: &Q8_0Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
+    if x.len() != m * w.k {
+        return Err(Error::InvalidBatch(format!("activations of {} values do not fit [{m}, {}]", x.len(), w.k)));
+    }
+    if !isa.available() {
+        return Err(Error::InvalidBatch(format!("this CPU cannot run the {} kernels", isa.name())));
+    }
+    let acts = Q8Acts::quantize(x, m, w.k);
+    Ok(par_columns(w.n, m, |j, col| column_q8_0(w, j, &acts, isa, col)))
+}
+
+#[allow(unsafe_code)] // dispatch into the SIMD kernels below
+fn column_q8_0(w: &Q8_0Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
+    let nb = w.k / BLOCK;
+    let (codes, scale) = (&w.codes[j * w.k..(j + 1) * w.k], &w.scale[j * nb..(j + 1) * nb]);
+    for (r, o) in out.iter_mut().enumerate() {
+        let x = &acts.codes[r * acts.k..(r + 1) * acts.k];
+        let xs = &acts.scale[r * nb..(r + 1) * nb];
+        *o = match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `matmul_q8_0` checked `isa.available()` (AVX2; FMA is
+            // implied on every CPU with AVX-512 VNNI and checked for AVX2).
+            Isa::Avx2 | Isa::Avx512Vnni if std::is_x86_feature_detected!("fma") => unsafe {
+                x86::dot_q8_0_avx2(codes, scale, x, xs)
+            },
+            _ => (0..nb)
+                .map(|b| {
+                    let sumi: i32 =
+                        (0..BLOCK).map(|i| i32::from(codes[b * BLOCK + i]) * i32::from(x[b * BLOCK + i])).sum();
+                    (b, sumi)
+                })
+                .fold(0f32, |acc, (b, sumi)| acc + sumi as f32 * (scale[b] * xs[b])),
+        };
+    }
 }
 
 /// One output column (weight row `j`) for every activation row.
@@ -437,6 +528,30 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
     }
 
+    /// One Q8_0 dot product exactly as candle's AVX2 kernel computes it:
+    /// per block `acc = fma(d_w·d_x, lanes, acc)` over eight lanes of
+    /// `madd(maddubs(|w|, sign(x, w)))`, then candle's horizontal sum.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q8_0_avx2(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..ws.len() {
+            let d = _mm256_set1_ps(ws[b] * xs[b]);
+            let (bw, bx) = (load(w, b * BLOCK), load(x, b * BLOCK));
+            let lanes = _mm256_madd_epi16(
+                _mm256_set1_epi16(1),
+                _mm256_maddubs_epi16(_mm256_sign_epi8(bw, bw), _mm256_sign_epi8(bx, bw)),
+            );
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
+        }
+        let res = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        _mm_cvtss_f32(res)
+    }
+
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
@@ -501,6 +616,40 @@ mod tests {
                         &got[..got.len().min(4)],
                         &expected[..4.min(expected.len())]
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_kernels_match_candle() {
+        let dev = Device::Cpu;
+        for (n, k) in [(1, 64), (37, 96), (70, 576)] {
+            let wf = Tensor::from_vec(rand(n * k, (n * k) as u64 + 3), (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&wf, GgmlDType::Q8_0).unwrap();
+            let ours = Q8_0Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap();
+            let theirs = QMatMul::from_qtensor(q).unwrap();
+            for m in [1, 3, 6] {
+                let x = rand(m * k, (m * 77 + k) as u64);
+                let expected: Vec<f32> = theirs
+                    .forward(&Tensor::from_vec(x.clone(), (m, k), &dev).unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
+                    let got = matmul_q8_0(&ours, &x, m, isa).unwrap();
+                    for (a, b) in got.iter().zip(&expected) {
+                        // The SIMD kernels follow candle's AVX2 path bit for
+                        // bit; the scalar one its portable path, which sums in
+                        // another order than the AVX2 path this machine runs.
+                        if isa == Isa::Scalar || !std::is_x86_feature_detected!("fma") {
+                            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{isa:?} {a} vs {b}");
+                        } else {
+                            assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} n={n} k={k} m={m}: {a} vs {b}");
+                        }
+                    }
                 }
             }
         }
