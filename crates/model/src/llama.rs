@@ -120,35 +120,39 @@ impl Linear {
     /// v; gate and up): one pass over the activations and one parallel
     /// region instead of several. Output columns are the parts' in order.
     fn fused(parts: Vec<QTensor>, path: MatmulPath, tracker: &Arc<PerfTracker>) -> Result<Self> {
-        if let (MatmulPath::Auto(isa) | MatmulPath::Kernels(isa), [t]) = (path, parts.as_slice()) {
-            if t.dtype() == GgmlDType::Q8_0 {
+        let (isa, mode, with_dense) = match path {
+            MatmulPath::Candle => return Self::on_candle(parts),
+            MatmulPath::Auto(isa) => (isa, Mode::Measured(tracker.clone()), true),
+            MatmulPath::Kernels(isa) => (isa, Mode::Fixed(Path::Quantized), false),
+            MatmulPath::Dense => (Isa::Scalar, Mode::Fixed(Path::DenseGemm), true),
+        };
+        match parts.as_slice() {
+            [t] if t.dtype() == GgmlDType::Q8_0 && path != MatmulPath::Dense => {
                 let (n, k) = t.shape().dims2()?;
                 return Ok(Self::Q8_0 { w: Q8_0Matrix::from_ggml_bytes(&t.data()?, n, k)?, isa });
             }
-        }
-        if path == MatmulPath::Candle || parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) {
-            let mut linears =
-                parts.into_iter().map(|t| Ok(Self::Candle(QMatMul::from_qtensor(t)?))).collect::<Result<Vec<_>>>()?;
-            return Ok(if linears.len() == 1 { linears.remove(0) } else { Self::Stacked(linears) });
+            _ if parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) => return Self::on_candle(parts),
+            _ => {}
         }
         let mut matrices = Vec::with_capacity(parts.len());
         for t in &parts {
             let (n, k) = t.shape().dims2()?;
             matrices.push(Q4_1Matrix::from_ggml_bytes(&t.data()?, n, k)?);
         }
-        let w = Q4_1Matrix::stack(matrices)?;
-        let dense = || -> Result<Option<Tensor>> {
+        let dense = if with_dense {
             let d = parts.iter().map(|t| t.dequantize(&t.device())).collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(Some(Tensor::cat(&d, 0)?))
+            Some(Tensor::cat(&d, 0)?)
+        } else {
+            None
         };
-        Ok(match path {
-            MatmulPath::Auto(isa) => Self::Q4_1 { w, isa, dense: dense()?, mode: Mode::Measured(tracker.clone()) },
-            MatmulPath::Kernels(isa) => Self::Q4_1 { w, isa, dense: None, mode: Mode::Fixed(Path::Quantized) },
-            MatmulPath::Dense => {
-                Self::Q4_1 { w, isa: Isa::Scalar, dense: dense()?, mode: Mode::Fixed(Path::DenseGemm) }
-            }
-            MatmulPath::Candle => unreachable!("handled above"),
-        })
+        Ok(Self::Q4_1 { w: Q4_1Matrix::stack(matrices)?, isa, dense, mode })
+    }
+
+    /// Candle's quantized matmul for each part.
+    fn on_candle(parts: Vec<QTensor>) -> Result<Self> {
+        let mut linears =
+            parts.into_iter().map(|t| Ok(Self::Candle(QMatMul::from_qtensor(t)?))).collect::<Result<Vec<_>>>()?;
+        Ok(if linears.len() == 1 { linears.remove(0) } else { Self::Stacked(linears) })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
