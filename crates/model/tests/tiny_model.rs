@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use kv::{AttentionKind, KvCache, KvDType, Namespace, OwnerId, SeqId};
 use model::quant::Isa;
 use model::tiny::{write_tiny_gguf, TinySpec};
-use model::{argmax_rows, Error, GgufFile, LlamaModel, MatmulPath, ModelConfig, PagedKvStore, SeqStep, Tokenizer};
+use model::{argmax_rows, Error, GgufFile, LlamaModel, MatmulPath, ModelConfig, PagedKvStore, Tokenizer};
 
 fn tiny(dir: &Path, spec: &TinySpec) -> PathBuf {
     let path = dir.join(format!("{}-{}.gguf", spec.arch, spec.seed));
@@ -46,28 +46,8 @@ impl Runner {
     /// Appends `tokens` to each sequence and runs them as one batch; returns
     /// each sequence's last-token logits.
     fn step(&mut self, work: &[(SeqId, Vec<u32>)]) -> Vec<Vec<f32>> {
-        let mut appended = Vec::new();
-        for (id, tokens) in work {
-            let start = self.cache.seq_len(*id).unwrap();
-            let a = self.cache.append(*id, tokens).unwrap();
-            if let Some(copy) = a.copy {
-                self.store.copy_block(copy).unwrap();
-            }
-            appended.push((start, a.slots));
-        }
-        let tables: Vec<_> = work.iter().map(|(id, _)| self.cache.block_table(*id).unwrap().clone()).collect();
-        let batch: Vec<SeqStep<'_>> = work
-            .iter()
-            .zip(&appended)
-            .zip(&tables)
-            .map(|(((_, tokens), (start, slots)), table)| SeqStep { tokens, start_pos: *start, table, slots })
-            .collect();
-        let logits = self.model.forward(&batch, &mut self.store).unwrap();
-        for (id, _) in work {
-            let len = self.cache.seq_len(*id).unwrap();
-            self.cache.mark_computed(*id, len).unwrap();
-        }
-        logits.to_vec2().unwrap()
+        let work: Vec<(SeqId, &[u32])> = work.iter().map(|(s, t)| (*s, t.as_slice())).collect();
+        self.model.step(&mut self.cache, &mut self.store, &work).unwrap().to_vec2().unwrap()
     }
 
     fn greedy(&mut self, seq: SeqId, prompt: &[u32], steps: usize) -> Vec<u32> {
@@ -318,6 +298,27 @@ fn prefix_cached_blocks_give_the_same_continuation_as_recomputing() {
         logits = r.step(&[(b, vec![t])]).remove(0);
     }
     assert_eq!(got, expected);
+}
+
+/// Regression for leaks on error paths: a step that fails part-way (here the
+/// second sequence names a token outside the vocabulary, after the first was
+/// appended) leaves every sequence as it was.
+#[test]
+fn a_failed_step_rolls_back_every_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), &TinySpec::default());
+    let mut r = Runner::new(&path, KvDType::F16);
+    let (a, b) = (r.create(), r.create());
+    r.step(&[(a, PROMPT[..20].to_vec()), (b, PROMPT[..5].to_vec())]);
+    let before = (r.cache.snapshot(a).unwrap(), r.cache.snapshot(b).unwrap(), r.cache.stats());
+    let bad: &[u32] = &[1, 2, 9999];
+    let err = r.model.step(&mut r.cache, &mut r.store, &[(a, &[7u32, 8, 9][..]), (b, bad)]).unwrap_err();
+    assert!(matches!(err, Error::InvalidBatch(_)), "{err}");
+    assert_eq!((r.cache.snapshot(a).unwrap(), r.cache.snapshot(b).unwrap(), r.cache.stats()), before);
+    r.cache.check_invariants().unwrap();
+    // And the sequences still work.
+    let after = r.step(&[(a, vec![7]), (b, vec![8])]);
+    assert_eq!(after.len(), 2);
 }
 
 #[test]
