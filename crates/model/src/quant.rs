@@ -206,14 +206,20 @@ impl Q8Acts {
 /// [`Error::InvalidBatch`] if `x` is not `m * k` long, or `isa` is not
 /// available on this CPU.
 pub fn matmul(w: &Q4_1Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
-    if x.len() != m * w.k {
-        return Err(Error::InvalidBatch(format!("activations of {} values do not fit [{m}, {}]", x.len(), w.k)));
+    check_call(x, m, w.k, isa)?;
+    let acts = Q8Acts::quantize(x, m, w.k);
+    Ok(par_columns(w.n, m, |j, col| column(w, j, &acts, isa, col)))
+}
+
+/// The checks every matmul entry point makes before touching SIMD code.
+fn check_call(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<()> {
+    if x.len() != m * k {
+        return Err(Error::InvalidBatch(format!("activations of {} values do not fit [{m}, {k}]", x.len())));
     }
     if !isa.available() {
         return Err(Error::InvalidBatch(format!("this CPU cannot run the {} kernels", isa.name())));
     }
-    let acts = Q8Acts::quantize(x, m, w.k);
-    Ok(par_columns(w.n, m, |j, col| column(w, j, &acts, isa, col)))
+    Ok(())
 }
 
 /// Runs `column(j, out)` for every output column `j < n` (each filling the
@@ -287,12 +293,7 @@ impl Q8_0Matrix {
 /// # Errors
 /// As [`matmul`].
 pub fn matmul_q8_0(w: &Q8_0Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
-    if x.len() != m * w.k {
-        return Err(Error::InvalidBatch(format!("activations of {} values do not fit [{m}, {}]", x.len(), w.k)));
-    }
-    if !isa.available() {
-        return Err(Error::InvalidBatch(format!("this CPU cannot run the {} kernels", isa.name())));
-    }
+    check_call(x, m, w.k, isa)?;
     let acts = Q8Acts::quantize(x, m, w.k);
     Ok(par_columns(w.n, m, |j, col| column_q8_0(w, j, &acts, isa, col)))
 }
