@@ -54,41 +54,26 @@ fn sequence_ops(c: &mut Criterion) {
     let shared = SharedKvCache::new(spec(8192));
     // Append one token at a time, as decode does; the sequence is recycled
     // every 4096 tokens outside the timed region.
-    g.bench_function("append 1 token", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let n = left.min(4096);
-                let seq = shared.create_sequence(&who, ns()).expect("ok");
-                let start = Instant::now();
-                for t in 0..n as u32 {
-                    black_box(shared.append(seq.id(), &[t]).expect("room"));
-                }
-                total += start.elapsed();
-                left -= n;
-            }
-            total
-        })
-    });
-    g.bench_function("append+mark_computed 1 token", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let n = left.min(4096);
-                let seq = shared.create_sequence(&who, ns()).expect("ok");
-                let start = Instant::now();
-                for t in 0..n as u32 {
-                    black_box(shared.append(seq.id(), &[t]).expect("room"));
+    let appends = |iters: u64, mark: bool| {
+        let mut total = Duration::ZERO;
+        let mut left = iters;
+        while left > 0 {
+            let n = left.min(4096);
+            let seq = shared.create_sequence(&who, ns()).expect("ok");
+            let start = Instant::now();
+            for t in 0..n as u32 {
+                black_box(shared.append(seq.id(), &[t]).expect("room"));
+                if mark {
                     shared.mark_computed(seq.id(), t as usize + 1).expect("appended");
                 }
-                total += start.elapsed();
-                left -= n;
             }
-            total
-        })
-    });
+            total += start.elapsed();
+            left -= n;
+        }
+        total
+    };
+    g.bench_function("append 1 token", |b| b.iter_custom(|iters| appends(iters, false)));
+    g.bench_function("append+mark_computed 1 token", |b| b.iter_custom(|iters| appends(iters, true)));
     let base = shared.create_sequence(&who, ns()).expect("ok");
     shared.append(base.id(), &prompt(1000)).expect("room");
     g.bench_function("fork+remove of a 1000-token sequence", |b| {
