@@ -473,14 +473,18 @@ impl LlamaModel {
             }
             slots.push(appended.slots);
         }
-        let tables = work.iter().map(|&(seq, _)| cache.block_table(seq).cloned()).collect::<kv::Result<Vec<_>>>()?;
-        let batch: Vec<SeqStep<'_>> = work
-            .iter()
-            .zip(starts.iter())
-            .zip(slots.iter().zip(&tables))
-            .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots })
-            .collect();
-        let logits = self.forward(&batch, store)?;
+        // Borrow the tables (no copy per step); the borrow ends before the
+        // cache is written again below.
+        let logits = {
+            let tables = work.iter().map(|&(seq, _)| cache.block_table(seq)).collect::<kv::Result<Vec<_>>>()?;
+            let batch: Vec<SeqStep<'_>> = work
+                .iter()
+                .zip(starts.iter())
+                .zip(slots.iter().zip(&tables))
+                .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots })
+                .collect();
+            self.forward(&batch, store)?
+        };
         for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
             cache.mark_computed(seq, start + tokens.len())?;
         }
