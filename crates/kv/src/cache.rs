@@ -245,16 +245,13 @@ impl KvCache {
     /// [`Error::Exhausted`]; the sequence is unchanged.
     pub fn append(&mut self, id: SeqId, tokens: &[TokenId]) -> Result<Appended> {
         let bs = self.bs();
-        let seq = self.seq(id)?;
         if tokens.is_empty() {
+            self.seq(id)?;
             return Ok(Appended::default());
         }
+        let (fresh, cow_src) = self.append_plan(id, tokens.len())?;
+        let seq = self.seq(id)?;
         let len = seq.tokens.len();
-        let fresh = (len + tokens.len()).div_ceil(bs) - seq.table.logical_len();
-        // The last block is partial and someone else can read it: copy it.
-        let cow_src = (len % bs != 0)
-            .then(|| *seq.table.blocks().last().expect("a partial last block is never released"))
-            .filter(|&b| self.pool.refs(b) > 1 || self.pool.is_published(b));
         let owner = seq.owner;
         let n = fresh + usize::from(cow_src.is_some());
         // Releasing the copied block may end the owner's hold on it.
@@ -277,6 +274,35 @@ impl KvCache {
         let slots =
             (len..len + tokens.len()).map(|p| seq.table.slot(p, bs).expect("the table covers every token")).collect();
         Ok(Appended { copy, slots })
+    }
+
+    /// Blocks appending `n` tokens to `id` would take from the pool now
+    /// (new blocks plus a copy of a shared partial last block), so a
+    /// scheduler can plan a batch without trying it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSequence`].
+    pub fn append_cost(&self, id: SeqId, n: usize) -> Result<usize> {
+        if n == 0 {
+            self.seq(id)?;
+            return Ok(0);
+        }
+        let (fresh, cow) = self.append_plan(id, n)?;
+        Ok(fresh + usize::from(cow.is_some()))
+    }
+
+    /// New blocks for `n` more tokens, and the shared partial block to copy
+    /// first, if any.
+    fn append_plan(&self, id: SeqId, n: usize) -> Result<(usize, Option<BlockId>)> {
+        let bs = self.bs();
+        let seq = self.seq(id)?;
+        let len = seq.tokens.len();
+        let fresh = (len + n).div_ceil(bs) - seq.table.logical_len();
+        // The last block is partial and someone else can read it: copy it.
+        let cow_src = (len % bs != 0)
+            .then(|| *seq.table.blocks().last().expect("a partial last block is never released"))
+            .filter(|&b| self.pool.refs(b) > 1 || self.pool.is_published(b));
+        Ok((fresh, cow_src))
     }
 
     /// Records that the model has written the K/V of the first `upto`

@@ -311,3 +311,23 @@ fn unknown_sequences_are_typed_errors_everywhere() {
     assert_eq!(c.block_table(s).unwrap_err(), e);
     assert_eq!(c.remove(s).unwrap_err(), e);
 }
+
+#[test]
+fn append_cost_counts_new_blocks_and_the_copy_of_a_shared_partial_block() {
+    let mut c = cache(16, 4);
+    let a = owner("a");
+    let s = computed_seq(&mut c, &a, &[1, 2, 3, 4, 5]);
+    assert_eq!(c.append_cost(s, 0).unwrap(), 0);
+    assert_eq!(c.append_cost(s, 3).unwrap(), 0, "fits the partial block");
+    assert_eq!(c.append_cost(s, 4).unwrap(), 1);
+    let f = c.fork(s).unwrap();
+    // The fork shares the partial block: its first append copies it.
+    assert_eq!(c.append_cost(f, 1).unwrap(), 1);
+    assert_eq!(c.append_cost(f, 8).unwrap(), 3);
+    let used = c.stats().used_blocks;
+    c.append(f, &[0; 8]).unwrap();
+    assert_eq!(c.stats().used_blocks - used, 3, "the cost was exact");
+    c.remove(f).unwrap();
+    assert_eq!(c.append_cost(f, 1), Err(Error::UnknownSequence(f)));
+    c.check_invariants().unwrap();
+}

@@ -13,6 +13,7 @@
 //! | paged attention | `attention.rs` |
 //! | the forward pass | `llama.rs` |
 //! | SIMD quantized matmul kernels | `quant.rs` |
+//! | the interface the engine drives (`Model`, `TextCodec`) | `runner.rs` |
 //! | fetching the default model | `fetch.rs` |
 //! | tiny random-weight GGUF files for tests | `tiny.rs` |
 
@@ -26,6 +27,7 @@ pub mod gguf;
 pub mod kv_store;
 pub mod llama;
 pub mod quant;
+pub mod runner;
 pub mod tiny;
 pub mod tokenizer;
 
@@ -35,4 +37,5 @@ pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv_store::PagedKvStore;
 pub use llama::{argmax_rows, LlamaModel, MatmulPath, SeqStep};
+pub use runner::{LlamaText, Model, PagedLlama, TextCodec};
 pub use tokenizer::Tokenizer;
