@@ -1,0 +1,187 @@
+//! Agents: conversations whose K/V stays in the cache between turns.
+//!
+//! After a turn, the request's sequence (prompt and answer, all computed)
+//! becomes the agent's: the blocks stay referenced, so nothing evicts them.
+//! The next turn's prompt is compared token by token with the agent's
+//! tokens; the engine forks the agent's sequence and truncates the fork to
+//! the common prefix, so only the new tokens are prefilled — partial blocks
+//! included (copy-on-write takes care of the one the new turn writes into).
+//!
+//! Retention decides how long an agent holds its blocks:
+//! - [`Retention::Pinned`]: until deleted or unpinned;
+//! - [`Retention::Ttl`]: for that long after its last turn, then the agent is
+//!   forgotten (its blocks released);
+//! - [`Retention::Evictable`] (default): until memory runs short.
+//!
+//! Under pressure the engine releases idle, unpinned agents' sequences in
+//! order of (priority, last use): lowest priority and least recently used
+//! first. A released agent keeps its token history; its full blocks stay
+//! *cached* in the prefix index until the pool's LRU evicts them, so a later
+//! turn still reuses whatever survived.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use kv::SeqId;
+use serde::Serialize;
+
+use crate::request::{AgentId, RequestId, TenantId};
+
+/// How long an agent keeps its cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Until memory runs short (released before running requests are
+    /// preempted).
+    #[default]
+    Evictable,
+    /// Until deleted or unpinned; never released for memory.
+    Pinned,
+    /// Forgotten this long after its last turn.
+    Ttl(Duration),
+}
+
+/// What the engine remembers of one agent.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    /// The sequence holding its conversation's blocks, while retained.
+    pub(crate) seq: Option<SeqId>,
+    /// The conversation so far (prompt and answer tokens with computed K/V).
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) retention: Retention,
+    pub(crate) priority: i32,
+    pub(crate) last_used: Instant,
+    pub(crate) last_used_wall: SystemTime,
+    pub(crate) turns: u64,
+    /// The request running a turn now; later turns wait for it.
+    pub(crate) busy: Option<RequestId>,
+}
+
+/// One agent as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AgentInfo {
+    /// Its id.
+    pub id: AgentId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Tokens of its conversation whose K/V is held.
+    pub cached_tokens: usize,
+    /// Blocks its sequence references (shared blocks count once here).
+    pub blocks_held: usize,
+    /// Turns completed.
+    pub turns: u64,
+    /// Retention policy.
+    pub retention: Retention,
+    /// Eviction priority (higher is kept longer).
+    pub priority: i32,
+    /// Last turn's end, seconds since the Unix epoch.
+    pub last_used_unix: u64,
+    /// A turn is running.
+    pub busy: bool,
+}
+
+/// Changes to an agent's retention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentUpdate {
+    /// New retention, if given.
+    pub retention: Option<Retention>,
+    /// New priority, if given.
+    pub priority: Option<i32>,
+}
+
+pub(crate) type AgentKey = (TenantId, AgentId);
+
+/// All agents, keyed by tenant and id (tenants cannot see each other's).
+#[derive(Debug, Default)]
+pub(crate) struct Agents {
+    map: HashMap<AgentKey, Agent>,
+}
+
+impl Agents {
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn get(&self, key: &AgentKey) -> Option<&Agent> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &AgentKey) -> Option<&mut Agent> {
+        self.map.get_mut(key)
+    }
+
+    /// The agent, created empty on first use.
+    pub(crate) fn entry(&mut self, key: AgentKey) -> &mut Agent {
+        self.map.entry(key).or_insert_with(|| Agent {
+            seq: None,
+            tokens: Vec::new(),
+            retention: Retention::default(),
+            priority: 0,
+            last_used: Instant::now(),
+            last_used_wall: SystemTime::now(),
+            turns: 0,
+            busy: None,
+        })
+    }
+
+    pub(crate) fn remove(&mut self, key: &AgentKey) -> Option<Agent> {
+        self.map.remove(key)
+    }
+
+    pub(crate) fn keys_of(&self, tenant: &TenantId) -> Vec<AgentKey> {
+        let mut keys: Vec<AgentKey> = self.map.keys().filter(|k| &k.0 == tenant).cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Agents whose TTL ran out by `now` and that are not mid-turn.
+    pub(crate) fn expired(&self, now: Instant) -> Vec<AgentKey> {
+        self.map
+            .iter()
+            .filter(|(_, a)| {
+                a.busy.is_none()
+                    && matches!(a.retention, Retention::Ttl(ttl) if now.duration_since(a.last_used) >= ttl)
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The earliest TTL expiry, to bound how long the engine may sleep.
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
+        self.map
+            .values()
+            .filter_map(|a| match a.retention {
+                Retention::Ttl(ttl) if a.busy.is_none() => Some(a.last_used + ttl),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// The idle, unpinned agent holding a sequence that should give it up
+    /// first: lowest priority, then least recently used.
+    pub(crate) fn release_candidate(&self) -> Option<AgentKey> {
+        self.map
+            .iter()
+            .filter(|(_, a)| a.seq.is_some() && a.busy.is_none() && a.retention != Retention::Pinned)
+            .min_by_key(|(_, a)| (a.priority, a.last_used))
+            .map(|(k, _)| k.clone())
+    }
+
+    pub(crate) fn info(&self, key: &AgentKey, blocks_held: usize) -> Option<AgentInfo> {
+        let a = self.map.get(key)?;
+        Some(AgentInfo {
+            id: key.1.clone(),
+            tenant: key.0.clone(),
+            cached_tokens: if a.seq.is_some() { a.tokens.len() } else { 0 },
+            blocks_held,
+            turns: a.turns,
+            retention: a.retention,
+            priority: a.priority,
+            last_used_unix: a
+                .last_used_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            busy: a.busy.is_some(),
+        })
+    }
+}

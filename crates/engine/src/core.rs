@@ -1,0 +1,638 @@
+//! The engine's state machine: queues, admission, batch planning,
+//! preemption, sampling and finishing. Plain `&mut self`; the loop in
+//! `engine.rs` owns it on one thread, so no lock guards any of this.
+//!
+//! # One step
+//!
+//! 1. **Plan** under a token budget (`max_batch_tokens`): running sequences
+//!    that decode (one token each) first, then running prefills in admission
+//!    order, each taking a chunk of what is left (chunked prefill).
+//! 2. **Admit** waiting requests while budget and sequence slots remain, in
+//!    priority order, FIFO within a priority; a request whose agent is mid-
+//!    turn waits without blocking the others. Admission reuses cached K/V:
+//!    an agent's held conversation (fork + truncate to the common prefix,
+//!    partial blocks included) or else the prefix index (whole blocks). At
+//!    least the last prompt token is always computed, for its logits. A
+//!    request the pool cannot take now goes back to the queue head.
+//! 3. **Make room**: the step's exact block need ([`KvCache::append_cost`])
+//!    is compared with free + evictable blocks (the pool evicts cached blocks
+//!    itself, LRU). Short: release idle unpinned agents (lowest priority,
+//!    least recently used first), then preempt the lowest-priority, most
+//!    recently admitted running request (blocks freed, re-queued at its
+//!    original place with its generated tokens, recomputed later — mostly
+//!    from the prefix cache).
+//! 4. **Run** the model on the batch. A cache refusal (quota) preempts and
+//!    retries next step; any other error fails the batch's requests (the
+//!    model rolled the cache back, their sequences are removed).
+//! 5. **Sample** for every sequence whose known tokens are now all computed,
+//!    stream the token's text, and finish on a stop id, stop string or
+//!    `max_tokens`. A finished agent turn hands its sequence to the agent.
+//!
+//! Every exit path (finish, cancel, dropped stream, timeout, error,
+//! shutdown) goes through [`EngineCore::end`], which removes the sequence or
+//! gives it to the agent: after all requests end and all agents are deleted
+//! the pool is full again (the leak tests check it).
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kv::{KvCache, Namespace, OwnerId, SeqId};
+use model::{Model, TextCodec};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::agents::{AgentInfo, AgentKey, AgentUpdate, Agents};
+use crate::error::{Error, Result};
+use crate::metrics::{EngineStats, RateWindow};
+use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
+use crate::sampling::Sampler;
+use crate::text::TextStream;
+use crate::EngineConfig;
+
+/// Decrements the shared waiting count when dropped, so every way a request
+/// leaves the queue gives its place back.
+#[derive(Debug)]
+pub(crate) struct QueueTicket(pub(crate) Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A request handed to the engine.
+#[derive(Debug)]
+pub(crate) struct Submission {
+    pub(crate) id: RequestId,
+    pub(crate) req: ValidRequest,
+    pub(crate) events: UnboundedSender<Event>,
+    pub(crate) ticket: QueueTicket,
+}
+
+/// A request in flight, waiting or running.
+struct Active {
+    id: RequestId,
+    req: ValidRequest,
+    owner: OwnerId,
+    agent: Option<AgentKey>,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    seq: Option<SeqId>,
+    usage: Usage,
+    admitted: bool,
+    /// Admission order of the latest admission (preemption picks the newest).
+    admission: u64,
+    /// Queue order (kept across preemptions, so a preempted request returns
+    /// to its place).
+    arrival: u64,
+    sampler: Sampler,
+    text: TextStream,
+    events: UnboundedSender<Event>,
+    started: Instant,
+    deadline: Option<(Instant, Duration)>,
+    last_token: Option<Instant>,
+    ticket: Option<QueueTicket>,
+}
+
+impl Active {
+    fn key(&self) -> (Reverse<i32>, u64) {
+        (Reverse(self.req.req.priority), self.arrival)
+    }
+}
+
+/// How a request ended.
+enum End {
+    Finished(FinishReason, String),
+    Failed(Error),
+}
+
+/// See the module doc.
+pub(crate) struct EngineCore {
+    model: Box<dyn Model>,
+    codec: Arc<dyn TextCodec>,
+    cache: KvCache,
+    config: EngineConfig,
+    waiting: BTreeMap<(Reverse<i32>, u64), Active>,
+    running: Vec<Active>,
+    agents: Agents,
+    stats: EngineStats,
+    rate: RateWindow,
+    counter: u64,
+}
+
+impl EngineCore {
+    pub(crate) fn new(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig) -> Self {
+        let cache = KvCache::new(model.spec().clone());
+        Self {
+            model,
+            codec,
+            cache,
+            config,
+            waiting: BTreeMap::new(),
+            running: Vec::new(),
+            agents: Agents::default(),
+            stats: EngineStats::default(),
+            rate: RateWindow::default(),
+            counter: 0,
+        }
+    }
+
+    pub(crate) fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    fn next_counter(&mut self) -> u64 {
+        self.counter += 1;
+        self.counter
+    }
+
+    fn namespace(&self, tenant: &TenantId) -> Namespace {
+        Namespace::new(self.model.fingerprint(), tenant.as_str().as_bytes())
+    }
+
+    pub(crate) fn submit(&mut self, s: Submission) {
+        let tenant = s.req.req.tenant.clone();
+        let owner = match OwnerId::new(tenant.as_str()) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = s.events.send(Event::Error(Error::InvalidId {
+                    what: "tenant",
+                    id: tenant.to_string(),
+                    reason: if matches!(e, kv::Error::InvalidOwnerId { .. }) { "not a valid owner" } else { "invalid" },
+                }));
+                return;
+            }
+        };
+        let agent = s.req.req.agent.clone().map(|a| (tenant, a));
+        if let Some(key) = &agent {
+            self.agents.entry(key.clone());
+        }
+        let now = Instant::now();
+        let timeout = s.req.req.timeout.or(self.config.default_timeout);
+        let active = Active {
+            id: s.id,
+            owner,
+            agent,
+            tokens: s.req.prompt.clone(),
+            seq: None,
+            usage: Usage { prompt_tokens: s.req.prompt.len(), ..Usage::default() },
+            admitted: false,
+            admission: 0,
+            arrival: self.next_counter(),
+            sampler: Sampler::new(s.req.req.sampling),
+            text: TextStream::new(s.req.req.stop.clone()),
+            events: s.events,
+            started: now,
+            deadline: timeout.map(|t| (now + t, t)),
+            last_token: None,
+            ticket: Some(s.ticket),
+            req: s.req,
+        };
+        self.waiting.insert(active.key(), active);
+    }
+
+    /// Ends a request the caller cancelled.
+    pub(crate) fn cancel(&mut self, id: RequestId) {
+        if let Some(key) = self.waiting.iter().find(|(_, a)| a.id == id).map(|(k, _)| *k) {
+            if let Some(a) = self.waiting.remove(&key) {
+                self.end(a, End::Finished(FinishReason::Cancelled, String::new()));
+            }
+        } else if let Some(i) = self.running.iter().position(|a| a.id == id) {
+            let a = self.running.swap_remove(i);
+            self.end(a, End::Finished(FinishReason::Cancelled, String::new()));
+        }
+    }
+
+    /// Ends every request (shutdown) with `err`.
+    pub(crate) fn abort_all(&mut self, err: &Error) {
+        let all: Vec<Active> =
+            std::mem::take(&mut self.waiting).into_values().chain(std::mem::take(&mut self.running)).collect();
+        for a in all {
+            self.end(a, End::Failed(err.clone()));
+        }
+    }
+
+    /// Drops requests whose stream is gone or whose deadline passed, and
+    /// agents whose TTL ran out.
+    pub(crate) fn housekeeping(&mut self, now: Instant) {
+        let expired = |a: &Active| a.deadline.filter(|d| now >= d.0).map(|d| d.1);
+        let gone: Vec<_> = self
+            .waiting
+            .iter()
+            .filter(|(_, a)| a.events.is_closed() || expired(a).is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            if let Some(a) = self.waiting.remove(&k) {
+                self.end_abandoned(a, now);
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() || expired(&self.running[i]).is_some() {
+                let a = self.running.swap_remove(i);
+                self.end_abandoned(a, now);
+            } else {
+                i += 1;
+            }
+        }
+        for key in self.agents.expired(now) {
+            self.forget_agent(&key);
+        }
+    }
+
+    fn end_abandoned(&mut self, a: Active, now: Instant) {
+        match a.deadline.filter(|d| now >= d.0) {
+            Some((_, t)) if !a.events.is_closed() => self.end(a, End::Failed(Error::Timeout(t))),
+            _ => self.end(a, End::Finished(FinishReason::Cancelled, String::new())),
+        }
+    }
+
+    /// When the loop must wake up next even without commands.
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
+        let deadlines = self.waiting.values().chain(&self.running).filter_map(|a| a.deadline.map(|d| d.0));
+        deadlines.chain(self.agents.next_expiry()).min()
+    }
+
+    /// One scheduling step; false when nothing could run.
+    pub(crate) fn step(&mut self) -> bool {
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan = self.plan_running(&mut budget);
+        self.admit(&mut plan, &mut budget);
+        if !self.make_room(&mut plan) || plan.is_empty() {
+            return false;
+        }
+        let work: Vec<(SeqId, Vec<u32>)> = plan
+            .iter()
+            .filter_map(|&(i, n)| {
+                let a = &self.running[i];
+                let seq = a.seq?;
+                let done = self.cache.seq_len(seq).ok()?;
+                Some((seq, a.tokens[done..done + n].to_vec()))
+            })
+            .collect();
+        let refs: Vec<(SeqId, &[u32])> = work.iter().map(|(s, t)| (*s, t.as_slice())).collect();
+        self.stats.steps += 1;
+        match self.model.step(&mut self.cache, &refs) {
+            Ok(logits) => self.after_step(&plan, logits),
+            Err(model::Error::Kv(e @ (kv::Error::QuotaExceeded { .. } | kv::Error::Exhausted { .. }))) => {
+                self.on_refused(&plan, &e);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = plan.len(), "model step failed");
+                let msg = e.to_string();
+                self.fail_planned(&plan, &Error::Model(msg));
+            }
+        }
+        true
+    }
+
+    /// Running requests' share of the budget: decodes, then prefills.
+    fn plan_running(&self, budget: &mut usize) -> Vec<(usize, usize)> {
+        let remaining = |a: &Active| a.seq.and_then(|s| self.cache.seq_len(s).ok()).map_or(0, |d| a.tokens.len() - d);
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| (remaining(&self.running[i]) > 1, self.running[i].admission));
+        let mut plan = Vec::new();
+        for i in order {
+            let n = remaining(&self.running[i]).min(*budget);
+            if n == 0 {
+                continue;
+            }
+            plan.push((i, n));
+            *budget -= n;
+        }
+        plan
+    }
+
+    /// Blocks the planned appends need now.
+    fn plan_cost(&self, plan: &[(usize, usize)]) -> usize {
+        plan.iter().filter_map(|&(i, n)| self.cache.append_cost(self.running[i].seq?, n).ok()).sum()
+    }
+
+    fn admit(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize) {
+        let mut skipped = Vec::new();
+        while *budget > 0 && self.running.len() < self.config.max_running {
+            let Some((key, a)) = self.waiting.pop_first() else { break };
+            let busy = a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| ag.busy).is_some_and(|r| r != a.id);
+            if busy {
+                skipped.push((key, a));
+                continue;
+            }
+            match self.try_admit(a, *budget, self.plan_cost(plan)) {
+                Ok((a, n)) => {
+                    *budget -= n;
+                    self.running.push(a);
+                    plan.push((self.running.len() - 1, n));
+                }
+                Err(a) => {
+                    self.waiting.insert(key, a);
+                    break;
+                }
+            }
+        }
+        self.waiting.extend(skipped);
+    }
+
+    /// Creates the request's sequence, reusing cached K/V; gives the request
+    /// back if the pool cannot take its first chunk now.
+    fn try_admit(&mut self, mut a: Active, budget: usize, planned: usize) -> Result<(Active, usize), Active> {
+        let ns = self.namespace(&a.req.req.tenant);
+        let limit = a.tokens.len() - 1;
+        let held = a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| {
+            let common = ag.tokens.iter().zip(&a.tokens).take_while(|(x, y)| x == y).count();
+            ag.seq.map(|s| (s, common.min(limit)))
+        });
+        let created = if !self.config.prefix_cache {
+            Ok((self.cache.create_sequence(&a.owner, ns), 0))
+        } else {
+            let indexed = self.cache.lookup_prefix(ns, &a.tokens[..limit]);
+            match held {
+                Some((agent_seq, common)) if common > 0 && common >= indexed => self.fork_to(agent_seq, common),
+                _ => self.cache.create_with_prefix(&a.owner, ns, &a.tokens[..limit]),
+            }
+        };
+        let (seq, reused) = match created {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "admission failed; request stays queued");
+                return Err(a);
+            }
+        };
+        let n = (a.tokens.len() - reused).min(budget);
+        let cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
+        if planned.saturating_add(cost) > self.cache.stats().available_blocks() {
+            let _ = self.cache.remove(seq);
+            return Err(a);
+        }
+        a.seq = Some(seq);
+        a.admission = self.next_counter();
+        a.ticket = None;
+        if !a.admitted {
+            a.admitted = true;
+            a.usage.cached_tokens = reused.min(a.req.prompt.len());
+            self.stats.prompt_tokens += a.req.prompt.len() as u64;
+            self.stats.cached_prompt_tokens += a.usage.cached_tokens as u64;
+        }
+        if let Some(ag) = a.agent.as_ref().and_then(|k| self.agents.get_mut(k)) {
+            ag.busy = Some(a.id);
+        }
+        Ok((a, n))
+    }
+
+    /// A fork of `seq` cut to its first `len` tokens (nothing left behind
+    /// if the cut fails).
+    fn fork_to(&mut self, seq: SeqId, len: usize) -> kv::Result<(SeqId, usize)> {
+        let fork = self.cache.fork(seq)?;
+        if let Err(e) = self.cache.truncate(fork, len) {
+            let _ = self.cache.remove(fork);
+            return Err(e);
+        }
+        Ok((fork, len))
+    }
+
+    /// Frees blocks until the plan fits: idle agents first, then preemption.
+    /// False if nothing can run this step.
+    fn make_room(&mut self, plan: &mut Vec<(usize, usize)>) -> bool {
+        loop {
+            let need = self.plan_cost(plan);
+            let available = self.cache.stats().available_blocks();
+            if need <= available {
+                return true;
+            }
+            if let Some(key) = self.agents.release_candidate() {
+                self.release_agent(&key);
+                self.stats.agent_releases += 1;
+                continue;
+            }
+            let Some(victim) = self.victim(None) else { return false };
+            if self.running.len() == 1 {
+                // Alone and still short: pinned agents hold the rest.
+                let a = self.running.swap_remove(victim);
+                plan.clear();
+                let err = Error::CacheFull { needed: need, available };
+                self.end(a, End::Failed(err));
+                return false;
+            }
+            self.preempt(victim, plan);
+        }
+    }
+
+    /// The running request to preempt: lowest priority, then most recently
+    /// admitted; only the tenant's own when `owner` is given.
+    fn victim(&self, owner: Option<&OwnerId>) -> Option<usize> {
+        (0..self.running.len())
+            .filter(|&i| owner.is_none_or(|o| &self.running[i].owner == o))
+            .min_by_key(|&i| (self.running[i].req.req.priority, Reverse(self.running[i].admission)))
+    }
+
+    fn preempt(&mut self, victim: usize, plan: &mut Vec<(usize, usize)>) {
+        let last = self.running.len() - 1;
+        let mut a = self.running.swap_remove(victim);
+        plan.retain(|&(i, _)| i != victim);
+        for entry in plan.iter_mut() {
+            if entry.0 == last {
+                entry.0 = victim;
+            }
+        }
+        if let Some(seq) = a.seq.take() {
+            let _ = self.cache.remove(seq);
+        }
+        self.stats.preemptions += 1;
+        tracing::debug!(request = a.id.0, "preempted for lack of blocks");
+        self.waiting.insert(a.key(), a);
+    }
+
+    fn on_refused(&mut self, plan: &[(usize, usize)], e: &kv::Error) {
+        let mut plan = plan.to_vec();
+        let owner = match e {
+            kv::Error::QuotaExceeded { owner, quota, .. } => Some((owner.clone(), *quota)),
+            _ => None,
+        };
+        if let Some((owner, quota)) = owner {
+            let tenant_agent = self.agents.release_candidate().filter(|k| k.0.as_str() == owner.as_str());
+            if let Some(key) = tenant_agent {
+                self.release_agent(&key);
+                return;
+            }
+            let own = self.running.iter().filter(|a| a.owner == owner).count();
+            if let Some(v) = self.victim(Some(&owner)) {
+                if own > 1 {
+                    self.preempt(v, &mut plan);
+                } else {
+                    let a = self.running.swap_remove(v);
+                    let err = Error::QuotaExceeded { tenant: owner.to_string(), quota };
+                    self.end(a, End::Failed(err));
+                }
+            }
+        } else if let Some(v) = self.victim(None) {
+            self.preempt(v, &mut plan);
+        }
+    }
+
+    fn fail_planned(&mut self, plan: &[(usize, usize)], err: &Error) {
+        let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        idx.sort_unstable_by(|a, b| b.cmp(a));
+        for i in idx {
+            let a = self.running.swap_remove(i);
+            self.end(a, End::Failed(err.clone()));
+        }
+    }
+
+    fn after_step(&mut self, plan: &[(usize, usize)], logits: Vec<Vec<f32>>) {
+        let now = Instant::now();
+        let mut ended = Vec::new();
+        let mut generated = 0;
+        for (&(i, _), row) in plan.iter().zip(&logits) {
+            let a = &mut self.running[i];
+            let Some(done) = a.seq.and_then(|s| self.cache.seq_len(s).ok()) else { continue };
+            if done < a.tokens.len() {
+                continue; // a prefill chunk short of the end
+            }
+            let (token, logprobs) = a.sampler.sample(row, &a.req.prompt, &a.tokens[a.req.prompt.len()..]);
+            a.sampler.accept(token);
+            a.tokens.push(token);
+            a.usage.completion_tokens += 1;
+            generated += 1;
+            match a.last_token {
+                None => self.stats.ttft.observe(now - a.started),
+                Some(t) => self.stats.inter_token.observe(now - t),
+            }
+            a.last_token = Some(now);
+            if a.req.stop_ids.contains(&token) {
+                ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
+                continue;
+            }
+            let released = match a.text.push(self.codec.as_ref(), token) {
+                Ok(r) => r,
+                Err(e) => {
+                    ended.push((i, End::Failed(Error::Model(e.to_string()))));
+                    continue;
+                }
+            };
+            let stopped = released.stopped;
+            if a.events.send(Event::Token { id: token, text: released.text, logprobs }).is_err() {
+                ended.push((i, End::Finished(FinishReason::Cancelled, String::new())));
+            } else if stopped {
+                ended.push((i, End::Finished(FinishReason::Stop, String::new())));
+            } else if a.usage.completion_tokens >= a.req.max_tokens {
+                ended.push((i, End::Finished(FinishReason::Length, a.text.flush())));
+            }
+        }
+        self.stats.generated_tokens += generated;
+        self.rate.add(now, generated);
+        ended.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, how) in ended {
+            let a = self.running.swap_remove(i);
+            self.end(a, how);
+        }
+    }
+
+    /// The one exit: report, then give the sequence to the agent or free it.
+    fn end(&mut self, a: Active, how: End) {
+        let agent = a.agent.as_ref().and_then(|k| self.agents.get_mut(k)).filter(|ag| ag.busy == Some(a.id));
+        let keep = matches!(how, End::Finished(FinishReason::Stop | FinishReason::Length, _));
+        match (agent, a.seq) {
+            (Some(ag), Some(seq)) if keep => {
+                let old = ag.seq.replace(seq);
+                ag.tokens = self.cache.tokens(seq).map(<[u32]>::to_vec).unwrap_or_default();
+                ag.turns += 1;
+                ag.last_used = Instant::now();
+                ag.last_used_wall = std::time::SystemTime::now();
+                ag.busy = None;
+                if let Some(old) = old {
+                    let _ = self.cache.remove(old);
+                }
+            }
+            (agent, seq) => {
+                if let Some(ag) = agent {
+                    ag.busy = None;
+                }
+                if let Some(seq) = seq {
+                    let _ = self.cache.remove(seq);
+                }
+            }
+        }
+        let f = &mut self.stats.finished;
+        let event = match how {
+            End::Finished(reason, text) => {
+                match reason {
+                    FinishReason::Stop => f.stop += 1,
+                    FinishReason::Length => f.length += 1,
+                    FinishReason::Cancelled => f.cancelled += 1,
+                }
+                Event::Finished { reason, text, usage: a.usage }
+            }
+            End::Failed(err) => {
+                match err {
+                    Error::Timeout(_) => f.timeout += 1,
+                    _ => f.error += 1,
+                }
+                Event::Error(err)
+            }
+        };
+        let _ = a.events.send(event);
+    }
+
+    fn release_agent(&mut self, key: &AgentKey) {
+        if let Some(seq) = self.agents.get_mut(key).and_then(|ag| ag.seq.take()) {
+            let _ = self.cache.remove(seq);
+        }
+    }
+
+    fn forget_agent(&mut self, key: &AgentKey) {
+        self.release_agent(key);
+        self.agents.remove(key);
+    }
+
+    pub(crate) fn agent_infos(&self, tenant: &TenantId) -> Vec<AgentInfo> {
+        self.agents.keys_of(tenant).iter().filter_map(|k| self.agent_info(k)).collect()
+    }
+
+    pub(crate) fn agent_info(&self, key: &AgentKey) -> Option<AgentInfo> {
+        let blocks = self.agents.get(key)?.seq.and_then(|s| self.cache.block_table(s).ok()).map_or(0, |t| t.blocks().len());
+        self.agents.info(key, blocks)
+    }
+
+    pub(crate) fn delete_agent(&mut self, key: &AgentKey) -> Result<()> {
+        if self.agents.get(key).is_none() {
+            return Err(Error::UnknownAgent(key.1.to_string()));
+        }
+        self.forget_agent(key);
+        Ok(())
+    }
+
+    pub(crate) fn update_agent(&mut self, key: &AgentKey, update: AgentUpdate) -> Result<AgentInfo> {
+        let ag = self.agents.get_mut(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))?;
+        if let Some(r) = update.retention {
+            ag.retention = r;
+            ag.last_used = Instant::now();
+        }
+        if let Some(p) = update.priority {
+            ag.priority = p;
+        }
+        self.agent_info(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))
+    }
+
+    pub(crate) fn set_quota(&mut self, tenant: &TenantId, quota: Option<u32>) -> Result<()> {
+        let owner = OwnerId::new(tenant.as_str())
+            .map_err(|_| Error::InvalidId { what: "tenant", id: tenant.to_string(), reason: "not a valid owner" })?;
+        self.cache.set_quota(&owner, quota);
+        Ok(())
+    }
+
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        self.cache.check_invariants().map_err(|e| e.to_string())
+    }
+
+    /// The current numbers, with the cache's, as one value.
+    pub(crate) fn snapshot(&mut self, now: Instant) -> EngineStats {
+        let mut s = self.stats.clone();
+        s.waiting = self.waiting.len();
+        s.running = self.running.len();
+        s.cache = self.cache.stats();
+        s.agents = self.agents.len();
+        s.tokens_per_second = self.rate.rate(now);
+        s
+    }
+}

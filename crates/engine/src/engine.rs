@@ -1,0 +1,471 @@
+//! The engine thread and the cloneable [`EngineHandle`].
+//!
+//! # Concurrency
+//!
+//! One thread owns the model, the cache and every queue (the `EngineCore`);
+//! nothing else touches them, so they need no lock. Callers talk to it over
+//! a command channel (`std::sync::mpsc`, never blocking the sender) and hear
+//! back over one unbounded `tokio` channel per request (usable from async
+//! code and, with `blocking_recv`, from plain threads). Two pieces of state
+//! are shared:
+//! - the published [`EngineStats`] snapshot: one mutex, written once per loop
+//!   iteration by the engine, read (cloned) by [`EngineHandle::stats`]; never
+//!   held while calling out;
+//! - the waiting count: an atomic that [`EngineHandle::submit`] increments
+//!   only if it stays within the limit (one `fetch_update`, so the check and
+//!   the reservation are one act), and a ticket gives back when the request
+//!   leaves the queue, whichever way it leaves.
+//!
+//! The loop: take commands (blocking only when idle, until the next deadline
+//! or TTL expiry), drop cancelled and timed-out requests, run one step,
+//! publish the snapshot. When every handle is gone it finishes the work in
+//! hand and exits; [`EngineHandle::shutdown`] stops taking requests, lets the
+//! running ones finish within a grace period, then ends the rest.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use model::{Model, TextCodec};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::agents::{AgentInfo, AgentUpdate};
+use crate::core::{EngineCore, QueueTicket, Submission};
+use crate::error::{Error, Result};
+use crate::metrics::EngineStats;
+use crate::request::{AgentId, Event, Prompt, Request, RequestId, TenantId, ValidRequest};
+
+/// Longest the idle loop sleeps before looking at deadlines again.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+/// Sleep when work exists but none could run (the pool is full of pinned
+/// agents, or every waiting request waits for its agent).
+const STALL_TICK: Duration = Duration::from_millis(5);
+
+/// Scheduling limits.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The model's name as the API reports it.
+    pub model_name: String,
+    /// Tokens per model step (decodes plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Requests waiting for admission before new ones are `Overloaded`.
+    pub max_waiting: usize,
+    /// Reuse cached K/V of earlier requests and agents (off only to compare).
+    pub prefix_cache: bool,
+    /// Timeout of requests that set none.
+    pub default_timeout: Option<Duration>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model_name: "model".into(),
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 256,
+            prefix_cache: true,
+            default_timeout: Some(Duration::from_secs(600)),
+        }
+    }
+}
+
+enum Command {
+    Submit(Box<Submission>),
+    Cancel(RequestId),
+    Agents(TenantId, oneshot::Sender<Vec<AgentInfo>>),
+    Agent(TenantId, AgentId, oneshot::Sender<Result<AgentInfo>>),
+    DeleteAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
+    UpdateAgent(TenantId, AgentId, AgentUpdate, oneshot::Sender<Result<AgentInfo>>),
+    SetQuota(TenantId, Option<u32>, oneshot::Sender<Result<()>>),
+    CheckInvariants(oneshot::Sender<Result<(), String>>),
+    Shutdown(Duration, oneshot::Sender<()>),
+}
+
+/// Sizes a caller needs to validate requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The model's context length.
+    pub max_positions: usize,
+    /// Tokens the whole KV pool holds.
+    pub cache_tokens: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Logit row length (valid token ids are below it).
+    pub vocab_size: usize,
+}
+
+impl Limits {
+    /// The most tokens one request (prompt plus answer) may span.
+    pub fn max_request_tokens(&self) -> usize {
+        self.max_positions.min(self.cache_tokens)
+    }
+}
+
+struct Shared {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+    waiting: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+    codec: Arc<dyn TextCodec>,
+    limits: Limits,
+    config: EngineConfig,
+}
+
+/// A cloneable way in to the engine. Cheap to clone; the engine stops when
+/// the last clone is dropped (after finishing its work) or on
+/// [`EngineHandle::shutdown`].
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").field("limits", &self.shared.limits).finish_non_exhaustive()
+    }
+}
+
+/// Starts an engine over `model` on a thread of its own.
+///
+/// # Errors
+/// [`Error::Model`] if the thread cannot be spawned.
+pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig) -> Result<EngineHandle> {
+    let spec = model.spec();
+    let limits = Limits {
+        max_positions: model.max_positions(),
+        cache_tokens: spec.num_blocks() * spec.block_size(),
+        block_size: spec.block_size(),
+        vocab_size: model.vocab_size(),
+    };
+    let (tx, rx) = mpsc::channel();
+    let stats = Arc::new(Mutex::new(EngineStats::default()));
+    let core = EngineCore::new(model, Arc::clone(&codec), config.clone());
+    let published = Arc::clone(&stats);
+    std::thread::Builder::new()
+        .name("kvserve-engine".into())
+        .spawn(move || run_loop(core, &rx, &published))
+        .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
+    let shared = Shared {
+        tx,
+        stats,
+        waiting: Arc::new(AtomicUsize::new(0)),
+        next_id: AtomicU64::new(1),
+        codec,
+        limits,
+        config,
+    };
+    Ok(EngineHandle { shared: Arc::new(shared) })
+}
+
+fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mutex<EngineStats>) {
+    let mut shutdown: Option<(Instant, oneshot::Sender<()>)> = None;
+    let mut stalled = false;
+    let mut disconnected = false;
+    loop {
+        let wait = if !core.has_work() {
+            let now = Instant::now();
+            core.next_wakeup().map_or(IDLE_TICK, |t| t.saturating_duration_since(now).min(IDLE_TICK))
+        } else if stalled {
+            STALL_TICK
+        } else {
+            Duration::ZERO
+        };
+        let first = if wait.is_zero() || disconnected {
+            rx.try_recv().map_err(|e| matches!(e, TryRecvError::Disconnected))
+        } else {
+            rx.recv_timeout(wait).map_err(|e| matches!(e, RecvTimeoutError::Disconnected))
+        };
+        let mut next = first;
+        loop {
+            match next {
+                Ok(cmd) => handle(&mut core, cmd, &mut shutdown),
+                Err(gone) => {
+                    disconnected |= gone;
+                    break;
+                }
+            }
+            next = rx.try_recv().map_err(|e| matches!(e, TryRecvError::Disconnected));
+        }
+        let now = Instant::now();
+        core.housekeeping(now);
+        stalled = core.has_work() && !core.step();
+        let snapshot = core.snapshot(Instant::now());
+        if let Ok(mut s) = published.lock() {
+            *s = snapshot;
+        }
+        if let Some((deadline, _)) = &shutdown {
+            if !core.has_work() || Instant::now() >= *deadline {
+                core.abort_all(&Error::EngineStopped);
+                if let Some((_, done)) = shutdown.take() {
+                    let _ = done.send(());
+                }
+                break;
+            }
+        }
+        if disconnected && !core.has_work() {
+            break;
+        }
+    }
+    let snapshot = core.snapshot(Instant::now());
+    if let Ok(mut s) = published.lock() {
+        *s = snapshot;
+    }
+    tracing::info!("engine stopped");
+}
+
+fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<(Instant, oneshot::Sender<()>)>) {
+    match cmd {
+        Command::Submit(s) if shutdown.is_some() => {
+            let _ = s.events.send(Event::Error(Error::EngineStopped));
+        }
+        Command::Submit(s) => core.submit(*s),
+        Command::Cancel(id) => core.cancel(id),
+        Command::Agents(tenant, reply) => {
+            let _ = reply.send(core.agent_infos(&tenant));
+        }
+        Command::Agent(tenant, id, reply) => {
+            let key = (tenant, id.clone());
+            let _ = reply.send(core.agent_info(&key).ok_or_else(|| Error::UnknownAgent(id.to_string())));
+        }
+        Command::DeleteAgent(tenant, id, reply) => {
+            let _ = reply.send(core.delete_agent(&(tenant, id)));
+        }
+        Command::UpdateAgent(tenant, id, update, reply) => {
+            let _ = reply.send(core.update_agent(&(tenant, id), update));
+        }
+        Command::SetQuota(tenant, quota, reply) => {
+            let _ = reply.send(core.set_quota(&tenant, quota));
+        }
+        Command::CheckInvariants(reply) => {
+            let _ = reply.send(core.check_invariants());
+        }
+        Command::Shutdown(grace, done) => {
+            *shutdown = Some((Instant::now() + grace, done));
+        }
+    }
+}
+
+/// The events of one request, in order, ending with `Finished` or `Error`.
+/// Dropping it cancels the request (the engine notices and frees its blocks).
+#[derive(Debug)]
+pub struct EventStream {
+    id: RequestId,
+    rx: tmpsc::UnboundedReceiver<Event>,
+    done: bool,
+}
+
+impl EventStream {
+    /// The request's id (for [`EngineHandle::cancel`]).
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The next event; `None` after the last. If the engine dies first, one
+    /// `Error(EngineStopped)` is returned instead of silence.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let ev = self.rx.recv().await;
+        self.settle(ev)
+    }
+
+    /// [`EventStream::next`] for a plain thread.
+    ///
+    /// # Panics
+    /// If called from inside an async runtime (tokio forbids blocking there).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let ev = self.rx.blocking_recv();
+        self.settle(ev)
+    }
+
+    fn settle(&mut self, ev: Option<Event>) -> Option<Event> {
+        match ev {
+            Some(ev @ (Event::Finished { .. } | Event::Error(_))) => {
+                self.done = true;
+                Some(ev)
+            }
+            Some(ev) => Some(ev),
+            None => {
+                self.done = true;
+                Some(Event::Error(Error::EngineStopped))
+            }
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Limits requests are checked against.
+    pub fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    /// The model's codec (tokenizer and chat template).
+    pub fn codec(&self) -> &Arc<dyn TextCodec> {
+        &self.shared.codec
+    }
+
+    /// Renders and tokenizes the prompt and checks every limit.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`], [`Error::ContextExceeded`] or
+    /// [`Error::Prompt`].
+    pub fn validate(&self, req: Request) -> Result<ValidRequest> {
+        req.validate_params()?;
+        let codec = &self.shared.codec;
+        let limits = self.shared.limits;
+        let prompt = match &req.prompt {
+            Prompt::Text(t) => codec.encode(t),
+            Prompt::Chat(m) => codec.render_chat(m).and_then(|t| codec.encode(&t)),
+            Prompt::Tokens(t) => Ok(t.clone()),
+        }
+        .map_err(|e| Error::Prompt(e.to_string()))?;
+        let vocab = limits.vocab_size as u32;
+        if let Some(bad) = prompt.iter().chain(&req.stop_token_ids).find(|&&t| t >= vocab) {
+            return Err(Error::InvalidRequest {
+                field: "prompt",
+                problem: format!("token id {bad} is outside the vocabulary of {vocab}"),
+            });
+        }
+        if prompt.is_empty() {
+            return Err(Error::InvalidRequest { field: "prompt", problem: "encodes to no tokens".into() });
+        }
+        let limit = limits.max_request_tokens();
+        let max_tokens = match req.max_tokens {
+            Some(n) => n,
+            None => limit.saturating_sub(prompt.len()),
+        };
+        if max_tokens == 0 || prompt.len().saturating_add(max_tokens) > limit {
+            return Err(Error::ContextExceeded { prompt: prompt.len(), max_tokens, limit });
+        }
+        let mut stop_ids = req.stop_token_ids.clone();
+        if !req.ignore_eos {
+            stop_ids.extend_from_slice(codec.stop_ids());
+        }
+        Ok(ValidRequest { prompt, max_tokens, stop_ids, req })
+    }
+
+    /// Queues a validated request.
+    ///
+    /// # Errors
+    /// [`Error::Overloaded`] when the queue is full, [`Error::EngineStopped`].
+    pub fn submit(&self, req: ValidRequest) -> Result<EventStream> {
+        let limit = self.shared.config.max_waiting;
+        let waiting = &self.shared.waiting;
+        if let Err(queued) = waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)) {
+            return Err(Error::Overloaded { queued, limit });
+        }
+        let ticket = QueueTicket(Arc::clone(waiting));
+        let id = RequestId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
+        let (events, rx) = tmpsc::unbounded_channel();
+        let sub = Submission { id, req, events, ticket };
+        self.shared.tx.send(Command::Submit(Box::new(sub))).map_err(|_| Error::EngineStopped)?;
+        Ok(EventStream { id, rx, done: false })
+    }
+
+    /// [`EngineHandle::validate`] then [`EngineHandle::submit`].
+    ///
+    /// # Errors
+    /// As those two.
+    pub fn generate(&self, req: Request) -> Result<EventStream> {
+        self.submit(self.validate(req)?)
+    }
+
+    /// Cancels a request; its stream ends with `Finished(Cancelled)`.
+    /// Unknown or finished ids are ignored.
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`].
+    pub fn cancel(&self, id: RequestId) -> Result<()> {
+        self.send(Command::Cancel(id))
+    }
+
+    /// One consistent snapshot of the engine's numbers.
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn send(&self, cmd: Command) -> Result<()> {
+        self.shared.tx.send(cmd).map_err(|_| Error::EngineStopped)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| Error::EngineStopped)
+    }
+
+    /// The tenant's agents, by id.
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`].
+    pub async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentInfo>> {
+        let tenant = tenant.clone();
+        self.ask(|r| Command::Agents(tenant, r)).await
+    }
+
+    /// One agent.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAgent`], [`Error::EngineStopped`].
+    pub async fn agent(&self, tenant: &TenantId, id: &AgentId) -> Result<AgentInfo> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.ask(|r| Command::Agent(tenant, id, r)).await?
+    }
+
+    /// Forgets an agent and frees its blocks (a turn in progress finishes
+    /// but is not kept).
+    ///
+    /// # Errors
+    /// [`Error::UnknownAgent`], [`Error::EngineStopped`].
+    pub async fn delete_agent(&self, tenant: &TenantId, id: &AgentId) -> Result<()> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.ask(|r| Command::DeleteAgent(tenant, id, r)).await?
+    }
+
+    /// Changes an agent's retention or priority.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAgent`], [`Error::EngineStopped`].
+    pub async fn update_agent(&self, tenant: &TenantId, id: &AgentId, update: AgentUpdate) -> Result<AgentInfo> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.ask(|r| Command::UpdateAgent(tenant, id, update, r)).await?
+    }
+
+    /// Sets (or with `None` lifts) a tenant's block quota.
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`].
+    pub async fn set_quota(&self, tenant: &TenantId, quota: Option<u32>) -> Result<()> {
+        let tenant = tenant.clone();
+        self.ask(|r| Command::SetQuota(tenant, quota, r)).await?
+    }
+
+    /// Runs the cache's full consistency check (tests and debugging).
+    ///
+    /// # Errors
+    /// The violation found, or [`Error::EngineStopped`] as text.
+    pub async fn check_invariants(&self) -> Result<(), String> {
+        self.ask(Command::CheckInvariants).await.map_err(|e| e.to_string())?
+    }
+
+    /// Stops taking requests, lets running ones finish for up to `grace`,
+    /// ends the rest with [`Error::EngineStopped`], and stops the loop.
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`] if it had already stopped.
+    pub async fn shutdown(&self, grace: Duration) -> Result<()> {
+        self.ask(|r| Command::Shutdown(grace, r)).await
+    }
+}

@@ -1,0 +1,83 @@
+//! The engine's one error type. Every variant is something a caller can act
+//! on; the server maps each to an HTTP status. Errors are `Clone` because one
+//! failed step reports the same error to every request in its batch.
+
+use std::time::Duration;
+
+/// What can go wrong between submitting a request and its last event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The engine loop has stopped (shut down, or it died); nothing more
+    /// will be served by this handle.
+    #[error("the engine has stopped")]
+    EngineStopped,
+    /// The waiting queue is full; try again later.
+    #[error("overloaded: {queued} requests are waiting (limit {limit})")]
+    Overloaded {
+        /// Requests waiting when this one was refused.
+        queued: usize,
+        /// The queue limit.
+        limit: usize,
+    },
+    /// A request field has an invalid value.
+    #[error("invalid {field}: {problem}")]
+    InvalidRequest {
+        /// The offending field, as the API names it.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The prompt and the tokens asked for do not fit.
+    #[error("the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the limit of {limit} tokens")]
+    ContextExceeded {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Tokens asked for.
+        max_tokens: usize,
+        /// The model's context or the cache's capacity, whichever is smaller.
+        limit: usize,
+    },
+    /// An agent or tenant id failed validation.
+    #[error("invalid {what} id {id:?}: {reason}")]
+    InvalidId {
+        /// `agent` or `tenant`.
+        what: &'static str,
+        /// The rejected text (at most 64 characters of it).
+        id: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// No agent with this id exists for the tenant.
+    #[error("unknown agent {0:?}")]
+    UnknownAgent(String),
+    /// The request ran past its deadline; its blocks were freed.
+    #[error("the request timed out after {0:?}")]
+    Timeout(Duration),
+    /// The tenant's block quota cannot hold this request even alone.
+    #[error("tenant {tenant:?} is over its quota of {quota} blocks")]
+    QuotaExceeded {
+        /// The tenant.
+        tenant: String,
+        /// Its quota.
+        quota: u32,
+    },
+    /// The cache cannot hold this request next to what is pinned.
+    #[error("the KV cache is full: the step needs {needed} blocks, {available} can be freed")]
+    CacheFull {
+        /// Blocks the request needed.
+        needed: usize,
+        /// Blocks free or evictable.
+        available: usize,
+    },
+    /// Tokenizing or rendering the prompt failed.
+    #[error("cannot read the prompt: {0}")]
+    Prompt(String),
+    /// The model failed during a step (logged in full; the requests of
+    /// that step ended, their blocks were freed).
+    #[error("the model failed: {0}")]
+    Model(String),
+}
+
+/// `Result` with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

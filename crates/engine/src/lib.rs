@@ -1,0 +1,59 @@
+//! The engine of kvserve: one thread that owns the model and the paged KV
+//! cache and runs continuous batching over them, and a cloneable handle that
+//! takes validated requests and hands back a stream of events.
+//!
+//! | concept | file |
+//! |---|---|
+//! | requests, ids, events, validation rules | `request.rs` |
+//! | the engine thread, the handle, the event stream (`# Concurrency`) | `engine.rs` |
+//! | scheduling: admission, chunked prefill, preemption, finishing | `core.rs` |
+//! | agents and their retention | `agents.rs` |
+//! | choosing tokens | `sampling.rs` |
+//! | streamed text and stop strings | `text.rs` |
+//! | the metrics snapshot | `metrics.rs` |
+//! | a fake model and codec for tests | `testing.rs` |
+//!
+//! ```
+//! use std::sync::Arc;
+//! use engine::testing::{FakeCodec, FakeModel};
+//! use engine::{EngineConfig, Event, Prompt, Request, SamplingParams};
+//!
+//! let (model, _control) = FakeModel::new(16, 64);
+//! let engine = engine::start(Box::new(model), Arc::new(FakeCodec::new()), EngineConfig::default())?;
+//! let mut req = Request::new(Prompt::Text("hello".into()));
+//! req.sampling = SamplingParams::greedy();
+//! req.max_tokens = Some(5);
+//! let mut events = engine.generate(req)?;
+//! let mut text = String::new();
+//! while let Some(event) = events.blocking_next() {
+//!     match event {
+//!         Event::Token { text: t, .. } => text.push_str(&t),
+//!         Event::Finished { text: t, usage, .. } => {
+//!             text.push_str(&t);
+//!             assert_eq!(usage.completion_tokens, 5);
+//!         }
+//!         Event::Error(e) => return Err(e.into()),
+//!     }
+//! }
+//! assert_eq!(text.len(), 5);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod agents;
+mod core;
+mod engine;
+mod error;
+mod metrics;
+mod request;
+mod sampling;
+pub mod testing;
+mod text;
+
+pub use agents::{AgentInfo, AgentUpdate, Retention};
+pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
+pub use error::{Error, Result};
+pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
+pub use request::{
+    AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
+    MAX_ID_LEN,
+};

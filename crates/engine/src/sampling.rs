@@ -1,0 +1,229 @@
+//! Choosing the next token from a row of logits.
+//!
+//! Order of operations (the one vLLM and llama.cpp use): penalties on the raw
+//! logits (repetition over prompt and answer, frequency and presence over the
+//! answer), then greedy argmax at temperature 0; otherwise divide by the
+//! temperature, softmax, keep the top k, keep the nucleus (top p), drop what
+//! is below `min_p` of the best, renormalise and draw. Log-probabilities are
+//! those of the penalised logits at temperature 1 (what the model, after
+//! penalties, believes), so they do not depend on the sampling knobs.
+//!
+//! Cost: O(vocab) per token, plus a sort of the candidates only when a
+//! filter needs an order (top-k, top-p or logprobs alternatives).
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::request::{Logprobs, SamplingParams};
+
+/// One request's sampler: its parameters and its random stream.
+pub(crate) struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Occurrences of each token in the answer so far.
+    counts: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    pub(crate) fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params, rng, counts: HashMap::new() }
+    }
+
+    /// Picks the next token given the `prompt` and the answer so far (the
+    /// answer's counts are tracked here as tokens are [`Sampler::accept`]ed).
+    pub(crate) fn sample(&mut self, logits: &[f32], prompt: &[u32], answer: &[u32]) -> (u32, Option<Logprobs>) {
+        let mut logits = logits.to_vec();
+        self.penalize(&mut logits, prompt, answer);
+        let token = if self.params.temperature <= 0.0 { argmax(&logits) } else { self.draw(&logits) };
+        let logprobs = self.params.logprobs.map(|n| logprobs_of(&logits, token, n));
+        (token, logprobs)
+    }
+
+    /// Records a generated token for the frequency and presence penalties.
+    pub(crate) fn accept(&mut self, token: u32) {
+        *self.counts.entry(token).or_default() += 1;
+    }
+
+    fn penalize(&self, logits: &mut [f32], prompt: &[u32], answer: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = std::collections::HashSet::new();
+            for &t in prompt.iter().chain(answer) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    if seen.insert(t) {
+                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    }
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return argmax(logits);
+        }
+        let mut probs: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp())).collect();
+        if p.top_k > 0 || p.top_p < 1.0 {
+            probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        }
+        if p.top_k > 0 {
+            probs.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 {
+            let total: f32 = probs.iter().map(|x| x.1).sum();
+            let mut kept = 0.0;
+            if let Some(cut) = probs.iter().position(|x| {
+                kept += x.1 / total;
+                kept >= p.top_p
+            }) {
+                probs.truncate(cut + 1);
+            }
+        }
+        if p.min_p > 0.0 {
+            // The best token has weight exp(0) = 1 after the max shift.
+            probs.retain(|x| x.1 >= p.min_p);
+        }
+        let mass: f32 = probs.iter().map(|x| x.1).sum();
+        if !(mass.is_finite() && mass > 0.0) {
+            return argmax(logits);
+        }
+        let mut r = self.rng.random::<f32>() * mass;
+        for &(id, w) in &probs {
+            if r < w {
+                return id;
+            }
+            r -= w;
+        }
+        probs.last().map_or_else(|| argmax(logits), |x| x.0)
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn logprobs_of(logits: &[f32], token: u32, n: usize) -> Logprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_total = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |l| l - log_total);
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n);
+    if n > 0 {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = n.min(order.len());
+        order.select_nth_unstable_by(n - 1, |a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        order.truncate(n);
+        order.sort_unstable_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        top = order.into_iter().map(|t| (t, lp(t))).collect();
+    }
+    Logprobs { logprob: lp(token), top }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { seed: Some(7), ..SamplingParams::default() };
+        f(&mut p);
+        p
+    }
+
+    fn draws(p: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(p);
+        (0..n).map(|_| s.sample(logits, &[], &[]).0).collect()
+    }
+
+    const LOGITS: [f32; 5] = [1.0, 3.0, 2.9, 2.8, -1.0];
+
+    #[test]
+    fn greedy_takes_the_best_and_a_seed_reproduces_a_draw() {
+        assert_eq!(draws(SamplingParams::greedy(), &LOGITS, 3), vec![1, 1, 1]);
+        let p = params(|_| {});
+        assert_eq!(draws(p, &LOGITS, 50), draws(p, &LOGITS, 50));
+        assert_ne!(draws(p, &LOGITS, 50), draws(params(|p| p.seed = Some(8)), &LOGITS, 50));
+    }
+
+    #[test]
+    fn filters_keep_only_what_they_should() {
+        let all = draws(params(|_| {}), &LOGITS, 400);
+        assert!([0, 1, 2, 3].iter().all(|t| all.contains(t)), "temperature 1 explores");
+        let k2 = draws(params(|p| p.top_k = 2), &LOGITS, 200);
+        assert!(k2.iter().all(|t| [1, 2].contains(t)) && k2.contains(&2));
+        let nucleus = draws(params(|p| p.top_p = 0.01), &LOGITS, 50);
+        assert!(nucleus.iter().all(|&t| t == 1));
+        // min_p 0.85: keeps tokens within ln(1/0.85) ≈ 0.16 of the best.
+        let m = draws(params(|p| p.min_p = 0.85), &LOGITS, 200);
+        assert!(m.iter().all(|t| [1, 2].contains(t)) && m.contains(&2));
+    }
+
+    #[test]
+    fn penalties_steer_away_from_repeats() {
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 1.5;
+        }));
+        // Token 1 in the prompt: 3.0 / 1.5 = 2.0 < 2.9.
+        assert_eq!(s.sample(&LOGITS, &[1], &[]).0, 2);
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.frequency_penalty = 0.06;
+        }));
+        s.accept(1);
+        assert_eq!(s.sample(&LOGITS, &[], &[1]).0, 1, "3.0 - 0.06 still leads");
+        s.accept(1);
+        assert_eq!(s.sample(&LOGITS, &[], &[1, 1]).0, 2, "3.0 - 0.12 no longer does");
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.presence_penalty = 0.5;
+        }));
+        s.accept(1);
+        s.accept(1);
+        assert_eq!(s.sample(&LOGITS, &[], &[1, 1]).0, 2);
+    }
+
+    #[test]
+    fn logprobs_are_normalised_and_ordered() {
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.logprobs = Some(3);
+        }));
+        let (t, lp) = s.sample(&LOGITS, &[], &[]);
+        let lp = lp.unwrap();
+        assert_eq!(t, 1);
+        assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(lp.top[0].1, lp.logprob);
+        let total: f32 = LOGITS.iter().map(|l| (l - 3.0f32).exp()).sum();
+        assert!((lp.logprob - (-total.ln())).abs() < 1e-5);
+    }
+
+    #[test]
+    fn non_finite_logits_fall_back_to_greedy_instead_of_panicking() {
+        let bad = [f32::NAN, f32::NEG_INFINITY, 1.0];
+        let t = draws(params(|_| {}), &bad, 3);
+        assert!(t.iter().all(|&x| x < 3));
+        assert_eq!(draws(params(|_| {}), &[f32::NEG_INFINITY; 4], 1), vec![0]);
+    }
+}

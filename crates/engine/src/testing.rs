@@ -1,0 +1,187 @@
+//! A fake model and codec for tests (the engine's, the server's): cheap,
+//! deterministic, and strict about the cache.
+//!
+//! [`FakeModel`] keeps one `u64` of "K/V" per cache slot. A token's value is
+//! a hash of its own id and the value at the previous position, which it
+//! reads *through the block table* — so, like attention, every output depends
+//! on the whole history as stored in the blocks. If the engine hands it a
+//! wrong block (a bad prefix adoption, a missed copy-on-write, a block freed
+//! and reused too early), the generated text changes. The next token is a
+//! lowercase letter or a space chosen by the value, so output is readable.
+//!
+//! Knobs shared with the test through [`FakeControl`]: a delay per step (to
+//! exercise timeouts and concurrency), a step at which to fail (error
+//! injection), and a log of every batch (to check scheduling).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kv::{AttentionKind, CacheSpec, CacheSpecParams, KvCache, SeqId};
+use model::{Message, Model, TextCodec};
+
+/// The fake vocabulary: 256 byte tokens, then end-of-sequence.
+pub const FAKE_VOCAB: usize = 257;
+/// The fake end-of-sequence id.
+pub const FAKE_EOS: u32 = 256;
+const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz ";
+
+/// Test-side controls of a [`FakeModel`].
+#[derive(Debug, Default)]
+pub struct FakeControl {
+    /// Sleep this many milliseconds in every step.
+    pub step_delay_ms: AtomicU64,
+    /// Fail the step with this number (counting from 1); 0 never fails.
+    pub fail_at_step: AtomicU64,
+    /// Steps run so far.
+    pub steps: AtomicU64,
+    /// Tokens per entry of every batch, in order.
+    pub batches: Mutex<Vec<Vec<usize>>>,
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct FakeModel {
+    spec: CacheSpec,
+    slots: Vec<u64>,
+    control: Arc<FakeControl>,
+    max_positions: usize,
+}
+
+impl FakeModel {
+    /// A model over `num_blocks` blocks of `block_size` tokens.
+    ///
+    /// # Panics
+    /// If the numbers make an invalid cache spec (a test bug).
+    pub fn new(block_size: u32, num_blocks: u32) -> (Self, Arc<FakeControl>) {
+        let mut params = CacheSpecParams::uniform(1, AttentionKind::Full, 1, 8, num_blocks);
+        params.block_size = block_size;
+        let spec = CacheSpec::new(params).expect("test cache spec is valid");
+        let control = Arc::new(FakeControl::default());
+        let slots = vec![0; spec.num_blocks() * spec.block_size()];
+        (Self { spec, slots, control: Arc::clone(&control), max_positions: 4096 }, control)
+    }
+
+    /// Value of a token given the value before it.
+    fn mix(prev: u64, token: u32) -> u64 {
+        let x = (prev ^ u64::from(token).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^ (x >> 31)
+    }
+
+    fn index(&self, cache: &KvCache, seq: SeqId, pos: usize) -> model::Result<usize> {
+        let bs = self.spec.block_size();
+        let slot = cache
+            .block_table(seq)?
+            .slot(pos, bs)
+            .ok_or_else(|| model::Error::InvalidBatch(format!("position {pos} has no block")))?;
+        Ok(slot.block.index() * bs + slot.offset as usize)
+    }
+
+    fn run(&mut self, cache: &mut KvCache, work: &[(SeqId, &[u32])], starts: &mut Vec<usize>) -> model::Result<Vec<Vec<f32>>> {
+        let step = self.control.steps.fetch_add(1, Ordering::SeqCst) + 1;
+        self.control.batches.lock().expect("fake log lock").push(work.iter().map(|w| w.1.len()).collect());
+        let delay = self.control.step_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        for &(seq, tokens) in work {
+            let start = cache.seq_len(seq)?;
+            let appended = cache.append(seq, tokens)?;
+            starts.push(start);
+            if let Some(copy) = appended.copy {
+                let bs = self.spec.block_size();
+                let (src, dst) = (copy.src.index() * bs, copy.dst.index() * bs);
+                self.slots.copy_within(src..src + copy.tokens as usize, dst);
+            }
+        }
+        if self.control.fail_at_step.load(Ordering::SeqCst) == step {
+            return Err(model::Error::InvalidBatch("injected failure".into()));
+        }
+        let mut rows = Vec::with_capacity(work.len());
+        for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
+            let mut value = 0;
+            for (i, &t) in tokens.iter().enumerate() {
+                let pos = start + i;
+                let prev = if pos == 0 { 0x5eed } else { self.slots[self.index(cache, seq, pos - 1)?] };
+                value = Self::mix(prev, t);
+                let at = self.index(cache, seq, pos)?;
+                self.slots[at] = value;
+            }
+            cache.mark_computed(seq, start + tokens.len())?;
+            let mut row = vec![-10.0; FAKE_VOCAB];
+            let next = ALPHABET[(value % ALPHABET.len() as u64) as usize];
+            let runner_up = ALPHABET[((value >> 8) % ALPHABET.len() as u64) as usize];
+            row[usize::from(runner_up)] = 4.0;
+            row[usize::from(next)] = 5.0;
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+impl Model for FakeModel {
+    fn spec(&self) -> &CacheSpec {
+        &self.spec
+    }
+
+    fn vocab_size(&self) -> usize {
+        FAKE_VOCAB
+    }
+
+    fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    fn fingerprint(&self) -> &[u8] {
+        b"fake-model"
+    }
+
+    fn step(&mut self, cache: &mut KvCache, work: &[(SeqId, &[u32])]) -> model::Result<Vec<Vec<f32>>> {
+        let mut starts = Vec::with_capacity(work.len());
+        let result = self.run(cache, work, &mut starts);
+        if result.is_err() {
+            for (&(seq, _), &start) in work.iter().zip(&starts) {
+                let _ = cache.truncate(seq, start);
+            }
+        }
+        result
+    }
+}
+
+/// Bytes as tokens; chat rendered as `<role>: content\n` lines ending with
+/// `assistant: `.
+#[derive(Debug, Default)]
+pub struct FakeCodec {
+    stop: Vec<u32>,
+}
+
+impl FakeCodec {
+    /// The codec, with [`FAKE_EOS`] as its stop id.
+    pub fn new() -> Self {
+        Self { stop: vec![FAKE_EOS] }
+    }
+}
+
+impl TextCodec for FakeCodec {
+    fn encode(&self, text: &str) -> model::Result<Vec<u32>> {
+        Ok(text.bytes().map(u32::from).collect())
+    }
+
+    fn decode(&self, ids: &[u32]) -> model::Result<String> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= FAKE_VOCAB) {
+            return Err(model::Error::Tokenizer(format!("id {bad} is outside the vocabulary")));
+        }
+        let bytes: Vec<u8> = ids.iter().filter_map(|&i| u8::try_from(i).ok()).collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn render_chat(&self, messages: &[Message]) -> model::Result<String> {
+        let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+        s.push_str("assistant: ");
+        Ok(s)
+    }
+
+    fn stop_ids(&self) -> &[u32] {
+        &self.stop
+    }
+}
