@@ -139,8 +139,7 @@ impl Agents {
         self.map
             .iter()
             .filter(|(_, a)| {
-                a.busy.is_none()
-                    && matches!(a.retention, Retention::Ttl(ttl) if now.duration_since(a.last_used) >= ttl)
+                a.busy.is_none() && matches!(a.retention, Retention::Ttl(ttl) if now.duration_since(a.last_used) >= ttl)
             })
             .map(|(k, _)| k.clone())
             .collect()
@@ -158,11 +157,14 @@ impl Agents {
     }
 
     /// The idle, unpinned agent holding a sequence that should give it up
-    /// first: lowest priority, then least recently used.
-    pub(crate) fn release_candidate(&self) -> Option<AgentKey> {
+    /// first: lowest priority, then least recently used; never `except`
+    /// (the agent a waiting turn is about to reuse).
+    pub(crate) fn release_candidate(&self, except: Option<&AgentKey>) -> Option<AgentKey> {
         self.map
             .iter()
-            .filter(|(_, a)| a.seq.is_some() && a.busy.is_none() && a.retention != Retention::Pinned)
+            .filter(|(k, a)| {
+                a.seq.is_some() && a.busy.is_none() && a.retention != Retention::Pinned && Some(*k) != except
+            })
             .min_by_key(|(_, a)| (a.priority, a.last_used))
             .map(|(k, _)| k.clone())
     }
@@ -177,10 +179,7 @@ impl Agents {
             turns: a.turns,
             retention: a.retention,
             priority: a.priority,
-            last_used_unix: a
-                .last_used_wall
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            last_used_unix: a.last_used_wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             busy: a.busy.is_some(),
         })
     }

@@ -101,6 +101,16 @@ impl Active {
     }
 }
 
+/// What admitting a request came to.
+enum Admission {
+    /// Running, with its first chunk of this many tokens.
+    Admitted(Active, usize),
+    /// The pool cannot take its first chunk next to the step's other work.
+    Short { request: Active, needed: usize, available: usize },
+    /// The cache refused for another reason (logged); try again later.
+    Later(Active),
+}
+
 /// How a request ended.
 enum End {
     Finished(FinishReason, String),
@@ -314,18 +324,32 @@ impl EngineCore {
         let mut skipped = Vec::new();
         while *budget > 0 && self.running.len() < self.config.max_running {
             let Some((key, a)) = self.waiting.pop_first() else { break };
-            let busy = a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| ag.busy).is_some_and(|r| r != a.id);
+            let busy =
+                a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| ag.busy).is_some_and(|r| r != a.id);
             if busy {
                 skipped.push((key, a));
                 continue;
             }
             match self.try_admit(a, *budget, self.plan_cost(plan)) {
-                Ok((a, n)) => {
+                Admission::Admitted(a, n) => {
                     *budget -= n;
                     self.running.push(a);
                     plan.push((self.running.len() - 1, n));
                 }
-                Err(a) => {
+                Admission::Short { request, needed, available } => {
+                    if let Some(agent) = self.agents.release_candidate(request.agent.as_ref()) {
+                        self.release_agent(&agent);
+                        self.stats.agent_releases += 1;
+                        self.waiting.insert(key, request);
+                    } else if self.running.is_empty() {
+                        // Nothing will ever free more: pinned agents hold it.
+                        self.end(request, End::Failed(Error::CacheFull { needed, available }));
+                    } else {
+                        self.waiting.insert(key, request);
+                        break;
+                    }
+                }
+                Admission::Later(a) => {
                     self.waiting.insert(key, a);
                     break;
                 }
@@ -336,7 +360,7 @@ impl EngineCore {
 
     /// Creates the request's sequence, reusing cached K/V; gives the request
     /// back if the pool cannot take its first chunk now.
-    fn try_admit(&mut self, mut a: Active, budget: usize, planned: usize) -> Result<(Active, usize), Active> {
+    fn try_admit(&mut self, mut a: Active, budget: usize, planned: usize) -> Admission {
         let ns = self.namespace(&a.req.req.tenant);
         let limit = a.tokens.len() - 1;
         let held = a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| {
@@ -356,14 +380,15 @@ impl EngineCore {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "admission failed; request stays queued");
-                return Err(a);
+                return Admission::Later(a);
             }
         };
         let n = (a.tokens.len() - reused).min(budget);
-        let cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
-        if planned.saturating_add(cost) > self.cache.stats().available_blocks() {
+        let needed = planned.saturating_add(self.cache.append_cost(seq, n).unwrap_or(usize::MAX));
+        let available = self.cache.stats().available_blocks();
+        if needed > available {
             let _ = self.cache.remove(seq);
-            return Err(a);
+            return Admission::Short { request: a, needed, available };
         }
         a.seq = Some(seq);
         a.admission = self.next_counter();
@@ -377,7 +402,7 @@ impl EngineCore {
         if let Some(ag) = a.agent.as_ref().and_then(|k| self.agents.get_mut(k)) {
             ag.busy = Some(a.id);
         }
-        Ok((a, n))
+        Admission::Admitted(a, n)
     }
 
     /// A fork of `seq` cut to its first `len` tokens (nothing left behind
@@ -400,7 +425,7 @@ impl EngineCore {
             if need <= available {
                 return true;
             }
-            if let Some(key) = self.agents.release_candidate() {
+            if let Some(key) = self.agents.release_candidate(None) {
                 self.release_agent(&key);
                 self.stats.agent_releases += 1;
                 continue;
@@ -450,7 +475,7 @@ impl EngineCore {
             _ => None,
         };
         if let Some((owner, quota)) = owner {
-            let tenant_agent = self.agents.release_candidate().filter(|k| k.0.as_str() == owner.as_str());
+            let tenant_agent = self.agents.release_candidate(None).filter(|k| k.0.as_str() == owner.as_str());
             if let Some(key) = tenant_agent {
                 self.release_agent(&key);
                 return;
@@ -472,7 +497,7 @@ impl EngineCore {
 
     fn fail_planned(&mut self, plan: &[(usize, usize)], err: &Error) {
         let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-        idx.sort_unstable_by(|a, b| b.cmp(a));
+        idx.sort_unstable_by_key(|&i| Reverse(i));
         for i in idx {
             let a = self.running.swap_remove(i);
             self.end(a, End::Failed(err.clone()));
@@ -521,7 +546,7 @@ impl EngineCore {
         }
         self.stats.generated_tokens += generated;
         self.rate.add(now, generated);
-        ended.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        ended.sort_unstable_by_key(|e| Reverse(e.0));
         for (i, how) in ended {
             let a = self.running.swap_remove(i);
             self.end(a, how);
@@ -590,7 +615,8 @@ impl EngineCore {
     }
 
     pub(crate) fn agent_info(&self, key: &AgentKey) -> Option<AgentInfo> {
-        let blocks = self.agents.get(key)?.seq.and_then(|s| self.cache.block_table(s).ok()).map_or(0, |t| t.blocks().len());
+        let blocks =
+            self.agents.get(key)?.seq.and_then(|s| self.cache.block_table(s).ok()).map_or(0, |t| t.blocks().len());
         self.agents.info(key, blocks)
     }
 
@@ -615,8 +641,11 @@ impl EngineCore {
     }
 
     pub(crate) fn set_quota(&mut self, tenant: &TenantId, quota: Option<u32>) -> Result<()> {
-        let owner = OwnerId::new(tenant.as_str())
-            .map_err(|_| Error::InvalidId { what: "tenant", id: tenant.to_string(), reason: "not a valid owner" })?;
+        let owner = OwnerId::new(tenant.as_str()).map_err(|_| Error::InvalidId {
+            what: "tenant",
+            id: tenant.to_string(),
+            reason: "not a valid owner",
+        })?;
         self.cache.set_quota(&owner, quota);
         Ok(())
     }

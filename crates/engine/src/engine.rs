@@ -148,15 +148,8 @@ pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineCon
         .name("kvserve-engine".into())
         .spawn(move || run_loop(core, &rx, &published))
         .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
-    let shared = Shared {
-        tx,
-        stats,
-        waiting: Arc::new(AtomicUsize::new(0)),
-        next_id: AtomicU64::new(1),
-        codec,
-        limits,
-        config,
-    };
+    let shared =
+        Shared { tx, stats, waiting: Arc::new(AtomicUsize::new(0)), next_id: AtomicU64::new(1), codec, limits, config };
     Ok(EngineHandle { shared: Arc::new(shared) })
 }
 
@@ -363,7 +356,8 @@ impl EngineHandle {
     pub fn submit(&self, req: ValidRequest) -> Result<EventStream> {
         let limit = self.shared.config.max_waiting;
         let waiting = &self.shared.waiting;
-        if let Err(queued) = waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)) {
+        if let Err(queued) = waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
+        {
             return Err(Error::Overloaded { queued, limit });
         }
         let ticket = QueueTicket(Arc::clone(waiting));

@@ -77,7 +77,12 @@ impl FakeModel {
         Ok(slot.block.index() * bs + slot.offset as usize)
     }
 
-    fn run(&mut self, cache: &mut KvCache, work: &[(SeqId, &[u32])], starts: &mut Vec<usize>) -> model::Result<Vec<Vec<f32>>> {
+    fn run(
+        &mut self,
+        cache: &mut KvCache,
+        work: &[(SeqId, &[u32])],
+        starts: &mut Vec<usize>,
+    ) -> model::Result<Vec<Vec<f32>>> {
         let step = self.control.steps.fetch_add(1, Ordering::SeqCst) + 1;
         self.control.batches.lock().expect("fake log lock").push(work.iter().map(|w| w.1.len()).collect());
         let delay = self.control.step_delay_ms.load(Ordering::SeqCst);

@@ -1,0 +1,181 @@
+//! Agents over the fake model: turns reuse the cached conversation, the
+//! agent API, retention under pressure, tenants and quotas.
+
+#![allow(clippy::unwrap_used)] // helpers of a test binary: a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{assert_pool_full, collect, fake_engine, wait_for};
+use engine::{
+    AgentId, AgentUpdate, EngineConfig, EngineHandle, Error, FinishReason, Prompt, Request, Retention, SamplingParams,
+    TenantId,
+};
+use model::Message;
+
+fn turn(history: &[Message], agent: Option<&str>, max_tokens: usize) -> Request {
+    let mut r = Request::new(Prompt::Chat(history.to_vec()));
+    r.sampling = SamplingParams::greedy();
+    r.max_tokens = Some(max_tokens);
+    r.agent = agent.map(|a| AgentId::new(a).unwrap());
+    r
+}
+
+/// Runs a conversation of `users` turns, returning each answer and usage.
+async fn conversation(engine: &EngineHandle, agent: Option<&str>, users: &[&str]) -> Vec<(String, engine::Usage)> {
+    let mut history = Vec::new();
+    let mut out = Vec::new();
+    for u in users {
+        history.push(Message::new("user", *u));
+        let o = collect(engine.generate(turn(&history, agent, 12)).unwrap()).await;
+        assert_eq!(o.error, None);
+        history.push(Message::new("assistant", o.text.clone()));
+        out.push((o.text, o.usage));
+    }
+    out
+}
+
+/// The engine's own deadline is the tests' watchdog: a stuck request ends
+/// with `Timeout` instead of hanging the test.
+fn config() -> EngineConfig {
+    EngineConfig { default_timeout: Some(Duration::from_secs(30)), ..EngineConfig::default() }
+}
+
+fn default_tenant() -> TenantId {
+    TenantId::default_tenant()
+}
+
+#[tokio::test]
+async fn an_agents_next_turn_prefills_only_its_new_tokens() {
+    let (engine, control) = fake_engine(16, 256, config());
+    let turns = conversation(&engine, Some("a1"), &["hello there", "tell me more", "and then?"]).await;
+    let batches = control.batches.lock().unwrap().clone();
+    let first_prompt = turns[0].1.prompt_tokens;
+    assert_eq!(turns[0].1.cached_tokens, 0);
+    // Turn 2's prompt = turn 1's prompt + answer + new message. The agent
+    // holds turn 1's prompt and 11 of its 12 answer tokens (the last was
+    // sampled, never fed).
+    assert_eq!(turns[1].1.cached_tokens, first_prompt + 11);
+    let new_tokens = turns[1].1.prompt_tokens - turns[1].1.cached_tokens;
+    // Steps: turn 1 = 1 prefill + 11 decodes; turn 2 starts at step 13.
+    assert_eq!(batches[12], vec![new_tokens], "only the new tokens were prefilled");
+    assert!(turns[2].1.cached_tokens > turns[1].1.prompt_tokens);
+
+    let info = engine.agent(&default_tenant(), &AgentId::new("a1").unwrap()).await.unwrap();
+    assert_eq!(info.turns, 3);
+    assert_eq!(info.cached_tokens, turns[2].1.prompt_tokens + 11);
+    assert_eq!(info.blocks_held, info.cached_tokens.div_ceil(16));
+}
+
+#[tokio::test]
+async fn greedy_conversations_are_identical_with_the_prefix_cache_on_and_off() {
+    let users = ["first question", "second question", "third", "fourth, longer question to cross a block"];
+    let (on, _) = fake_engine(4, 512, config());
+    let (off, _) = fake_engine(4, 512, EngineConfig { prefix_cache: false, ..config() });
+    let with_cache = conversation(&on, Some("agent"), &users).await;
+    let without = conversation(&off, Some("agent"), &users).await;
+    let texts = |t: &[(String, engine::Usage)]| t.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&with_cache), texts(&without));
+    assert!(with_cache[1..].iter().all(|t| t.1.cached_tokens > 0));
+    assert!(without.iter().all(|t| t.1.cached_tokens == 0));
+    // Without an agent, the prefix index still finds whole blocks.
+    let plain = conversation(&on, None, &users).await;
+    assert_eq!(texts(&plain), texts(&with_cache));
+}
+
+#[tokio::test]
+async fn the_agent_api_lists_inspects_retains_and_deletes() {
+    let (engine, _) = fake_engine(16, 256, config());
+    let t = default_tenant();
+    let (a, b) = (AgentId::new("alpha").unwrap(), AgentId::new("beta").unwrap());
+    conversation(&engine, Some("alpha"), &["hi"]).await;
+    conversation(&engine, Some("beta"), &["hello"]).await;
+    let list = engine.agents(&t).await.unwrap();
+    assert_eq!(list.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), vec!["alpha", "beta"]);
+    assert!(list.iter().all(|i| i.blocks_held > 0 && i.turns == 1 && !i.busy));
+
+    // Another tenant sees none of them.
+    let other = TenantId::new("other").unwrap();
+    assert!(engine.agents(&other).await.unwrap().is_empty());
+    assert_eq!(engine.agent(&other, &a).await, Err(Error::UnknownAgent("alpha".into())));
+
+    let pinned = engine
+        .update_agent(&t, &a, AgentUpdate { retention: Some(Retention::Pinned), priority: Some(3) })
+        .await
+        .unwrap();
+    assert_eq!((pinned.retention, pinned.priority), (Retention::Pinned, 3));
+
+    // A TTL forgets the agent and frees its blocks.
+    let ttl = AgentUpdate { retention: Some(Retention::Ttl(Duration::from_millis(30))), priority: None };
+    engine.update_agent(&t, &b, ttl).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.agent(&t, &b).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "TTL never expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    engine.delete_agent(&t, &a).await.unwrap();
+    assert_eq!(engine.delete_agent(&t, &a).await, Err(Error::UnknownAgent("alpha".into())));
+    assert!(engine.agents(&t).await.unwrap().is_empty());
+    assert_pool_full(&engine);
+    engine.check_invariants().await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_agents_give_way_under_pressure_lowest_priority_first_pinned_never() {
+    // 56 blocks of 4 tokens; three agents of 16 blocks (sharing the first,
+    // "user") leave 10.
+    let (engine, _) = fake_engine(4, 56, config());
+    let t = default_tenant();
+    for name in ["keep", "low0", "pin0"] {
+        conversation(&engine, Some(name), &[&format!("{name} {}", "q".repeat(30))]).await;
+    }
+    assert_eq!(engine.stats().cache.used_blocks, 46);
+    let set = |r, p| AgentUpdate { retention: Some(r), priority: Some(p) };
+    engine.update_agent(&t, &AgentId::new("pin0").unwrap(), set(Retention::Pinned, -10)).await.unwrap();
+    engine.update_agent(&t, &AgentId::new("keep").unwrap(), set(Retention::Evictable, 5)).await.unwrap();
+    engine.update_agent(&t, &AgentId::new("low0").unwrap(), set(Retention::Evictable, 0)).await.unwrap();
+
+    // A request needing 13 more blocks forces one release.
+    let out = collect(engine.generate(turn(&[Message::new("user", "z".repeat(30))], None, 8)).unwrap()).await;
+    assert_eq!(out.reason, Some(FinishReason::Length), "{out:?} {:?}", engine.agents(&t).await);
+    let held = |name: &'static str| {
+        let engine = engine.clone();
+        async move { engine.agent(&default_tenant(), &AgentId::new(name).unwrap()).await.unwrap().blocks_held }
+    };
+    assert_eq!(held("low0").await, 0, "lowest priority released first");
+    assert_eq!(held("keep").await, 16, "one release was enough");
+    assert!(held("pin0").await > 0, "pinned agents are never released");
+    assert!(engine.stats().agent_releases >= 1);
+    assert_eq!(engine.stats().preemptions, 0, "agents gave way before any running request");
+}
+
+#[tokio::test]
+async fn tenants_never_share_blocks_and_quotas_refuse_what_cannot_fit() {
+    let (engine, control) = fake_engine(4, 256, config());
+    let prompt = "a system prompt shared by both tenants, long enough for blocks";
+    let run = |tenant: &str| {
+        let mut r = turn(&[Message::new("system", prompt), Message::new("user", "hi")], None, 4);
+        r.tenant = TenantId::new(tenant).unwrap();
+        engine.generate(r).unwrap()
+    };
+    let a1 = collect(run("acme")).await;
+    let a2 = collect(run("acme")).await;
+    let b1 = collect(run("bravo")).await;
+    assert_eq!(a1.usage.cached_tokens, 0);
+    assert!(a2.usage.cached_tokens > 40, "same tenant reuses: {:?}", a2.usage);
+    assert_eq!(b1.usage.cached_tokens, 0, "another tenant does not");
+    assert_eq!(a1.text, b1.text);
+
+    let small = TenantId::new("small").unwrap();
+    engine.set_quota(&small, Some(4)).await.unwrap();
+    let out = collect(run("small")).await;
+    assert_eq!(out.error, Some(Error::QuotaExceeded { tenant: "small".into(), quota: 4 }));
+    control.step_delay_ms.store(0, Ordering::SeqCst);
+    wait_for(&engine, "idle", |s| s.running == 0);
+    engine.set_quota(&small, None).await.unwrap();
+    assert_eq!(collect(run("small")).await.error, None);
+    assert_pool_full(&engine);
+}

@@ -1,0 +1,254 @@
+//! Scheduling over the fake model: batching, chunked prefill, preemption,
+//! fairness, admission limits, cancellation, timeouts, injected failures.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{assert_pool_full, collect, collect_blocking, fake_engine, greedy, wait_for};
+use engine::{EngineConfig, Error, FinishReason};
+
+fn config() -> EngineConfig {
+    EngineConfig { default_timeout: Some(Duration::from_secs(30)), ..EngineConfig::default() }
+}
+
+#[test]
+fn concurrent_requests_share_steps() {
+    let (engine, control) = fake_engine(16, 256, config());
+    control.step_delay_ms.store(2, Ordering::SeqCst);
+    let streams: Vec<_> = (0..8).map(|i| engine.generate(greedy(&format!("prompt {i}"), 20)).unwrap()).collect();
+    let outs: Vec<_> = streams.into_iter().map(collect_blocking).collect();
+    for o in &outs {
+        assert_eq!(o.reason, Some(FinishReason::Length), "{o:?}");
+        assert_eq!(o.usage.completion_tokens, 20);
+        assert_eq!(o.text.len(), 20);
+    }
+    let widest = control.batches.lock().unwrap().iter().map(Vec::len).max().unwrap();
+    assert!(widest >= 4, "decodes were batched together (widest batch {widest})");
+    assert_pool_full(&engine);
+}
+
+#[test]
+fn chunked_prefill_stays_within_the_budget_and_decodes_go_first() {
+    let cfg = EngineConfig { max_batch_tokens: 32, ..config() };
+    let (engine, control) = fake_engine(16, 256, cfg);
+    control.step_delay_ms.store(3, Ordering::SeqCst);
+    let short = engine.generate(greedy("hi", 30)).unwrap();
+    wait_for(&engine, "the short request decoding", |s| s.generated_tokens >= 2);
+    let long = engine.generate(greedy(&"x".repeat(100), 3)).unwrap();
+    let (a, b) = (collect_blocking(short), collect_blocking(long));
+    assert_eq!(a.usage.completion_tokens, 30);
+    assert_eq!(b.usage.completion_tokens, 3);
+    let batches = control.batches.lock().unwrap().clone();
+    assert!(batches.iter().all(|b| b.iter().sum::<usize>() <= 32), "{batches:?}");
+    // While the long prompt was prefilled, the short request kept decoding
+    // in the same steps: [1, 31], [1, 31], ...
+    let mixed = batches.iter().filter(|b| b.len() == 2 && b[0] == 1 && b[1] > 1).count();
+    assert!(mixed >= 3, "prefill chunks rode along with decodes: {batches:?}");
+}
+
+#[test]
+fn preemption_under_block_pressure_finishes_everything_with_the_same_text() {
+    // Alone, each request needs 40 + 40 = 80 tokens = 20 blocks of 4; the
+    // pool holds 40 blocks, so six at once cannot all fit.
+    let prompts: Vec<String> = (0..6).map(|i| format!("{i:-<40}")).collect();
+    let (roomy, _) = fake_engine(4, 1024, config());
+    let expected: Vec<_> =
+        prompts.iter().map(|p| collect_blocking(roomy.generate(greedy(p, 40)).unwrap()).text).collect();
+
+    let (tight, _) = fake_engine(4, 40, config());
+    let streams: Vec<_> = prompts.iter().map(|p| tight.generate(greedy(p, 40)).unwrap()).collect();
+    let outs: Vec<_> = streams.into_iter().map(collect_blocking).collect();
+    for (o, want) in outs.iter().zip(&expected) {
+        assert_eq!(o.error, None);
+        assert_eq!(&o.text, want, "recomputed after preemption, same answer");
+    }
+    let s = tight.stats();
+    assert!(s.preemptions > 0, "the pool was short: {s:?}");
+    assert_pool_full(&tight);
+}
+
+#[test]
+fn priority_first_and_fifo_within_a_priority() {
+    let cfg = EngineConfig { max_running: 1, ..config() };
+    let (engine, control) = fake_engine(16, 256, cfg);
+    control.step_delay_ms.store(2, Ordering::SeqCst);
+    let first = engine.generate(greedy("first", 10)).unwrap();
+    wait_for(&engine, "the first request running", |s| s.running == 1);
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut handles = Vec::new();
+    for (name, priority) in [("low-a", 0), ("low-b", 0), ("high", 5), ("low-c", 0)] {
+        let mut r = greedy(name, 3);
+        r.priority = priority;
+        let stream = engine.generate(r).unwrap();
+        let order = std::sync::Arc::clone(&order);
+        handles.push(std::thread::spawn(move || {
+            collect_blocking(stream);
+            order.lock().unwrap().push(name);
+        }));
+    }
+    collect_blocking(first);
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec!["high", "low-a", "low-b", "low-c"]);
+}
+
+#[test]
+fn a_full_queue_is_a_typed_overloaded_error() {
+    let cfg = EngineConfig { max_running: 1, max_waiting: 2, ..config() };
+    let (engine, control) = fake_engine(16, 256, cfg);
+    control.step_delay_ms.store(5, Ordering::SeqCst);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..10 {
+        match engine.generate(greedy(&format!("r{i}"), 5)) {
+            Ok(s) => accepted.push(s),
+            Err(Error::Overloaded { limit: 2, .. }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0 && accepted.len() >= 2, "{refused} refused, {} accepted", accepted.len());
+    for s in accepted {
+        assert_eq!(collect_blocking(s).reason, Some(FinishReason::Length));
+    }
+    // Places in the queue came back.
+    assert!(engine.generate(greedy("again", 2)).is_ok());
+    assert_pool_full(&engine);
+}
+
+#[test]
+fn cancelled_and_dropped_requests_free_their_blocks() {
+    let (engine, control) = fake_engine(16, 256, config());
+    control.step_delay_ms.store(2, Ordering::SeqCst);
+    let cancelled = engine.generate(greedy("cancel me", 2000)).unwrap();
+    let dropped = engine.generate(greedy("drop me", 2000)).unwrap();
+    let queued_then_dropped = engine.generate(greedy("never run", 2000)).unwrap();
+    wait_for(&engine, "both generating", |s| s.generated_tokens >= 10);
+    assert!(engine.stats().cache.used_blocks > 0);
+    engine.cancel(cancelled.id()).unwrap();
+    drop(dropped);
+    drop(queued_then_dropped);
+    let out = collect_blocking(cancelled);
+    assert_eq!(out.reason, Some(FinishReason::Cancelled));
+    assert!(out.usage.completion_tokens < 2000);
+    assert_pool_full(&engine);
+    wait_for(&engine, "cancellations counted", |s| s.finished.cancelled == 3);
+}
+
+#[test]
+fn a_request_past_its_deadline_ends_with_a_timeout() {
+    let (engine, control) = fake_engine(16, 256, config());
+    control.step_delay_ms.store(5, Ordering::SeqCst);
+    let mut r = greedy("slow", 3_000);
+    r.timeout = Some(Duration::from_millis(60));
+    let out = collect_blocking(engine.generate(r).unwrap());
+    assert_eq!(out.error, Some(Error::Timeout(Duration::from_millis(60))));
+    assert_pool_full(&engine);
+}
+
+#[test]
+fn a_model_error_mid_step_fails_that_batch_and_leaks_nothing() {
+    let (engine, control) = fake_engine(16, 256, config());
+    control.step_delay_ms.store(1, Ordering::SeqCst);
+    control.fail_at_step.store(4, Ordering::SeqCst);
+    let streams: Vec<_> = (0..4).map(|i| engine.generate(greedy(&format!("p{i}"), 50)).unwrap()).collect();
+    let outs: Vec<_> = streams.into_iter().map(collect_blocking).collect();
+    assert!(outs.iter().any(|o| matches!(o.error, Some(Error::Model(_)))), "{outs:?}");
+    assert_pool_full(&engine);
+    // The engine keeps serving.
+    let after = collect_blocking(engine.generate(greedy("after", 5)).unwrap());
+    assert_eq!(after.reason, Some(FinishReason::Length));
+    assert_pool_full(&engine);
+}
+
+#[test]
+fn many_threads_submitting_at_once_are_all_served_or_cleanly_refused() {
+    let cfg = EngineConfig { max_waiting: 40, max_running: 16, ..config() };
+    let (engine, _) = fake_engine(8, 512, cfg);
+    let threads: Vec<_> = (0..32)
+        .map(|t| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let mut served = 0;
+                let mut refused = 0;
+                for i in 0..4 {
+                    let prompt = format!("shared system prompt; thread {t} request {i}");
+                    match engine.generate(greedy(&prompt, 8 + i)) {
+                        Ok(s) => {
+                            let out = collect_blocking(s);
+                            assert_eq!(out.error, None);
+                            assert_eq!(out.usage.completion_tokens, 8 + i);
+                            served += 1;
+                        }
+                        Err(Error::Overloaded { .. }) => refused += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (served, refused)
+            })
+        })
+        .collect();
+    let (served, refused) = threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    assert_eq!(served + refused, 128);
+    assert!(served >= 40, "{served} served");
+    assert_pool_full(&engine);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(engine.check_invariants()).unwrap();
+    let s = engine.stats();
+    assert!(s.cached_prompt_tokens > 0, "the shared system prompt was reused: {s:?}");
+}
+
+#[tokio::test]
+async fn a_stopped_engine_is_a_typed_error_not_a_panic() {
+    let (engine, control) = fake_engine(16, 64, config());
+    control.step_delay_ms.store(2, Ordering::SeqCst);
+    let running = engine.generate(greedy("long", 1_000)).unwrap();
+    engine.shutdown(Duration::from_millis(20)).await.unwrap();
+    let out = collect(running).await;
+    assert_eq!(out.error, Some(Error::EngineStopped));
+    assert!(matches!(engine.generate(greedy("late", 2)), Err(Error::EngineStopped)));
+    assert_eq!(engine.agents(&engine::TenantId::default_tenant()).await, Err(Error::EngineStopped));
+}
+
+#[test]
+fn stop_strings_stop_ids_and_seeds() {
+    let (engine, _) = fake_engine(16, 256, config());
+    let free = collect_blocking(engine.generate(greedy("seed text", 30)).unwrap());
+    let stop = free.text[5..8].to_owned();
+    let first = free.text.find(&stop).unwrap();
+    let mut r = greedy("seed text", 30);
+    r.stop = vec![stop.clone()];
+    let out = collect_blocking(engine.generate(r).unwrap());
+    assert_eq!(out.reason, Some(FinishReason::Stop));
+    assert_eq!(out.text, free.text[..first], "text ends before the stop string {stop:?}");
+
+    let mut r = greedy("seed text", 30);
+    r.stop_token_ids = vec![free.tokens[3]];
+    let out = collect_blocking(engine.generate(r).unwrap());
+    let at = free.tokens.iter().position(|&t| t == free.tokens[3]).unwrap();
+    assert_eq!(out.reason, Some(FinishReason::Stop));
+    assert_eq!(out.usage.completion_tokens, at + 1);
+
+    let sampled = |seed| {
+        let mut r = greedy("seed text", 30);
+        r.sampling = engine::SamplingParams { seed: Some(seed), ..engine::SamplingParams::default() };
+        collect_blocking(engine.generate(r).unwrap()).text
+    };
+    assert_eq!(sampled(3), sampled(3));
+    assert_ne!(sampled(3), sampled(4));
+}
+
+#[test]
+fn bad_requests_are_typed_errors_before_queueing() {
+    let (engine, _) = fake_engine(16, 8, config());
+    assert!(matches!(engine.generate(greedy("x", 1000)), Err(Error::ContextExceeded { limit: 128, .. })));
+    let mut r = greedy("x", 5);
+    r.sampling.top_p = 2.0;
+    assert!(matches!(engine.generate(r), Err(Error::InvalidRequest { field: "top_p", .. })));
+    let mut r = greedy("x", 5);
+    r.prompt = engine::Prompt::Tokens(vec![1, 999_999]);
+    assert!(matches!(engine.generate(r), Err(Error::InvalidRequest { field: "prompt", .. })));
+    assert_eq!(engine.stats().waiting, 0);
+}
