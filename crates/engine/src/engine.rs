@@ -22,7 +22,7 @@
 //! hand and exits; [`EngineHandle::shutdown`] stops taking requests, lets the
 //! running ones finish within a grace period, then ends the rest.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,6 +106,8 @@ impl Limits {
 
 struct Shared {
     tx: mpsc::Sender<Command>,
+    /// Set by the engine thread as it stops, before it answers `shutdown`.
+    stopped: Arc<AtomicBool>,
     stats: Arc<Mutex<EngineStats>>,
     waiting: Arc<AtomicUsize>,
     next_id: AtomicU64,
@@ -144,16 +146,18 @@ pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineCon
     let stats = Arc::new(Mutex::new(EngineStats::default()));
     let core = EngineCore::new(model, Arc::clone(&codec), config.clone());
     let published = Arc::clone(&stats);
+    let stopped = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::clone(&stopped);
     std::thread::Builder::new()
         .name("kvserve-engine".into())
-        .spawn(move || run_loop(core, &rx, &published))
+        .spawn(move || run_loop(core, &rx, &published, &stopping))
         .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
     let shared =
         Shared { tx, stats, waiting: Arc::new(AtomicUsize::new(0)), next_id: AtomicU64::new(1), codec, limits, config };
     Ok(EngineHandle { shared: Arc::new(shared) })
 }
 
-fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mutex<EngineStats>) {
+fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mutex<EngineStats>, stopped: &AtomicBool) {
     let mut shutdown: Option<(Instant, oneshot::Sender<()>)> = None;
     let mut stalled = false;
     let mut disconnected = false;
@@ -191,6 +195,7 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
         }
         if let Some((deadline, _)) = &shutdown {
             if !core.has_work() || Instant::now() >= *deadline {
+                stopped.store(true, Ordering::SeqCst);
                 core.abort_all(&Error::EngineStopped);
                 if let Some((_, done)) = shutdown.take() {
                     let _ = done.send(());
@@ -202,6 +207,7 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
             break;
         }
     }
+    stopped.store(true, Ordering::SeqCst);
     let snapshot = core.snapshot(Instant::now());
     if let Ok(mut s) = published.lock() {
         *s = snapshot;
@@ -354,6 +360,9 @@ impl EngineHandle {
     /// # Errors
     /// [`Error::Overloaded`] when the queue is full, [`Error::EngineStopped`].
     pub fn submit(&self, req: ValidRequest) -> Result<EventStream> {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return Err(Error::EngineStopped);
+        }
         let limit = self.shared.config.max_waiting;
         let waiting = &self.shared.waiting;
         if let Err(queued) = waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
