@@ -152,8 +152,16 @@ pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineCon
         .name("kvserve-engine".into())
         .spawn(move || run_loop(core, &rx, &published, &stopping))
         .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
-    let shared =
-        Shared { tx, stats, waiting: Arc::new(AtomicUsize::new(0)), next_id: AtomicU64::new(1), codec, limits, config };
+    let shared = Shared {
+        tx,
+        stopped,
+        stats,
+        waiting: Arc::new(AtomicUsize::new(0)),
+        next_id: AtomicU64::new(1),
+        codec,
+        limits,
+        config,
+    };
     Ok(EngineHandle { shared: Arc::new(shared) })
 }
 

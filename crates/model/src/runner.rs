@@ -15,7 +15,7 @@ use crate::chat::{ChatTemplate, Message};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv_store::PagedKvStore;
-use crate::llama::LlamaModel;
+use crate::llama::{LlamaModel, MatmulPath};
 use crate::tokenizer::Tokenizer;
 
 /// One model instance as the engine sees it.
@@ -85,6 +85,25 @@ impl PagedLlama {
         let spec = model.config().cache_spec(block_size, num_blocks, dtype)?;
         let store = PagedKvStore::new(&spec);
         Ok(Self { model, store, spec, fingerprint: fingerprint(file) })
+    }
+
+    /// Opens a GGUF file and loads its model (arenas for `num_blocks` blocks
+    /// of `block_size` tokens) and its text side.
+    ///
+    /// # Errors
+    /// As [`GgufFile::open`], [`LlamaModel::load_with`],
+    /// [`LlamaText::from_gguf`] and [`PagedLlama::new`].
+    pub fn open(
+        path: &std::path::Path,
+        block_size: u32,
+        num_blocks: u32,
+        dtype: KvDType,
+        matmul: MatmulPath,
+    ) -> Result<(Self, LlamaText)> {
+        let file = GgufFile::open(path)?;
+        let text = LlamaText::from_gguf(&file)?;
+        let model = LlamaModel::load_with(&file, &candle_core::Device::Cpu, matmul)?;
+        Ok((Self::new(model, &file, block_size, num_blocks, dtype)?, text))
     }
 
     /// The model inside.

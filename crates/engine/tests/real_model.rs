@@ -1,0 +1,68 @@
+//! The engine over the default model (fetched on first use): multi-turn
+//! greedy output does not depend on the prefix cache, and an agent's next
+//! turn prefills only its new tokens.
+//!
+//! The quantized kernels are pinned (`MatmulPath::Kernels`): their per-row
+//! results do not depend on how rows are batched, so a prompt prefilled
+//! whole and one prefilled on top of cached K/V give bit-identical logits.
+//! (The measured dispatch may pick a dense GEMM for a large prefill, whose
+//! rounding differs.)
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::collect;
+use engine::{AgentId, EngineConfig, EngineHandle, Prompt, Request, SamplingParams, Usage};
+use kv::KvDType;
+use model::{MatmulPath, Message, PagedLlama};
+
+fn real_engine(prefix_cache: bool) -> EngineHandle {
+    let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
+    let (model, text) = PagedLlama::open(&path, 16, 256, KvDType::F16, MatmulPath::Kernels).unwrap();
+    let config = EngineConfig {
+        prefix_cache,
+        default_timeout: Some(Duration::from_secs(300)),
+        model_name: "smollm2".into(),
+        ..EngineConfig::default()
+    };
+    engine::start(Box::new(model), Arc::new(text), config).unwrap()
+}
+
+async fn conversation(engine: &EngineHandle, users: &[&str]) -> Vec<(String, Usage)> {
+    let mut history = vec![Message::new("system", "You are a concise assistant.")];
+    let mut out = Vec::new();
+    for u in users {
+        history.push(Message::new("user", *u));
+        let mut r = Request::new(Prompt::Chat(history.clone()));
+        r.sampling = SamplingParams::greedy();
+        r.max_tokens = Some(24);
+        r.agent = Some(AgentId::new("tester").unwrap());
+        let o = collect(engine.generate(r).unwrap()).await;
+        assert_eq!(o.error, None);
+        history.push(Message::new("assistant", o.text.clone()));
+        out.push((o.text, o.usage));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn multi_turn_greedy_output_is_identical_with_the_prefix_cache_on_and_off() {
+    let users = ["What is the capital of France?", "And of Italy?", "Which of the two is larger?"];
+    let with_cache = conversation(&real_engine(true), &users).await;
+    let without = conversation(&real_engine(false), &users).await;
+    for (a, b) in with_cache.iter().zip(&without) {
+        assert_eq!(a.0, b.0, "same answer with and without cached K/V");
+    }
+    assert!(with_cache[0].0.contains("Paris"), "{:?}", with_cache[0].0);
+    assert!(without.iter().all(|t| t.1.cached_tokens == 0));
+    // The agent's second turn reused its whole first turn but the last
+    // answer token (sampled, never fed); only the new message was prefilled.
+    let (first, second) = (with_cache[0].1, with_cache[1].1);
+    let answer_tokens = first.completion_tokens;
+    assert!(second.cached_tokens >= first.prompt_tokens + answer_tokens - 2, "{first:?} then {second:?}");
+    assert!(second.prompt_tokens - second.cached_tokens < 20, "only the new message: {second:?}");
+}
