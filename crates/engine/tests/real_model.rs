@@ -18,11 +18,12 @@ use std::time::Duration;
 use common::collect;
 use engine::{AgentId, EngineConfig, EngineHandle, Prompt, Request, SamplingParams, Usage};
 use kv::KvDType;
+use model::quant::Isa;
 use model::{MatmulPath, Message, PagedLlama};
 
 fn real_engine(prefix_cache: bool) -> EngineHandle {
     let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
-    let (model, text) = PagedLlama::open(&path, 16, 256, KvDType::F16, MatmulPath::Kernels).unwrap();
+    let (model, text) = PagedLlama::open(&path, 16, 256, KvDType::F16, MatmulPath::Kernels(Isa::detect())).unwrap();
     let config = EngineConfig {
         prefix_cache,
         default_timeout: Some(Duration::from_secs(300)),
@@ -49,7 +50,7 @@ async fn conversation(engine: &EngineHandle, users: &[&str]) -> Vec<(String, Usa
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[tokio::test]
 async fn multi_turn_greedy_output_is_identical_with_the_prefix_cache_on_and_off() {
     let users = ["What is the capital of France?", "And of Italy?", "Which of the two is larger?"];
     let with_cache = conversation(&real_engine(true), &users).await;
