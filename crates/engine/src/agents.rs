@@ -27,9 +27,9 @@ use serde::Serialize;
 
 use crate::request::{AgentId, RequestId, TenantId};
 
-/// How long an agent keeps its cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// How long an agent keeps its cache. Serialized as `"evictable"`,
+/// `"pinned"` or `{"ttl_seconds": N}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Retention {
     /// Until memory runs short (released before running requests are
     /// preempted).
@@ -39,6 +39,21 @@ pub enum Retention {
     Pinned,
     /// Forgotten this long after its last turn.
     Ttl(Duration),
+}
+
+impl Serialize for Retention {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Self::Evictable => s.serialize_str("evictable"),
+            Self::Pinned => s.serialize_str("pinned"),
+            Self::Ttl(ttl) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("ttl_seconds", &ttl.as_secs())?;
+                m.end()
+            }
+        }
+    }
 }
 
 /// What the engine remembers of one agent.

@@ -313,6 +313,11 @@ impl EngineHandle {
         self.shared.limits
     }
 
+    /// True once the engine has stopped (or is stopping after a shutdown).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
+    }
+
     /// The configuration the engine runs with.
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config

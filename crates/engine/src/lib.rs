@@ -53,6 +53,7 @@ pub use agents::{AgentInfo, AgentUpdate, Retention};
 pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
 pub use error::{Error, Result};
 pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
+pub use model::Message;
 pub use request::{
     AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
     MAX_ID_LEN,

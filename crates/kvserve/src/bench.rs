@@ -28,6 +28,9 @@ pub(crate) struct BenchArgs {
 enum BenchWhat {
     /// Prefill and batched decode throughput of the model.
     Model(ModelBenchArgs),
+    /// Engine throughput at several concurrent streams, and an agent's
+    /// time to first token with its history cached vs cold.
+    Engine(crate::bench_engine::EngineBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,7 +50,10 @@ struct ModelBenchArgs {
 
 #[allow(clippy::print_stdout)] // the table on stdout is this command's output
 pub(crate) fn bench(args: BenchArgs) -> Result<()> {
-    let BenchWhat::Model(args) = args.what;
+    let args = match args.what {
+        BenchWhat::Model(args) => args,
+        BenchWhat::Engine(args) => return crate::bench_engine::bench_engine(args),
+    };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;
     let loaded = load(&path)?;

@@ -2,8 +2,10 @@
 //! thread pool, and calls into the library crates.
 
 mod bench;
+mod bench_engine;
 mod run;
 mod sampling;
+mod setup;
 
 use std::path::PathBuf;
 

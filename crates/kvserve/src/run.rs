@@ -47,7 +47,7 @@ pub(crate) struct RunArgs {
     kv_dtype: KvDType,
 }
 
-fn parse_kv_dtype(s: &str) -> Result<KvDType, String> {
+pub(crate) fn parse_kv_dtype(s: &str) -> Result<KvDType, String> {
     match s {
         "f16" => Ok(KvDType::F16),
         "f32" => Ok(KvDType::F32),

@@ -1,0 +1,138 @@
+//! Building a running engine from command-line flags: the model file (the
+//! default one fetched on first use), the KV pool sized from a memory
+//! budget, and the scheduler's limits. Shared by `serve` and `bench engine`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use engine::{EngineConfig, EngineHandle};
+use kv::KvDType;
+use model::{GgufFile, LlamaModel, LlamaText, MatmulPath, ModelConfig, PagedLlama};
+
+use crate::run::{init_threads, resolve_model};
+use crate::ModelArgs;
+
+/// Flags of every command that runs the engine.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct EngineArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Memory for the KV cache, e.g. `512MiB`, `2GiB`, `100000000`.
+    #[arg(long, env = "KVSERVE_KV_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub(crate) kv_memory: u64,
+    /// Tokens per KV block.
+    #[arg(long, env = "KVSERVE_BLOCK_SIZE", default_value_t = 16)]
+    pub(crate) block_size: u32,
+    /// K/V element type: f16, bf16 or f32.
+    #[arg(long, env = "KVSERVE_KV_DTYPE", default_value = "f16", value_parser = crate::run::parse_kv_dtype)]
+    pub(crate) kv_dtype: KvDType,
+    /// Tokens per model step (decodes plus prefill chunks).
+    #[arg(long, env = "KVSERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub(crate) max_batch_tokens: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, env = "KVSERVE_MAX_RUNNING", default_value_t = 64)]
+    pub(crate) max_running: usize,
+    /// Requests waiting before new ones are refused as overloaded.
+    #[arg(long, env = "KVSERVE_QUEUE_LIMIT", default_value_t = 256)]
+    pub(crate) queue_limit: usize,
+    /// Seconds a request may take, queueing included.
+    #[arg(long, env = "KVSERVE_REQUEST_TIMEOUT", default_value_t = 600)]
+    pub(crate) request_timeout: u64,
+}
+
+/// `512MiB`, `2GiB`, `1.5GB`, `100000000`.
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size like 512MiB or 2GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    let bytes = n * mult;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1e15) {
+        return Err(format!("{s:?} is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// What was started, for the start-up log.
+#[derive(Debug)]
+pub(crate) struct Started {
+    pub(crate) engine: EngineHandle,
+    pub(crate) model_name: String,
+    pub(crate) summary: String,
+}
+
+/// Loads the model and starts the engine.
+pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Result<Started> {
+    init_threads(args.model.threads)?;
+    if args.max_batch_tokens == 0 || args.max_running == 0 || args.queue_limit == 0 {
+        bail!("--max-batch-tokens, --max-running and --queue-limit must be at least 1");
+    }
+    let path = resolve_model(&args.model)?;
+    let file = GgufFile::open(&path)?;
+    let config = ModelConfig::from_gguf(&file)?;
+    let per_block = config.cache_spec(args.block_size, 1, args.kv_dtype)?.bytes_per_block();
+    let blocks = u32::try_from(args.kv_memory / per_block).unwrap_or(u32::MAX);
+    if blocks < 2 {
+        bail!("--kv-memory {} holds fewer than 2 blocks of {per_block} bytes", args.kv_memory);
+    }
+    let matmul = match matmul {
+        Some(m) => m,
+        None => MatmulPath::from_env()?,
+    };
+    let text = LlamaText::from_gguf(&file)?;
+    let llama =
+        LlamaModel::load_with(&file, &Device::Cpu, matmul).with_context(|| format!("loading {}", path.display()))?;
+    let model = PagedLlama::new(llama, &file, args.block_size, blocks, args.kv_dtype)?;
+    let model_name = path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let capacity = u64::from(blocks) * u64::from(args.block_size);
+    let summary = format!(
+        "{} ({}, {} layers, context {}) | KV: {blocks} blocks x {} tokens = {capacity} tokens in {:.0} MiB ({:?}) | matmul: {} | threads: {}",
+        path.display(),
+        config.arch.name(),
+        config.layers,
+        config.context,
+        args.block_size,
+        (u64::from(blocks) * per_block) as f64 / (1024.0 * 1024.0),
+        args.kv_dtype,
+        matmul.name(),
+        rayon::current_num_threads(),
+    );
+    let engine_config = EngineConfig {
+        model_name: model_name.clone(),
+        max_batch_tokens: args.max_batch_tokens,
+        max_running: args.max_running,
+        max_waiting: args.queue_limit,
+        prefix_cache: true,
+        default_timeout: Some(Duration::from_secs(args.request_timeout.max(1))),
+    };
+    let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
+    Ok(Started { engine, model_name, summary })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_units_and_bad_ones_are_errors() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("100000"), Ok(100_000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! The agent API under `/v1/agents`: list, inspect, delete, and retention.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /v1/agents` | the tenant's agents |
+//! | `GET /v1/agents/{id}` | one agent (404 if unknown) |
+//! | `DELETE /v1/agents/{id}` | forget it, freeing its blocks |
+//! | `PATCH /v1/agents/{id}` | `{"pinned": true}`, `{"ttl_seconds": 600}`, `{"priority": 2}` |
+//! | `POST /v1/agents/{id}/pin`, `/unpin` | shorthands |
+//!
+//! An agent appears with its first turn. Ids are validated like the body's
+//! `agent_id` (400 when invalid); tenants see only their own agents.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::Json;
+use engine::{AgentId, AgentInfo, AgentUpdate, Retention};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::{parse_json, AppState, Tenant};
+
+fn agent_id(id: &str) -> Result<AgentId, ApiError> {
+    AgentId::new(id).map_err(|e| ApiError::invalid("agent_id", e.to_string()))
+}
+
+pub(crate) async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) -> Result<Json<Value>, ApiError> {
+    let agents = state.engine.agents(&tenant).await?;
+    Ok(Json(json!({"object": "list", "data": agents})))
+}
+
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<AgentInfo>, ApiError> {
+    Ok(Json(state.engine.agent(&tenant, &agent_id(&id)?).await?))
+}
+
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = agent_id(&id)?;
+    state.engine.delete_agent(&tenant, &id).await?;
+    Ok(Json(json!({"id": id, "object": "agent.deleted", "deleted": true})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Patch {
+    pinned: Option<bool>,
+    ttl_seconds: Option<u64>,
+    priority: Option<i32>,
+}
+
+pub(crate) async fn patch(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<AgentInfo>, ApiError> {
+    let id = agent_id(&id)?;
+    let p: Patch = parse_json(body, state.max_body_bytes)?;
+    let retention = match (p.pinned, p.ttl_seconds) {
+        (Some(true), Some(_)) => return Err(ApiError::invalid("ttl_seconds", "a pinned agent has no TTL")),
+        (Some(true), None) => Some(Retention::Pinned),
+        (_, Some(0)) => return Err(ApiError::invalid("ttl_seconds", "must be at least 1")),
+        (_, Some(s)) => Some(Retention::Ttl(Duration::from_secs(s))),
+        (Some(false), None) => Some(Retention::Evictable),
+        (None, None) => None,
+    };
+    let update = AgentUpdate { retention, priority: p.priority };
+    Ok(Json(state.engine.update_agent(&tenant, &id, update).await?))
+}
+
+async fn set(state: &AppState, tenant: &engine::TenantId, id: &str, r: Retention) -> Result<Json<AgentInfo>, ApiError> {
+    let update = AgentUpdate { retention: Some(r), priority: None };
+    Ok(Json(state.engine.update_agent(tenant, &agent_id(id)?, update).await?))
+}
+
+pub(crate) async fn pin(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<AgentInfo>, ApiError> {
+    set(&state, &tenant, &id, Retention::Pinned).await
+}
+
+pub(crate) async fn unpin(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<AgentInfo>, ApiError> {
+    set(&state, &tenant, &id, Retention::Evictable).await
+}

@@ -1,0 +1,281 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`, streaming and not.
+//!
+//! Both parse the body themselves (so malformed JSON is an OpenAI-style
+//! 400, not axum's plain-text rejection), build an engine request, submit it
+//! and either collect the events into one response or forward them as
+//! server-sent events: a first chunk with the assistant role, one chunk per
+//! piece of text, a chunk with the finish reason, a usage chunk when
+//! `stream_options.include_usage`, then `data: [DONE]`.
+//!
+//! Cancellation needs no code: when a client goes away, axum drops the
+//! response (or the handler's future), which drops the engine's event
+//! stream, and the engine frees the request's blocks on its next iteration.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use engine::{Event, EventStream, FinishReason, Logprobs, Usage};
+use futures_util::stream::{self, Stream};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::openai::{ChatRequest, CompletionRequest, TokenLogprob, TopLogprob, UsageBody};
+use crate::{parse_json, AppState, Tenant};
+
+/// Header naming the agent, as an alternative to the body's `agent_id`.
+pub const AGENT_HEADER: &str = "x-agent-id";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// What one response is about, shared by every chunk.
+#[derive(Clone)]
+struct Meta {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    logprobs: Option<usize>,
+}
+
+fn header_agent(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get(AGENT_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_owned()))
+            .map_err(|_| ApiError::invalid("agent_id", "the x-agent-id header is not ASCII")),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: ChatRequest = parse_json(body, state.max_body_bytes)?;
+    let prompt = req.prompt()?;
+    if req.top_logprobs.is_some_and(|n| n > 20) {
+        return Err(ApiError::invalid("top_logprobs", "must be at most 20"));
+    }
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
+    let (stream, include_usage) =
+        (req.common.stream, req.common.stream_options.as_ref().is_some_and(|o| o.include_usage));
+    let mut request = req.common.into_request(prompt, &state.model_name, tenant, header_agent(&headers)?)?;
+    request.sampling.logprobs = logprobs;
+    let meta = Meta {
+        kind: Kind::Chat,
+        id: String::new(),
+        created: now_secs(),
+        model: state.model_name.to_string(),
+        include_usage,
+        logprobs,
+    };
+    respond(&state, request, meta, stream).await
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn completion(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: CompletionRequest = parse_json(body, state.max_body_bytes)?;
+    let prompt = req.prompt()?;
+    let (stream, include_usage) =
+        (req.common.stream, req.common.stream_options.as_ref().is_some_and(|o| o.include_usage));
+    let request = req.common.into_request(prompt, &state.model_name, tenant, header_agent(&headers)?)?;
+    let meta = Meta {
+        kind: Kind::Text,
+        id: String::new(),
+        created: now_secs(),
+        model: state.model_name.to_string(),
+        include_usage,
+        logprobs: None,
+    };
+    respond(&state, request, meta, stream).await
+}
+
+async fn respond(
+    state: &AppState,
+    request: engine::Request,
+    mut meta: Meta,
+    stream: bool,
+) -> Result<Response, ApiError> {
+    let events = state.engine.generate(request)?;
+    let prefix = if meta.kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    meta.id = format!("{prefix}-{}", events.id().0);
+    if stream {
+        Ok(Sse::new(sse_stream(state.clone(), events, meta)).into_response())
+    } else {
+        whole(state, events, meta).await
+    }
+}
+
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+fn token_logprobs(state: &AppState, id: u32, lp: &Logprobs) -> TokenLogprob {
+    let text = |t: u32| state.engine.codec().decode(&[t]).unwrap_or_default();
+    let token = text(id);
+    TokenLogprob {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: lp.logprob,
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(t, logprob)| {
+                let token = text(t);
+                TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
+            })
+            .collect(),
+    }
+}
+
+/// Collects the whole answer into one JSON response.
+async fn whole(state: &AppState, mut events: EventStream, meta: Meta) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut logprobs = Vec::new();
+    let (reason, usage) = loop {
+        match events.next().await {
+            Some(Event::Token { id, text: t, logprobs: lp }) => {
+                text.push_str(&t);
+                if let Some(lp) = lp {
+                    logprobs.push(token_logprobs(state, id, &lp));
+                }
+            }
+            Some(Event::Finished { reason, text: t, usage }) => {
+                text.push_str(&t);
+                break (reason, usage);
+            }
+            Some(Event::Error(e)) => return Err(e.into()),
+            None => return Err(engine::Error::EngineStopped.into()),
+        }
+    };
+    let usage = UsageBody::from(usage);
+    let body = match meta.kind {
+        Kind::Chat => json!({
+            "id": meta.id,
+            "object": "chat.completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": meta.logprobs.map(|_| json!({"content": logprobs})),
+                "finish_reason": finish_reason(reason),
+            }],
+            "usage": usage,
+        }),
+        Kind::Text => json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(reason)}],
+            "usage": usage,
+        }),
+    };
+    Ok(Json(body).into_response())
+}
+
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<UsageBody>,
+}
+
+impl Meta {
+    fn chunk(&self, choices: Vec<serde_json::Value>, usage: Option<UsageBody>) -> SseEvent {
+        let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let chunk = Chunk { id: &self.id, object, created: self.created, model: &self.model, choices, usage };
+        SseEvent::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+    }
+
+    fn text_choice(&self, text: &str, logprobs: Option<serde_json::Value>, finish: Option<&str>) -> serde_json::Value {
+        match self.kind {
+            Kind::Chat => {
+                let delta = if finish.is_some() && text.is_empty() { json!({}) } else { json!({"content": text}) };
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+        }
+    }
+}
+
+enum Phase {
+    Start(EventStream),
+    Running(EventStream),
+    Usage(Usage),
+    Done,
+    End,
+}
+
+/// The SSE body: see the module doc for the chunk sequence.
+fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(Phase::Start(events), move |phase| {
+        let (state, meta) = (state.clone(), meta.clone());
+        async move {
+            match phase {
+                Phase::Start(events) => {
+                    let first = match meta.kind {
+                        Kind::Chat => meta.chunk(
+                            vec![json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
+                            None,
+                        ),
+                        Kind::Text => meta.chunk(vec![meta.text_choice("", None, None)], None),
+                    };
+                    Some((Ok(first), Phase::Running(events)))
+                }
+                Phase::Running(mut events) => match events.next().await {
+                    Some(Event::Token { id, text, logprobs }) => {
+                        let lp = logprobs.map(|lp| json!({"content": [token_logprobs(&state, id, &lp)]}));
+                        let ev = meta.chunk(vec![meta.text_choice(&text, lp, None)], None);
+                        Some((Ok(ev), Phase::Running(events)))
+                    }
+                    Some(Event::Finished { reason, text, usage }) => {
+                        let ev = meta.chunk(vec![meta.text_choice(&text, None, Some(finish_reason(reason)))], None);
+                        let next = if meta.include_usage { Phase::Usage(usage) } else { Phase::Done };
+                        Some((Ok(ev), next))
+                    }
+                    Some(Event::Error(e)) => {
+                        let err = ApiError::from(e);
+                        Some((Ok(SseEvent::default().data(err.body_json())), Phase::Done))
+                    }
+                    None => None,
+                },
+                Phase::Usage(usage) => Some((Ok(meta.chunk(Vec::new(), Some(usage.into()))), Phase::Done)),
+                Phase::Done => Some((Ok(SseEvent::default().data("[DONE]")), Phase::End)),
+                Phase::End => None,
+            }
+        }
+    })
+}

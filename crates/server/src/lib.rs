@@ -1,0 +1,193 @@
+//! kvserve's HTTP layer: an OpenAI-compatible API over the engine handle.
+//! It knows nothing of tensors or blocks; everything goes through
+//! [`engine::EngineHandle`].
+//!
+//! | concept | file |
+//! |---|---|
+//! | OpenAI request/response types, conversion to engine requests | `openai.rs` |
+//! | chat and text completions, streaming (SSE) | `completions.rs` |
+//! | the agent API | `agents.rs` |
+//! | Prometheus text exposition | `metrics.rs` |
+//! | errors as OpenAI JSON with status codes | `error.rs` |
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models`, `/v1/agents...`, `GET /health`, `GET /metrics`.
+//!
+//! Tenants come from API keys: with keys configured, every `/v1` route needs
+//! `Authorization: Bearer KEY` and the key names the tenant; without keys,
+//! every request is the default tenant (the binary then listens on loopback
+//! only).
+
+mod agents;
+mod completions;
+mod error;
+pub mod metrics;
+mod openai;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use engine::{EngineHandle, TenantId};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+pub use completions::AGENT_HEADER;
+pub use error::ApiError;
+
+/// HTTP-side settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// API key to tenant. Empty: no authentication, one default tenant.
+    pub api_keys: HashMap<String, TenantId>,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { api_keys: HashMap::new(), max_body_bytes: 4 << 20 }
+    }
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) engine: EngineHandle,
+    pub(crate) model_name: Arc<str>,
+    pub(crate) keys: Arc<HashMap<String, TenantId>>,
+    pub(crate) max_body_bytes: usize,
+}
+
+/// The request's tenant, from its API key.
+pub(crate) struct Tenant(pub(crate) TenantId);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.keys.is_empty() {
+            return Ok(Self(TenantId::default_tenant()));
+        }
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        key.and_then(|k| state.keys.get(k)).cloned().map(Self).ok_or_else(ApiError::unauthorized)
+    }
+}
+
+/// Parses a JSON body, mapping every failure to an OpenAI-style 400 (or 413
+/// when the body exceeded the limit).
+pub(crate) fn parse_json<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let bytes = match body {
+        Ok(b) => b,
+        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::too_large(limit)),
+        Err(rej) => return Err(ApiError::bad_json(rej.body_text())),
+    };
+    serde_json::from_slice(&bytes).map_err(ApiError::bad_json)
+}
+
+/// The application: every route, the body limit, JSON 404s.
+pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
+    let state = AppState {
+        model_name: engine.config().model_name.as_str().into(),
+        engine,
+        keys: Arc::new(config.api_keys),
+        max_body_bytes: config.max_body_bytes,
+    };
+    Router::new()
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/completions", post(completions::completion))
+        .route("/v1/models", get(models))
+        .route("/v1/agents", get(agents::list))
+        .route("/v1/agents/{id}", get(agents::get).delete(agents::delete).patch(agents::patch))
+        .route("/v1/agents/{id}/pin", post(agents::pin))
+        .route("/v1/agents/{id}/unpin", post(agents::unpin))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+async fn models(State(state): State<AppState>, _tenant: Tenant) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": &*state.model_name, "object": "model", "created": 0, "owned_by": "kvserve"}],
+    }))
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    if state.engine.is_stopped() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stopping"}))).into_response()
+    } else {
+        Json(json!({"status": "ok", "model": &*state.model_name})).into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let body = metrics::render(&state.engine.stats());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// Serves `app` on `listener` until `signal` resolves; then stops accepting,
+/// gives in-flight requests `grace` to finish (the engine cancels the rest),
+/// and returns once every connection has closed.
+///
+/// # Errors
+/// An I/O error from the listener.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    engine: EngineHandle,
+    signal: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let stop = async move {
+        signal.await;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections");
+        tokio::spawn(async move {
+            let _ = engine.shutdown(grace).await;
+        });
+    };
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

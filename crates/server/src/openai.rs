@@ -1,0 +1,280 @@
+//! OpenAI's wire types (the subset kvserve serves), and their conversion into
+//! the engine's [`Request`]. Parsing is strict about types and values and
+//! lenient about unknown fields (clients send many we do not use).
+//!
+//! Extensions beyond OpenAI's schema, accepted in the body (the official
+//! clients send them through `extra_body`): `agent_id`, `top_k`, `min_p`,
+//! `repetition_penalty`, `priority`, `ignore_eos`, `stop_token_ids`.
+
+use engine::Message;
+use engine::{AgentId, Prompt, Request, SamplingParams, TenantId};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Message content: a string, or a list of parts of which only text is
+/// supported.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    pub(crate) include_usage: bool,
+}
+
+/// Fields shared by chat and text completions.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Common {
+    pub(crate) model: Option<String>,
+    #[serde(default)]
+    pub(crate) stream: bool,
+    pub(crate) stream_options: Option<StreamOptions>,
+    pub(crate) max_tokens: Option<u64>,
+    pub(crate) max_completion_tokens: Option<u64>,
+    pub(crate) temperature: Option<f32>,
+    pub(crate) top_p: Option<f32>,
+    pub(crate) n: Option<u32>,
+    pub(crate) stop: Option<Stop>,
+    pub(crate) seed: Option<i64>,
+    pub(crate) presence_penalty: Option<f32>,
+    pub(crate) frequency_penalty: Option<f32>,
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f32>,
+    pub(crate) repetition_penalty: Option<f32>,
+    pub(crate) priority: Option<i32>,
+    #[serde(default)]
+    pub(crate) ignore_eos: bool,
+    #[serde(default)]
+    pub(crate) stop_token_ids: Vec<u32>,
+    pub(crate) agent_id: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    pub(crate) messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    pub(crate) logprobs: bool,
+    pub(crate) top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    pub(crate) common: Common,
+}
+
+/// `prompt` of a text completion.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    pub(crate) prompt: Option<PromptInput>,
+    #[serde(default)]
+    pub(crate) echo: bool,
+    pub(crate) logprobs: Option<u32>,
+    #[serde(flatten)]
+    pub(crate) common: Common,
+}
+
+fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid(param, message)
+}
+
+impl Common {
+    /// Checks the model name and builds the engine request around `prompt`.
+    pub(crate) fn into_request(
+        self,
+        prompt: Prompt,
+        served_model: &str,
+        tenant: TenantId,
+        header_agent: Option<String>,
+    ) -> Result<Request, ApiError> {
+        match self.model.as_deref() {
+            None | Some("") => return Err(invalid("model", "you must provide a model parameter")),
+            Some(m) if m != served_model => {
+                return Err(ApiError::model_not_found(m, served_model));
+            }
+            Some(_) => {}
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(invalid("n", "only n = 1 is supported"));
+        }
+        let mut sampling = SamplingParams::default();
+        if let Some(t) = self.temperature {
+            sampling.temperature = t;
+        }
+        if let Some(p) = self.top_p {
+            sampling.top_p = p;
+        }
+        if let Some(p) = self.min_p {
+            sampling.min_p = p;
+        }
+        if let Some(p) = self.presence_penalty {
+            sampling.presence_penalty = p;
+        }
+        if let Some(p) = self.frequency_penalty {
+            sampling.frequency_penalty = p;
+        }
+        if let Some(p) = self.repetition_penalty {
+            sampling.repetition_penalty = p;
+        }
+        if let Some(k) = self.top_k {
+            // -1 is the common spelling of "off".
+            sampling.top_k = match k {
+                -1 | 0 => 0,
+                k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+                _ => return Err(invalid("top_k", "must be -1, 0 or positive")),
+            };
+        }
+        sampling.seed = self.seed.map(|s| s as u64);
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            Some(0) => return Err(invalid("max_tokens", "must be at least 1")),
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        let agent = match self.agent_id.or(header_agent) {
+            Some(a) => Some(AgentId::new(&a).map_err(|e| invalid("agent_id", e.to_string()))?),
+            None => None,
+        };
+        let mut req = Request::new(prompt);
+        req.sampling = sampling;
+        req.max_tokens = max_tokens;
+        req.stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        req.stop_token_ids = self.stop_token_ids;
+        req.ignore_eos = self.ignore_eos;
+        req.agent = agent;
+        req.tenant = tenant;
+        req.priority = self.priority.unwrap_or(0);
+        Ok(req)
+    }
+}
+
+impl ChatRequest {
+    /// The conversation as the engine's messages.
+    pub(crate) fn prompt(&mut self) -> Result<Prompt, ApiError> {
+        let messages = self.messages.take().ok_or_else(|| invalid("messages", "messages is required"))?;
+        if messages.is_empty() {
+            return Err(invalid("messages", "messages must not be empty"));
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                return Err(invalid("messages", format!("unknown role {:?}", m.role)));
+            }
+            let text = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(invalid("messages", format!("content part {kind:?} is not supported")));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            let role = if m.role == "developer" { "system".to_owned() } else { m.role };
+            out.push(Message::new(role, text));
+        }
+        Ok(Prompt::Chat(out))
+    }
+}
+
+impl CompletionRequest {
+    pub(crate) fn prompt(&mut self) -> Result<Prompt, ApiError> {
+        if self.echo {
+            return Err(invalid("echo", "echo is not supported"));
+        }
+        if self.logprobs.is_some() {
+            return Err(invalid("logprobs", "logprobs are supported on /v1/chat/completions only"));
+        }
+        match self.prompt.take() {
+            None => Err(invalid("prompt", "prompt is required")),
+            Some(PromptInput::Text(t)) => Ok(Prompt::Text(t)),
+            Some(PromptInput::Texts(mut v)) if v.len() == 1 => Ok(Prompt::Text(v.remove(0))),
+            Some(PromptInput::Texts(_)) => Err(invalid("prompt", "exactly one prompt per request is supported")),
+            Some(PromptInput::Tokens(t)) => Ok(Prompt::Tokens(t)),
+        }
+    }
+}
+
+/// `usage` of a response.
+#[derive(Debug, Serialize, Deserialize, Clone, Copy)]
+pub(crate) struct UsageBody {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) total_tokens: usize,
+    pub(crate) prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, Copy)]
+pub(crate) struct PromptTokensDetails {
+    pub(crate) cached_tokens: usize,
+}
+
+impl From<engine::Usage> for UsageBody {
+    fn from(u: engine::Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: u.cached_tokens },
+        }
+    }
+}
+
+/// One token's entry in chat `logprobs.content`.
+#[derive(Debug, Serialize)]
+pub(crate) struct TokenLogprob {
+    pub(crate) token: String,
+    pub(crate) logprob: f32,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TopLogprob {
+    pub(crate) token: String,
+    pub(crate) logprob: f32,
+    pub(crate) bytes: Vec<u8>,
+}

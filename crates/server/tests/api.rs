@@ -1,0 +1,334 @@
+//! The router in-process (`tower::ServiceExt::oneshot`) over the fake model:
+//! every endpoint, every error status, streaming format, agents, auth, and
+//! that a client going away frees its blocks.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use engine::testing::{FakeCodec, FakeControl, FakeModel};
+use engine::{EngineConfig, EngineHandle, TenantId};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use server::ServerConfig;
+use tower::ServiceExt;
+
+struct App {
+    router: Router,
+    engine: EngineHandle,
+    control: Arc<FakeControl>,
+}
+
+fn app_with(engine_config: EngineConfig, server_config: ServerConfig) -> App {
+    let (model, control) = FakeModel::new(16, 256);
+    let config =
+        EngineConfig { model_name: "fake".into(), default_timeout: Some(Duration::from_secs(30)), ..engine_config };
+    let engine = engine::start(Box::new(model), Arc::new(FakeCodec::new()), config).unwrap();
+    App { router: server::router(engine.clone(), server_config), engine, control }
+}
+
+fn app() -> App {
+    app_with(EngineConfig::default(), ServerConfig::default())
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+async fn call(app: &App, method: &str, uri: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned()))).unwrap();
+    let res = app.router.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+async fn post(app: &App, uri: &str, body: Value) -> Reply {
+    call(app, "POST", uri, Some(&body.to_string()), &[]).await
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut body =
+        json!({"model": "fake", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+/// The JSON payloads of an SSE body, `[DONE]` kept as a string.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+async fn wait_blocks_back(engine: &EngineHandle) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = engine.stats();
+        if s.running == 0 && s.waiting == 0 && s.cache.used_blocks == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "blocks never came back: {s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn chat_completion_returns_an_openai_shaped_answer() {
+    let app = app();
+    let r = post(&app, "/v1/chat/completions", chat_body("hello", json!({}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "fake");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap().len(), 8);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"].as_u64().unwrap() + 8);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+}
+
+#[tokio::test]
+async fn streaming_sends_role_text_finish_usage_then_done() {
+    let app = app();
+    let whole = post(&app, "/v1/chat/completions", chat_body("stream me", json!({}))).await.json();
+    let r = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body("stream me", json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let data = sse_data(&r.body);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned)).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap(), "same greedy answer streamed");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 8);
+}
+
+#[tokio::test]
+async fn text_completions_stream_and_not() {
+    let app = app();
+    let body = json!({"model": "fake", "prompt": "once upon", "max_tokens": 5, "temperature": 0});
+    let v = post(&app, "/v1/completions", body.clone()).await.json();
+    assert_eq!(v["object"], "text_completion");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_owned();
+    assert_eq!(text.len(), 5);
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let r = post(&app, "/v1/completions", streamed).await;
+    let data = sse_data(&r.body);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let joined: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(joined, text);
+}
+
+#[tokio::test]
+async fn models_health_and_metrics() {
+    let app = app();
+    let v = call(&app, "GET", "/v1/models", None, &[]).await.json();
+    assert_eq!(v["data"][0]["id"], "fake");
+    let h = call(&app, "GET", "/health", None, &[]).await;
+    assert_eq!((h.status, h.json()["status"].clone()), (StatusCode::OK, json!("ok")));
+    post(&app, "/v1/chat/completions", chat_body("count me", json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let m = call(&app, "GET", "/metrics", None, &[]).await;
+    assert!(m.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    for name in [
+        "kvserve_queue_depth 0",
+        "kvserve_kv_blocks_free",
+        "kvserve_prefix_hit_rate",
+        "kvserve_generated_tokens_total 8",
+        "kvserve_time_to_first_token_seconds_count 1",
+        "kvserve_inter_token_latency_seconds_bucket{le=\"+Inf\"} 7",
+        "kvserve_requests_finished_total{reason=\"length\"} 1",
+    ] {
+        assert!(m.body.contains(name), "{name} missing from\n{}", m.body);
+    }
+    let nf = call(&app, "GET", "/nope", None, &[]).await;
+    assert_eq!(nf.status, StatusCode::NOT_FOUND);
+    assert_eq!(nf.json()["error"]["type"], "not_found_error");
+}
+
+async fn error_of(app: &App, body: &str) -> (StatusCode, Value) {
+    let r = call(app, "POST", "/v1/chat/completions", Some(body), &[]).await;
+    (r.status, r.json()["error"].clone())
+}
+
+#[tokio::test]
+async fn bad_requests_are_openai_errors_with_the_right_status() {
+    let app = app();
+    let (s, e) = error_of(&app, "{not json").await;
+    assert_eq!((s, e["type"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "invalid_request_error"));
+    let (s, e) = error_of(&app, r#"{"model": "fake"}"#).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "messages"));
+    let (s, e) = error_of(&app, r#"{"model": "fake", "messages": []}"#).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "messages"));
+    let (s, e) = error_of(&app, &chat_body("x", json!({"model": "gpt-9"})).to_string()).await;
+    assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "model_not_found"));
+    let (s, e) = error_of(&app, &chat_body("x", json!({"max_tokens": 1_000_000})).to_string()).await;
+    assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
+    let (s, e) = error_of(&app, &chat_body(&"y".repeat(5000), json!({})).to_string()).await;
+    assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
+    let (s, e) = error_of(&app, &chat_body("x", json!({"temperature": 5})).to_string()).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "temperature"));
+    let (s, e) = error_of(&app, &chat_body("x", json!({"temperature": "hot"})).to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let (s, e) = error_of(&app, &chat_body("x", json!({"agent_id": "../../etc"})).to_string()).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "agent_id"));
+    let (s, _) = error_of(&app, &chat_body("x", json!({"n": 3})).to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let r = call(&app, "GET", "/v1/agents/nobody", None, &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(call(&app, "GET", "/v1/agents/bad%20id", None, &[]).await.status, StatusCode::BAD_REQUEST);
+
+    let small = app_with(EngineConfig::default(), ServerConfig { max_body_bytes: 1024, ..ServerConfig::default() });
+    let (s, e) = error_of(&small, &chat_body(&"z".repeat(4096), json!({})).to_string()).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
+}
+
+#[tokio::test]
+async fn overload_is_429_with_retry_after_and_failures_are_500_without_internals() {
+    let app =
+        app_with(EngineConfig { max_running: 1, max_waiting: 1, ..EngineConfig::default() }, ServerConfig::default());
+    app.control.step_delay_ms.store(5, Ordering::SeqCst);
+    let busy: Vec<_> = (0..3)
+        .map(|i| {
+            let router = app.router.clone();
+            tokio::spawn(async move {
+                let body = chat_body(&format!("busy {i}"), json!({"max_tokens": 40})).to_string();
+                let req = Request::post("/v1/chat/completions")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap();
+                router.oneshot(req).await.unwrap().status()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let r = post(&app, "/v1/chat/completions", chat_body("one too many", json!({}))).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+    for b in busy {
+        let s = b.await.unwrap();
+        assert!(s == StatusCode::OK || s == StatusCode::TOO_MANY_REQUESTS, "{s}");
+    }
+
+    let failing = self::app();
+    failing.control.fail_at_step.store(2, Ordering::SeqCst);
+    let r = post(&failing, "/v1/chat/completions", chat_body("fail", json!({}))).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!r.body.contains("injected"), "internals stay in the log: {}", r.body);
+    wait_blocks_back(&failing.engine).await;
+}
+
+#[tokio::test]
+async fn api_keys_map_to_tenants_that_do_not_see_each_other() {
+    let keys = HashMap::from([
+        ("key-a".to_owned(), TenantId::new("tenant-a").unwrap()),
+        ("key-b".to_owned(), TenantId::new("tenant-b").unwrap()),
+    ]);
+    let app = app_with(EngineConfig::default(), ServerConfig { api_keys: keys, ..ServerConfig::default() });
+    let body = chat_body("hi", json!({"agent_id": "mine"})).to_string();
+    let r = call(&app, "POST", "/v1/chat/completions", Some(&body), &[]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = call(&app, "POST", "/v1/chat/completions", Some(&body), &[("authorization", "Bearer wrong")]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = call(&app, "POST", "/v1/chat/completions", Some(&body), &[("authorization", "Bearer key-a")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let a = call(&app, "GET", "/v1/agents", None, &[("authorization", "Bearer key-a")]).await.json();
+    let b = call(&app, "GET", "/v1/agents", None, &[("authorization", "Bearer key-b")]).await.json();
+    assert_eq!(a["data"][0]["id"], "mine");
+    assert_eq!(a["data"][0]["tenant"], "tenant-a");
+    assert_eq!(b["data"], json!([]));
+    assert_eq!(call(&app, "GET", "/health", None, &[]).await.status, StatusCode::OK, "health needs no key");
+}
+
+#[tokio::test]
+async fn agents_keep_their_cache_and_can_be_pinned_and_deleted() {
+    let app = app();
+    let first = post(&app, "/v1/chat/completions", chat_body("first turn", json!({"agent_id": "bot-1"}))).await.json();
+    let answer = first["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let second = json!({
+        "model": "fake", "max_tokens": 4, "temperature": 0,
+        "messages": [
+            {"role": "user", "content": "first turn"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "second"},
+        ],
+    });
+    let r = call(&app, "POST", "/v1/chat/completions", Some(&second.to_string()), &[("x-agent-id", "bot-1")]).await;
+    let cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= first["usage"]["prompt_tokens"].as_u64().unwrap(), "second turn reused the first: {cached}");
+
+    let info = call(&app, "GET", "/v1/agents/bot-1", None, &[]).await.json();
+    assert_eq!((info["turns"].as_u64(), info["retention"].as_str()), (Some(2), Some("evictable")));
+    assert!(info["blocks_held"].as_u64().unwrap() > 0);
+    let pinned = call(&app, "POST", "/v1/agents/bot-1/pin", None, &[]).await.json();
+    assert_eq!(pinned["retention"], "pinned");
+    let ttl = call(&app, "PATCH", "/v1/agents/bot-1", Some(r#"{"ttl_seconds": 600, "priority": 2}"#), &[]).await.json();
+    assert_eq!((ttl["retention"]["ttl_seconds"].as_u64(), ttl["priority"].as_i64()), (Some(600), Some(2)));
+    let bad = call(&app, "PATCH", "/v1/agents/bot-1", Some(r#"{"colour": "red"}"#), &[]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(call(&app, "POST", "/v1/agents/bot-1/unpin", None, &[]).await.json()["retention"], "evictable");
+    let del = call(&app, "DELETE", "/v1/agents/bot-1", None, &[]).await;
+    assert_eq!(del.json()["deleted"], true);
+    assert_eq!(call(&app, "DELETE", "/v1/agents/bot-1", None, &[]).await.status, StatusCode::NOT_FOUND);
+    wait_blocks_back(&app.engine).await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_cancels_and_frees_its_blocks() {
+    let app = app();
+    app.control.step_delay_ms.store(2, Ordering::SeqCst);
+    let body = chat_body("a long story", json!({"stream": true, "max_tokens": 2000})).to_string();
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
+    let res = app.router.clone().oneshot(req).await.unwrap();
+    let mut body = res.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert!(app.engine.stats().cache.used_blocks > 0);
+    drop(body);
+    wait_blocks_back(&app.engine).await;
+    assert_eq!(app.engine.stats().finished.cancelled, 1);
+}
