@@ -5,6 +5,7 @@ mod bench;
 mod bench_engine;
 mod run;
 mod sampling;
+mod serve;
 mod setup;
 
 use std::path::PathBuf;
@@ -17,13 +18,16 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log filter (tracing syntax), for example `info` or `model=debug`.
-    #[arg(long, env = "KVSERVE_LOG", default_value = "warn", global = true)]
+    /// Log filter (tracing syntax), for example `warn` or `engine=debug`.
+    #[arg(long, env = "KVSERVE_LOG", default_value = "info", global = true)]
     log: String,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve the OpenAI-compatible API (the main job): fetches the default
+    /// model if needed and listens on 127.0.0.1:8080.
+    Serve(serve::ServeArgs),
     /// Answer one prompt with the chat template applied, streaming to stdout.
     Run(run::RunArgs),
     /// Measure throughput and print a table.
@@ -45,8 +49,13 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
+        Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
     };

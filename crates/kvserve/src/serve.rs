@@ -1,0 +1,103 @@
+//! `kvserve serve`: the main job. Loads the model (fetching the default one
+//! on first use), starts the engine and serves the OpenAI-compatible API
+//! until SIGINT/SIGTERM, then stops accepting, lets in-flight requests
+//! finish within the grace period and exits.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use engine::TenantId;
+use server::ServerConfig;
+
+use crate::setup::{parse_bytes, start_engine, EngineArgs};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, env = "KVSERVE_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one; the log says which).
+    #[arg(long, env = "KVSERVE_PORT", default_value_t = 8080)]
+    port: u16,
+    /// API keys, `KEY` or `KEY:TENANT`, comma-separated or repeated. With
+    /// none, the server is open (and listens on loopback only).
+    #[arg(long = "api-key", env = "KVSERVE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// Largest request body, e.g. `4MiB`.
+    #[arg(long, env = "KVSERVE_MAX_BODY", default_value = "4MiB", value_parser = parse_bytes)]
+    max_body: u64,
+    /// Seconds in-flight requests get to finish at shutdown.
+    #[arg(long, env = "KVSERVE_SHUTDOWN_GRACE", default_value_t = 10)]
+    shutdown_grace: u64,
+    /// Serve a non-loopback address without API keys (anyone who can reach
+    /// it can use it).
+    #[arg(long)]
+    allow_open: bool,
+}
+
+fn parse_keys(keys: &[String]) -> Result<HashMap<String, TenantId>> {
+    let mut map = HashMap::new();
+    for entry in keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
+        let (key, tenant) = match entry.split_once(':') {
+            Some((k, t)) => (k, TenantId::new(t).with_context(|| format!("the tenant of an API key ({t:?})"))?),
+            None => (entry, TenantId::default_tenant()),
+        };
+        if key.len() < 8 {
+            bail!("API keys must be at least 8 characters");
+        }
+        map.insert(key.to_owned(), tenant);
+    }
+    Ok(map)
+}
+
+pub(crate) fn serve(args: ServeArgs) -> Result<()> {
+    let api_keys = parse_keys(&args.api_keys)?;
+    if api_keys.is_empty() && !args.host.is_loopback() && !args.allow_open {
+        bail!(
+            "refusing to serve {} without API keys: pass --api-key KEY[:TENANT] (or KVSERVE_API_KEYS), \
+             or --allow-open to serve it open",
+            args.host
+        );
+    }
+    let max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
+    let started = start_engine(&args.engine, None)?;
+    tracing::info!("loaded {}", started.summary);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kvserve-http")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host, args.port))
+            .await
+            .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
+        let auth = if api_keys.is_empty() { "open (no API keys)".to_owned() } else { format!("{} API keys", api_keys.len()) };
+        tracing::info!(model = %started.model_name, "listening on http://{addr} ({auth})");
+        let engine = started.engine.clone();
+        let app = server::router(started.engine, ServerConfig { api_keys, max_body_bytes: max_body });
+        let grace = Duration::from_secs(args.shutdown_grace);
+        server::serve(listener, app, engine, server::shutdown_signal(), grace).await.context("serving")?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_keys;
+
+    #[test]
+    fn keys_map_to_tenants_and_weak_ones_are_refused() {
+        let m = parse_keys(&["sk-aaaaaaaa:acme".into(), "sk-bbbbbbbb".into()]).unwrap();
+        assert_eq!(m["sk-aaaaaaaa"].as_str(), "acme");
+        assert_eq!(m["sk-bbbbbbbb"].as_str(), "default");
+        assert!(parse_keys(&["short".into()]).is_err());
+        assert!(parse_keys(&["sk-cccccccc:bad tenant".into()]).is_err());
+    }
+}
