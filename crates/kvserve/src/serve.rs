@@ -77,7 +77,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
         let addr = listener.local_addr()?;
-        let auth = if api_keys.is_empty() { "open (no API keys)".to_owned() } else { format!("{} API keys", api_keys.len()) };
+        let auth =
+            if api_keys.is_empty() { "open (no API keys)".to_owned() } else { format!("{} API keys", api_keys.len()) };
         tracing::info!(model = %started.model_name, "listening on http://{addr} ({auth})");
         let engine = started.engine.clone();
         let app = server::router(started.engine, ServerConfig { api_keys, max_body_bytes: max_body });

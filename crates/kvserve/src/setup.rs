@@ -59,7 +59,7 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
         other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
     };
     let bytes = n * mult;
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1e15) {
+    if !(1.0..1e15).contains(&bytes) {
         return Err(format!("{s:?} is not a usable size"));
     }
     Ok(bytes as u64)

@@ -17,7 +17,8 @@ use server::ServerConfig;
 
 const MODEL: &str = "smollm2";
 
-async fn start() -> (String, EngineHandle, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+async fn start(
+) -> (String, EngineHandle, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
     let (model, text) = tokio::task::spawn_blocking(|| {
         let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
         PagedLlama::open(&path, 16, 1024, KvDType::F16, MatmulPath::from_env().unwrap()).unwrap()
@@ -72,7 +73,8 @@ async fn the_server_over_a_real_socket_with_the_default_model() {
     let question = json!({"role": "user", "content": "What is the capital of France?"});
 
     // A sensible answer.
-    let v: Value = http.post(&url).json(&chat(json!([system, question]), json!({}))).send().await.unwrap().json().await.unwrap();
+    let v: Value =
+        http.post(&url).json(&chat(json!([system, question]), json!({}))).send().await.unwrap().json().await.unwrap();
     let answer = v["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
     assert!(answer.contains("Paris"), "{answer:?}");
 
@@ -157,11 +159,20 @@ async fn the_server_over_a_real_socket_with_the_default_model() {
 
     // Graceful shutdown with a request in flight: bounded, and it ends.
     let long = json!([{"role": "user", "content": "Count to a thousand."}]);
-    let res = http.post(&url).json(&chat(long, json!({"stream": true, "max_tokens": 3000, "ignore_eos": true}))).send().await.unwrap();
+    let res = http
+        .post(&url)
+        .json(&chat(long, json!({"stream": true, "max_tokens": 3000, "ignore_eos": true})))
+        .send()
+        .await
+        .unwrap();
     let t = Instant::now();
     stop.send(()).unwrap();
     let rest = res.text().await.unwrap();
-    assert!(rest.ends_with("data: [DONE]\n\n"), "the stream ended properly: {:?}", &rest[rest.len().saturating_sub(200)..]);
+    assert!(
+        rest.ends_with("data: [DONE]\n\n"),
+        "the stream ended properly: {:?}",
+        &rest[rest.len().saturating_sub(200)..]
+    );
     tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap();
     assert!(t.elapsed() < Duration::from_secs(20));
     assert!(engine.is_stopped());
