@@ -33,6 +33,9 @@ pub(crate) struct ServeArgs {
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, env = "KVSERVE_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
+    /// Block quotas per tenant, `TENANT:BLOCKS`, comma-separated or repeated.
+    #[arg(long = "tenant-quota", env = "KVSERVE_TENANT_QUOTAS", value_delimiter = ',')]
+    tenant_quotas: Vec<String>,
     /// Serve a non-loopback address without API keys (anyone who can reach
     /// it can use it).
     #[arg(long)]
@@ -54,8 +57,22 @@ fn parse_keys(keys: &[String]) -> Result<HashMap<String, TenantId>> {
     Ok(map)
 }
 
+fn parse_quotas(quotas: &[String]) -> Result<Vec<(TenantId, u32)>> {
+    quotas
+        .iter()
+        .map(|q| q.trim())
+        .filter(|q| !q.is_empty())
+        .map(|q| {
+            let (t, n) = q.split_once(':').with_context(|| format!("tenant quota {q:?} is not TENANT:BLOCKS"))?;
+            let blocks = n.parse::<u32>().with_context(|| format!("tenant quota {q:?}: {n:?} is not a block count"))?;
+            Ok((TenantId::new(t)?, blocks))
+        })
+        .collect()
+}
+
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let api_keys = parse_keys(&args.api_keys)?;
+    let quotas = parse_quotas(&args.tenant_quotas)?;
     if api_keys.is_empty() && !args.host.is_loopback() && !args.allow_open {
         bail!(
             "refusing to serve {} without API keys: pass --api-key KEY[:TENANT] (or KVSERVE_API_KEYS), \
@@ -81,6 +98,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             if api_keys.is_empty() { "open (no API keys)".to_owned() } else { format!("{} API keys", api_keys.len()) };
         tracing::info!(model = %started.model_name, "listening on http://{addr} ({auth})");
         let engine = started.engine.clone();
+        for (tenant, blocks) in &quotas {
+            engine.set_quota(tenant, Some(*blocks)).await?;
+            tracing::info!(%tenant, blocks, "tenant quota");
+        }
         let app = server::router(started.engine, ServerConfig { api_keys, max_body_bytes: max_body });
         let grace = Duration::from_secs(args.shutdown_grace);
         server::serve(listener, app, engine, server::shutdown_signal(), grace).await.context("serving")?;
@@ -91,7 +112,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_keys;
+    use super::{parse_keys, parse_quotas};
 
     #[test]
     fn keys_map_to_tenants_and_weak_ones_are_refused() {
@@ -100,5 +121,13 @@ mod tests {
         assert_eq!(m["sk-bbbbbbbb"].as_str(), "default");
         assert!(parse_keys(&["short".into()]).is_err());
         assert!(parse_keys(&["sk-cccccccc:bad tenant".into()]).is_err());
+    }
+
+    #[test]
+    fn quotas_parse_and_bad_ones_say_why() {
+        let q = parse_quotas(&["acme:100".into(), " ".into()]).unwrap();
+        assert_eq!((q[0].0.as_str(), q[0].1), ("acme", 100));
+        assert!(parse_quotas(&["acme".into()]).is_err());
+        assert!(parse_quotas(&["acme:lots".into()]).is_err());
     }
 }
