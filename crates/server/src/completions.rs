@@ -20,13 +20,13 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use engine::{Event, EventStream, FinishReason, Logprobs, Usage};
+use engine::{Event, EventStream, FinishReason, Logprobs, Prompt, TenantId, Usage};
 use futures_util::stream::{self, Stream};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::openai::{ChatRequest, CompletionRequest, TokenLogprob, TopLogprob, UsageBody};
+use crate::openai::{ChatRequest, Common, CompletionRequest, TokenLogprob, TopLogprob, UsageBody};
 use crate::{parse_json, AppState, Tenant};
 
 /// Header naming the agent, as an alternative to the body's `agent_id`.
@@ -76,19 +76,7 @@ pub(crate) async fn chat(
         return Err(ApiError::invalid("top_logprobs", "must be at most 20"));
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
-    let (stream, include_usage) =
-        (req.common.stream, req.common.stream_options.as_ref().is_some_and(|o| o.include_usage));
-    let mut request = req.common.into_request(prompt, &state.model_name, tenant, header_agent(&headers)?)?;
-    request.sampling.logprobs = logprobs;
-    let meta = Meta {
-        kind: Kind::Chat,
-        id: String::new(),
-        created: now_secs(),
-        model: state.model_name.to_string(),
-        include_usage,
-        logprobs,
-    };
-    respond(&state, request, meta, stream).await
+    respond(&state, Kind::Chat, req.common, prompt, tenant, &headers, logprobs).await
 }
 
 /// `POST /v1/completions`.
@@ -100,26 +88,30 @@ pub(crate) async fn completion(
 ) -> Result<Response, ApiError> {
     let mut req: CompletionRequest = parse_json(body, state.max_body_bytes)?;
     let prompt = req.prompt()?;
-    let (stream, include_usage) =
-        (req.common.stream, req.common.stream_options.as_ref().is_some_and(|o| o.include_usage));
-    let request = req.common.into_request(prompt, &state.model_name, tenant, header_agent(&headers)?)?;
-    let meta = Meta {
-        kind: Kind::Text,
+    respond(&state, Kind::Text, req.common, prompt, tenant, &headers, None).await
+}
+
+/// Builds the engine request, submits it, and answers whole or streamed.
+async fn respond(
+    state: &AppState,
+    kind: Kind,
+    common: Common,
+    prompt: Prompt,
+    tenant: TenantId,
+    headers: &HeaderMap,
+    logprobs: Option<usize>,
+) -> Result<Response, ApiError> {
+    let (stream, include_usage) = (common.stream, common.stream_options.as_ref().is_some_and(|o| o.include_usage));
+    let mut request = common.into_request(prompt, &state.model_name, tenant, header_agent(headers)?)?;
+    request.sampling.logprobs = logprobs;
+    let mut meta = Meta {
+        kind,
         id: String::new(),
         created: now_secs(),
         model: state.model_name.to_string(),
         include_usage,
-        logprobs: None,
+        logprobs,
     };
-    respond(&state, request, meta, stream).await
-}
-
-async fn respond(
-    state: &AppState,
-    request: engine::Request,
-    mut meta: Meta,
-    stream: bool,
-) -> Result<Response, ApiError> {
     let events = state.engine.generate(request)?;
     let prefix = if meta.kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     meta.id = format!("{prefix}-{}", events.id().0);
