@@ -11,11 +11,12 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Device;
 use kv::{KvCache, KvDType, Namespace, OwnerId, SeqId};
 use model::dispatch::Path;
-use model::{argmax_rows, LlamaModel, PagedKvStore};
+use model::{argmax_rows, GgufFile, LlamaModel, PagedKvStore};
 
-use crate::run::{init_threads, load, resolve_model};
+use crate::setup::{init_threads, resolve_model};
 use crate::ModelArgs;
 
 #[derive(clap::Args, Debug)]
@@ -56,8 +57,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;
-    let loaded = load(&path)?;
-    let model = &loaded.model;
+    let model = &LlamaModel::load(&GgufFile::open(&path)?, &Device::Cpu)?;
     let threads = rayon::current_num_threads();
     println!("model: {} | threads: {threads} | matmul: {}", path.display(), model.matmul_path().name());
 

