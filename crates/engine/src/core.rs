@@ -273,15 +273,20 @@ impl EngineCore {
         if !self.make_room(&mut plan) || plan.is_empty() {
             return false;
         }
-        let work: Vec<(SeqId, Vec<u32>)> = plan
-            .iter()
-            .filter_map(|&(i, n)| {
-                let a = &self.running[i];
-                let seq = a.seq?;
+        // Plan entries and model rows stay aligned: an entry whose sequence
+        // cannot be read (never expected) leaves both lists together.
+        let mut work: Vec<(SeqId, Vec<u32>)> = Vec::with_capacity(plan.len());
+        plan.retain(|&(i, n)| {
+            let a = &self.running[i];
+            let chunk = a.seq.and_then(|seq| {
                 let done = self.cache.seq_len(seq).ok()?;
-                Some((seq, a.tokens[done..done + n].to_vec()))
-            })
-            .collect();
+                Some((seq, a.tokens.get(done..done + n)?.to_vec()))
+            });
+            chunk.map(|c| work.push(c)).is_some()
+        });
+        if plan.is_empty() {
+            return false;
+        }
         let refs: Vec<(SeqId, &[u32])> = work.iter().map(|(s, t)| (*s, t.as_slice())).collect();
         self.stats.steps += 1;
         match self.model.step(&mut self.cache, &refs) {
