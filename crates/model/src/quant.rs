@@ -28,8 +28,10 @@ use crate::error::{Error, Result};
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
-/// Activation rows that share one unpacked weight block.
+/// Activation rows that share one unpacked weight block (per-column kernels).
 const ROWS: usize = 4;
+/// Output columns the tiled SIMD kernels compute together, one per f32 lane.
+const TILE: usize = 8;
 /// Fewest output columns per parallel task (smaller tasks cost more in
 /// scheduling than they gain in balance).
 const MIN_COLS_PER_TASK: usize = 32;
@@ -93,6 +95,14 @@ impl Isa {
 }
 
 /// A Q4_1 weight matrix `[n, k]`, re-laid out for the kernels.
+///
+/// Columns `0..tiled` (whole tiles of [`TILE`] columns) are stored tile by
+/// tile so that the SIMD kernels read one stream: within a tile, for each
+/// pair of blocks, each column's two blocks (32 code bytes); an odd last
+/// block follows as 16 bytes per column. Scales and minimums of a tile are
+/// `[block][column]`, so one vector load gives a block's values for the
+/// whole tile. Columns from `tiled` on (fewer than a tile) are stored column
+/// by column, block by block.
 pub struct Q4_1Matrix {
     n: usize,
     k: usize,
@@ -101,6 +111,7 @@ pub struct Q4_1Matrix {
     codes: Vec<u8>,
     scale: Vec<f32>,
     min: Vec<f32>,
+    tiled: usize,
 }
 
 impl std::fmt::Debug for Q4_1Matrix {
@@ -121,15 +132,17 @@ impl Q4_1Matrix {
             return Err(Error::InvalidBatch(format!("Q4_1 data of {} bytes does not fit [{n}, {k}]", bytes.len())));
         }
         let blocks = n * k / BLOCK;
-        let mut codes = Vec::with_capacity(blocks * 16);
-        let mut scale = Vec::with_capacity(blocks);
-        let mut min = Vec::with_capacity(blocks);
+        let mut plain = Plain {
+            codes: Vec::with_capacity(blocks * 16),
+            scale: Vec::with_capacity(blocks),
+            min: Vec::with_capacity(blocks),
+        };
         for b in bytes.chunks_exact(20) {
-            scale.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
-            min.push(half::f16::from_le_bytes([b[2], b[3]]).to_f32());
-            codes.extend_from_slice(&b[4..20]);
+            plain.scale.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+            plain.min.push(half::f16::from_le_bytes([b[2], b[3]]).to_f32());
+            plain.codes.extend_from_slice(&b[4..20]);
         }
-        Ok(Self { n, k, codes, scale, min })
+        Ok(Self::from_plain(n, k, &plain))
     }
 
     /// Stacks matrices with the same input size into one (their outputs
@@ -142,14 +155,16 @@ impl Q4_1Matrix {
         if parts.iter().any(|p| p.k != k) {
             return Err(Error::InvalidBatch("stacked matrices must share their input size".into()));
         }
-        let mut out = Self { n: 0, k, codes: Vec::new(), scale: Vec::new(), min: Vec::new() };
+        let mut all = Plain { codes: Vec::new(), scale: Vec::new(), min: Vec::new() };
+        let mut n = 0;
         for p in parts {
-            out.n += p.n;
-            out.codes.extend(p.codes);
-            out.scale.extend(p.scale);
-            out.min.extend(p.min);
+            let plain = p.to_plain();
+            all.codes.extend(plain.codes);
+            all.scale.extend(plain.scale);
+            all.min.extend(plain.min);
+            n += p.n;
         }
-        Ok(out)
+        Ok(Self::from_plain(n, k, &all))
     }
 
     /// Output size.
@@ -161,6 +176,80 @@ impl Q4_1Matrix {
     pub fn cols(&self) -> usize {
         self.k
     }
+
+    fn blocks(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    /// Index of column `j`'s block `b` in `scale` and `min`.
+    fn param_index(&self, j: usize, b: usize) -> usize {
+        let nb = self.blocks();
+        if j < self.tiled {
+            (j / TILE * nb + b) * TILE + j % TILE
+        } else {
+            j * nb + b
+        }
+    }
+
+    /// Offset of the 16 code bytes of column `j`'s block `b`.
+    fn code_offset(&self, j: usize, b: usize) -> usize {
+        let nb = self.blocks();
+        if j < self.tiled {
+            let (tile, c) = (j / TILE * nb * TILE * 16, j % TILE);
+            if b < nb / 2 * 2 {
+                tile + b / 2 * TILE * 32 + c * 32 + b % 2 * 16
+            } else {
+                tile + b * TILE * 16 + c * 16
+            }
+        } else {
+            (j * nb + b) * 16
+        }
+    }
+
+    /// Lays out column-by-column blocks for the kernels.
+    fn from_plain(n: usize, k: usize, plain: &Plain) -> Self {
+        let len = plain.scale.len();
+        let mut out =
+            Self { n, k, codes: vec![0; len * 16], scale: vec![0.0; len], min: vec![0.0; len], tiled: n / TILE * TILE };
+        let nb = k / BLOCK;
+        for j in 0..n {
+            for b in 0..nb {
+                let (src, dst) = (j * nb + b, out.code_offset(j, b));
+                out.codes[dst..dst + 16].copy_from_slice(&plain.codes[src * 16..(src + 1) * 16]);
+                let p = out.param_index(j, b);
+                out.scale[p] = plain.scale[src];
+                out.min[p] = plain.min[src];
+            }
+        }
+        out
+    }
+
+    /// The blocks column by column again.
+    fn to_plain(&self) -> Plain {
+        let nb = self.blocks();
+        let mut plain = Plain {
+            codes: Vec::with_capacity(self.codes.len()),
+            scale: Vec::with_capacity(self.scale.len()),
+            min: Vec::with_capacity(self.min.len()),
+        };
+        for j in 0..self.n {
+            for b in 0..nb {
+                let at = self.code_offset(j, b);
+                plain.codes.extend_from_slice(&self.codes[at..at + 16]);
+                let p = self.param_index(j, b);
+                plain.scale.push(self.scale[p]);
+                plain.min.push(self.min[p]);
+            }
+        }
+        plain
+    }
+}
+
+/// Q4_1 blocks column by column, block by block, as GGUF stores them.
+struct Plain {
+    codes: Vec<u8>,
+    scale: Vec<f32>,
+    min: Vec<f32>,
 }
 
 /// Activations quantized to Q8_1, `[m, k]`.
@@ -176,28 +265,67 @@ pub struct Q8Acts {
 
 impl Q8Acts {
     /// Quantizes `x` (`[m, k]`, row major) exactly as candle's
-    /// `BlockQ8_1::from_float` does.
+    /// `BlockQ8_1::from_float` does (finite inputs), with AVX2 where the CPU
+    /// has it.
+    #[allow(unsafe_code)] // dispatch into the SIMD block quantizer
     pub fn quantize(x: &[f32], m: usize, k: usize) -> Self {
         debug_assert_eq!(x.len(), m * k);
         let blocks = m * k / BLOCK;
         let mut codes = vec![0i8; m * k];
         let mut scale = Vec::with_capacity(blocks);
         let mut sum = Vec::with_capacity(blocks);
+        #[cfg(target_arch = "x86_64")]
+        let simd = std::is_x86_feature_detected!("avx2");
         for (xs, qs) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 was detected just above.
+            let (d, total) = if simd { unsafe { x86::quantize_block_avx2(xs, qs) } } else { quantize_block(xs, qs) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, total) = quantize_block(xs, qs);
             let d16 = half::f16::from_f32(d);
-            let mut total = 0i32;
-            for (q, v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round() as i8;
-                total += i32::from(*q);
-            }
             scale.push(d16.to_f32());
             sum.push((half::f16::from_f32(total as f32) * d16).to_f32());
         }
         Self { m, k, codes, scale, sum }
     }
+
+    /// The codes with each pair of blocks interleaved the way the SIMD Q4_1
+    /// kernels read them: for blocks `a` and `b`, `a[0..16] b[0..16]
+    /// a[16..32] b[16..32]`, so one 32-byte load of two weight blocks'
+    /// low nibbles meets one 32-byte load of activations. An odd last block
+    /// of a row stays as it is.
+    fn interleave_pairs(&self) -> Vec<i8> {
+        let mut out = self.codes.clone();
+        if self.k == 0 {
+            return out;
+        }
+        for (src, dst) in self.codes.chunks_exact(self.k).zip(out.chunks_exact_mut(self.k)) {
+            for (s, d) in src.chunks_exact(2 * BLOCK).zip(dst.chunks_exact_mut(2 * BLOCK)) {
+                d[16..32].copy_from_slice(&s[32..48]);
+                d[32..48].copy_from_slice(&s[16..32]);
+            }
+        }
+        out
+    }
+}
+
+/// One block of activations to 8 bits: codes `round(x / d)` (half away
+/// from zero) with `d = max|x| / 127`; returns `d` and the codes' sum.
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let (d, id) = block_scale(amax);
+    let mut total = 0i32;
+    for (q, v) in qs.iter_mut().zip(xs) {
+        *q = (v * id).round() as i8;
+        total += i32::from(*q);
+    }
+    (d, total)
+}
+
+/// A block's scale and its inverse (0 for an all-zero block).
+fn block_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// `x[m, k] · Wᵀ` → `[m, n]`, on the one rayon pool.
@@ -208,7 +336,20 @@ impl Q8Acts {
 pub fn matmul(w: &Q4_1Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
     check_call(x, m, w.k, isa)?;
     let acts = Q8Acts::quantize(x, m, w.k);
-    Ok(par_columns(w.n, m, |j, col| column(w, j, &acts, isa, col)))
+    let paired = if isa == Isa::Scalar { Vec::new() } else { acts.interleave_pairs() };
+    Ok(par_columns(w.n, m, |j0, cols| {
+        let mut j = j0;
+        for run in cols.chunks_mut(TILE * m) {
+            if j + TILE <= w.tiled {
+                tile(w, j / TILE, &acts, &paired, isa, run);
+            } else {
+                for (c, col) in run.chunks_exact_mut(m).enumerate() {
+                    column(w, j + c, &acts, &paired, isa, col);
+                }
+            }
+            j += run.len() / m;
+        }
+    }))
 }
 
 /// The checks every matmul entry point makes before touching SIMD code.
@@ -222,18 +363,16 @@ fn check_call(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<()> {
     Ok(())
 }
 
-/// Runs `column(j, out)` for every output column `j < n` (each filling the
-/// `m` outputs of that column) on the one rayon pool, and returns the
-/// row-major `[m, n]` result.
-fn par_columns(n: usize, m: usize, column: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// Runs `columns(j0, out)` over runs of output columns on the one rayon
+/// pool; `out` holds the `m` outputs of each column of the run, column after
+/// column, and every run but the last starts and ends on a [`TILE`]
+/// boundary. Returns the row-major `[m, n]` result.
+fn par_columns(n: usize, m: usize, columns: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     // Column-major result: each task owns a contiguous run of columns.
     let mut out_t = vec![0f32; n * m];
-    let per_task = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK);
-    out_t.par_chunks_mut(per_task * m).enumerate().for_each(|(task, chunk)| {
-        for (c, col) in chunk.chunks_exact_mut(m).enumerate() {
-            column(task * per_task + c, col);
-        }
-    });
+    let per_task =
+        n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK).next_multiple_of(TILE);
+    out_t.par_chunks_mut(per_task * m).enumerate().for_each(|(task, chunk)| columns(task * per_task, chunk));
     let mut out = vec![0f32; m * n];
     for (j, col) in out_t.chunks_exact(m).enumerate() {
         for (r, v) in col.iter().enumerate() {
@@ -295,7 +434,11 @@ impl Q8_0Matrix {
 pub fn matmul_q8_0(w: &Q8_0Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
     check_call(x, m, w.k, isa)?;
     let acts = Q8Acts::quantize(x, m, w.k);
-    Ok(par_columns(w.n, m, |j, col| column_q8_0(w, j, &acts, isa, col)))
+    Ok(par_columns(w.n, m, |j0, cols| {
+        for (c, col) in cols.chunks_exact_mut(m).enumerate() {
+            column_q8_0(w, j0 + c, &acts, isa, col);
+        }
+    }))
 }
 
 #[allow(unsafe_code)] // dispatch into the SIMD kernels below
@@ -323,62 +466,56 @@ fn column_q8_0(w: &Q8_0Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32
     }
 }
 
-/// One output column (weight row `j`) for every activation row.
+/// The [`TILE`] output columns of tile `t` for every activation row, column
+/// after column.
 #[allow(unsafe_code)] // dispatch into the SIMD kernels below
-fn column(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
+fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul` checked `isa.available()`, so the CPU has AVX2.
-        Isa::Avx2 => unsafe { x86::column_avx2(w, j, acts, out) },
+        Isa::Avx2 => unsafe { x86::tile_avx2(w, t, acts, paired, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2, AVX-512 VNNI and AVX-512 VL.
-        Isa::Avx512Vnni => unsafe { x86::column_vnni(w, j, acts, out) },
+        Isa::Avx512Vnni => unsafe { x86::tile_vnni(w, t, acts, paired, out) },
+        _ => {
+            for (c, col) in out.chunks_exact_mut(acts.m).enumerate() {
+                column_scalar(w, t * TILE + c, acts, col);
+            }
+        }
+    }
+}
+
+/// One output column (weight row `j`) for every activation row.
+#[allow(unsafe_code)] // dispatch into the SIMD kernels below
+fn column(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul` checked `isa.available()`, so the CPU has AVX2.
+        Isa::Avx2 => unsafe { x86::column_avx2(w, j, acts, paired, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2, AVX-512 VNNI and AVX-512 VL.
+        Isa::Avx512Vnni => unsafe { x86::column_vnni(w, j, acts, paired, out) },
         _ => column_scalar(w, j, acts, out),
     }
 }
 
-/// The body every instruction set shares: for each group of up to four
-/// activation rows, walk the weight row's blocks once, get the exact integer
-/// dot of each block with `$dots` (which fills `sumi` for `rows` rows), and
-/// add the float terms block by block in candle's order.
-macro_rules! column_body {
-    ($w:expr, $j:expr, $acts:expr, $out:expr, $dots:expr) => {{
-        let (w, j, acts, out): (&Q4_1Matrix, usize, &Q8Acts, &mut [f32]) = ($w, $j, $acts, $out);
-        let nb = w.k / BLOCK;
-        let codes = &w.codes[j * nb * 16..(j + 1) * nb * 16];
-        let (scale, min) = (&w.scale[j * nb..(j + 1) * nb], &w.min[j * nb..(j + 1) * nb]);
-        for r0 in (0..acts.m).step_by(ROWS) {
-            let rows = ROWS.min(acts.m - r0);
-            let mut sumf = [0f32; ROWS];
-            for b in 0..nb {
-                let mut sumi = [0i32; ROWS];
-                let wq = &codes[b * 16..(b + 1) * 16];
-                let x0 = (r0 * acts.k) + b * BLOCK;
-                $dots(wq, &acts.codes, x0, acts.k, rows, &mut sumi);
-                for r in 0..rows {
-                    let ab = (r0 + r) * nb + b;
-                    // Same operations, same order as candle's vec_dot.
-                    sumf[r] += sumi[r] as f32 * scale[b] * acts.scale[ab] + min[b] * acts.sum[ab];
-                }
-            }
-            out[r0..r0 + rows].copy_from_slice(&sumf[..rows]);
-        }
-    }};
-}
-
-/// Integer dots of one weight block with `rows` activation blocks starting
-/// at `x0`, `stride` apart.
-fn dots_scalar(wq: &[u8], x: &[i8], x0: usize, stride: usize, rows: usize, sumi: &mut [i32; ROWS]) {
-    for (r, s) in sumi.iter_mut().enumerate().take(rows) {
-        let x = &x[x0 + r * stride..][..BLOCK];
-        *s = (0..16)
-            .map(|j| i32::from(wq[j] & 0x0f) * i32::from(x[j]) + i32::from(wq[j] >> 4) * i32::from(x[j + 16]))
-            .sum();
-    }
-}
-
+/// The reference: candle's `vec_dot` for one column, block by block: the
+/// exact integer dot, then `sumf += Σq·d_w·d_x + m_w·s_x` in block order.
 fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
-    column_body!(w, j, acts, out, dots_scalar)
+    let nb = w.blocks();
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut sumf = 0f32;
+        for b in 0..nb {
+            let wq = &w.codes[w.code_offset(j, b)..][..16];
+            let x = &acts.codes[r * acts.k + b * BLOCK..][..BLOCK];
+            let sumi: i32 = (0..16)
+                .map(|i| i32::from(wq[i] & 0x0f) * i32::from(x[i]) + i32::from(wq[i] >> 4) * i32::from(x[i + 16]))
+                .sum();
+            let (p, ab) = (w.param_index(j, b), r * nb + b);
+            sumf += sumi as f32 * w.scale[p] * acts.scale[ab] + w.min[p] * acts.sum[ab];
+        }
+        *o = sumf;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -386,7 +523,46 @@ fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Q4_1Matrix, Q8Acts, BLOCK, ROWS};
+    use super::{block_scale, Q4_1Matrix, Q8Acts, BLOCK, ROWS, TILE};
+
+    /// [`super::quantize_block`] with AVX2, equal to it for finite inputs:
+    /// the same products `x · (1/d)`, rounded half away from zero as
+    /// `trunc(t) ± 1` where `|t − trunc(t)| ≥ 0.5` (that difference is exact).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_block_avx2(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+        assert!(xs.len() == BLOCK && qs.len() == BLOCK);
+        // SAFETY: 32 readable f32 (checked above), unaligned loads.
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) });
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let a = v.map(|x| _mm256_and_ps(x, abs_mask));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let (d, id) = block_scale(_mm_cvtss_f32(m));
+        let (idv, half, one) = (_mm256_set1_ps(id), _mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+        let q = v.map(|x| {
+            let t = _mm256_mul_ps(x, idv);
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
+            let away = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_and_ps(_mm256_sub_ps(t, r), abs_mask), half);
+            let step = _mm256_or_ps(_mm256_and_ps(t, sign_mask), one);
+            _mm256_cvttps_epi32(_mm256_add_ps(r, _mm256_and_ps(away, step)))
+        });
+        let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let total = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        let total = _mm_add_epi32(total, _mm_shuffle_epi32(total, 0b01_00_11_10));
+        let total = _mm_add_epi32(total, _mm_shuffle_epi32(total, 0b10_11_00_01));
+        // Packing interleaves 128-bit lanes; the permutation restores order.
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 writable bytes (checked above), unaligned store.
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), packed) };
+        (d, _mm_cvtsi128_si32(total))
+    }
 
     /// The 32 weight codes of a block as unsigned bytes in element order.
     #[target_feature(enable = "avx2")]
@@ -442,49 +618,57 @@ mod x86 {
         }
     }
 
-    /// Sums of the eight i32 lanes of each of eight vectors, as one vector
-    /// (`[Σv0, …, Σv7]`); integer sums, so exact in any order.
+    /// Two weight blocks (32 code bytes) as unsigned bytes: the low nibbles
+    /// (`a[0..16] b[0..16]`) and the high ones (`a[16..32] b[16..32]`).
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn sum8(v: &[__m256i; 8]) -> __m256i {
-        let h01 = _mm256_hadd_epi32(v[0], v[1]);
-        let h23 = _mm256_hadd_epi32(v[2], v[3]);
-        let h45 = _mm256_hadd_epi32(v[4], v[5]);
-        let h67 = _mm256_hadd_epi32(v[6], v[7]);
-        let g0 = _mm256_hadd_epi32(h01, h23); // [v0..v3 low halves | v0..v3 high halves]
-        let g1 = _mm256_hadd_epi32(h45, h67);
-        _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31))
+    fn unpack_pair(wq: &[u8]) -> (__m256i, __m256i) {
+        assert!(wq.len() >= 32);
+        // SAFETY: 32 readable bytes (checked above), unaligned load.
+        let packed = unsafe { _mm256_loadu_si256(wq.as_ptr().cast()) };
+        let mask = _mm256_set1_epi8(0x0f);
+        (_mm256_and_si256(packed, mask), _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask))
     }
 
-    /// The shared column loop: eight blocks at a time, their integer dots
-    /// reduced together and their float terms computed as vectors with the
-    /// same operations as candle (`(Σq·d_w)·d_x + m_w·s_x`, no fused
-    /// multiply-add), then added to the row's sum one block at a time in
-    /// block order, which keeps the result bit-identical.
+    /// The shared column loop, eight blocks at a time. Each pair of blocks
+    /// takes one weight load and two activation loads (from the interleaved
+    /// layout of [`Q8Acts::interleave_pairs`]); `$pair` gives four i32
+    /// partial sums per block, and three horizontal adds and a permutation
+    /// make the eight blocks' exact integer dots. The float terms are
+    /// computed as vectors with the same operations as candle
+    /// (`(Σq·d_w)·d_x + m_w·s_x`, no fused multiply-add), then added to the
+    /// row's sum one block at a time in block order, which keeps the result
+    /// bit-identical.
     macro_rules! column_simd {
-        ($w:expr, $j:expr, $acts:expr, $out:expr, $dot:ident, $dots:ident) => {{
-            let (w, j, acts, out): (&Q4_1Matrix, usize, &Q8Acts, &mut [f32]) = ($w, $j, $acts, $out);
+        ($w:expr, $j:expr, $acts:expr, $paired:expr, $out:expr, $pair:ident, $dots:ident) => {{
+            let (w, j, acts, xp, out): (&Q4_1Matrix, usize, &Q8Acts, &[i8], &mut [f32]) =
+                ($w, $j, $acts, $paired, $out);
             let nb = w.k / BLOCK;
             let codes = &w.codes[j * nb * 16..(j + 1) * nb * 16];
             let (scale, min) = (&w.scale[j * nb..(j + 1) * nb], &w.min[j * nb..(j + 1) * nb]);
             let full = nb / 8 * 8;
+            // hadd(hadd(v0, v1), hadd(v2, v3)) leaves blocks in the order
+            // 0 2 4 6 1 3 5 7; this puts them back.
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
             for r0 in (0..acts.m).step_by(ROWS) {
                 let rows = ROWS.min(acts.m - r0);
                 let mut sumf = [0f32; ROWS];
                 for b0 in (0..full).step_by(8) {
-                    let wv: [__m256i; 8] = std::array::from_fn(|i| unpack(&codes[(b0 + i) * 16..]));
+                    let wv: [(__m256i, __m256i); 4] = std::array::from_fn(|p| unpack_pair(&codes[(b0 + 2 * p) * 16..]));
                     let ws = load_f32(scale, b0);
                     let wm = load_f32(min, b0);
                     for r in 0..rows {
                         let x0 = (r0 + r) * acts.k + b0 * BLOCK;
-                        let dots: [__m256i; 8] =
-                            std::array::from_fn(|i| $dot(wv[i], load(&acts.codes, x0 + i * BLOCK)));
+                        let v: [__m256i; 4] = std::array::from_fn(|p| {
+                            $pair(wv[p], load(xp, x0 + p * 2 * BLOCK), load(xp, x0 + p * 2 * BLOCK + BLOCK))
+                        });
+                        let dots = _mm256_permutevar8x32_epi32(
+                            _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3])),
+                            order,
+                        );
                         let ab = (r0 + r) * nb + b0;
                         let t = _mm256_add_ps(
-                            _mm256_mul_ps(
-                                _mm256_mul_ps(_mm256_cvtepi32_ps(sum8(&dots)), ws),
-                                load_f32(&acts.scale, ab),
-                            ),
+                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dots), ws), load_f32(&acts.scale, ab)),
                             _mm256_mul_ps(wm, load_f32(&acts.sum, ab)),
                         );
                         let mut terms = [0f32; 8];
@@ -509,14 +693,21 @@ mod x86 {
         }};
     }
 
+    /// Sums of the eight i32 lanes of each of eight vectors, as one vector
+    /// (`[Σv0, …, Σv7]`); integer sums, so exact in any order.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn load_f32(x: &[f32], at: usize) -> __m256 {
-        assert!(at + 8 <= x.len());
-        // SAFETY: 8 readable f32 (checked above), unaligned load.
-        unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) }
+    fn sum8(v: &[__m256i; 8]) -> __m256i {
+        let h01 = _mm256_hadd_epi32(v[0], v[1]);
+        let h23 = _mm256_hadd_epi32(v[2], v[3]);
+        let h45 = _mm256_hadd_epi32(v[4], v[5]);
+        let h67 = _mm256_hadd_epi32(v[6], v[7]);
+        let g0 = _mm256_hadd_epi32(h01, h23); // [v0..v3 low halves | v0..v3 high halves]
+        let g1 = _mm256_hadd_epi32(h45, h67);
+        _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31))
     }
 
+    /// One weight block's dot with its activations, spread over eight lanes.
     #[target_feature(enable = "avx2")]
     #[inline]
     fn dot_avx2(w: __m256i, a: __m256i) -> __m256i {
@@ -527,6 +718,103 @@ mod x86 {
     #[inline]
     fn dot_vnni(w: __m256i, a: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+    }
+
+    /// The tiled kernel: the [`TILE`] columns of a tile, one per f32 lane.
+    /// Per pair of blocks, each column's partial dots (`$pair`) are reduced
+    /// by a tree of horizontal adds to two vectors, the first block's eight
+    /// exact integer dots and the second's, one lane per column. Each
+    /// block's float term is computed lane-wise with candle's operations
+    /// (`(Σq·d_w)·d_x + m_w·s_x`, no fused multiply-add) and added to the
+    /// lane's running sum in block order: exactly candle's per-column
+    /// arithmetic, eight columns at a time, with no horizontal float sums.
+    macro_rules! tile_simd {
+        ($w:expr, $t:expr, $acts:expr, $paired:expr, $out:expr, $pair:ident, $dot:ident) => {{
+            let (w, t, acts, xp, out): (&Q4_1Matrix, usize, &Q8Acts, &[i8], &mut [f32]) =
+                ($w, $t, $acts, $paired, $out);
+            let nb = w.k / BLOCK;
+            let codes = &w.codes[t * nb * TILE * 16..(t + 1) * nb * TILE * 16];
+            let (scale, min) =
+                (&w.scale[t * nb * TILE..(t + 1) * nb * TILE], &w.min[t * nb * TILE..(t + 1) * nb * TILE]);
+            for r in 0..acts.m {
+                let (xrow, prow) = (r * acts.k, r * nb);
+                let mut acc = _mm256_setzero_ps();
+                let add_term = |acc: __m256, dots: __m256i, b: usize| {
+                    let t = _mm256_add_ps(
+                        _mm256_mul_ps(
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(dots), load_f32(scale, b * TILE)),
+                            _mm256_set1_ps(acts.scale[prow + b]),
+                        ),
+                        _mm256_mul_ps(load_f32(min, b * TILE), _mm256_set1_ps(acts.sum[prow + b])),
+                    );
+                    _mm256_add_ps(acc, t)
+                };
+                for p in 0..nb / 2 {
+                    let wq = &codes[p * TILE * 32..(p + 1) * TILE * 32];
+                    let lo = load(xp, xrow + p * 2 * BLOCK);
+                    let hi = load(xp, xrow + p * 2 * BLOCK + BLOCK);
+                    let v: [__m256i; TILE] = std::array::from_fn(|c| $pair(unpack_pair(&wq[c * 32..]), lo, hi));
+                    // Lanes: [c0 c1 c2 c3 of the first block | the same of the second].
+                    let g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                    let g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+                    acc = add_term(acc, _mm256_permute2x128_si256(g0, g1, 0x20), 2 * p);
+                    acc = add_term(acc, _mm256_permute2x128_si256(g0, g1, 0x31), 2 * p + 1);
+                }
+                if nb % 2 == 1 {
+                    // An odd last block: 16 bytes per column; its activations
+                    // keep their natural order.
+                    let b = nb - 1;
+                    let wq = &codes[b * TILE * 16..];
+                    let a = load(&acts.codes, xrow + b * BLOCK);
+                    let v: [__m256i; TILE] = std::array::from_fn(|c| $dot(unpack(&wq[c * 16..]), a));
+                    acc = add_term(acc, sum8(&v), b);
+                }
+                let mut sums = [0f32; TILE];
+                // SAFETY: `sums` holds 8 f32, unaligned store.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
+                for (c, v) in sums.into_iter().enumerate() {
+                    out[c * acts.m + r] = v;
+                }
+            }
+        }};
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tile_avx2(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
+        tile_simd!(w, t, acts, paired, out, pair_avx2, dot_avx2)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    pub(super) unsafe fn tile_vnni(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
+        tile_simd!(w, t, acts, paired, out, pair_vnni, dot_vnni)
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn load_f32(x: &[f32], at: usize) -> __m256 {
+        assert!(at + 8 <= x.len());
+        // SAFETY: 8 readable f32 (checked above), unaligned load.
+        unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) }
+    }
+
+    /// Partial dots of two weight blocks with their activations: lanes 0–3
+    /// sum to the first block's dot, lanes 4–7 to the second's. The i16
+    /// sums cannot saturate: each is at most 4·15·127.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn pair_avx2(w: (__m256i, __m256i), lo: __m256i, hi: __m256i) -> __m256i {
+        let p = _mm256_add_epi16(_mm256_maddubs_epi16(w.0, lo), _mm256_maddubs_epi16(w.1, hi));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    #[inline]
+    fn pair_vnni(w: (__m256i, __m256i), lo: __m256i, hi: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.0, lo), w.1, hi)
     }
 
     /// One Q8_0 dot product exactly as candle's AVX2 kernel computes it:
@@ -556,15 +844,15 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn column_avx2(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
-        column_simd!(w, j, acts, out, dot_avx2, dots_avx2)
+    pub(super) unsafe fn column_avx2(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
+        column_simd!(w, j, acts, paired, out, pair_avx2, dots_avx2)
     }
 
     /// # Safety
     /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
     #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    pub(super) unsafe fn column_vnni(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
-        column_simd!(w, j, acts, out, dot_vnni, dots_vnni)
+    pub(super) unsafe fn column_vnni(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
+        column_simd!(w, j, acts, paired, out, pair_vnni, dots_vnni)
     }
 }
 
@@ -652,6 +940,67 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Shapes candle cannot check (an odd number of blocks per row, tiles
+    /// with and without a partial tail): every SIMD kernel equals the
+    /// scalar reference bit for bit, and stacking matrices equals running
+    /// them apart.
+    #[test]
+    fn simd_kernels_equal_the_scalar_reference_and_stacking_changes_nothing() {
+        let quantize = |n: usize, k: usize, seed: u64| {
+            let wf = Tensor::from_vec(rand(n * k, seed), (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&wf, GgmlDType::Q4_1).unwrap();
+            Q4_1Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap()
+        };
+        for k in [32, 96, 160, 576] {
+            for n in [1, 7, 8, 9, 16, 17, 41] {
+                let w = quantize(n, k, (n * 31 + k) as u64);
+                for m in [1, 2, 3, 5, 8] {
+                    let x = rand(m * k, (m * 7 + k) as u64);
+                    let reference = matmul(&w, &x, m, Isa::Scalar).unwrap();
+                    for isa in [Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
+                        let got = matmul(&w, &x, m, isa).unwrap();
+                        assert!(
+                            got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} n={n} k={k} m={m}"
+                        );
+                    }
+                }
+            }
+        }
+        let (a, b) = (quantize(13, 96, 1), quantize(24, 96, 2));
+        let x = rand(3 * 96, 5);
+        let (ya, yb) = (matmul(&a, &x, 3, Isa::detect()).unwrap(), matmul(&b, &x, 3, Isa::detect()).unwrap());
+        let both = Q4_1Matrix::stack(vec![a, b]).unwrap();
+        let y = matmul(&both, &x, 3, Isa::detect()).unwrap();
+        for r in 0..3 {
+            assert_eq!(y[r * 37..r * 37 + 13], ya[r * 13..(r + 1) * 13]);
+            assert_eq!(y[r * 37 + 13..(r + 1) * 37], yb[r * 24..(r + 1) * 24]);
+        }
+    }
+
+    /// The SIMD quantizer equals the scalar one, ties and zeros included.
+    #[test]
+    fn activation_quantization_is_the_same_with_and_without_simd() {
+        let mut x = rand(32 * 64, 11);
+        // Exact ties after scaling: with max 127 the scale is 1.
+        x[..32].copy_from_slice(&std::array::from_fn::<f32, 32, _>(|i| i as f32 - 15.5));
+        x[31] = 127.0;
+        x[32..64].fill(0.0);
+        x[64..96].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 2 == 0 { -1e-30 } else { 2.5 });
+        for (xs, b) in x.chunks_exact(32).zip(0..) {
+            let mut a = [0i8; 32];
+            let expected = quantize_block(xs, &mut a);
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                let mut s = [0i8; 32];
+                #[allow(unsafe_code)]
+                // SAFETY: AVX2 detected.
+                let got = unsafe { x86::quantize_block_avx2(xs, &mut s) };
+                assert_eq!((got.0.to_bits(), got.1, s), (expected.0.to_bits(), expected.1, a), "block {b}");
             }
         }
     }
