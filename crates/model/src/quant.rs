@@ -373,10 +373,12 @@ fn par_columns(n: usize, m: usize, columns: impl Fn(usize, &mut [f32]) + Sync) -
     let per_task =
         n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK).next_multiple_of(TILE);
     out_t.par_chunks_mut(per_task * m).enumerate().for_each(|(task, chunk)| columns(task * per_task, chunk));
+    // Row by row: sequential writes, short-stride reads (a column-by-column
+    // loop writes `n` floats apart, a page apart for the vocabulary).
     let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            out[r * n + j] = *v;
+    for (r, row) in out.chunks_exact_mut(n).enumerate() {
+        for (o, v) in row.iter_mut().zip(out_t[r..].iter().step_by(m)) {
+            *o = *v;
         }
     }
     out
@@ -445,24 +447,26 @@ pub fn matmul_q8_0(w: &Q8_0Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<
 fn column_q8_0(w: &Q8_0Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
     let nb = w.k / BLOCK;
     let (codes, scale) = (&w.codes[j * w.k..(j + 1) * w.k], &w.scale[j * nb..(j + 1) * nb]);
-    for (r, o) in out.iter_mut().enumerate() {
-        let x = &acts.codes[r * acts.k..(r + 1) * acts.k];
-        let xs = &acts.scale[r * nb..(r + 1) * nb];
-        *o = match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `matmul_q8_0` checked `isa.available()` (AVX2; FMA is
-            // implied on every CPU with AVX-512 VNNI and checked for AVX2).
-            Isa::Avx2 | Isa::Avx512Vnni if std::is_x86_feature_detected!("fma") => unsafe {
-                x86::dot_q8_0_avx2(codes, scale, x, xs)
-            },
-            _ => (0..nb)
-                .map(|b| {
-                    let sumi: i32 =
-                        (0..BLOCK).map(|i| i32::from(codes[b * BLOCK + i]) * i32::from(x[b * BLOCK + i])).sum();
-                    (b, sumi)
-                })
-                .fold(0f32, |acc, (b, sumi)| acc + sumi as f32 * (scale[b] * xs[b])),
-        };
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul_q8_0` checked `isa.available()` (AVX2; FMA is
+        // implied on every CPU with AVX-512 VNNI and checked for AVX2).
+        Isa::Avx2 | Isa::Avx512Vnni if std::is_x86_feature_detected!("fma") => unsafe {
+            x86::dots_q8_0_avx2(codes, scale, acts, out);
+        },
+        _ => {
+            for (r, o) in out.iter_mut().enumerate() {
+                let x = &acts.codes[r * acts.k..(r + 1) * acts.k];
+                let xs = &acts.scale[r * nb..(r + 1) * nb];
+                *o = (0..nb)
+                    .map(|b| {
+                        let sumi: i32 =
+                            (0..BLOCK).map(|i| i32::from(codes[b * BLOCK + i]) * i32::from(x[b * BLOCK + i])).sum();
+                        (b, sumi)
+                    })
+                    .fold(0f32, |acc, (b, sumi)| acc + sumi as f32 * (scale[b] * xs[b]));
+            }
+        }
     }
 }
 
@@ -817,28 +821,38 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.0, lo), w.1, hi)
     }
 
-    /// One Q8_0 dot product exactly as candle's AVX2 kernel computes it:
-    /// per block `acc = fma(d_w·d_x, lanes, acc)` over eight lanes of
-    /// `madd(maddubs(|w|, sign(x, w)))`, then candle's horizontal sum.
+    /// One Q8_0 weight row's dot products with every activation row,
+    /// each exactly as candle's AVX2 kernel computes it: per block
+    /// `acc = fma(d_w·d_x, lanes, acc)` over eight lanes of
+    /// `madd(maddubs(|w|, sign(x, w)))`, then candle's horizontal sum. Up to
+    /// four rows share each weight block's load and absolute value.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q8_0_avx2(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..ws.len() {
-            let d = _mm256_set1_ps(ws[b] * xs[b]);
-            let (bw, bx) = (load(w, b * BLOCK), load(x, b * BLOCK));
-            let lanes = _mm256_madd_epi16(
-                _mm256_set1_epi16(1),
-                _mm256_maddubs_epi16(_mm256_sign_epi8(bw, bw), _mm256_sign_epi8(bx, bw)),
-            );
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
+    pub(super) unsafe fn dots_q8_0_avx2(w: &[i8], ws: &[f32], acts: &Q8Acts, out: &mut [f32]) {
+        let nb = ws.len();
+        let ones = _mm256_set1_epi16(1);
+        for r0 in (0..out.len()).step_by(ROWS) {
+            let rows = ROWS.min(out.len() - r0);
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            for b in 0..nb {
+                let bw = load(w, b * BLOCK);
+                let aw = _mm256_sign_epi8(bw, bw);
+                for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                    let d = _mm256_set1_ps(ws[b] * acts.scale[(r0 + r) * nb + b]);
+                    let bx = load(&acts.codes, (r0 + r) * acts.k + b * BLOCK);
+                    let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bx, bw)));
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                let res = _mm_add_ps(_mm256_extractf128_ps(*acc, 1), _mm256_castps256_ps128(*acc));
+                let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+                let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+                out[r0 + r] = _mm_cvtss_f32(res);
+            }
         }
-        let res = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-        _mm_cvtss_f32(res)
     }
 
     /// # Safety
