@@ -81,5 +81,36 @@ fn q8_0(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, q4_1, q8_0);
+/// Every Q4_1 matmul of one step of the default model (30 layers: fused
+/// q/k/v, attention output, fused gate/up, down), so the weights stream from
+/// memory as in real decoding rather than sitting in cache.
+fn decode_step(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+    let mut layers = Vec::new();
+    for l in 0..30u64 {
+        for (i, &(n, k)) in shapes.iter().enumerate() {
+            let w = Tensor::from_vec(data(n * k, l * 7 + i as u64), (n, k), &dev).expect("tensor");
+            let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
+            layers.push(Q4_1Matrix::from_ggml_bytes(&q.data().expect("bytes"), n, k).expect("layout"));
+        }
+    }
+    let mut g = c.benchmark_group("decode_step_q4_1");
+    g.sample_size(20);
+    let isa = Isa::detect();
+    for m in [1usize, 4, 8, 16] {
+        let (x576, x1536) = (data(m * 576, 9), data(m * 1536, 10));
+        g.bench_function(BenchmarkId::new(isa.name(), format!("m{m}")), |b| {
+            b.iter(|| {
+                for w in &layers {
+                    let x = if w.cols() == 576 { &x576 } else { &x1536 };
+                    black_box(matmul(w, x, m, isa).expect("matmul"));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, q4_1, q8_0, decode_step);
 criterion_main!(benches);
