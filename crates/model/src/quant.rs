@@ -836,11 +836,11 @@ mod x86 {
         for r0 in (0..out.len()).step_by(ROWS) {
             let rows = ROWS.min(out.len() - r0);
             let mut acc = [_mm256_setzero_ps(); ROWS];
-            for b in 0..nb {
+            for (b, &wd) in ws.iter().enumerate() {
                 let bw = load(w, b * BLOCK);
                 let aw = _mm256_sign_epi8(bw, bw);
                 for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                    let d = _mm256_set1_ps(ws[b] * acts.scale[(r0 + r) * nb + b]);
+                    let d = _mm256_set1_ps(wd * acts.scale[(r0 + r) * nb + b]);
                     let bx = load(&acts.codes, (r0 + r) * acts.k + b * BLOCK);
                     let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bx, bw)));
                     *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), *acc);
