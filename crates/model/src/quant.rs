@@ -12,15 +12,17 @@
 //!   block in the same order. So switching kernels never changes a token, and
 //!   the tests compare against candle with `==` on the bits.
 //! * **Speed** comes from SIMD for the integer dot (AVX2 `maddubs`/`madd`,
-//!   or AVX-512 VNNI `dpbusd` on 256-bit lanes), from unpacking each weight
-//!   block once for up to four activation rows (so batched decode and prefill
-//!   reuse every weight load), and from splitting output columns over the one
-//!   rayon pool. The instruction set is picked at run time
-//!   (`is_x86_feature_detected!`); a scalar path runs everywhere and is the
-//!   reference.
+//!   or AVX-512 VNNI `dpbusd` on 256-bit lanes), from computing eight output
+//!   columns at once, one per f32 lane (so each column's block-by-block float
+//!   sum needs no horizontal adds; see `tile_simd`), and from splitting
+//!   output columns over the one rayon pool. The instruction set is picked
+//!   at run time (`is_x86_feature_detected!`); a scalar path runs everywhere,
+//!   is the reference, and serves the last columns of a matrix whose width
+//!   is not a multiple of eight.
 //!
-//! Weights are re-laid out once at load: codes, scales and minimums in three
-//! flat arrays (scales as f32, which is exact for f16 values).
+//! Weights are re-laid out once at load (tile by tile, see [`Q4_1Matrix`]):
+//! codes, scales and minimums in three flat arrays (scales as f32, which is
+//! exact for f16 values).
 
 use rayon::prelude::*;
 
@@ -28,7 +30,7 @@ use crate::error::{Error, Result};
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
-/// Activation rows that share one unpacked weight block (per-column kernels).
+/// Activation rows that share each loaded weight block in the Q8_0 kernel.
 const ROWS: usize = 4;
 /// Output columns the tiled SIMD kernels compute together, one per f32 lane.
 const TILE: usize = 8;
@@ -343,8 +345,10 @@ pub fn matmul(w: &Q4_1Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>>
             if j + TILE <= w.tiled {
                 tile(w, j / TILE, &acts, &paired, isa, run);
             } else {
+                // Fewer than a tile of columns left (no default-model
+                // matrix has any): the reference kernel.
                 for (c, col) in run.chunks_exact_mut(m).enumerate() {
-                    column(w, j + c, &acts, &paired, isa, col);
+                    column_scalar(w, j + c, &acts, col);
                 }
             }
             j += run.len() / m;
@@ -489,20 +493,6 @@ fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &
     }
 }
 
-/// One output column (weight row `j`) for every activation row.
-#[allow(unsafe_code)] // dispatch into the SIMD kernels below
-fn column(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &mut [f32]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `matmul` checked `isa.available()`, so the CPU has AVX2.
-        Isa::Avx2 => unsafe { x86::column_avx2(w, j, acts, paired, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, for AVX2, AVX-512 VNNI and AVX-512 VL.
-        Isa::Avx512Vnni => unsafe { x86::column_vnni(w, j, acts, paired, out) },
-        _ => column_scalar(w, j, acts, out),
-    }
-}
-
 /// The reference: candle's `vec_dot` for one column, block by block: the
 /// exact integer dot, then `sumf += Σq·d_w·d_x + m_w·s_x` in block order.
 fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
@@ -581,45 +571,12 @@ mod x86 {
         _mm256_set_m128i(hi, lo)
     }
 
-    /// Sum of the eight i32 lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn hsum(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    }
-
     #[target_feature(enable = "avx2")]
     #[inline]
     fn load(x: &[i8], at: usize) -> __m256i {
         assert!(at + BLOCK <= x.len());
         // SAFETY: 32 readable bytes (checked above), unaligned load.
         unsafe { _mm256_loadu_si256(x.as_ptr().add(at).cast()) }
-    }
-
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn dots_avx2(wq: &[u8], x: &[i8], x0: usize, stride: usize, rows: usize, sumi: &mut [i32; ROWS]) {
-        let w = unpack(wq);
-        let ones = _mm256_set1_epi16(1);
-        for (r, s) in sumi.iter_mut().enumerate().take(rows) {
-            let a = load(x, x0 + r * stride);
-            // u8 × i8 pairs summed to i16 (at most 2·15·128: no saturation),
-            // then pairs of i16 summed to i32.
-            *s = hsum(_mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones));
-        }
-    }
-
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    #[inline]
-    fn dots_vnni(wq: &[u8], x: &[i8], x0: usize, stride: usize, rows: usize, sumi: &mut [i32; ROWS]) {
-        let w = unpack(wq);
-        for (r, s) in sumi.iter_mut().enumerate().take(rows) {
-            let a = load(x, x0 + r * stride);
-            *s = hsum(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a));
-        }
     }
 
     /// Two weight blocks (32 code bytes) as unsigned bytes: the low nibbles
@@ -632,69 +589,6 @@ mod x86 {
         let packed = unsafe { _mm256_loadu_si256(wq.as_ptr().cast()) };
         let mask = _mm256_set1_epi8(0x0f);
         (_mm256_and_si256(packed, mask), _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask))
-    }
-
-    /// The shared column loop, eight blocks at a time. Each pair of blocks
-    /// takes one weight load and two activation loads (from the interleaved
-    /// layout of [`Q8Acts::interleave_pairs`]); `$pair` gives four i32
-    /// partial sums per block, and three horizontal adds and a permutation
-    /// make the eight blocks' exact integer dots. The float terms are
-    /// computed as vectors with the same operations as candle
-    /// (`(Σq·d_w)·d_x + m_w·s_x`, no fused multiply-add), then added to the
-    /// row's sum one block at a time in block order, which keeps the result
-    /// bit-identical.
-    macro_rules! column_simd {
-        ($w:expr, $j:expr, $acts:expr, $paired:expr, $out:expr, $pair:ident, $dots:ident) => {{
-            let (w, j, acts, xp, out): (&Q4_1Matrix, usize, &Q8Acts, &[i8], &mut [f32]) =
-                ($w, $j, $acts, $paired, $out);
-            let nb = w.k / BLOCK;
-            let codes = &w.codes[j * nb * 16..(j + 1) * nb * 16];
-            let (scale, min) = (&w.scale[j * nb..(j + 1) * nb], &w.min[j * nb..(j + 1) * nb]);
-            let full = nb / 8 * 8;
-            // hadd(hadd(v0, v1), hadd(v2, v3)) leaves blocks in the order
-            // 0 2 4 6 1 3 5 7; this puts them back.
-            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-            for r0 in (0..acts.m).step_by(ROWS) {
-                let rows = ROWS.min(acts.m - r0);
-                let mut sumf = [0f32; ROWS];
-                for b0 in (0..full).step_by(8) {
-                    let wv: [(__m256i, __m256i); 4] = std::array::from_fn(|p| unpack_pair(&codes[(b0 + 2 * p) * 16..]));
-                    let ws = load_f32(scale, b0);
-                    let wm = load_f32(min, b0);
-                    for r in 0..rows {
-                        let x0 = (r0 + r) * acts.k + b0 * BLOCK;
-                        let v: [__m256i; 4] = std::array::from_fn(|p| {
-                            $pair(wv[p], load(xp, x0 + p * 2 * BLOCK), load(xp, x0 + p * 2 * BLOCK + BLOCK))
-                        });
-                        let dots = _mm256_permutevar8x32_epi32(
-                            _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3])),
-                            order,
-                        );
-                        let ab = (r0 + r) * nb + b0;
-                        let t = _mm256_add_ps(
-                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dots), ws), load_f32(&acts.scale, ab)),
-                            _mm256_mul_ps(wm, load_f32(&acts.sum, ab)),
-                        );
-                        let mut terms = [0f32; 8];
-                        // SAFETY: `terms` holds 8 f32, unaligned store.
-                        unsafe { _mm256_storeu_ps(terms.as_mut_ptr(), t) };
-                        for v in terms {
-                            sumf[r] += v;
-                        }
-                    }
-                }
-                for b in full..nb {
-                    let mut sumi = [0i32; ROWS];
-                    let x0 = r0 * acts.k + b * BLOCK;
-                    $dots(&codes[b * 16..], &acts.codes, x0, acts.k, rows, &mut sumi);
-                    for r in 0..rows {
-                        let ab = (r0 + r) * nb + b;
-                        sumf[r] += sumi[r] as f32 * scale[b] * acts.scale[ab] + min[b] * acts.sum[ab];
-                    }
-                }
-                out[r0..r0 + rows].copy_from_slice(&sumf[..rows]);
-            }
-        }};
     }
 
     /// Sums of the eight i32 lanes of each of eight vectors, as one vector
@@ -853,20 +747,6 @@ mod x86 {
                 out[r0 + r] = _mm_cvtss_f32(res);
             }
         }
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn column_avx2(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
-        column_simd!(w, j, acts, paired, out, pair_avx2, dots_avx2)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    pub(super) unsafe fn column_vnni(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
-        column_simd!(w, j, acts, paired, out, pair_vnni, dots_vnni)
     }
 }
 
