@@ -165,7 +165,8 @@ impl Agents {
         self.map
             .values()
             .filter_map(|a| match a.retention {
-                Retention::Ttl(ttl) if a.busy.is_none() => Some(a.last_used + ttl),
+                // A TTL too long for the clock never expires.
+                Retention::Ttl(ttl) if a.busy.is_none() => a.last_used.checked_add(ttl),
                 _ => None,
             })
             .min()

@@ -150,7 +150,12 @@ pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineCon
     let stopping = Arc::clone(&stopped);
     std::thread::Builder::new()
         .name("kvserve-engine".into())
-        .spawn(move || run_loop(core, &rx, &published, &stopping))
+        .spawn(move || {
+            // Marks the engine stopped however the loop ends, a panic
+            // included, so callers get `EngineStopped` and health says so.
+            let _stop = StopOnExit(Arc::clone(&stopping));
+            run_loop(core, &rx, &published, &stopping);
+        })
         .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
     let shared = Shared {
         tx,
@@ -163,6 +168,15 @@ pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineCon
         config,
     };
     Ok(EngineHandle { shared: Arc::new(shared) })
+}
+
+/// Sets the engine's `stopped` flag when dropped.
+struct StopOnExit(Arc<AtomicBool>);
+
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mutex<EngineStats>, stopped: &AtomicBool) {

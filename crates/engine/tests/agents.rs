@@ -116,6 +116,12 @@ async fn the_agent_api_lists_inspects_retains_and_deletes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // A TTL too long for the clock never expires; the engine keeps going.
+    let forever = AgentUpdate { retention: Some(Retention::Ttl(Duration::MAX)), priority: None };
+    engine.update_agent(&t, &a, forever).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(engine.agent(&t, &a).await.is_ok() && !engine.is_stopped());
+
     engine.delete_agent(&t, &a).await.unwrap();
     assert_eq!(engine.delete_agent(&t, &a).await, Err(Error::UnknownAgent("alpha".into())));
     assert!(engine.agents(&t).await.unwrap().is_empty());

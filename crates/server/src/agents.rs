@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::{parse_json, AppState, Tenant};
 
+/// The longest TTL a client may set: a year.
+const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+
 fn agent_id(id: &str) -> Result<AgentId, ApiError> {
     AgentId::new(id).map_err(|e| ApiError::invalid("agent_id", e.to_string()))
 }
@@ -70,6 +73,9 @@ pub(crate) async fn patch(
         (Some(true), Some(_)) => return Err(ApiError::invalid("ttl_seconds", "a pinned agent has no TTL")),
         (Some(true), None) => Some(Retention::Pinned),
         (_, Some(0)) => return Err(ApiError::invalid("ttl_seconds", "must be at least 1")),
+        (_, Some(s)) if s > MAX_TTL_SECONDS => {
+            return Err(ApiError::invalid("ttl_seconds", "must be at most 31536000 (a year)"))
+        }
         (_, Some(s)) => Some(Retention::Ttl(Duration::from_secs(s))),
         (Some(false), None) => Some(Retention::Evictable),
         (None, None) => None,

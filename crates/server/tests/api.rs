@@ -222,6 +222,9 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
     let r = call(&app, "GET", "/v1/agents/nobody", None, &[]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(call(&app, "GET", "/v1/agents/bad%20id", None, &[]).await.status, StatusCode::BAD_REQUEST);
+    let huge = r#"{"ttl_seconds": 18446744073709551615}"#;
+    let r = call(&app, "PATCH", "/v1/agents/someone", Some(huge), &[]).await;
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("ttl_seconds")));
 
     let small = app_with(EngineConfig::default(), ServerConfig { max_body_bytes: 1024, ..ServerConfig::default() });
     let (s, e) = error_of(&small, &chat_body(&"z".repeat(4096), json!({})).to_string()).await;
