@@ -173,13 +173,18 @@ impl Agents {
     }
 
     /// The idle, unpinned agent holding a sequence that should give it up
-    /// first: lowest priority, then least recently used; never `except`
-    /// (the agent a waiting turn is about to reuse).
-    pub(crate) fn release_candidate(&self, except: Option<&AgentKey>) -> Option<AgentKey> {
+    /// first: lowest priority, then least recently used; only `tenant`'s
+    /// when given; never `except` (the agent a waiting turn is about to
+    /// reuse).
+    pub(crate) fn release_candidate(&self, tenant: Option<&TenantId>, except: Option<&AgentKey>) -> Option<AgentKey> {
         self.map
             .iter()
             .filter(|(k, a)| {
-                a.seq.is_some() && a.busy.is_none() && a.retention != Retention::Pinned && Some(*k) != except
+                a.seq.is_some()
+                    && a.busy.is_none()
+                    && a.retention != Retention::Pinned
+                    && Some(*k) != except
+                    && tenant.is_none_or(|t| &k.0 == t)
             })
             .min_by_key(|(_, a)| (a.priority, a.last_used))
             .map(|(k, _)| k.clone())

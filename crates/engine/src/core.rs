@@ -11,19 +11,30 @@
 //!    priority order, FIFO within a priority; a request whose agent is mid-
 //!    turn waits without blocking the others. Admission reuses cached K/V:
 //!    an agent's held conversation (fork + truncate to the common prefix,
-//!    partial blocks included) or else the prefix index (whole blocks). At
-//!    least the last prompt token is always computed, for its logits. A
-//!    request the pool cannot take now goes back to the queue head.
+//!    partial blocks included; if the cut is impossible, e.g. a sliding
+//!    window released those blocks, the prefix index) or else the prefix
+//!    index (whole blocks). At least the last prompt token is always
+//!    computed, for its logits. A request the *pool* cannot take now goes
+//!    back to the queue head and the others wait behind it (so a large
+//!    request is not starved). A request its *tenant's quota* cannot take
+//!    next to the tenant's running work is skipped — other tenants go
+//!    ahead — and fails with `QuotaExceeded` only if the tenant runs
+//!    nothing that could give blocks back.
 //! 3. **Make room**: the step's exact block need ([`KvCache::append_cost`])
-//!    is compared with free + evictable blocks (the pool evicts cached blocks
-//!    itself, LRU). Short: release idle unpinned agents (lowest priority,
-//!    least recently used first), then preempt the lowest-priority, most
-//!    recently admitted running request (blocks freed, re-queued at its
-//!    original place with its generated tokens, recomputed later — mostly
-//!    from the prefix cache).
-//! 4. **Run** the model on the batch. A cache refusal (quota) preempts and
-//!    retries next step; any other error fails the batch's requests (the
-//!    model rolled the cache back, their sequences are removed).
+//!    is compared with each tenant's quota, then with free + evictable
+//!    blocks (the pool evicts cached blocks itself, LRU). Over a quota: that
+//!    tenant's idle agents are released, then its newest lowest-priority
+//!    request is preempted; its oldest request always progresses, so tenants
+//!    whose requests fit only one at a time take turns instead of refusing
+//!    each other's steps. Short of blocks: release idle unpinned agents
+//!    (lowest priority, least recently used first), then preempt the
+//!    lowest-priority, most recently admitted running request (blocks freed,
+//!    re-queued at its original place with its generated tokens, recomputed
+//!    later — mostly from the prefix cache).
+//! 4. **Run** the model on the batch. A cache refusal (never expected after
+//!    step 3) frees something the same way and retries next step; any other
+//!    error fails the batch's requests (the model rolled the cache back,
+//!    their sequences are removed).
 //! 5. **Sample** for every sequence whose known tokens are now all computed,
 //!    stream the token's text, and finish on a stop id, stop string or
 //!    `max_tokens`. A finished agent turn hands its sequence to the agent.
@@ -107,8 +118,11 @@ enum Admission {
     Admitted(Active, usize),
     /// The pool cannot take its first chunk next to the step's other work.
     Short { request: Active, needed: usize, available: usize },
-    /// The cache refused for another reason (logged); try again later.
-    Later(Active),
+    /// Its tenant's quota cannot take its first chunk next to the tenant's
+    /// other work in this step.
+    OverQuota { request: Active, quota: u32 },
+    /// The cache refused for a reason waiting cannot fix.
+    Failed(Active, Error),
 }
 
 /// How a request ended.
@@ -270,7 +284,7 @@ impl EngineCore {
         let mut budget = self.config.max_batch_tokens;
         let mut plan = self.plan_running(&mut budget);
         self.admit(&mut plan, &mut budget);
-        if !self.make_room(&mut plan) || plan.is_empty() {
+        if !self.make_room(&mut plan) {
             return false;
         }
         // Plan entries and model rows stay aligned: an entry whose sequence
@@ -335,14 +349,14 @@ impl EngineCore {
                 skipped.push((key, a));
                 continue;
             }
-            match self.try_admit(a, *budget, self.plan_cost(plan)) {
+            match self.try_admit(a, *budget, plan) {
                 Admission::Admitted(a, n) => {
                     *budget -= n;
                     self.running.push(a);
                     plan.push((self.running.len() - 1, n));
                 }
                 Admission::Short { request, needed, available } => {
-                    if let Some(agent) = self.agents.release_candidate(request.agent.as_ref()) {
+                    if let Some(agent) = self.agents.release_candidate(None, request.agent.as_ref()) {
                         self.release_agent(&agent);
                         self.stats.agent_releases += 1;
                         self.waiting.insert(key, request);
@@ -350,50 +364,83 @@ impl EngineCore {
                         // Nothing will ever free more: pinned agents hold it.
                         self.end(request, End::Failed(Error::CacheFull { needed, available }));
                     } else {
+                        // The pool is shared: later requests wait behind
+                        // this one, so a large request is not starved.
                         self.waiting.insert(key, request);
                         break;
                     }
                 }
-                Admission::Later(a) => {
-                    self.waiting.insert(key, a);
-                    break;
+                Admission::OverQuota { request, quota } => {
+                    let tenant = &request.req.req.tenant;
+                    if let Some(agent) = self.agents.release_candidate(Some(tenant), request.agent.as_ref()) {
+                        self.release_agent(&agent);
+                        self.stats.agent_releases += 1;
+                        self.waiting.insert(key, request);
+                    } else if self.running.iter().any(|r| r.owner == request.owner) {
+                        // The tenant's running requests will give their
+                        // blocks back; other tenants go ahead meanwhile.
+                        skipped.push((key, request));
+                    } else {
+                        let err = Error::QuotaExceeded { tenant: tenant.to_string(), quota };
+                        self.end(request, End::Failed(err));
+                    }
                 }
+                Admission::Failed(a, err) => self.end(a, End::Failed(err)),
             }
         }
         self.waiting.extend(skipped);
     }
 
     /// Creates the request's sequence, reusing cached K/V; gives the request
-    /// back if the pool cannot take its first chunk now.
-    fn try_admit(&mut self, mut a: Active, budget: usize, planned: usize) -> Admission {
+    /// back if the pool or its tenant's quota cannot take its first chunk
+    /// next to `plan`.
+    fn try_admit(&mut self, mut a: Active, budget: usize, plan: &[(usize, usize)]) -> Admission {
         let ns = self.namespace(&a.req.req.tenant);
         let limit = a.tokens.len() - 1;
         let held = a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| {
             let common = ag.tokens.iter().zip(&a.tokens).take_while(|(x, y)| x == y).count();
             ag.seq.map(|s| (s, common.min(limit)))
         });
-        let created = if !self.config.prefix_cache {
-            Ok((self.cache.create_sequence(&a.owner, ns), 0))
-        } else {
+        let created = if self.config.prefix_cache {
             let indexed = self.cache.lookup_prefix(ns, &a.tokens[..limit]);
-            match held {
-                Some((agent_seq, common)) if common > 0 && common >= indexed => self.fork_to(agent_seq, common),
-                _ => self.cache.create_with_prefix(&a.owner, ns, &a.tokens[..limit]),
+            let forked = match held {
+                Some((agent_seq, common)) if common > 0 && common >= indexed => self
+                    .fork_to(agent_seq, common)
+                    // E.g. a sliding window already released the blocks the
+                    // cut needs: start from the prefix index instead.
+                    .inspect_err(|e| tracing::debug!(error = %e, "cannot reuse the agent's sequence"))
+                    .ok(),
+                _ => None,
+            };
+            match forked {
+                Some(x) => Ok(x),
+                None => self.cache.create_with_prefix(&a.owner, ns, &a.tokens[..limit]),
             }
+        } else {
+            Ok((self.cache.create_sequence(&a.owner, ns), 0))
         };
         let (seq, reused) = match created {
             Ok(x) => x,
+            // Adopting the cached prefix alone is over quota: start empty,
+            // and let the quota check below decide.
+            Err(kv::Error::QuotaExceeded { .. }) => (self.cache.create_sequence(&a.owner, ns), 0),
             Err(e) => {
-                tracing::warn!(error = %e, "admission failed; request stays queued");
-                return Admission::Later(a);
+                tracing::error!(error = %e, "admission failed");
+                return Admission::Failed(a, Error::Model(format!("cache refused the request: {e}")));
             }
         };
         let n = (a.tokens.len() - reused).min(budget);
-        let needed = planned.saturating_add(self.cache.append_cost(seq, n).unwrap_or(usize::MAX));
+        let cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
+        let needed = self.plan_cost(plan).saturating_add(cost);
         let available = self.cache.stats().available_blocks();
         if needed > available {
             let _ = self.cache.remove(seq);
             return Admission::Short { request: a, needed, available };
+        }
+        let quota = self.quota_need(&a.owner, plan);
+        if let Some((quota, _)) = quota.filter(|&(q, need)| need.saturating_add(cost) > q as usize) {
+            let _ = self.cache.remove(seq);
+            return Admission::OverQuota { request: a, quota };
         }
         a.seq = Some(seq);
         a.admission = self.next_counter();
@@ -410,6 +457,25 @@ impl EngineCore {
         Admission::Admitted(a, n)
     }
 
+    /// The owner's quota and the blocks it would hold after its share of
+    /// `plan`; `None` without a quota. Counts every planned block as new to
+    /// the owner (a copy-on-write of a block it alone held costs it
+    /// nothing), so a plan that passes never meets a quota refusal.
+    fn quota_need(&self, owner: &OwnerId, plan: &[(usize, usize)]) -> Option<(u32, usize)> {
+        let usage = self.cache.owner_usage(owner);
+        let quota = usage.quota?;
+        let own: Vec<(usize, usize)> = plan.iter().copied().filter(|&(i, _)| &self.running[i].owner == owner).collect();
+        Some((quota, usage.held_blocks as usize + self.plan_cost(&own)))
+    }
+
+    /// The first tenant in `plan` whose planned blocks exceed its quota.
+    fn over_quota(&self, plan: &[(usize, usize)]) -> Option<(OwnerId, u32)> {
+        plan.iter().map(|&(i, _)| &self.running[i].owner).find_map(|owner| {
+            let (quota, need) = self.quota_need(owner, plan)?;
+            (need > quota as usize).then(|| (owner.clone(), quota))
+        })
+    }
+
     /// A fork of `seq` cut to its first `len` tokens (nothing left behind
     /// if the cut fails).
     fn fork_to(&mut self, seq: SeqId, len: usize) -> kv::Result<(SeqId, usize)> {
@@ -421,16 +487,22 @@ impl EngineCore {
         Ok((fork, len))
     }
 
-    /// Frees blocks until the plan fits: idle agents first, then preemption.
-    /// False if nothing can run this step.
+    /// Frees blocks until the plan fits the pool and every tenant's quota:
+    /// idle agents first, then preemption. False if nothing can run.
     fn make_room(&mut self, plan: &mut Vec<(usize, usize)>) -> bool {
         loop {
+            if let Some((owner, quota)) = self.over_quota(plan) {
+                if self.make_quota_room(&owner, quota, plan) {
+                    continue;
+                }
+                return false;
+            }
             let need = self.plan_cost(plan);
             let available = self.cache.stats().available_blocks();
             if need <= available {
-                return true;
+                return !plan.is_empty();
             }
-            if let Some(key) = self.agents.release_candidate(None) {
+            if let Some(key) = self.agents.release_candidate(None, None) {
                 self.release_agent(&key);
                 self.stats.agent_releases += 1;
                 continue;
@@ -438,14 +510,37 @@ impl EngineCore {
             let Some(victim) = self.victim(None) else { return false };
             if self.running.len() == 1 {
                 // Alone and still short: pinned agents hold the rest.
-                let a = self.running.swap_remove(victim);
-                plan.clear();
+                let a = self.take_running(victim, plan);
                 let err = Error::CacheFull { needed: need, available };
                 self.end(a, End::Failed(err));
                 return false;
             }
             self.preempt(victim, plan);
         }
+    }
+
+    /// One move toward fitting `owner`'s planned work in its quota: release
+    /// one of its idle agents, else preempt its lowest-priority, newest
+    /// request, else (its only request cannot fit) fail that request. Each
+    /// move takes something away, so repeating it ends; false if there was
+    /// nothing to take (the owner runs nothing).
+    fn make_quota_room(&mut self, owner: &OwnerId, quota: u32, plan: &mut Vec<(usize, usize)>) -> bool {
+        let tenant = self.running.iter().find(|a| &a.owner == owner).map(|a| a.req.req.tenant.clone());
+        if let Some(key) = tenant.and_then(|t| self.agents.release_candidate(Some(&t), None)) {
+            self.release_agent(&key);
+            self.stats.agent_releases += 1;
+            return true;
+        }
+        let own = self.running.iter().filter(|a| &a.owner == owner).count();
+        let Some(victim) = self.victim(Some(owner)) else { return false };
+        if own > 1 {
+            self.preempt(victim, plan);
+        } else {
+            let a = self.take_running(victim, plan);
+            let err = Error::QuotaExceeded { tenant: owner.to_string(), quota };
+            self.end(a, End::Failed(err));
+        }
+        true
     }
 
     /// The running request to preempt: lowest priority, then most recently
@@ -456,15 +551,21 @@ impl EngineCore {
             .min_by_key(|&i| (self.running[i].req.req.priority, Reverse(self.running[i].admission)))
     }
 
-    fn preempt(&mut self, victim: usize, plan: &mut Vec<(usize, usize)>) {
+    /// Takes running request `i` out, keeping `plan`'s indices right.
+    fn take_running(&mut self, i: usize, plan: &mut Vec<(usize, usize)>) -> Active {
         let last = self.running.len() - 1;
-        let mut a = self.running.swap_remove(victim);
-        plan.retain(|&(i, _)| i != victim);
+        let a = self.running.swap_remove(i);
+        plan.retain(|&(j, _)| j != i);
         for entry in plan.iter_mut() {
             if entry.0 == last {
-                entry.0 = victim;
+                entry.0 = i;
             }
         }
+        a
+    }
+
+    fn preempt(&mut self, victim: usize, plan: &mut Vec<(usize, usize)>) {
+        let mut a = self.take_running(victim, plan);
         if let Some(seq) = a.seq.take() {
             let _ = self.cache.remove(seq);
         }
@@ -473,30 +574,20 @@ impl EngineCore {
         self.waiting.insert(a.key(), a);
     }
 
+    /// The cache refused a step that `make_room` let through (never
+    /// expected): free something the same way and try again next step.
     fn on_refused(&mut self, plan: &[(usize, usize)], e: &kv::Error) {
+        tracing::warn!(error = %e, "the cache refused a planned step");
         let mut plan = plan.to_vec();
-        let owner = match e {
-            kv::Error::QuotaExceeded { owner, quota, .. } => Some((owner.clone(), *quota)),
-            _ => None,
-        };
-        if let Some((owner, quota)) = owner {
-            let tenant_agent = self.agents.release_candidate(None).filter(|k| k.0.as_str() == owner.as_str());
-            if let Some(key) = tenant_agent {
-                self.release_agent(&key);
-                return;
+        match e {
+            kv::Error::QuotaExceeded { owner, quota, .. } => {
+                self.make_quota_room(owner, *quota, &mut plan);
             }
-            let own = self.running.iter().filter(|a| a.owner == owner).count();
-            if let Some(v) = self.victim(Some(&owner)) {
-                if own > 1 {
+            _ => {
+                if let Some(v) = self.victim(None) {
                     self.preempt(v, &mut plan);
-                } else {
-                    let a = self.running.swap_remove(v);
-                    let err = Error::QuotaExceeded { tenant: owner.to_string(), quota };
-                    self.end(a, End::Failed(err));
                 }
             }
-        } else if let Some(v) = self.victim(None) {
-            self.preempt(v, &mut plan);
         }
     }
 

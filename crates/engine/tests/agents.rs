@@ -185,3 +185,57 @@ async fn tenants_never_share_blocks_and_quotas_refuse_what_cannot_fit() {
     assert_eq!(collect(run("small")).await.error, None);
     assert_pool_full(&engine);
 }
+
+fn for_tenant(text: &str, tenant: &str, max_tokens: usize) -> Request {
+    let mut r = Request::new(Prompt::Text(text.into()));
+    r.sampling = SamplingParams::greedy();
+    r.max_tokens = Some(max_tokens);
+    r.ignore_eos = true;
+    r.tenant = TenantId::new(tenant).unwrap();
+    r
+}
+
+/// Four requests that each fit the tenant's quota alone but not together:
+/// they take turns (the newest waits or is preempted) instead of refusing
+/// each other's steps forever.
+#[tokio::test]
+async fn requests_that_fit_a_quota_only_one_at_a_time_all_finish() {
+    let (engine, _control) =
+        fake_engine(4, 256, EngineConfig { default_timeout: Some(Duration::from_secs(20)), ..EngineConfig::default() });
+    let prompts: Vec<String> = (0..4).map(|i| format!("request {i} with a prompt of some length")).collect();
+    let mut expected = Vec::new();
+    for p in &prompts {
+        expected.push(collect(engine.generate(for_tenant(p, "free", 24)).unwrap()).await.text);
+    }
+    let small = TenantId::new("small").unwrap();
+    // One request: 40 prompt + 24 answer tokens = 16 blocks of 4.
+    engine.set_quota(&small, Some(20)).await.unwrap();
+    let streams: Vec<_> = prompts.iter().map(|p| engine.generate(for_tenant(p, "small", 24)).unwrap()).collect();
+    for (s, want) in streams.into_iter().zip(&expected) {
+        let out = collect(s).await;
+        assert_eq!(out.error, None);
+        assert_eq!(&out.text, want, "a preempted request continues as if alone");
+    }
+    assert_pool_full(&engine);
+}
+
+/// A tenant waiting for its own quota does not hold up other tenants.
+#[tokio::test]
+async fn a_tenant_at_its_quota_does_not_block_other_tenants() {
+    let (engine, control) = fake_engine(4, 256, config());
+    let small = TenantId::new("small").unwrap();
+    engine.set_quota(&small, Some(20)).await.unwrap();
+    control.step_delay_ms.store(20, Ordering::SeqCst);
+    let first = engine.generate(for_tenant("the first request of the small tenant", "small", 40)).unwrap();
+    wait_for(&engine, "first running", |s| s.running == 1);
+    let second = engine.generate(for_tenant("the second request of the small tenant", "small", 40)).unwrap();
+    wait_for(&engine, "second waiting", |s| s.waiting == 1);
+    let other = collect(engine.generate(for_tenant("another tenant", "other", 2)).unwrap()).await;
+    assert_eq!(other.error, None);
+    wait_for(&engine, "the other request counted", |s| s.finished.length >= 1);
+    assert_eq!(engine.stats().finished.length, 1, "the other tenant finished while small's requests were still in");
+    control.step_delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(collect(first).await.error, None);
+    assert_eq!(collect(second).await.error, None);
+    assert_pool_full(&engine);
+}
