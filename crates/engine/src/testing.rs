@@ -54,7 +54,17 @@ impl FakeModel {
     /// # Panics
     /// If the numbers make an invalid cache spec (a test bug).
     pub fn new(block_size: u32, num_blocks: u32) -> (Self, Arc<FakeControl>) {
-        let mut params = CacheSpecParams::uniform(1, AttentionKind::Full, 1, 8, num_blocks);
+        Self::with_attention(block_size, num_blocks, AttentionKind::Full)
+    }
+
+    /// A model whose one layer attends as `kind` says (a sliding window
+    /// releases old blocks; the fake reads only the previous position, so
+    /// any window of at least one token computes the same values).
+    ///
+    /// # Panics
+    /// If the numbers make an invalid cache spec (a test bug).
+    pub fn with_attention(block_size: u32, num_blocks: u32, kind: AttentionKind) -> (Self, Arc<FakeControl>) {
+        let mut params = CacheSpecParams::uniform(1, kind, 1, 8, num_blocks);
         params.block_size = block_size;
         let spec = CacheSpec::new(params).expect("test cache spec is valid");
         let control = Arc::new(FakeControl::default());

@@ -6,6 +6,7 @@
 mod common;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{assert_pool_full, collect, fake_engine, wait_for};
@@ -237,5 +238,30 @@ async fn a_tenant_at_its_quota_does_not_block_other_tenants() {
     control.step_delay_ms.store(0, Ordering::SeqCst);
     assert_eq!(collect(first).await.error, None);
     assert_eq!(collect(second).await.error, None);
+    assert_pool_full(&engine);
+}
+
+/// Under a sliding window the agent's sequence no longer holds blocks far
+/// behind its end; a next turn that edits history back there cannot cut the
+/// agent's sequence and starts from the prefix index instead of waiting.
+#[tokio::test]
+async fn an_agent_edit_older_than_the_window_falls_back_to_the_prefix_index() {
+    let windowed = || {
+        let window = kv::AttentionKind::SlidingWindow { window: 8 };
+        let (model, _) = engine::testing::FakeModel::with_attention(4, 256, window);
+        engine::start(Box::new(model), Arc::new(engine::testing::FakeCodec::new()), config()).unwrap()
+    };
+    let engine = windowed();
+    let system = Message::new("system", "a system prompt of a few blocks");
+    let first = [system.clone(), Message::new("user", "the first question, long enough to leave the window")];
+    let o1 = collect(engine.generate(turn(&first, Some("w"), 8)).unwrap()).await;
+    assert_eq!(o1.error, None);
+    let edited = [system, Message::new("user", "a rewritten first question")];
+    let o2 = collect(engine.generate(turn(&edited, Some("w"), 8)).unwrap()).await;
+    assert_eq!(o2.error, None);
+    assert!(o2.usage.cached_tokens >= 40, "the system prompt came from the prefix index: {:?}", o2.usage);
+    let fresh = collect(windowed().generate(turn(&edited, None, 8)).unwrap()).await;
+    assert_eq!(o2.text, fresh.text);
+    engine.delete_agent(&default_tenant(), &AgentId::new("w").unwrap()).await.unwrap();
     assert_pool_full(&engine);
 }
