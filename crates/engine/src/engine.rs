@@ -41,6 +41,8 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 /// Sleep when work exists but none could run (the pool is full of pinned
 /// agents, or every waiting request waits for its agent).
 const STALL_TICK: Duration = Duration::from_millis(5);
+/// Longest shutdown grace honoured (a longer one is cut to this).
+const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Scheduling limits.
 #[derive(Clone, Debug)]
@@ -130,11 +132,36 @@ impl std::fmt::Debug for EngineHandle {
     }
 }
 
+impl EngineConfig {
+    /// Checks that requests can make progress under these numbers.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first problem.
+    pub fn validate(&self) -> Result<()> {
+        let problem = if self.max_batch_tokens == 0 {
+            "max_batch_tokens must be at least 1"
+        } else if self.max_running == 0 {
+            "max_running must be at least 1"
+        } else if self.max_waiting == 0 {
+            "max_waiting must be at least 1"
+        } else if self.max_running > self.max_batch_tokens {
+            // Every running sequence must get its decode token each step,
+            // or the newest ones would wait while older ones finish.
+            "max_running must not exceed max_batch_tokens"
+        } else {
+            return Ok(());
+        };
+        Err(Error::InvalidConfig(problem.into()))
+    }
+}
+
 /// Starts an engine over `model` on a thread of its own.
 ///
 /// # Errors
+/// [`Error::InvalidConfig`] if `config` cannot work ([`EngineConfig::validate`]);
 /// [`Error::Model`] if the thread cannot be spawned.
 pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig) -> Result<EngineHandle> {
+    config.validate()?;
     let spec = model.spec();
     let limits = Limits {
         max_positions: model.max_positions(),
@@ -179,8 +206,15 @@ impl Drop for StopOnExit {
     }
 }
 
+/// A shutdown under way: when in-flight work is cut off, and every caller
+/// waiting for the engine to stop.
+struct Stopping {
+    deadline: Instant,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
 fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mutex<EngineStats>, stopped: &AtomicBool) {
-    let mut shutdown: Option<(Instant, oneshot::Sender<()>)> = None;
+    let mut shutdown: Option<Stopping> = None;
     let mut stalled = false;
     let mut disconnected = false;
     loop {
@@ -192,8 +226,12 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
         } else {
             Duration::ZERO
         };
-        let first = if wait.is_zero() || disconnected {
+        let first = if wait.is_zero() {
             rx.try_recv().map_err(|e| matches!(e, TryRecvError::Disconnected))
+        } else if disconnected {
+            // No command can come any more; wait without spinning.
+            std::thread::sleep(wait);
+            Err(true)
         } else {
             rx.recv_timeout(wait).map_err(|e| matches!(e, RecvTimeoutError::Disconnected))
         };
@@ -215,11 +253,11 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
         if let Ok(mut s) = published.lock() {
             *s = snapshot;
         }
-        if let Some((deadline, _)) = &shutdown {
-            if !core.has_work() || Instant::now() >= *deadline {
+        if let Some(stopping) = &shutdown {
+            if !core.has_work() || Instant::now() >= stopping.deadline {
                 stopped.store(true, Ordering::SeqCst);
                 core.abort_all(&Error::EngineStopped);
-                if let Some((_, done)) = shutdown.take() {
+                for done in shutdown.take().map(|s| s.waiters).unwrap_or_default() {
                     let _ = done.send(());
                 }
                 break;
@@ -237,7 +275,7 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
     tracing::info!("engine stopped");
 }
 
-fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<(Instant, oneshot::Sender<()>)>) {
+fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) {
     match cmd {
         Command::Submit(s) if shutdown.is_some() => {
             let _ = s.events.send(Event::Error(Error::EngineStopped));
@@ -264,7 +302,13 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<(Instant, o
             let _ = reply.send(core.check_invariants());
         }
         Command::Shutdown(grace, done) => {
-            *shutdown = Some((Instant::now() + grace, done));
+            // A later call may shorten the grace, never lengthen it; every
+            // caller is answered when the engine has stopped.
+            let now = Instant::now();
+            let deadline = now.checked_add(grace.min(MAX_GRACE)).unwrap_or(now);
+            let stopping = shutdown.get_or_insert_with(|| Stopping { deadline, waiters: Vec::new() });
+            stopping.deadline = stopping.deadline.min(deadline);
+            stopping.waiters.push(done);
         }
     }
 }

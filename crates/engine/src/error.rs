@@ -70,6 +70,9 @@ pub enum Error {
         /// Blocks free or evictable.
         available: usize,
     },
+    /// The engine's configuration cannot work (found at start).
+    #[error("invalid engine configuration: {0}")]
+    InvalidConfig(String),
     /// Tokenizing or rendering the prompt failed.
     #[error("cannot read the prompt: {0}")]
     Prompt(String),

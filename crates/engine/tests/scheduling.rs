@@ -31,7 +31,7 @@ fn concurrent_requests_share_steps() {
 
 #[test]
 fn chunked_prefill_stays_within_the_budget_and_decodes_go_first() {
-    let cfg = EngineConfig { max_batch_tokens: 32, ..config() };
+    let cfg = EngineConfig { max_batch_tokens: 32, max_running: 8, ..config() };
     let (engine, control) = fake_engine(16, 256, cfg);
     control.step_delay_ms.store(3, Ordering::SeqCst);
     let short = engine.generate(greedy("hi", 30)).unwrap();
@@ -210,6 +210,45 @@ async fn a_stopped_engine_is_a_typed_error_not_a_panic() {
     assert_eq!(out.error, Some(Error::EngineStopped));
     assert!(matches!(engine.generate(greedy("late", 2)), Err(Error::EngineStopped)));
     assert_eq!(engine.agents(&engine::TenantId::default_tenant()).await, Err(Error::EngineStopped));
+}
+
+/// Two shutdown calls: both return only once the engine has stopped, and
+/// the shorter grace wins.
+#[tokio::test]
+async fn every_shutdown_call_waits_for_the_stop() {
+    let (engine, control) = fake_engine(16, 64, config());
+    control.step_delay_ms.store(2, Ordering::SeqCst);
+    let running = engine.generate(greedy("long", 1_000)).unwrap();
+    wait_for(&engine, "running", |s| s.running == 1);
+    let (a, b) = (engine.clone(), engine.clone());
+    let long = tokio::spawn(async move {
+        a.shutdown(Duration::from_secs(3600)).await.unwrap();
+        a.is_stopped()
+    });
+    wait_for(&engine, "a step after the first call", |s| s.steps > 2);
+    let short = tokio::spawn(async move {
+        b.shutdown(Duration::from_millis(20)).await.unwrap();
+        b.is_stopped()
+    });
+    assert!(long.await.unwrap(), "the first caller was answered before the engine stopped");
+    assert!(short.await.unwrap());
+    assert_eq!(collect(running).await.error, Some(Error::EngineStopped));
+}
+
+#[test]
+fn configurations_that_cannot_progress_are_refused_at_start() {
+    for (config, what) in [
+        (EngineConfig { max_batch_tokens: 0, ..config() }, "max_batch_tokens"),
+        (EngineConfig { max_running: 0, ..config() }, "max_running"),
+        (EngineConfig { max_waiting: 0, ..config() }, "max_waiting"),
+        (EngineConfig { max_running: 65, max_batch_tokens: 64, ..config() }, "max_running must not exceed"),
+    ] {
+        let (model, _) = engine::testing::FakeModel::new(16, 64);
+        match engine::start(Box::new(model), std::sync::Arc::new(engine::testing::FakeCodec::new()), config) {
+            Err(Error::InvalidConfig(msg)) => assert!(msg.contains(what), "{msg}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
 }
 
 #[test]

@@ -134,6 +134,10 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
     if args.max_batch_tokens == 0 || args.max_running == 0 || args.queue_limit == 0 {
         bail!("--max-batch-tokens, --max-running and --queue-limit must be at least 1");
     }
+    if args.max_running > args.max_batch_tokens {
+        // Each running sequence needs its decode token in every step.
+        bail!("--max-running ({}) must not exceed --max-batch-tokens ({})", args.max_running, args.max_batch_tokens);
+    }
     let path = resolve_model(&args.model)?;
     let file = GgufFile::open(&path)?;
     let config = ModelConfig::from_gguf(&file)?;
