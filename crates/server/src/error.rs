@@ -111,9 +111,10 @@ impl From<engine::Error> for ApiError {
         let message = e.to_string();
         match e {
             E::InvalidRequest { field, .. } => Self::invalid(field, message),
-            E::ContextExceeded { .. } => Self {
+            E::ContextExceeded { prompt, limit, .. } => Self {
                 code: Some("context_length_exceeded"),
-                ..Self::invalid(if message.contains("max_tokens") { "max_tokens" } else { "messages" }, message)
+                // The prompt alone too long: shortening max_tokens will not help.
+                ..Self::invalid(if prompt >= limit { "messages" } else { "max_tokens" }, message)
             },
             E::InvalidId { what, .. } => Self::invalid(if what == "agent" { "agent_id" } else { "tenant" }, message),
             E::Prompt(_) => Self::invalid("messages", message),
@@ -123,9 +124,11 @@ impl From<engine::Error> for ApiError {
                 code: Some("overloaded"),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             },
+            // The engine says this only when the request cannot fit the
+            // quota even alone: retrying (as clients do on 429) cannot help.
             E::QuotaExceeded { .. } => Self {
                 code: Some("quota_exceeded"),
-                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+                ..Self::new(StatusCode::FORBIDDEN, "insufficient_quota", message)
             },
             E::CacheFull { .. } => Self {
                 retry_after: Some(Duration::from_secs(5)),

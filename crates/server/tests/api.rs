@@ -209,8 +209,10 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
     assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "model_not_found"));
     let (s, e) = error_of(&app, &chat_body("x", json!({"max_tokens": 1_000_000})).to_string()).await;
     assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
+    assert_eq!(e["param"], "max_tokens");
     let (s, e) = error_of(&app, &chat_body(&"y".repeat(5000), json!({})).to_string()).await;
     assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
+    assert_eq!(e["param"], "messages", "the prompt alone is too long");
     let (s, e) = error_of(&app, &chat_body("x", json!({"temperature": 5})).to_string()).await;
     assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "temperature"));
     let (s, e) = error_of(&app, &chat_body("x", json!({"temperature": "hot"})).to_string()).await;
@@ -229,6 +231,19 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
     let small = app_with(EngineConfig::default(), ServerConfig { max_body_bytes: 1024, ..ServerConfig::default() });
     let (s, e) = error_of(&small, &chat_body(&"z".repeat(4096), json!({})).to_string()).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
+}
+
+/// A request its tenant's quota cannot hold even alone is 403, not a 429
+/// that clients would retry forever.
+#[tokio::test]
+async fn a_request_beyond_the_tenants_quota_is_403_insufficient_quota() {
+    let app = app();
+    app.engine.set_quota(&TenantId::default_tenant(), Some(1)).await.unwrap();
+    let r = post(&app, "/v1/chat/completions", chat_body(&"z".repeat(40), json!({}))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let e = &r.json()["error"];
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("insufficient_quota"), Some("quota_exceeded")));
+    assert!(r.headers.get("retry-after").is_none());
 }
 
 #[tokio::test]
