@@ -15,9 +15,16 @@
 //!
 //! Under pressure the engine releases idle, unpinned agents' sequences in
 //! order of (priority, last use): lowest priority and least recently used
-//! first. A released agent keeps its token history; its full blocks stay
-//! *cached* in the prefix index until the pool's LRU evicts them, so a later
-//! turn still reuses whatever survived.
+//! first. A released agent keeps its settings but not its token history;
+//! its full blocks stay *cached* in the prefix index until the pool's LRU
+//! evicts them, so a later turn still reuses whatever survived.
+//!
+//! An agent exists from its first turn's admission; a first turn that ends
+//! without an answer (cancelled, failed) leaves nothing behind. A tenant
+//! keeps at most `max_agents_per_tenant` agents: a new one past that makes
+//! it forget its least recently used idle evictable agent (pinned and TTL
+//! agents are kept as promised; with none to forget, the new agent's request
+//! is refused).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -141,6 +148,22 @@ impl Agents {
 
     pub(crate) fn remove(&mut self, key: &AgentKey) -> Option<Agent> {
         self.map.remove(key)
+    }
+
+    /// Agents `tenant` has.
+    pub(crate) fn count_of(&self, tenant: &TenantId) -> usize {
+        self.map.keys().filter(|k| &k.0 == tenant).count()
+    }
+
+    /// The agent `tenant` should forget to make room for a new one: idle,
+    /// evictable, with at least one turn done (an agent with none is
+    /// waiting for its first), lowest priority, then least recently used.
+    pub(crate) fn forget_candidate(&self, tenant: &TenantId) -> Option<AgentKey> {
+        self.map
+            .iter()
+            .filter(|(k, a)| &k.0 == tenant && a.busy.is_none() && a.turns > 0 && a.retention == Retention::Evictable)
+            .min_by_key(|(_, a)| (a.priority, a.last_used))
+            .map(|(k, _)| k.clone())
     }
 
     pub(crate) fn keys_of(&self, tenant: &TenantId) -> Vec<AgentKey> {

@@ -190,6 +190,10 @@ impl EngineCore {
         };
         let agent = s.req.req.agent.clone().map(|a| (tenant, a));
         if let Some(key) = &agent {
+            if let Err(e) = self.make_agent_room(key) {
+                let _ = s.events.send(Event::Error(e));
+                return;
+            }
             self.agents.entry(key.clone());
         }
         let now = Instant::now();
@@ -451,8 +455,8 @@ impl EngineCore {
             self.stats.prompt_tokens += a.req.prompt.len() as u64;
             self.stats.cached_prompt_tokens += a.usage.cached_tokens as u64;
         }
-        if let Some(ag) = a.agent.as_ref().and_then(|k| self.agents.get_mut(k)) {
-            ag.busy = Some(a.id);
+        if let Some(key) = &a.agent {
+            self.agents.entry(key.clone()).busy = Some(a.id);
         }
         Admission::Admitted(a, n)
     }
@@ -674,6 +678,7 @@ impl EngineCore {
                 }
             }
         }
+        self.drop_if_unborn(a.agent.as_ref());
         let f = &mut self.stats.finished;
         let event = match how {
             End::Finished(reason, text) => {
@@ -696,8 +701,37 @@ impl EngineCore {
     }
 
     fn release_agent(&mut self, key: &AgentKey) {
-        if let Some(seq) = self.agents.get_mut(key).and_then(|ag| ag.seq.take()) {
-            let _ = self.cache.remove(seq);
+        if let Some(ag) = self.agents.get_mut(key) {
+            ag.tokens = Vec::new();
+            if let Some(seq) = ag.seq.take() {
+                let _ = self.cache.remove(seq);
+            }
+        }
+    }
+
+    /// Room for `key` under the tenant's agent limit: nothing to do if it
+    /// exists, else forget the tenant's best candidate if at the limit.
+    fn make_agent_room(&mut self, key: &AgentKey) -> Result<()> {
+        let limit = self.config.max_agents_per_tenant;
+        if self.agents.get(key).is_some() || self.agents.count_of(&key.0) < limit {
+            return Ok(());
+        }
+        let forget = self.agents.forget_candidate(&key.0);
+        let Some(old) = forget else { return Err(Error::TooManyAgents { tenant: key.0.to_string(), limit }) };
+        tracing::debug!(tenant = %key.0, agent = %old.1, "agent limit reached; forgetting the least recently used");
+        self.forget_agent(&old);
+        self.stats.agents_forgotten += 1;
+        Ok(())
+    }
+
+    /// Removes an agent that never completed a turn and has nothing
+    /// running or waiting (its first turn was cancelled or failed).
+    fn drop_if_unborn(&mut self, key: Option<&AgentKey>) {
+        let Some(key) = key else { return };
+        let unborn = self.agents.get(key).is_some_and(|ag| ag.turns == 0 && ag.busy.is_none() && ag.seq.is_none());
+        let queued = self.waiting.values().chain(&self.running).any(|a| a.agent.as_ref() == Some(key));
+        if unborn && !queued {
+            self.agents.remove(key);
         }
     }
 

@@ -59,6 +59,10 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Timeout of requests that set none.
     pub default_timeout: Option<Duration>,
+    /// Agents one tenant may keep. A new agent past it makes the tenant
+    /// forget its least recently used idle evictable agent; if it has none,
+    /// the request is refused with `TooManyAgents`.
+    pub max_agents_per_tenant: usize,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             prefix_cache: true,
             default_timeout: Some(Duration::from_secs(600)),
+            max_agents_per_tenant: 1024,
         }
     }
 }
@@ -144,6 +149,8 @@ impl EngineConfig {
             "max_running must be at least 1"
         } else if self.max_waiting == 0 {
             "max_waiting must be at least 1"
+        } else if self.max_agents_per_tenant == 0 {
+            "max_agents_per_tenant must be at least 1"
         } else if self.max_running > self.max_batch_tokens {
             // Every running sequence must get its decode token each step,
             // or the newest ones would wait while older ones finish.

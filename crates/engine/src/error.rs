@@ -62,6 +62,15 @@ pub enum Error {
         /// Its quota.
         quota: u32,
     },
+    /// The tenant already has as many agents as it may, none of which can
+    /// be forgotten (pinned, kept for a TTL, or mid-turn).
+    #[error("tenant {tenant:?} has {limit} agents, the most it may keep; delete some")]
+    TooManyAgents {
+        /// The tenant.
+        tenant: String,
+        /// Agents a tenant may keep.
+        limit: usize,
+    },
     /// The cache cannot hold this request next to what is pinned.
     #[error("the KV cache is full: the step needs {needed} blocks, {available} can be freed")]
     CacheFull {

@@ -73,6 +73,8 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// Agents whose cache was released for lack of blocks.
     pub agent_releases: u64,
+    /// Agents forgotten to keep a tenant within its agent limit.
+    pub agents_forgotten: u64,
     /// Model steps run.
     pub steps: u64,
     /// Time to first token.

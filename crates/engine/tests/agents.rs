@@ -265,3 +265,34 @@ async fn an_agent_edit_older_than_the_window_falls_back_to_the_prefix_index() {
     engine.delete_agent(&default_tenant(), &AgentId::new("w").unwrap()).await.unwrap();
     assert_pool_full(&engine);
 }
+
+/// A tenant keeps at most `max_agents_per_tenant` agents: the least
+/// recently used evictable one is forgotten for a new one; pinned agents
+/// are not, and with only those left a new agent is refused. A first turn
+/// that fails leaves no agent behind.
+#[tokio::test]
+async fn a_tenant_keeps_at_most_its_agent_limit() {
+    let (engine, control) = fake_engine(4, 256, EngineConfig { max_agents_per_tenant: 2, ..config() });
+    let tenant = default_tenant();
+    let id = |s: &str| AgentId::new(s).unwrap();
+    let say = |agent: &str| collect(engine.generate(turn(&[Message::new("user", "hi")], Some(agent), 4)).unwrap());
+    assert_eq!(say("a").await.error, None);
+    assert_eq!(say("b").await.error, None);
+    assert_eq!(say("a").await.error, None); // b is now the least recently used
+    assert_eq!(say("c").await.error, None);
+    let names = |list: Vec<engine::AgentInfo>| list.into_iter().map(|a| a.id.to_string()).collect::<Vec<_>>();
+    assert_eq!(names(engine.agents(&tenant).await.unwrap()), ["a", "c"]);
+    assert_eq!(engine.stats().agents_forgotten, 1);
+
+    let pin = AgentUpdate { retention: Some(Retention::Pinned), priority: None };
+    engine.update_agent(&tenant, &id("a"), pin).await.unwrap();
+    engine.update_agent(&tenant, &id("c"), pin).await.unwrap();
+    assert_eq!(say("d").await.error, Some(Error::TooManyAgents { tenant: tenant.to_string(), limit: 2 }));
+
+    engine.delete_agent(&tenant, &id("c")).await.unwrap();
+    control.fail_at_step.store(control.steps.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+    assert!(matches!(say("e").await.error, Some(Error::Model(_))));
+    assert_eq!(names(engine.agents(&tenant).await.unwrap()), ["a"], "a failed first turn leaves no agent");
+    engine.delete_agent(&tenant, &id("a")).await.unwrap();
+    assert_pool_full(&engine);
+}

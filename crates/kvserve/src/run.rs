@@ -53,6 +53,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         max_running: 1,
         queue_limit: 1,
         request_timeout: 3600,
+        max_agents_per_tenant: 1,
     };
     let started = start_engine(&engine_args, None)?;
     tracing::info!("loaded {}", started.summary);

@@ -43,6 +43,10 @@ pub(crate) struct EngineArgs {
     /// Seconds a request may take, queueing included.
     #[arg(long, env = "KVSERVE_REQUEST_TIMEOUT", default_value_t = 600)]
     pub(crate) request_timeout: u64,
+    /// Agents one tenant may keep; past it the least recently used idle
+    /// evictable agent is forgotten.
+    #[arg(long, env = "KVSERVE_MAX_AGENTS_PER_TENANT", default_value_t = 1024)]
+    pub(crate) max_agents_per_tenant: usize,
 }
 
 /// Sets the one thread pool (rayon's global pool, which candle's kernels and
@@ -131,8 +135,8 @@ pub(crate) struct Started {
 /// Loads the model and starts the engine.
 pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Result<Started> {
     init_threads(args.model.threads)?;
-    if args.max_batch_tokens == 0 || args.max_running == 0 || args.queue_limit == 0 {
-        bail!("--max-batch-tokens, --max-running and --queue-limit must be at least 1");
+    if args.max_batch_tokens == 0 || args.max_running == 0 || args.queue_limit == 0 || args.max_agents_per_tenant == 0 {
+        bail!("--max-batch-tokens, --max-running, --queue-limit and --max-agents-per-tenant must be at least 1");
     }
     if args.max_running > args.max_batch_tokens {
         // Each running sequence needs its decode token in every step.
@@ -175,6 +179,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         max_waiting: args.queue_limit,
         prefix_cache: true,
         default_timeout: Some(Duration::from_secs(args.request_timeout.max(1))),
+        max_agents_per_tenant: args.max_agents_per_tenant,
     };
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
     Ok(Started { engine, model_name, summary })

@@ -126,9 +126,12 @@ impl From<engine::Error> for ApiError {
             },
             // The engine says this only when the request cannot fit the
             // quota even alone: retrying (as clients do on 429) cannot help.
-            E::QuotaExceeded { .. } => Self {
-                code: Some("quota_exceeded"),
-                ..Self::new(StatusCode::FORBIDDEN, "insufficient_quota", message)
+            E::QuotaExceeded { .. } => {
+                Self { code: Some("quota_exceeded"), ..Self::new(StatusCode::FORBIDDEN, "insufficient_quota", message) }
+            }
+            E::TooManyAgents { .. } => Self {
+                code: Some("agent_limit_reached"),
+                ..Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
             },
             E::CacheFull { .. } => Self {
                 retry_after: Some(Duration::from_secs(5)),

@@ -65,6 +65,13 @@ pub fn render(s: &EngineStats) -> String {
         "counter",
         s.agent_releases as f64,
     );
+    gauge(
+        &mut o,
+        "kvserve_agents_forgotten_total",
+        "Agents forgotten to keep a tenant within its agent limit.",
+        "counter",
+        s.agents_forgotten as f64,
+    );
     gauge(&mut o, "kvserve_steps_total", "Model steps run.", "counter", s.steps as f64);
     gauge(
         &mut o,
