@@ -53,7 +53,7 @@ use kv::{KvCache, Namespace, OwnerId, SeqId};
 use model::{Model, TextCodec};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::agents::{AgentInfo, AgentKey, AgentUpdate, Agents};
+use crate::agents::{AgentInfo, AgentKey, AgentUpdate, Agents, Retention};
 use crate::error::{Error, Result};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
@@ -679,6 +679,16 @@ impl EngineCore {
             }
         }
         self.drop_if_unborn(a.agent.as_ref());
+        if let Some(key) =
+            a.agent.as_ref().filter(|k| self.agents.get(k).is_some_and(|ag| ag.retention == Retention::Pinned))
+        {
+            if self.pinned_blocks(&key.0, None) > self.pin_limit() {
+                tracing::warn!(tenant = %key.0, agent = %key.1, "pinned agents past their share of the pool; unpinned");
+                if let Some(ag) = self.agents.get_mut(key) {
+                    ag.retention = Retention::Evictable;
+                }
+            }
+        }
         let f = &mut self.stats.finished;
         let event = match how {
             End::Finished(reason, text) => {
@@ -745,9 +755,7 @@ impl EngineCore {
     }
 
     pub(crate) fn agent_info(&self, key: &AgentKey) -> Option<AgentInfo> {
-        let blocks =
-            self.agents.get(key)?.seq.and_then(|s| self.cache.block_table(s).ok()).map_or(0, |t| t.blocks().len());
-        self.agents.info(key, blocks)
+        self.agents.info(key, self.agent_blocks(key))
     }
 
     pub(crate) fn delete_agent(&mut self, key: &AgentKey) -> Result<()> {
@@ -758,7 +766,41 @@ impl EngineCore {
         Ok(())
     }
 
+    /// Blocks held by `tenant`'s pinned agents (a block two of them share
+    /// counts twice: a bound, cheap to keep exact enough).
+    fn pinned_blocks(&self, tenant: &TenantId, except: Option<&AgentKey>) -> usize {
+        self.agents
+            .keys_of(tenant)
+            .iter()
+            .filter(|k| Some(*k) != except)
+            .filter_map(|k| self.agents.get(k).filter(|ag| ag.retention == Retention::Pinned)?.seq)
+            .filter_map(|seq| self.cache.block_table(seq).ok().map(|t| t.blocks().len()))
+            .sum()
+    }
+
+    fn agent_blocks(&self, key: &AgentKey) -> usize {
+        self.agents
+            .get(key)
+            .and_then(|ag| ag.seq)
+            .and_then(|s| self.cache.block_table(s).ok())
+            .map_or(0, |t| t.blocks().len())
+    }
+
+    fn pin_limit(&self) -> usize {
+        (self.cache.spec().num_blocks() as f64 * self.config.max_pinned_share) as usize
+    }
+
     pub(crate) fn update_agent(&mut self, key: &AgentKey, update: AgentUpdate) -> Result<AgentInfo> {
+        if self.agents.get(key).is_none() {
+            return Err(Error::UnknownAgent(key.1.to_string()));
+        }
+        if update.retention == Some(Retention::Pinned) {
+            let wanted = self.pinned_blocks(&key.0, Some(key)) + self.agent_blocks(key);
+            let limit = self.pin_limit();
+            if wanted > limit {
+                return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
+            }
+        }
         let ag = self.agents.get_mut(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))?;
         if let Some(r) = update.retention {
             ag.retention = r;

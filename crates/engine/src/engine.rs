@@ -63,6 +63,10 @@ pub struct EngineConfig {
     /// forget its least recently used idle evictable agent; if it has none,
     /// the request is refused with `TooManyAgents`.
     pub max_agents_per_tenant: usize,
+    /// Share of the pool one tenant's pinned agents may hold (0 to 1).
+    /// Pinning past it is refused (`PinLimit`); a pinned agent whose turn
+    /// takes its tenant past it becomes evictable.
+    pub max_pinned_share: f64,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +79,7 @@ impl Default for EngineConfig {
             prefix_cache: true,
             default_timeout: Some(Duration::from_secs(600)),
             max_agents_per_tenant: 1024,
+            max_pinned_share: 0.5,
         }
     }
 }
@@ -151,6 +156,8 @@ impl EngineConfig {
             "max_waiting must be at least 1"
         } else if self.max_agents_per_tenant == 0 {
             "max_agents_per_tenant must be at least 1"
+        } else if !(0.0..=1.0).contains(&self.max_pinned_share) {
+            "max_pinned_share must be between 0 and 1"
         } else if self.max_running > self.max_batch_tokens {
             // Every running sequence must get its decode token each step,
             // or the newest ones would wait while older ones finish.

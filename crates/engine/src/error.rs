@@ -71,6 +71,17 @@ pub enum Error {
         /// Agents a tenant may keep.
         limit: usize,
     },
+    /// Pinning this agent would take its tenant's pinned agents past their
+    /// share of the pool.
+    #[error("tenant {tenant:?} may pin at most {limit} blocks; this would make {wanted}")]
+    PinLimit {
+        /// The tenant.
+        tenant: String,
+        /// Blocks its pinned agents may hold.
+        limit: usize,
+        /// Blocks they would hold.
+        wanted: usize,
+    },
     /// The cache cannot hold this request next to what is pinned.
     #[error("the KV cache is full: the step needs {needed} blocks, {available} can be freed")]
     CacheFull {

@@ -296,3 +296,30 @@ async fn a_tenant_keeps_at_most_its_agent_limit() {
     engine.delete_agent(&tenant, &id("a")).await.unwrap();
     assert_pool_full(&engine);
 }
+
+/// A tenant's pinned agents hold at most `max_pinned_share` of the pool:
+/// pinning past it is refused, and a pinned agent whose turn takes the
+/// tenant past it becomes evictable.
+#[tokio::test]
+async fn pinned_agents_hold_at_most_their_share_of_the_pool() {
+    // 256 blocks × 0.04 = 10 blocks may be pinned.
+    let (engine, _) = fake_engine(4, 256, EngineConfig { max_pinned_share: 0.04, ..config() });
+    let tenant = default_tenant();
+    let id = |s: &str| AgentId::new(s).unwrap();
+    let hello = [Message::new("user", "hi")];
+    for agent in ["a", "b"] {
+        assert_eq!(collect(engine.generate(turn(&hello, Some(agent), 4)).unwrap()).await.error, None);
+    }
+    let pin = AgentUpdate { retention: Some(Retention::Pinned), priority: None };
+    let a = engine.update_agent(&tenant, &id("a"), pin).await.unwrap();
+    assert!(a.blocks_held <= 10 && 2 * a.blocks_held > 10, "the test needs two agents to pass the limit: {a:?}");
+    let refused = engine.update_agent(&tenant, &id("b"), pin).await;
+    assert_eq!(refused, Err(Error::PinLimit { tenant: tenant.to_string(), limit: 10, wanted: 2 * a.blocks_held }));
+    assert_eq!(engine.agent(&tenant, &id("b")).await.unwrap().retention, Retention::Evictable, "nothing changed");
+
+    let long = [Message::new("user", "hi"), Message::new("assistant", "x"), Message::new("user", "y".repeat(40))];
+    assert_eq!(collect(engine.generate(turn(&long, Some("a"), 4)).unwrap()).await.error, None);
+    let a = engine.agent(&tenant, &id("a")).await.unwrap();
+    assert!(a.blocks_held > 10);
+    assert_eq!(a.retention, Retention::Evictable, "a turn past the share unpins");
+}

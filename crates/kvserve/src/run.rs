@@ -54,6 +54,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         queue_limit: 1,
         request_timeout: 3600,
         max_agents_per_tenant: 1,
+        max_pinned_share: 0.0,
     };
     let started = start_engine(&engine_args, None)?;
     tracing::info!("loaded {}", started.summary);

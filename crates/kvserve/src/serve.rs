@@ -36,6 +36,10 @@ pub(crate) struct ServeArgs {
     /// Block quotas per tenant, `TENANT:BLOCKS`, comma-separated or repeated.
     #[arg(long = "tenant-quota", env = "KVSERVE_TENANT_QUOTAS", value_delimiter = ',')]
     tenant_quotas: Vec<String>,
+    /// Highest priority a client may give a request or agent (from -1000);
+    /// the default 0 lets clients only lower theirs.
+    #[arg(long, env = "KVSERVE_MAX_PRIORITY", default_value_t = 0, allow_negative_numbers = true)]
+    max_priority: i32,
     /// Serve a non-loopback address without API keys (anyone who can reach
     /// it can use it).
     #[arg(long)]
@@ -102,7 +106,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             engine.set_quota(tenant, Some(*blocks)).await?;
             tracing::info!(%tenant, blocks, "tenant quota");
         }
-        let app = server::router(started.engine, ServerConfig { api_keys, max_body_bytes: max_body });
+        let config = ServerConfig { api_keys, max_body_bytes: max_body, max_priority: args.max_priority };
+        let app = server::router(started.engine, config);
         let grace = Duration::from_secs(args.shutdown_grace);
         server::serve(listener, app, engine, server::shutdown_signal(), grace).await.context("serving")?;
         tracing::info!("stopped");

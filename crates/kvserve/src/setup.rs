@@ -47,6 +47,9 @@ pub(crate) struct EngineArgs {
     /// evictable agent is forgotten.
     #[arg(long, env = "KVSERVE_MAX_AGENTS_PER_TENANT", default_value_t = 1024)]
     pub(crate) max_agents_per_tenant: usize,
+    /// Share of the KV pool one tenant's pinned agents may hold (0 to 1).
+    #[arg(long, env = "KVSERVE_MAX_PINNED_SHARE", default_value_t = 0.5)]
+    pub(crate) max_pinned_share: f64,
 }
 
 /// Sets the one thread pool (rayon's global pool, which candle's kernels and
@@ -142,6 +145,9 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         // Each running sequence needs its decode token in every step.
         bail!("--max-running ({}) must not exceed --max-batch-tokens ({})", args.max_running, args.max_batch_tokens);
     }
+    if !(0.0..=1.0).contains(&args.max_pinned_share) {
+        bail!("--max-pinned-share must be between 0 and 1");
+    }
     let path = resolve_model(&args.model)?;
     let file = GgufFile::open(&path)?;
     let config = ModelConfig::from_gguf(&file)?;
@@ -180,6 +186,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         prefix_cache: true,
         default_timeout: Some(Duration::from_secs(args.request_timeout.max(1))),
         max_agents_per_tenant: args.max_agents_per_tenant,
+        max_pinned_share: args.max_pinned_share,
     };
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
     Ok(Started { engine, model_name, summary })

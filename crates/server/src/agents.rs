@@ -80,7 +80,8 @@ pub(crate) async fn patch(
         (Some(false), None) => Some(Retention::Evictable),
         (None, None) => None,
     };
-    let update = AgentUpdate { retention, priority: p.priority };
+    let priority = p.priority.map(|x| crate::check_priority(x, state.max_priority)).transpose()?;
+    let update = AgentUpdate { retention, priority };
     Ok(Json(state.engine.update_agent(&tenant, &id, update).await?))
 }
 

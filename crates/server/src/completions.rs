@@ -102,7 +102,8 @@ async fn respond(
     logprobs: Option<usize>,
 ) -> Result<Response, ApiError> {
     let (stream, include_usage) = (common.stream, common.stream_options.as_ref().is_some_and(|o| o.include_usage));
-    let mut request = common.into_request(prompt, &state.model_name, tenant, header_agent(headers)?)?;
+    let mut request =
+        common.into_request(prompt, &state.model_name, tenant, header_agent(headers)?, state.max_priority)?;
     request.sampling.logprobs = logprobs;
     let mut meta = Meta {
         kind,

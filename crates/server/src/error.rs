@@ -133,6 +133,10 @@ impl From<engine::Error> for ApiError {
                 code: Some("agent_limit_reached"),
                 ..Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
             },
+            E::PinLimit { .. } => Self {
+                code: Some("pin_limit_reached"),
+                ..Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
+            },
             E::CacheFull { .. } => Self {
                 retry_after: Some(Duration::from_secs(5)),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)

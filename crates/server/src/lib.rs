@@ -51,11 +51,28 @@ pub struct ServerConfig {
     pub api_keys: HashMap<String, TenantId>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Highest `priority` a client may give a request or an agent (400
+    /// beyond). Priorities decide who is preempted and whose agents are
+    /// released first across all tenants, so by default clients may only
+    /// lower theirs (background work); an operator raises the cap.
+    pub max_priority: i32,
 }
+
+/// Lowest `priority` a client may give.
+pub const MIN_PRIORITY: i32 = -1000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { api_keys: HashMap::new(), max_body_bytes: 4 << 20 }
+        Self { api_keys: HashMap::new(), max_body_bytes: 4 << 20, max_priority: 0 }
+    }
+}
+
+/// `priority` if it is within what clients may ask for.
+pub(crate) fn check_priority(priority: i32, max: i32) -> Result<i32, ApiError> {
+    if (MIN_PRIORITY..=max).contains(&priority) {
+        Ok(priority)
+    } else {
+        Err(ApiError::invalid("priority", format!("must be between {MIN_PRIORITY} and {max}")))
     }
 }
 
@@ -66,6 +83,7 @@ pub(crate) struct AppState {
     pub(crate) model_name: Arc<str>,
     pub(crate) keys: Arc<HashMap<String, TenantId>>,
     pub(crate) max_body_bytes: usize,
+    pub(crate) max_priority: i32,
 }
 
 /// The request's tenant, from its API key.
@@ -109,6 +127,7 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         engine,
         keys: Arc::new(config.api_keys),
         max_body_bytes: config.max_body_bytes,
+        max_priority: config.max_priority,
     };
     Router::new()
         .route("/v1/chat/completions", post(completions::chat))

@@ -120,6 +120,7 @@ impl Common {
         served_model: &str,
         tenant: TenantId,
         header_agent: Option<String>,
+        max_priority: i32,
     ) -> Result<Request, ApiError> {
         match self.model.as_deref() {
             None | Some("") => return Err(invalid("model", "you must provide a model parameter")),
@@ -180,7 +181,7 @@ impl Common {
         req.ignore_eos = self.ignore_eos;
         req.agent = agent;
         req.tenant = tenant;
-        req.priority = self.priority.unwrap_or(0);
+        req.priority = self.priority.map_or(Ok(0), |p| crate::check_priority(p, max_priority))?;
         Ok(req)
     }
 }

@@ -213,6 +213,8 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
     let (s, e) = error_of(&app, &chat_body(&"y".repeat(5000), json!({})).to_string()).await;
     assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
     assert_eq!(e["param"], "messages", "the prompt alone is too long");
+    let (s, e) = error_of(&app, &chat_body("x", json!({"priority": 1})).to_string()).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "priority"), "above --max-priority");
     let (s, e) = error_of(&app, &chat_body("x", json!({"temperature": 5})).to_string()).await;
     assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "temperature"));
     let (s, e) = error_of(&app, &chat_body("x", json!({"temperature": "hot"})).to_string()).await;
@@ -326,8 +328,11 @@ async fn agents_keep_their_cache_and_can_be_pinned_and_deleted() {
     assert!(info["blocks_held"].as_u64().unwrap() > 0);
     let pinned = call(&app, "POST", "/v1/agents/bot-1/pin", None, &[]).await.json();
     assert_eq!(pinned["retention"], "pinned");
-    let ttl = call(&app, "PATCH", "/v1/agents/bot-1", Some(r#"{"ttl_seconds": 600, "priority": 2}"#), &[]).await.json();
-    assert_eq!((ttl["retention"]["ttl_seconds"].as_u64(), ttl["priority"].as_i64()), (Some(600), Some(2)));
+    let ttl =
+        call(&app, "PATCH", "/v1/agents/bot-1", Some(r#"{"ttl_seconds": 600, "priority": -2}"#), &[]).await.json();
+    assert_eq!((ttl["retention"]["ttl_seconds"].as_u64(), ttl["priority"].as_i64()), (Some(600), Some(-2)));
+    let r = call(&app, "PATCH", "/v1/agents/bot-1", Some(r#"{"priority": 1}"#), &[]).await;
+    assert_eq!((r.status, r.json()["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("priority")));
     let bad = call(&app, "PATCH", "/v1/agents/bot-1", Some(r#"{"colour": "red"}"#), &[]).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(call(&app, "POST", "/v1/agents/bot-1/unpin", None, &[]).await.json()["retention"], "evictable");
