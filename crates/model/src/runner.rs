@@ -59,6 +59,14 @@ pub trait TextCodec: Send + Sync {
     fn render_chat(&self, messages: &[Message]) -> Result<String>;
     /// Ids that end generation (end of sequence, end of turn).
     fn stop_ids(&self) -> &[u32];
+    /// The raw bytes of one token (part of a UTF-8 character, possibly), as
+    /// OpenAI's logprobs report them; by default its decoded text's.
+    ///
+    /// # Errors
+    /// [`crate::Error::Tokenizer`] for an id outside the vocabulary.
+    fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
+        self.decode(&[id]).map(String::into_bytes)
+    }
 }
 
 /// A [`LlamaModel`] with its paged K/V arenas.
@@ -177,5 +185,11 @@ impl TextCodec for LlamaText {
 
     fn stop_ids(&self) -> &[u32] {
         &self.tokenizer.stop_ids
+    }
+
+    fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
+        self.tokenizer
+            .token_bytes(id)
+            .ok_or_else(|| crate::Error::Tokenizer(format!("id {id} is outside the vocabulary")))
     }
 }

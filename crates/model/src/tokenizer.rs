@@ -170,6 +170,23 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
+    /// The raw bytes one id stands for: its byte-level token string mapped
+    /// back through GPT-2's byte-to-character table (a token that is part of
+    /// a multi-byte character decodes to an incomplete UTF-8 sequence, which
+    /// `decode` would turn into U+FFFD). Characters outside the table
+    /// (special tokens' markup never is) keep their UTF-8 bytes.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let table = byte_of_char();
+        let mut out = Vec::new();
+        for c in self.token(id)?.chars() {
+            match table.get(&c) {
+                Some(&b) => out.push(b),
+                None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        Some(out)
+    }
+
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
@@ -192,4 +209,25 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             Ok(ByteLevel::new(false, true, true).into())
         }
     }
+}
+
+/// GPT-2's byte-level alphabet reversed: printable bytes stand for
+/// themselves, the other 68 for the code points from U+0100 in byte order.
+fn byte_of_char() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let mut next = 0x100_u32;
+        (0..=255_u8)
+            .map(|b| {
+                let c = if printable(b) {
+                    char::from(b)
+                } else {
+                    next += 1;
+                    char::from_u32(next - 1).expect("U+0100..U+0143 are characters")
+                };
+                (c, b)
+            })
+            .collect()
+    })
 }

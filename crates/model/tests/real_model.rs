@@ -31,6 +31,13 @@ fn smollm_tokenizer_splits_like_the_reference_tokenizer() {
     let text = "The quick brown fox, 3 times: naïve café!";
     assert_eq!(tok.decode(&tok.encode(text).unwrap(), false).unwrap(), text);
     assert_eq!(tok.encode("<|im_start|>user").unwrap()[0], 1);
+    // Raw bytes of each token add up to the text, even where a token ends
+    // inside a multi-byte character.
+    for text in [text, "日本語の文章 🙂"] {
+        let bytes: Vec<u8> = tok.encode(text).unwrap().iter().flat_map(|&t| tok.token_bytes(t).unwrap()).collect();
+        assert_eq!(bytes, text.as_bytes());
+    }
+    assert_eq!(tok.token_bytes(1).unwrap(), b"<|im_start|>");
     assert_eq!(tok.eos, Some(2));
     assert!(tok.stop_ids.contains(&2));
 }

@@ -75,6 +75,9 @@ pub(crate) async fn chat(
     if req.top_logprobs.is_some_and(|n| n > 20) {
         return Err(ApiError::invalid("top_logprobs", "must be at most 20"));
     }
+    if req.top_logprobs.is_some_and(|n| n > 0) && !req.logprobs {
+        return Err(ApiError::invalid("top_logprobs", "needs logprobs: true"));
+    }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
     respond(&state, Kind::Chat, req.common, prompt, tenant, &headers, logprobs).await
 }
@@ -130,19 +133,27 @@ fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
+/// OpenAI's stand-in for a probability that rounds to zero (JSON has no
+/// `-inf`; serde would write `null`).
+const MIN_LOGPROB: f32 = -9999.0;
+
 fn token_logprobs(state: &AppState, id: u32, lp: &Logprobs) -> TokenLogprob {
-    let text = |t: u32| state.engine.codec().decode(&[t]).unwrap_or_default();
-    let token = text(id);
+    let codec = state.engine.codec();
+    let token = |t: u32| {
+        let bytes = codec.token_bytes(t).unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (text, bytes) = token(id);
     TokenLogprob {
-        bytes: token.as_bytes().to_vec(),
-        token,
-        logprob: lp.logprob,
+        token: text,
+        bytes,
+        logprob: lp.logprob.max(MIN_LOGPROB),
         top_logprobs: lp
             .top
             .iter()
             .map(|&(t, logprob)| {
-                let token = text(t);
-                TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
+                let (token, bytes) = token(t);
+                TopLogprob { token, bytes, logprob: logprob.max(MIN_LOGPROB) }
             })
             .collect(),
     }

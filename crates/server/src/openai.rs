@@ -84,6 +84,9 @@ pub(crate) struct ChatRequest {
     #[serde(default)]
     pub(crate) logprobs: bool,
     pub(crate) top_logprobs: Option<u32>,
+    pub(crate) tools: Option<Vec<serde_json::Value>>,
+    pub(crate) tool_choice: Option<serde_json::Value>,
+    pub(crate) response_format: Option<serde_json::Value>,
     #[serde(flatten)]
     pub(crate) common: Common,
 }
@@ -187,8 +190,24 @@ impl Common {
 }
 
 impl ChatRequest {
+    /// Refuses what this server cannot honour rather than ignore it: a
+    /// client that asked for tool calls or JSON output and got plain text
+    /// would misread the answer.
+    fn check_unsupported(&self) -> Result<(), ApiError> {
+        let tools_off = self.tool_choice.as_ref().is_some_and(|c| c == "none");
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tools_off {
+            return Err(invalid("tools", "tool calling is not supported; send tool_choice: \"none\" or no tools"));
+        }
+        let kind = self.response_format.as_ref().map(|f| f.get("type").and_then(|t| t.as_str()));
+        if kind.is_some_and(|k| k != Some("text")) {
+            return Err(invalid("response_format", "only {\"type\": \"text\"} is supported"));
+        }
+        Ok(())
+    }
+
     /// The conversation as the engine's messages.
     pub(crate) fn prompt(&mut self) -> Result<Prompt, ApiError> {
+        self.check_unsupported()?;
         let messages = self.messages.take().ok_or_else(|| invalid("messages", "messages is required"))?;
         if messages.is_empty() {
             return Err(invalid("messages", "messages must not be empty"));

@@ -213,6 +213,18 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
     let (s, e) = error_of(&app, &chat_body(&"y".repeat(5000), json!({})).to_string()).await;
     assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
     assert_eq!(e["param"], "messages", "the prompt alone is too long");
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    let (s, e) = error_of(&app, &chat_body("x", json!({"tools": tool})).to_string()).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "tools"), "tools are refused, not ignored");
+    let r = post(&app, "/v1/chat/completions", chat_body("x", json!({"tools": tool, "tool_choice": "none"}))).await;
+    assert_eq!(r.status, StatusCode::OK, "tool_choice none asks for text: {}", r.body);
+    let format = json!({"response_format": {"type": "json_object"}});
+    let (s, e) = error_of(&app, &chat_body("x", format).to_string()).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "response_format"));
+    let r = post(&app, "/v1/chat/completions", chat_body("x", json!({"response_format": {"type": "text"}}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let (s, e) = error_of(&app, &chat_body("x", json!({"top_logprobs": 2})).to_string()).await;
+    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "top_logprobs"), "needs logprobs");
     let (s, e) = error_of(&app, &chat_body("x", json!({"priority": 1})).to_string()).await;
     assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "priority"), "above --max-priority");
     let (s, e) = error_of(&app, &chat_body("x", json!({"temperature": 5})).to_string()).await;
@@ -233,6 +245,31 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
     let small = app_with(EngineConfig::default(), ServerConfig { max_body_bytes: 1024, ..ServerConfig::default() });
     let (s, e) = error_of(&small, &chat_body(&"z".repeat(4096), json!({})).to_string()).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
+}
+
+/// `logprobs` on chat: one entry per answer token with its raw bytes and the
+/// requested alternatives, most likely first, all finite numbers.
+#[tokio::test]
+async fn chat_logprobs_list_each_token_with_its_alternatives() {
+    let app = app();
+    let r = post(&app, "/v1/chat/completions", chat_body("x", json!({"logprobs": true, "top_logprobs": 3}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let body = r.json();
+    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len() as u64, body["usage"]["completion_tokens"].as_u64().unwrap());
+    let mut text = String::new();
+    for entry in &content {
+        let token = entry["token"].as_str().unwrap();
+        let bytes: Vec<u8> = entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(bytes, token.as_bytes());
+        text.push_str(token);
+        let lp = entry["logprob"].as_f64().unwrap();
+        let top: Vec<f64> =
+            entry["top_logprobs"].as_array().unwrap().iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert_eq!(top.len(), 3);
+        assert!(top.windows(2).all(|w| w[0] >= w[1]) && lp <= 0.0 && (lp - top[0]).abs() < 1e-6, "{entry}");
+    }
+    assert_eq!(text, body["choices"][0]["message"]["content"].as_str().unwrap());
 }
 
 /// A request its tenant's quota cannot hold even alone is 403, not a 429
