@@ -53,13 +53,15 @@ use kv::{KvCache, Namespace, OwnerId, SeqId};
 use model::{Model, TextCodec};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::agents::{AgentInfo, AgentKey, AgentUpdate, Agents, Retention};
+use crate::agents::{AgentKey, Agents};
 use crate::error::{Error, Result};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
 use crate::sampling::Sampler;
 use crate::text::TextStream;
 use crate::EngineConfig;
+
+mod agent_ops;
 
 /// Decrements the shared waiting count when dropped, so every way a request
 /// leaves the queue gives its place back.
@@ -679,15 +681,8 @@ impl EngineCore {
             }
         }
         self.drop_if_unborn(a.agent.as_ref());
-        if let Some(key) =
-            a.agent.as_ref().filter(|k| self.agents.get(k).is_some_and(|ag| ag.retention == Retention::Pinned))
-        {
-            if self.pinned_blocks(&key.0, None) > self.pin_limit() {
-                tracing::warn!(tenant = %key.0, agent = %key.1, "pinned agents past their share of the pool; unpinned");
-                if let Some(ag) = self.agents.get_mut(key) {
-                    ag.retention = Retention::Evictable;
-                }
-            }
+        if let Some(key) = &a.agent {
+            self.unpin_past_share(key);
         }
         let f = &mut self.stats.finished;
         let event = match how {
@@ -708,118 +703,6 @@ impl EngineCore {
             }
         };
         let _ = a.events.send(event);
-    }
-
-    fn release_agent(&mut self, key: &AgentKey) {
-        if let Some(ag) = self.agents.get_mut(key) {
-            ag.tokens = Vec::new();
-            if let Some(seq) = ag.seq.take() {
-                let _ = self.cache.remove(seq);
-            }
-        }
-    }
-
-    /// Room for `key` under the tenant's agent limit: nothing to do if it
-    /// exists, else forget the tenant's best candidate if at the limit.
-    fn make_agent_room(&mut self, key: &AgentKey) -> Result<()> {
-        let limit = self.config.max_agents_per_tenant;
-        if self.agents.get(key).is_some() || self.agents.count_of(&key.0) < limit {
-            return Ok(());
-        }
-        let forget = self.agents.forget_candidate(&key.0);
-        let Some(old) = forget else { return Err(Error::TooManyAgents { tenant: key.0.to_string(), limit }) };
-        tracing::debug!(tenant = %key.0, agent = %old.1, "agent limit reached; forgetting the least recently used");
-        self.forget_agent(&old);
-        self.stats.agents_forgotten += 1;
-        Ok(())
-    }
-
-    /// Removes an agent that never completed a turn and has nothing
-    /// running or waiting (its first turn was cancelled or failed).
-    fn drop_if_unborn(&mut self, key: Option<&AgentKey>) {
-        let Some(key) = key else { return };
-        let unborn = self.agents.get(key).is_some_and(|ag| ag.turns == 0 && ag.busy.is_none() && ag.seq.is_none());
-        let queued = self.waiting.values().chain(&self.running).any(|a| a.agent.as_ref() == Some(key));
-        if unborn && !queued {
-            self.agents.remove(key);
-        }
-    }
-
-    fn forget_agent(&mut self, key: &AgentKey) {
-        self.release_agent(key);
-        self.agents.remove(key);
-    }
-
-    pub(crate) fn agent_infos(&self, tenant: &TenantId) -> Vec<AgentInfo> {
-        self.agents.keys_of(tenant).iter().filter_map(|k| self.agent_info(k)).collect()
-    }
-
-    pub(crate) fn agent_info(&self, key: &AgentKey) -> Option<AgentInfo> {
-        self.agents.info(key, self.agent_blocks(key))
-    }
-
-    pub(crate) fn delete_agent(&mut self, key: &AgentKey) -> Result<()> {
-        if self.agents.get(key).is_none() {
-            return Err(Error::UnknownAgent(key.1.to_string()));
-        }
-        self.forget_agent(key);
-        Ok(())
-    }
-
-    /// Blocks held by `tenant`'s pinned agents (a block two of them share
-    /// counts twice: a bound, cheap to keep exact enough).
-    fn pinned_blocks(&self, tenant: &TenantId, except: Option<&AgentKey>) -> usize {
-        self.agents
-            .keys_of(tenant)
-            .iter()
-            .filter(|k| Some(*k) != except)
-            .filter_map(|k| self.agents.get(k).filter(|ag| ag.retention == Retention::Pinned)?.seq)
-            .filter_map(|seq| self.cache.block_table(seq).ok().map(|t| t.blocks().len()))
-            .sum()
-    }
-
-    fn agent_blocks(&self, key: &AgentKey) -> usize {
-        self.agents
-            .get(key)
-            .and_then(|ag| ag.seq)
-            .and_then(|s| self.cache.block_table(s).ok())
-            .map_or(0, |t| t.blocks().len())
-    }
-
-    fn pin_limit(&self) -> usize {
-        (self.cache.spec().num_blocks() as f64 * self.config.max_pinned_share) as usize
-    }
-
-    pub(crate) fn update_agent(&mut self, key: &AgentKey, update: AgentUpdate) -> Result<AgentInfo> {
-        if self.agents.get(key).is_none() {
-            return Err(Error::UnknownAgent(key.1.to_string()));
-        }
-        if update.retention == Some(Retention::Pinned) {
-            let wanted = self.pinned_blocks(&key.0, Some(key)) + self.agent_blocks(key);
-            let limit = self.pin_limit();
-            if wanted > limit {
-                return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
-            }
-        }
-        let ag = self.agents.get_mut(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))?;
-        if let Some(r) = update.retention {
-            ag.retention = r;
-            ag.last_used = Instant::now();
-        }
-        if let Some(p) = update.priority {
-            ag.priority = p;
-        }
-        self.agent_info(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))
-    }
-
-    pub(crate) fn set_quota(&mut self, tenant: &TenantId, quota: Option<u32>) -> Result<()> {
-        let owner = OwnerId::new(tenant.as_str()).map_err(|_| Error::InvalidId {
-            what: "tenant",
-            id: tenant.to_string(),
-            reason: "not a valid owner",
-        })?;
-        self.cache.set_quota(&owner, quota);
-        Ok(())
     }
 
     pub(crate) fn check_invariants(&self) -> Result<(), String> {
