@@ -323,3 +323,73 @@ async fn pinned_agents_hold_at_most_their_share_of_the_pool() {
     assert!(a.blocks_held > 10);
     assert_eq!(a.retention, Retention::Evictable, "a turn past the share unpins");
 }
+
+/// Sixteen threads, four tenants (three with tight quotas), a tight pool,
+/// agents, and cancellations: every request ends on its own (no timeout, so
+/// no livelock), `QuotaExceeded` only for a request its quota cannot hold
+/// alone, and afterwards the pool is full and the cache consistent.
+#[test]
+fn many_threads_across_tenants_with_quotas_all_progress() {
+    let cfg =
+        EngineConfig { max_running: 16, default_timeout: Some(Duration::from_secs(60)), ..EngineConfig::default() };
+    let (engine, control) = fake_engine(4, 160, cfg);
+    control.step_delay_ms.store(1, Ordering::SeqCst);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let quotas = [Some(24_u32), Some(40), None, Some(16)];
+    for (t, q) in quotas.iter().enumerate() {
+        rt.block_on(engine.set_quota(&TenantId::new(&format!("t{t}")).unwrap(), *q)).unwrap();
+    }
+    let threads: Vec<_> = (0..16)
+        .map(|thread| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let mut seen = (0, 0, 0); // finished, cancelled, refused for quota
+                for i in 0..6_usize {
+                    let tenant = (thread + i) % 4;
+                    let prompt_len = 10 + (thread * 7 + i * 13) % 50;
+                    let max_tokens = 4 + (thread * 5 + i * 3) % 27;
+                    let text: String =
+                        (0..prompt_len).map(|k| char::from(b'a' + ((thread + k * i) % 26) as u8)).collect();
+                    let mut r = for_tenant(&text, &format!("t{tenant}"), max_tokens);
+                    if tenant == 2 && i % 2 == 0 {
+                        r.agent = Some(AgentId::new(&format!("agent-{thread}")).unwrap());
+                    }
+                    let mut stream = engine.generate(r).unwrap();
+                    if (thread + i) % 5 == 0 {
+                        let _ = stream.blocking_next(); // drop mid-answer: cancelled
+                        seen.1 += 1;
+                        continue;
+                    }
+                    let out = common::collect_blocking(stream);
+                    match out.error {
+                        None => seen.0 += 1,
+                        Some(Error::QuotaExceeded { quota, .. }) => {
+                            let alone = (prompt_len + max_tokens).div_ceil(4);
+                            assert!(alone > quota as usize, "{alone} blocks fit a quota of {quota}");
+                            seen.2 += 1;
+                        }
+                        Some(e) => panic!("thread {thread} request {i}: {e}"),
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut total = (0, 0, 0);
+    for t in threads {
+        let (a, b, c) = t.join().unwrap();
+        total = (total.0 + a, total.1 + b, total.2 + c);
+    }
+    assert_eq!(total.0 + total.1 + total.2, 96);
+    assert!(total.0 >= 60, "{total:?}");
+    let stats = engine.stats();
+    assert_eq!(stats.finished.timeout, 0, "{stats:?}");
+    common::wait_idle(&engine);
+    for thread in 0..16 {
+        let _ = rt.block_on(
+            engine.delete_agent(&TenantId::new("t2").unwrap(), &AgentId::new(&format!("agent-{thread}")).unwrap()),
+        );
+    }
+    assert_pool_full(&engine);
+    rt.block_on(engine.check_invariants()).unwrap();
+}
