@@ -11,9 +11,13 @@
 //!
 //! The per-row update over one block (scores, rescale, `exp`, value
 //! accumulation) runs in AVX2/FMA where the CPU has them, chosen at run
-//! time: 8-wide FMA dots, a Cephes-style vector `exp`, and the values folded
-//! in eight dimensions at a time over the block's keys. The scalar update is
-//! the reference (and the fallback); they agree to ~1e-5 relative.
+//! time. Each task transposes a block's keys once to `[dim][key]`, so a row
+//! scores eight keys per FMA with no horizontal sums (four dimensions
+//! unrolled: eight independent FMA chains); the max and the `exp`
+//! (Cephes-style polynomial) run on whole vectors with out-of-range lanes
+//! set to `-inf`; values are folded with one FMA chain per eight dimensions
+//! (eight chains for a 64-wide head), keys in the inner loop. The scalar
+//! update is the reference and the fallback; they agree to ~1e-5 relative.
 //!
 //! Causality and sliding windows are positional: query at position `p` reads
 //! keys `max(0, p + 1 - W) ..= p` (`W` infinite for full attention).
@@ -124,12 +128,24 @@ fn attend_chunk(
     let mut acc = vec![0f32; rows * d];
     let mut kbuf = vec![0f32; bs * d];
     let mut vbuf = vec![0f32; bs * d];
-    let mut scores = vec![0f32; bs];
+    // Keys transposed to `[dim][key]` (key count rounded up to 8), so a
+    // SIMD kernel scores eight keys per instruction without horizontal sums.
+    let stride = bs.div_ceil(8) * 8;
+    let mut kt = vec![0f32; if kernel.wants_transposed() { d * stride } else { 0 }];
+    let mut scores = vec![0f32; stride];
     for lb in first_block..=last_block {
         let block = sq.table.blocks()[lb - sq.table.first_block()];
         let base = lb * bs;
         let valid = bs.min(hi_pos + 1 - base);
         store.load(layer, block, g, &mut kbuf[..valid * d], &mut vbuf[..valid * d]);
+        if !kt.is_empty() {
+            for (j, key) in kbuf[..valid * d].chunks_exact(d).enumerate() {
+                for (k, &x) in key.iter().enumerate() {
+                    kt[k * stride + j] = x;
+                }
+            }
+        }
+        let keys = KeyBlock { rows: &kbuf[..valid * d], transposed: &kt, stride, values: &vbuf[..valid * d] };
         for i in 0..n {
             let pos = lo_pos + i;
             let lo = reach(pos).max(base);
@@ -137,13 +153,12 @@ fn attend_chunk(
                 continue;
             }
             let (j0, j1) = (lo - base, (pos + 1 - base).min(valid));
-            let (keys, values) = (&kbuf[j0 * d..j1 * d], &vbuf[j0 * d..j1 * d]);
             for hh in 0..group {
                 let h = g * group + hh;
                 let qrow = &q[((sq.row + first + i) * heads + h) * d..][..d];
                 let r = i * group + hh;
                 let state = RowState { max: &mut max[r], sum: &mut sum[r], acc: &mut acc[r * d..(r + 1) * d] };
-                kernel.update(qrow, keys, values, scale, &mut scores[..j1 - j0], state);
+                kernel.update(qrow, &keys, j0..j1, scale, &mut scores, state);
             }
         }
     }
@@ -159,6 +174,18 @@ struct RowState<'a> {
     max: &'a mut f32,
     sum: &'a mut f32,
     acc: &'a mut [f32],
+}
+
+/// One block's keys and values for one KV head.
+struct KeyBlock<'a> {
+    /// `[key][dim]`.
+    rows: &'a [f32],
+    /// `[dim][key]`, `stride` keys per dim (empty unless the kernel wants
+    /// it).
+    transposed: &'a [f32],
+    stride: usize,
+    /// `[key][dim]`.
+    values: &'a [f32],
 }
 
 /// The per-row update over one block's keys, in the widest instructions
@@ -179,26 +206,45 @@ impl RowKernel {
         Self::Scalar
     }
 
-    /// Folds keys/values (`scores.len()` rows of `q.len()`) into `state`:
-    /// scores `q·k * scale`, rescale by the new running max, add
-    /// `exp(score - max)` to the sum and `exp(..) * v` to the accumulator.
+    fn wants_transposed(self) -> bool {
+        !matches!(self, Self::Scalar)
+    }
+
+    /// Folds keys `keys[range]` into `state`: scores `q·k * scale`, rescale
+    /// by the new running max, add `exp(score - max)` to the sum and
+    /// `exp(..) * v` to the accumulator. `scores` has `keys.stride` slots.
     #[allow(unsafe_code)] // dispatch into the SIMD update below
-    fn update(self, q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], state: RowState<'_>) {
+    fn update(
+        self,
+        q: &[f32],
+        keys: &KeyBlock<'_>,
+        range: std::ops::Range<usize>,
+        scale: f32,
+        scores: &mut [f32],
+        state: RowState<'_>,
+    ) {
         match self {
-            Self::Scalar => update_scalar(q, keys, values, scale, scores, state),
+            Self::Scalar => update_scalar(q, keys, range, scale, scores, state),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` chose this only where AVX2 and FMA exist.
-            Self::Avx2Fma => unsafe { x86::update_avx2(q, keys, values, scale, scores, state) },
+            Self::Avx2Fma => unsafe { x86::update_avx2(q, keys, range, scale, scores, state) },
         }
     }
 }
 
-fn update_scalar(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], st: RowState<'_>) {
+fn update_scalar(
+    q: &[f32],
+    keys: &KeyBlock<'_>,
+    range: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut [f32],
+    st: RowState<'_>,
+) {
     let d = q.len();
     let mut bmax = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot(q, &keys[j * d..(j + 1) * d]) * scale;
-        bmax = bmax.max(*s);
+    for j in range.clone() {
+        scores[j] = dot(q, &keys.rows[j * d..(j + 1) * d]) * scale;
+        bmax = bmax.max(scores[j]);
     }
     let m_new = st.max.max(bmax);
     let alpha = (*st.max - m_new).exp();
@@ -206,10 +252,10 @@ fn update_scalar(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &m
         *st.sum *= alpha;
         st.acc.iter_mut().for_each(|x| *x *= alpha);
     }
-    for (j, &s) in scores.iter().enumerate() {
-        let p = (s - m_new).exp();
+    for j in range {
+        let p = (scores[j] - m_new).exp();
         *st.sum += p;
-        axpy(p, &values[j * d..(j + 1) * d], st.acc);
+        axpy(p, &keys.values[j * d..(j + 1) * d], st.acc);
     }
     *st.max = m_new;
 }
@@ -238,66 +284,81 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 #[allow(unsafe_code)] // AVX2/FMA intrinsics; every function is entered only after detection
 mod x86 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
-    use super::RowState;
+    use super::{KeyBlock, RowState};
 
-    /// `update_scalar` with 8-wide FMA dots, a vector `exp` and the value
-    /// accumulation done eight dimensions at a time over all keys.
+    /// `update_scalar` with eight keys scored per FMA from the transposed
+    /// keys, a vector `exp`, and the values folded in eight dimensions at a
+    /// time over the keys.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn update_avx2(
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &KeyBlock<'_>,
+        range: Range<usize>,
         scale: f32,
         scores: &mut [f32],
         st: RowState<'_>,
     ) {
         let d = q.len();
-        let m = scores.len();
-        debug_assert!(keys.len() >= m * d && values.len() >= m * d && st.acc.len() == d);
-        let mut bmax = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = dot(q, &keys[j * d..(j + 1) * d]) * scale;
-            bmax = bmax.max(*s);
-        }
-        let m_new = st.max.max(bmax);
-        let alpha = (*st.max - m_new).exp();
-        let mut total = 0.0;
-        let shift = _mm256_set1_ps(m_new);
-        let mut chunks = scores.chunks_exact_mut(8);
-        for c in &mut chunks {
+        let (j0, j1) = (range.start, range.end);
+        let stride = keys.stride;
+        assert!(
+            stride.is_multiple_of(8)
+                && scores.len() >= stride
+                && j1 <= stride
+                && keys.transposed.len() >= d * stride
+                && keys.values.len() >= j1 * d
+                && st.acc.len() == d,
+            "attention kernel shapes"
+        );
+        let groups = j0 / 8..j1.div_ceil(8);
+        score_groups(q, keys.transposed, stride, groups.clone(), scale, scores);
+        // Lanes of the first and last group outside the range take no part.
+        scores[groups.start * 8..j0].fill(f32::NEG_INFINITY);
+        scores[j1..groups.end * 8].fill(f32::NEG_INFINITY);
+        let lanes = &mut scores[groups.start * 8..groups.end * 8];
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in lanes.chunks_exact(8) {
             // SAFETY: `c` is 8 floats.
-            let e = exp256(_mm256_sub_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, shift));
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), e) };
-            total += hsum(e);
+            vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(c.as_ptr()) });
         }
-        for s in chunks.into_remainder() {
-            *s = (*s - m_new).exp();
-            total += *s;
-        }
-        *st.sum = *st.sum * alpha + total;
-        let va = _mm256_set1_ps(alpha);
-        let mut acc = st.acc.chunks_exact_mut(8);
-        for (c, a) in (&mut acc).enumerate() {
-            // SAFETY: `a` is 8 floats; each value row has `d` floats, and
-            // `c * 8 + 8 <= d` because `acc` has `d` floats.
+        let m_new = st.max.max(hmax(vmax));
+        // Usually the running max stands: skip a libm call.
+        let alpha = if *st.max == m_new { 1.0 } else { (*st.max - m_new).exp() };
+        let shift = _mm256_set1_ps(m_new);
+        let mut vsum = _mm256_setzero_ps();
+        for c in lanes.chunks_exact_mut(8) {
+            // SAFETY: `c` is 8 floats.
             unsafe {
-                let mut x = _mm256_mul_ps(_mm256_loadu_ps(a.as_ptr()), va);
-                for (j, &p) in scores.iter().enumerate() {
-                    let v = _mm256_loadu_ps(values.as_ptr().add(j * d + c * 8));
-                    x = _mm256_fmadd_ps(_mm256_set1_ps(p), v, x);
-                }
-                _mm256_storeu_ps(a.as_mut_ptr(), x);
+                let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), shift));
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+                vsum = _mm256_add_ps(vsum, e);
             }
         }
-        let done = d - acc.into_remainder().len();
-        for k in done..d {
+        *st.sum = *st.sum * alpha + hsum(vsum);
+        let probs = &scores[j0..j1];
+        let values = &keys.values[j0 * d..j1 * d];
+        let chunks = d / 8;
+        let mut c = 0;
+        while c + 8 <= chunks {
+            fold::<8>(st.acc, values, d, probs, alpha, c);
+            c += 8;
+        }
+        while c + 4 <= chunks {
+            fold::<4>(st.acc, values, d, probs, alpha, c);
+            c += 4;
+        }
+        while c < chunks {
+            fold::<1>(st.acc, values, d, probs, alpha, c);
+            c += 1;
+        }
+        for k in chunks * 8..d {
             let mut x = st.acc[k] * alpha;
-            for (j, &p) in scores.iter().enumerate() {
+            for (j, &p) in probs.iter().enumerate() {
                 x += p * values[j * d + k];
             }
             st.acc[k] = x;
@@ -305,27 +366,89 @@ mod x86 {
         *st.max = m_new;
     }
 
+    /// `acc[8c..8(c + N)] = alpha * acc[..] + Σ_j probs[j] * values[j][..]`
+    /// with `N` independent FMA chains (one per 8 dimensions), keys in the
+    /// inner loop.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: `i + 16 <= n` floats of both.
-            unsafe {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0);
-                s1 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), _mm256_loadu_ps(b.as_ptr().add(i + 8)), s1);
+    fn fold<const N: usize>(acc: &mut [f32], values: &[f32], d: usize, probs: &[f32], alpha: f32, c: usize) {
+        assert!((c + N) * 8 <= d && acc.len() >= d && values.len() >= probs.len() * d, "fold shapes");
+        let va = _mm256_set1_ps(alpha);
+        // SAFETY: the assert bounds every access: dimensions `8c..8(c + N)`
+        // of `acc` and of each of the `probs.len()` value rows.
+        unsafe {
+            let at = acc.as_mut_ptr().add(c * 8);
+            let mut x = [_mm256_setzero_ps(); N];
+            for (u, xu) in x.iter_mut().enumerate() {
+                *xu = _mm256_mul_ps(_mm256_loadu_ps(at.add(u * 8)), va);
             }
-            i += 16;
+            for (j, &p) in probs.iter().enumerate() {
+                let vp = _mm256_set1_ps(p);
+                let row = values.as_ptr().add(j * d + c * 8);
+                for (u, xu) in x.iter_mut().enumerate() {
+                    *xu = _mm256_fmadd_ps(vp, _mm256_loadu_ps(row.add(u * 8)), *xu);
+                }
+            }
+            for (u, xu) in x.iter().enumerate() {
+                _mm256_storeu_ps(at.add(u * 8), *xu);
+            }
         }
-        if i + 8 <= n {
-            // SAFETY: `i + 8 <= n` floats of both.
-            unsafe { s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0) };
-            i += 8;
+    }
+
+    /// `scores[8g..8g + 8] = scale * q · kt[.., 8g..8g + 8]` for each group
+    /// `g`: two groups at a time, the dimension loop unrolled four ways so
+    /// eight independent FMA chains keep both FMA ports busy.
+    #[target_feature(enable = "avx2,fma")]
+    fn score_groups(q: &[f32], kt: &[f32], stride: usize, groups: Range<usize>, scale: f32, scores: &mut [f32]) {
+        let d = q.len();
+        let sc = _mm256_set1_ps(scale);
+        let d4 = d / 4 * 4;
+        let mut g = groups.start;
+        while g < groups.end {
+            let pair = g + 1 < groups.end;
+            let col = g * 8;
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut b = [_mm256_setzero_ps(); 4];
+            // SAFETY: `kt` holds `d * stride` floats and `col + 16 <= stride`
+            // when `pair` (else `col + 8 <= stride`), checked by the caller.
+            unsafe {
+                let base = kt.as_ptr().add(col);
+                let mut k = 0;
+                while k < d4 {
+                    for u in 0..4 {
+                        let qk = _mm256_set1_ps(*q.get_unchecked(k + u));
+                        let row = base.add((k + u) * stride);
+                        a[u] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row), a[u]);
+                        if pair {
+                            b[u] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[u]);
+                        }
+                    }
+                    k += 4;
+                }
+                for (k, &qv) in q.iter().enumerate().skip(d4) {
+                    let qk = _mm256_set1_ps(qv);
+                    let row = base.add(k * stride);
+                    a[0] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row), a[0]);
+                    if pair {
+                        b[0] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[0]);
+                    }
+                }
+                let sa = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(col), _mm256_mul_ps(sa, sc));
+                if pair {
+                    let sb = _mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3]));
+                    _mm256_storeu_ps(scores.as_mut_ptr().add(col + 8), _mm256_mul_ps(sb, sc));
+                }
+            }
+            g += if pair { 2 } else { 1 };
         }
-        let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
-        hsum(_mm256_add_ps(s0, s1)) + tail
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -337,10 +460,11 @@ mod x86 {
 
     /// `exp` of eight lanes: Cephes' single-precision range reduction and
     /// degree-6 polynomial (about 1 ulp on the range softmax uses, x <= 0).
-    /// Inputs below -87.3 give the smallest normal float instead of a
-    /// subnormal or zero — negligible next to the row's largest term, 1.
+    /// Inputs below -87.3 (where the result would be subnormal), `-inf`
+    /// included, give 0.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn exp256(x: __m256) -> __m256 {
+        let live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.336_54), _CMP_GE_OQ);
         let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_54)), _mm256_set1_ps(88.376_26));
         let n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
@@ -352,7 +476,7 @@ mod x86 {
         y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
         y = _mm256_add_ps(y, _mm256_set1_ps(1.0));
         let bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-        _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)), live)
     }
 }
 
@@ -388,6 +512,11 @@ mod tests {
                 assert!(((y - want) / want).abs() < 1e-6, "exp({x}) = {y}, want {want}");
             }
         }
+        let low = [f32::NEG_INFINITY, -1e30, -100.0, -88.0, 0.0, 0.0, 0.0, 0.0];
+        let mut out = [1f32; 8];
+        // SAFETY: AVX2 and FMA checked above; both arrays are 8 floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x86::exp256(_mm256_loadu_ps(low.as_ptr()))) };
+        assert_eq!(out[..4], [0.0; 4], "far below the range is exactly 0");
     }
 
     /// A tiny deterministic generator, so the test needs no crate.
@@ -401,21 +530,29 @@ mod tests {
         let kernel = RowKernel::detect();
         let mut seed = 7;
         for d in [5, 8, 24, 64, 72] {
-            for m in [1, 7, 8, 16] {
-                for fresh in [true, false] {
+            for m in [1_usize, 7, 8, 16, 24] {
+                for (range, fresh) in [(0..m, true), (m / 3..m, false), (0..m.div_ceil(2), false)] {
                     let mut gen = |n: usize| (0..n).map(|_| noise(&mut seed) * 3.0).collect::<Vec<f32>>();
-                    let (q, k, v) = (gen(d), gen(m * d), gen(m * d));
+                    let (q, rows, values) = (gen(d), gen(m * d), gen(m * d));
+                    let stride = m.div_ceil(8) * 8;
+                    let mut transposed = vec![0.0; d * stride];
+                    for j in 0..m {
+                        for k in 0..d {
+                            transposed[k * stride + j] = rows[j * d + k];
+                        }
+                    }
+                    let keys = KeyBlock { rows: &rows, transposed: &transposed, stride, values: &values };
                     let acc0 = gen(d);
                     let (max0, sum0) = if fresh { (f32::NEG_INFINITY, 0.0) } else { (0.5, 2.0) };
                     let run = |simd: bool| {
                         let (mut max, mut sum) = (max0, sum0);
                         let mut acc = if fresh { vec![0.0; d] } else { acc0.clone() };
-                        let mut scores = vec![0.0; m];
+                        let mut scores = vec![0.0; stride];
                         let st = RowState { max: &mut max, sum: &mut sum, acc: &mut acc };
                         if simd {
-                            kernel.update(&q, &k, &v, 0.125, &mut scores, st);
+                            kernel.update(&q, &keys, range.clone(), 0.125, &mut scores, st);
                         } else {
-                            update_scalar(&q, &k, &v, 0.125, &mut scores, st);
+                            update_scalar(&q, &keys, range.clone(), 0.125, &mut scores, st);
                         }
                         (max, sum, acc)
                     };
@@ -423,7 +560,7 @@ mod tests {
                     let close = |x: f32, y: f32| (x - y).abs() <= 1e-5 * (1.0 + y.abs());
                     assert!(close(a.0, b.0) && close(a.1, b.1), "d={d} m={m}: {:?} vs {:?}", (a.0, a.1), (b.0, b.1));
                     for (x, y) in a.2.iter().zip(&b.2) {
-                        assert!(close(*x, *y), "d={d} m={m} fresh={fresh}: {x} vs {y}");
+                        assert!(close(*x, *y), "d={d} m={m} {range:?}: {x} vs {y}");
                     }
                 }
             }
