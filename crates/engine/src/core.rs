@@ -363,8 +363,7 @@ impl EngineCore {
                 }
                 Admission::Short { request, needed, available } => {
                     if let Some(agent) = self.agents.release_candidate(None, request.agent.as_ref()) {
-                        self.release_agent(&agent);
-                        self.stats.agent_releases += 1;
+                        self.release_for_room(&agent);
                         self.waiting.insert(key, request);
                     } else if self.running.is_empty() {
                         // Nothing will ever free more: pinned agents hold it.
@@ -379,8 +378,7 @@ impl EngineCore {
                 Admission::OverQuota { request, quota } => {
                     let tenant = &request.req.req.tenant;
                     if let Some(agent) = self.agents.release_candidate(Some(tenant), request.agent.as_ref()) {
-                        self.release_agent(&agent);
-                        self.stats.agent_releases += 1;
+                        self.release_for_room(&agent);
                         self.waiting.insert(key, request);
                     } else if self.running.iter().any(|r| r.owner == request.owner) {
                         // The tenant's running requests will give their
@@ -509,8 +507,7 @@ impl EngineCore {
                 return !plan.is_empty();
             }
             if let Some(key) = self.agents.release_candidate(None, None) {
-                self.release_agent(&key);
-                self.stats.agent_releases += 1;
+                self.release_for_room(&key);
                 continue;
             }
             let Some(victim) = self.victim(None) else { return false };
@@ -533,8 +530,7 @@ impl EngineCore {
     fn make_quota_room(&mut self, owner: &OwnerId, quota: u32, plan: &mut Vec<(usize, usize)>) -> bool {
         let tenant = self.running.iter().find(|a| &a.owner == owner).map(|a| a.req.req.tenant.clone());
         if let Some(key) = tenant.and_then(|t| self.agents.release_candidate(Some(&t), None)) {
-            self.release_agent(&key);
-            self.stats.agent_releases += 1;
+            self.release_for_room(&key);
             return true;
         }
         let own = self.running.iter().filter(|a| &a.owner == owner).count();

@@ -42,10 +42,16 @@ impl EngineCore {
     pub(super) fn drop_if_unborn(&mut self, key: Option<&AgentKey>) {
         let Some(key) = key else { return };
         let unborn = self.agents.get(key).is_some_and(|ag| ag.turns == 0 && ag.busy.is_none() && ag.seq.is_none());
-        let queued = self.waiting.values().chain(&self.running).any(|a| a.agent.as_ref() == Some(key));
-        if unborn && !queued {
+        if unborn && !self.waiting.values().chain(&self.running).any(|a| a.agent.as_ref() == Some(key)) {
             self.agents.remove(key);
         }
+    }
+
+    /// Releases an idle agent's blocks because memory or its tenant's quota
+    /// ran short (counted in the stats).
+    pub(super) fn release_for_room(&mut self, key: &AgentKey) {
+        self.release_agent(key);
+        self.stats.agent_releases += 1;
     }
 
     pub(super) fn forget_agent(&mut self, key: &AgentKey) {
