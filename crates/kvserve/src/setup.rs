@@ -138,16 +138,19 @@ pub(crate) struct Started {
 /// Loads the model and starts the engine.
 pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Result<Started> {
     init_threads(args.model.threads)?;
-    if args.max_batch_tokens == 0 || args.max_running == 0 || args.queue_limit == 0 || args.max_agents_per_tenant == 0 {
-        bail!("--max-batch-tokens, --max-running, --queue-limit and --max-agents-per-tenant must be at least 1");
-    }
-    if args.max_running > args.max_batch_tokens {
-        // Each running sequence needs its decode token in every step.
-        bail!("--max-running ({}) must not exceed --max-batch-tokens ({})", args.max_running, args.max_batch_tokens);
-    }
-    if !(0.0..=1.0).contains(&args.max_pinned_share) {
-        bail!("--max-pinned-share must be between 0 and 1");
-    }
+    // The engine's own check, before the model is loaded (the name is the
+    // file's, filled in below).
+    let mut engine_config = EngineConfig {
+        model_name: String::new(),
+        max_batch_tokens: args.max_batch_tokens,
+        max_running: args.max_running,
+        max_waiting: args.queue_limit,
+        prefix_cache: true,
+        default_timeout: Some(Duration::from_secs(args.request_timeout.max(1))),
+        max_agents_per_tenant: args.max_agents_per_tenant,
+        max_pinned_share: args.max_pinned_share,
+    };
+    engine_config.validate()?;
     let path = resolve_model(&args.model)?;
     let file = GgufFile::open(&path)?;
     let config = ModelConfig::from_gguf(&file)?;
@@ -178,16 +181,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         matmul.name(),
         rayon::current_num_threads(),
     );
-    let engine_config = EngineConfig {
-        model_name: model_name.clone(),
-        max_batch_tokens: args.max_batch_tokens,
-        max_running: args.max_running,
-        max_waiting: args.queue_limit,
-        prefix_cache: true,
-        default_timeout: Some(Duration::from_secs(args.request_timeout.max(1))),
-        max_agents_per_tenant: args.max_agents_per_tenant,
-        max_pinned_share: args.max_pinned_share,
-    };
+    engine_config.model_name.clone_from(&model_name);
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
     Ok(Started { engine, model_name, summary })
 }

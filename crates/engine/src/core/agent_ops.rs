@@ -81,9 +81,8 @@ impl EngineCore {
         self.agents
             .keys_of(tenant)
             .iter()
-            .filter(|k| Some(*k) != except)
-            .filter_map(|k| self.agents.get(k).filter(|ag| ag.retention == Retention::Pinned)?.seq)
-            .filter_map(|seq| self.cache.block_table(seq).ok().map(|t| t.blocks().len()))
+            .filter(|k| Some(*k) != except && self.agents.get(k).is_some_and(|ag| ag.retention == Retention::Pinned))
+            .map(|k| self.agent_blocks(k))
             .sum()
     }
 
