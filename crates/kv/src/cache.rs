@@ -21,9 +21,10 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::hash::{hash_block, Namespace, PrefixHashes};
+use crate::hash::{BlockHash, BlockKey};
 use crate::ids::{BlockId, OwnerId, SeqId, TokenId};
 use crate::owners::{OwnerSlot, OwnerTable, OwnerUsage};
-use crate::pool::{BlockKey, BlockPool};
+use crate::pool::{BlockPool, Evicted};
 use crate::sequence::{Appended, BlockCopy, BlockTable, Sequence, SequenceSnapshot};
 use crate::spec::CacheSpec;
 use crate::stats::CacheStats;
@@ -406,6 +407,47 @@ impl KvCache {
         self.owners.sequence_removed(seq.owner);
         self.owners.release_if_idle(seq.owner);
         Ok(())
+    }
+
+    /// The chained hashes of the sequence's computed full blocks, one per
+    /// block from the first (those a sliding window released included).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSequence`].
+    pub fn block_hashes(&self, id: SeqId) -> Result<&[BlockHash]> {
+        Ok(&self.seq(id)?.hashes)
+    }
+
+    // ------------------------------------------------------------ evictions
+
+    /// Turns eviction reports on or off (off by default; turning them off
+    /// discards pending reports). While on, every cached block the pool
+    /// evicts, for an allocation or by [`KvCache::evict_cached`], is kept
+    /// with its key until [`KvCache::take_evicted`]: a caller that keeps
+    /// payloads elsewhere copies the block out before the model writes it
+    /// again. Reports accumulate until taken, so a caller that turns them on
+    /// takes them after every operation that allocates.
+    pub fn report_evictions(&mut self, on: bool) {
+        self.pool.report_evictions(on);
+    }
+
+    /// The evictions since the last call, oldest first (empty while reports
+    /// are off).
+    pub fn take_evicted(&mut self) -> Vec<Evicted> {
+        self.pool.take_evicted()
+    }
+
+    /// Evicts the cached (unreferenced) blocks published under `hashes` now,
+    /// as if the pool had needed them: an operator or a benchmark moving a
+    /// prefix out of the pool. Blocks in use are left alone. Returns how many
+    /// were evicted.
+    pub fn evict_cached(&mut self, hashes: &[BlockHash]) -> usize {
+        hashes.iter().filter(|&&h| self.pool.evict_cached(h)).count()
+    }
+
+    /// Whether a block with this address is in the pool (used or cached).
+    pub fn is_indexed(&self, hash: BlockHash) -> bool {
+        self.pool.is_indexed(hash)
     }
 
     /// The sequence's tokens.

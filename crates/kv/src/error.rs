@@ -94,6 +94,23 @@ pub enum Error {
         /// The watermark asked for.
         requested: usize,
     },
+    /// A block payload operation named a block outside the storage.
+    #[error("block {block} is outside the {blocks} blocks of the storage")]
+    BlockOutOfRange {
+        /// The block named.
+        block: BlockId,
+        /// Blocks the storage holds.
+        blocks: usize,
+    },
+    /// A block payload of the wrong size was handed to or asked of the
+    /// storage.
+    #[error("a block payload is {expected} bytes, not {got}")]
+    PayloadLength {
+        /// Bytes of one block's payload.
+        expected: usize,
+        /// Bytes given.
+        got: usize,
+    },
     /// A thread panicked while holding the cache lock; the state may be torn,
     /// so the shared cache refuses further use.
     #[error("the KV cache lock was poisoned by a panicking thread")]

@@ -61,6 +61,48 @@ impl BlockHash {
     pub const fn to_u128(self) -> u128 {
         self.0
     }
+
+    /// Rebuilds a hash from its raw value (read back from a tier).
+    pub const fn from_u128(raw: u128) -> Self {
+        Self(raw)
+    }
+}
+
+impl std::fmt::Display for BlockHash {
+    /// 32 lowercase hex digits: the form file names and logs use.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// What a full block holds, completely: its address, its parent's address,
+/// its namespace and its tokens. Enough to verify a lookup exactly (a hash
+/// collision is a miss, not another sequence's K/V) and to store the block
+/// in a tier under its address and check it when it comes back.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    /// `hash_block(ns, parent, tokens)`.
+    pub hash: BlockHash,
+    /// The previous block's address; `None` for a sequence's first block.
+    pub parent: Option<BlockHash>,
+    /// The model and tenant it belongs to.
+    pub ns: Namespace,
+    /// Exactly one block of tokens.
+    pub tokens: Box<[TokenId]>,
+}
+
+impl BlockKey {
+    /// The key of a block, its hash computed from the other parts.
+    pub fn new(ns: Namespace, parent: Option<BlockHash>, tokens: &[TokenId]) -> Self {
+        let hash = hash_block(&mut Vec::with_capacity(33 + 4 * tokens.len()), ns, parent, tokens);
+        Self { hash, parent, ns, tokens: tokens.into() }
+    }
+
+    /// Whether `hash` really is the address of the other parts (a key read
+    /// back from storage is checked with this).
+    pub fn is_consistent(&self) -> bool {
+        hash_block(&mut Vec::with_capacity(33 + 4 * self.tokens.len()), self.ns, self.parent, &self.tokens) == self.hash
+    }
 }
 
 /// Hashes one block. `scratch` is reused between calls to avoid allocating.

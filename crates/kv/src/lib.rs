@@ -13,6 +13,7 @@
 //! | owners and quotas | `owners.rs` |
 //! | sequences, block tables, slots, copy-on-write | `sequence.rs` |
 //! | the `&mut self` state machine tying them together | `cache.rs` |
+//! | the seam to block payloads (export/import/copy), no I/O | `storage.rs` |
 //! | the whole-state consistency check | `invariants.rs` |
 //! | thread-safe wrapper and RAII handles (`# Concurrency`) | `shared.rs`, `sync.rs` |
 //!
@@ -20,7 +21,10 @@
 //!
 //! A block is *free*, *used* (referenced by sequences or a raw allocation) or
 //! *cached* (unreferenced but published under its content address, kept for
-//! prefix reuse and evicted in LRU order when the free list is empty).
+//! prefix reuse and evicted in LRU order when the free list is empty). An
+//! eviction can be reported ([`KvCache::report_evictions`]) with the block's
+//! [`BlockKey`], so that the engine copies the payload to a slower tier
+//! before the block is reused; this crate itself never does I/O.
 //! `free + used + cached = total` always; [`KvCache::check_invariants`]
 //! verifies it and the rest.
 //!
@@ -73,15 +77,18 @@ mod sequence;
 mod shared;
 pub mod spec;
 mod stats;
+mod storage;
 mod sync;
 
 pub use cache::KvCache;
 pub use error::{Error, Result};
-pub use hash::{BlockHash, Namespace, PrefixHashes};
+pub use hash::{BlockHash, BlockKey, Namespace, PrefixHashes};
 pub use ids::{BlockId, OwnerId, SeqId, TokenId};
 pub use invariants::InvariantViolation;
 pub use owners::OwnerUsage;
+pub use pool::Evicted;
 pub use sequence::{Appended, BlockCopy, BlockTable, SequenceSnapshot, Slot};
 pub use shared::{BlockAllocation, SeqHandle, SharedKvCache};
 pub use spec::{AttentionKind, CacheSpec, CacheSpecParams, KvDType, LayerGroup};
 pub use stats::CacheStats;
+pub use storage::BlockStorage;

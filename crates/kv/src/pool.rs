@@ -27,20 +27,10 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::hash::{BlockHash, Namespace, Prehashed};
+use crate::hash::{BlockHash, BlockKey, Namespace, Prehashed};
 use crate::ids::{BlockId, TokenId};
 use crate::lru::LruList;
 use crate::owners::{OwnerSlot, OwnerTable};
-
-/// What a published block's content is: enough to verify a lookup exactly
-/// and, later, to persist the block under its address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct BlockKey {
-    pub(crate) hash: BlockHash,
-    pub(crate) parent: Option<BlockHash>,
-    pub(crate) ns: Namespace,
-    pub(crate) tokens: Box<[TokenId]>,
-}
 
 #[derive(Default)]
 struct BlockMeta {
@@ -59,12 +49,25 @@ pub(crate) enum BlockState {
     Cached,
 }
 
+/// A cached block the pool evicted to make room, with the content address it
+/// had: the block id is reused right away, so whoever keeps the payload (a
+/// RAM or disk tier) must copy it out before the model writes the block again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evicted {
+    /// The block, already handed to its new holder.
+    pub block: BlockId,
+    /// What it held.
+    pub key: BlockKey,
+}
+
 pub(crate) struct BlockPool {
     blocks: Vec<BlockMeta>,
     free: Vec<BlockId>,
     lru: LruList,
     index: HashMap<BlockHash, BlockId, Prehashed>,
     evictions: u64,
+    /// `Some` while evictions are reported (`KvCache::report_evictions`).
+    evicted: Option<Vec<Evicted>>,
 }
 
 impl BlockPool {
@@ -73,7 +76,7 @@ impl BlockPool {
         blocks.resize_with(num_blocks, BlockMeta::default);
         // Pop order hands out low ids first, which keeps tests readable.
         let free = (0..num_blocks as u32).rev().map(BlockId::new).collect();
-        Self { blocks, free, lru: LruList::new(num_blocks), index: HashMap::default(), evictions: 0 }
+        Self { blocks, free, lru: LruList::new(num_blocks), index: HashMap::default(), evictions: 0, evicted: None }
     }
 
     pub(crate) fn total(&self) -> usize {
@@ -127,11 +130,48 @@ impl BlockPool {
     fn evict_one(&mut self) -> Option<BlockId> {
         let i = self.lru.pop_front()?;
         let id = BlockId::new(i);
-        if let Some(key) = self.blocks[id.index()].key.take() {
-            self.index.remove(&key.hash);
-        }
+        self.drop_key(id);
         self.evictions += 1;
         Some(id)
+    }
+
+    /// Unpublishes `id`, reporting its key if evictions are reported.
+    fn drop_key(&mut self, id: BlockId) {
+        if let Some(key) = self.blocks[id.index()].key.take() {
+            self.index.remove(&key.hash);
+            if let Some(log) = &mut self.evicted {
+                log.push(Evicted { block: id, key: *key });
+            }
+        }
+    }
+
+    /// Evicts the cached (unreferenced) block published under `hash` now,
+    /// moving it to the free list; false if no cached block has that address.
+    pub(crate) fn evict_cached(&mut self, hash: BlockHash) -> bool {
+        let Some(&id) = self.index.get(&hash) else { return false };
+        if self.blocks[id.index()].refs != 0 {
+            return false;
+        }
+        self.lru.remove(id.get());
+        self.drop_key(id);
+        self.evictions += 1;
+        self.free.push(id);
+        true
+    }
+
+    /// Starts (or stops, discarding pending reports) reporting evictions.
+    pub(crate) fn report_evictions(&mut self, on: bool) {
+        self.evicted = on.then(|| self.evicted.take().unwrap_or_default());
+    }
+
+    /// Evictions since the last call, oldest first.
+    pub(crate) fn take_evicted(&mut self) -> Vec<Evicted> {
+        self.evicted.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Whether a block is published under `hash` (used or cached).
+    pub(crate) fn is_indexed(&self, hash: BlockHash) -> bool {
+        self.index.contains_key(&hash)
     }
 
     /// Adds a reference for `owner`; a cached block becomes used again.

@@ -331,3 +331,54 @@ fn append_cost_counts_new_blocks_and_the_copy_of_a_shared_partial_block() {
     assert_eq!(c.append_cost(f, 1), Err(Error::UnknownSequence(f)));
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn evictions_are_reported_with_their_keys_only_while_asked() {
+    let mut c = common::cache(2, 2);
+    let a = common::owner("a");
+    let ns = Namespace::new(b"m", b"");
+    let s = c.create_sequence(&a, ns);
+    c.append(s, &[1, 2, 3, 4]).unwrap();
+    c.mark_computed(s, 4).unwrap();
+    let hashes = c.block_hashes(s).unwrap().to_vec();
+    assert_eq!(hashes.len(), 2);
+    c.remove(s).unwrap();
+    // Off: the pool evicts silently.
+    let t = c.create_sequence(&a, Namespace::new(b"m", b"other"));
+    c.append(t, &[9]).unwrap();
+    assert!(c.take_evicted().is_empty());
+    c.remove(t).unwrap();
+    // On: the next eviction is reported with the block's whole key.
+    c.report_evictions(true);
+    let u = c.create_sequence(&a, Namespace::new(b"m", b"other"));
+    c.append(u, &[9, 9, 9]).unwrap();
+    let ev = c.take_evicted();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].key.hash, hashes[0], "the surviving head of the chain went last");
+    assert_eq!(ev[0].key.tokens.as_ref(), &[1, 2]);
+    assert_eq!(ev[0].key.parent, None);
+    assert!(ev[0].key.is_consistent());
+    assert!(c.take_evicted().is_empty(), "taken once");
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn evict_cached_moves_only_unreferenced_blocks_out() {
+    let mut c = common::cache(4, 2);
+    c.report_evictions(true);
+    let a = common::owner("a");
+    let ns = Namespace::new(b"m", b"");
+    let s = c.create_sequence(&a, ns);
+    c.append(s, &[1, 2, 3, 4]).unwrap();
+    c.mark_computed(s, 4).unwrap();
+    let hashes = c.block_hashes(s).unwrap().to_vec();
+    assert_eq!(c.evict_cached(&hashes), 0, "in use: left alone");
+    c.remove(s).unwrap();
+    assert!(c.is_indexed(hashes[0]));
+    assert_eq!(c.evict_cached(&hashes), 2);
+    assert!(!c.is_indexed(hashes[0]));
+    assert_eq!(c.take_evicted().len(), 2);
+    let st = c.stats();
+    assert_eq!((st.free_blocks, st.cached_blocks, st.evictions), (4, 0, 2));
+    c.check_invariants().unwrap();
+}
