@@ -1,0 +1,308 @@
+//! The file operations the disk tier uses, behind a small trait.
+//!
+//! [`StdFs`] is the real thing. [`MemFs`] keeps files in memory behind the
+//! crate's `sync` lock, so the loom models explore the disk tier's real
+//! protocol (index updates, renames and unlinks under one lock) without a
+//! file system. Tests wrap [`StdFs`] to inject faults into real files:
+//! `ENOSPC` on the nth write, or a `SIGKILL` of the process at a chosen point
+//! of the write protocol (after a temporary file, in the middle of a
+//! manifest, before a rename or a directory sync).
+//!
+//! Every operation is one step of the protocol, so a fault can be placed
+//! between any two of them: `write_new` creates a file that must not exist
+//! and writes it whole (no sync); `sync_batch` makes a set of written files
+//! and directory entries durable; `rename` replaces atomically.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::sync::Mutex;
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirItem {
+    /// The file name (not the path).
+    pub name: String,
+    /// Its size in bytes.
+    pub len: u64,
+    /// Its last modification.
+    pub modified: SystemTime,
+}
+
+/// A held lock on a directory; released when dropped (or when the process
+/// dies: the kernel drops advisory locks with their last descriptor).
+pub trait LockGuard: Send + Sync + fmt::Debug {}
+
+/// The file operations of the disk tier. Paths are built by the tier from
+/// hashes; implementations need not validate them.
+pub trait Fs: Send + Sync + fmt::Debug + 'static {
+    /// Creates `dir` and its parents (0700 where created).
+    ///
+    /// # Errors
+    /// What the system says.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Creates `path`, which must not exist (0600), and writes `parts` to it
+    /// in order. Nothing is synced.
+    ///
+    /// # Errors
+    /// What the system says; a partial file may be left behind.
+    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()>;
+    /// The whole file.
+    ///
+    /// # Errors
+    /// What the system says (`NotFound` for a missing file).
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Replaces `to` with `from` atomically.
+    ///
+    /// # Errors
+    /// What the system says.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    ///
+    /// # Errors
+    /// What the system says (`NotFound` if it is not there).
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// The regular files in `dir`.
+    ///
+    /// # Errors
+    /// What the system says.
+    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>>;
+    /// Makes the data of `files` and the entries of `dirs` durable.
+    ///
+    /// # Errors
+    /// What the system says.
+    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()>;
+    /// Makes the entries of `dir` (renames into it) durable.
+    ///
+    /// # Errors
+    /// What the system says.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive advisory lock on the file `path` (created if
+    /// missing), without waiting.
+    ///
+    /// # Errors
+    /// `WouldBlock` if another holder has it; otherwise what the system says.
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>>;
+    /// Drops the file's pages from the page cache, if the system can (after
+    /// a write is durable, or before a benchmark's cold read).
+    fn forget_cached(&self, path: &Path);
+}
+
+/// Real files.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdFs;
+
+#[derive(Debug)]
+struct FileLock(#[allow(dead_code)] std::fs::File); // held for its lock, never read
+
+impl LockGuard for FileLock {}
+
+impl Fs for StdFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(dir)
+    }
+
+    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+        use std::io::Write;
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let mut f = o.open(path)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            out.push(DirItem { name, len: meta.len(), modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH) });
+        }
+        Ok(out)
+    }
+
+    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
+        if files.is_empty() && dirs.is_empty() {
+            return Ok(());
+        }
+        // One syncfs flushes every dirty page and metadata change of the
+        // file system: one device flush for the whole batch, where an
+        // fdatasync per file costs one each.
+        #[cfg(target_os = "linux")]
+        if let Some(any) = dirs.first().or(files.first()) {
+            return syncfs(any);
+        }
+        for f in files {
+            std::fs::File::open(f)?.sync_data()?;
+        }
+        for d in dirs {
+            self.sync_dir(d)?;
+        }
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let f = o.open(path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Box::new(FileLock(f))),
+            Err(std::fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    fn forget_cached(&self, path: &Path) {
+        #[cfg(target_os = "linux")]
+        if let Ok(f) = std::fs::File::open(path) {
+            use std::os::fd::AsRawFd;
+            #[allow(unsafe_code)] // posix_fadvise has no safe wrapper in std
+            // SAFETY: `f` is an open descriptor for the whole call; the
+            // advice only drops clean cached pages, it never touches memory
+            // of this process.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = path;
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn syncfs(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    #[allow(unsafe_code)] // syncfs has no safe wrapper in std
+    // SAFETY: `f` is an open descriptor for the whole call; syncfs reads no
+    // memory of this process.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Files in memory, for the loom models and quick tests: every operation is
+/// atomic under one lock (the crate's `sync::Mutex`, loom's under `--cfg
+/// loom`), reads return a snapshot, syncs do nothing.
+#[derive(Debug, Default)]
+pub struct MemFs {
+    files: Mutex<BTreeMap<PathBuf, Vec<u8>>>,
+}
+
+impl MemFs {
+    /// An empty file system.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn files(&self) -> io::Result<crate::sync::MutexGuard<'_, BTreeMap<PathBuf, Vec<u8>>>> {
+        self.files.lock().map_err(|_| io::Error::other("poisoned"))
+    }
+
+    /// Whether `path` exists.
+    pub fn exists(&self, path: &Path) -> bool {
+        self.files().is_ok_and(|f| f.contains_key(path))
+    }
+
+    /// Every file path, in order.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files().map(|f| f.keys().cloned().collect()).unwrap_or_default()
+    }
+}
+
+#[derive(Debug)]
+struct NoLock;
+
+impl LockGuard for NoLock {}
+
+impl Fs for MemFs {
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+        let mut files = self.files()?;
+        if files.contains_key(path) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        files.insert(path.to_path_buf(), parts.concat());
+        Ok(())
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.files()?.get(path).cloned().ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut files = self.files()?;
+        let data = files.remove(from).ok_or(io::ErrorKind::NotFound)?;
+        files.insert(to.to_path_buf(), data);
+        Ok(())
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.files()?.remove(path).map(drop).ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
+        Ok(self
+            .files()?
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(dir))
+            .filter_map(|(p, d)| {
+                let name = p.file_name()?.to_str()?.to_owned();
+                Some(DirItem { name, len: d.len() as u64, modified: SystemTime::UNIX_EPOCH })
+            })
+            .collect())
+    }
+
+    fn sync_batch(&self, _files: &[PathBuf], _dirs: &[PathBuf]) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn lock(&self, _path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        Ok(Box::new(NoLock))
+    }
+
+    fn forget_cached(&self, _path: &Path) {}
+}
