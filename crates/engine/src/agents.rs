@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use kv::SeqId;
+use kv::{BlockHash, SeqId};
 use serde::Serialize;
 
 use crate::request::{AgentId, RequestId, TenantId};
@@ -70,6 +70,12 @@ pub(crate) struct Agent {
     pub(crate) seq: Option<SeqId>,
     /// The conversation so far (prompt and answer tokens with computed K/V).
     pub(crate) tokens: Vec<u32>,
+    /// The addresses of its conversation's full blocks (what a tier holds
+    /// them under).
+    pub(crate) chain: Vec<BlockHash>,
+    /// Its latest turn is not durable yet: the commit was deferred (write
+    /// queue full) or failed; it is retried.
+    pub(crate) dirty: bool,
     pub(crate) retention: Retention,
     pub(crate) priority: i32,
     pub(crate) last_used: Instant,
@@ -100,6 +106,22 @@ pub struct AgentInfo {
     pub last_used_unix: u64,
     /// A turn is running.
     pub busy: bool,
+    /// Where its conversation's blocks are.
+    pub blocks: BlockLocations,
+}
+
+/// Where an agent's blocks are: how many of its conversation's full
+/// blocks each tier holds (a block on disk may be in the pool or RAM too).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BlockLocations {
+    /// In the pool (held by the agent, or cached).
+    pub pool: usize,
+    /// In the RAM tier (and not in the pool).
+    pub ram: usize,
+    /// On disk.
+    pub disk: usize,
+    /// Its latest turn is committed to disk (survives a restart).
+    pub durable: bool,
 }
 
 /// Changes to an agent's retention.
@@ -137,6 +159,8 @@ impl Agents {
         self.map.entry(key).or_insert_with(|| Agent {
             seq: None,
             tokens: Vec::new(),
+            chain: Vec::new(),
+            dirty: false,
             retention: Retention::default(),
             priority: 0,
             last_used: Instant::now(),
@@ -164,6 +188,16 @@ impl Agents {
             .filter(|(k, a)| &k.0 == tenant && a.busy.is_none() && a.turns > 0 && a.retention == Retention::Evictable)
             .min_by_key(|(_, a)| (a.priority, a.last_used))
             .map(|(k, _)| k.clone())
+    }
+
+    /// Every agent's key.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &AgentKey> {
+        self.map.keys()
+    }
+
+    /// Agents whose latest turn still has to be committed to disk.
+    pub(crate) fn dirty(&self) -> Vec<AgentKey> {
+        self.map.iter().filter(|(_, a)| a.dirty && a.busy.is_none()).map(|(k, _)| k.clone()).collect()
     }
 
     pub(crate) fn keys_of(&self, tenant: &TenantId) -> Vec<AgentKey> {
@@ -213,7 +247,7 @@ impl Agents {
             .map(|(k, _)| k.clone())
     }
 
-    pub(crate) fn info(&self, key: &AgentKey, blocks_held: usize) -> Option<AgentInfo> {
+    pub(crate) fn info(&self, key: &AgentKey, blocks_held: usize, blocks: BlockLocations) -> Option<AgentInfo> {
         let a = self.map.get(key)?;
         Some(AgentInfo {
             id: key.1.clone(),
@@ -225,6 +259,7 @@ impl Agents {
             priority: a.priority,
             last_used_unix: a.last_used_wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             busy: a.busy.is_some(),
+            blocks,
         })
     }
 }

@@ -59,9 +59,14 @@ use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
 use crate::sampling::Sampler;
 use crate::text::TextStream;
+use crate::tiering::{ProducerId, Tiering};
 use crate::EngineConfig;
 
+mod admission;
 mod agent_ops;
+mod tier_ops;
+
+pub(crate) use tier_ops::TierReuse;
 
 /// Decrements the shared waiting count when dropped, so every way a request
 /// leaves the queue gives its place back.
@@ -106,25 +111,18 @@ struct Active {
     deadline: Option<(Instant, Duration)>,
     last_token: Option<Instant>,
     ticket: Option<QueueTicket>,
+    /// Blocks it waits for are on their way into the pool (a load, for
+    /// now): admission skips it while this producer lives.
+    waits_for: Option<ProducerId>,
+    /// Prompt tokens found in the pool when it was admitted to load the
+    /// rest from a tier (for the hit counters).
+    reused_from_pool: usize,
 }
 
 impl Active {
     fn key(&self) -> (Reverse<i32>, u64) {
         (Reverse(self.req.req.priority), self.arrival)
     }
-}
-
-/// What admitting a request came to.
-enum Admission {
-    /// Running, with its first chunk of this many tokens.
-    Admitted(Active, usize),
-    /// The pool cannot take its first chunk next to the step's other work.
-    Short { request: Active, needed: usize, available: usize },
-    /// Its tenant's quota cannot take its first chunk next to the tenant's
-    /// other work in this step.
-    OverQuota { request: Active, quota: u32 },
-    /// The cache refused for a reason waiting cannot fix.
-    Failed(Active, Error),
 }
 
 /// How a request ended.
@@ -141,6 +139,9 @@ pub(crate) struct EngineCore {
     config: EngineConfig,
     waiting: BTreeMap<(Reverse<i32>, u64), Active>,
     running: Vec<Active>,
+    /// Admitted requests whose blocks are being loaded from a tier.
+    loading: Vec<Active>,
+    tiers: Tiering,
     agents: Agents,
     stats: EngineStats,
     rate: RateWindow,
@@ -148,8 +149,11 @@ pub(crate) struct EngineCore {
 }
 
 impl EngineCore {
-    pub(crate) fn new(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig) -> Self {
-        let cache = KvCache::new(model.spec().clone());
+    pub(crate) fn new(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig, tiers: Tiering) -> Self {
+        let mut cache = KvCache::new(model.spec().clone());
+        // With a tier below the pool, every evicted block's payload is
+        // copied out before the block is reused.
+        cache.report_evictions(tiers.enabled());
         Self {
             model,
             codec,
@@ -157,6 +161,8 @@ impl EngineCore {
             config,
             waiting: BTreeMap::new(),
             running: Vec::new(),
+            loading: Vec::new(),
+            tiers,
             agents: Agents::default(),
             stats: EngineStats::default(),
             rate: RateWindow::default(),
@@ -165,7 +171,7 @@ impl EngineCore {
     }
 
     pub(crate) fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || !self.loading.is_empty()
     }
 
     fn next_counter(&mut self) -> u64 {
@@ -217,6 +223,8 @@ impl EngineCore {
             deadline: timeout.map(|t| (now + t, t)),
             last_token: None,
             ticket: Some(s.ticket),
+            waits_for: None,
+            reused_from_pool: 0,
             req: s.req,
         };
         self.waiting.insert(active.key(), active);
@@ -231,13 +239,19 @@ impl EngineCore {
         } else if let Some(i) = self.running.iter().position(|a| a.id == id) {
             let a = self.running.swap_remove(i);
             self.end(a, End::Finished(FinishReason::Cancelled, String::new()));
+        } else if let Some(i) = self.loading.iter().position(|a| a.id == id) {
+            let a = self.loading.swap_remove(i);
+            self.end(a, End::Finished(FinishReason::Cancelled, String::new()));
         }
     }
 
     /// Ends every request (shutdown) with `err`.
     pub(crate) fn abort_all(&mut self, err: &Error) {
-        let all: Vec<Active> =
-            std::mem::take(&mut self.waiting).into_values().chain(std::mem::take(&mut self.running)).collect();
+        let all: Vec<Active> = std::mem::take(&mut self.waiting)
+            .into_values()
+            .chain(std::mem::take(&mut self.running))
+            .chain(std::mem::take(&mut self.loading))
+            .collect();
         for a in all {
             self.end(a, End::Failed(err.clone()));
         }
@@ -258,15 +272,22 @@ impl EngineCore {
                 self.end_abandoned(a, now);
             }
         }
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].events.is_closed() || expired(&self.running[i]).is_some() {
-                let a = self.running.swap_remove(i);
-                self.end_abandoned(a, now);
-            } else {
-                i += 1;
+        let mut gone = Vec::new();
+        for list in [&mut self.running, &mut self.loading] {
+            let mut i = 0;
+            while i < list.len() {
+                if list[i].events.is_closed() || expired(&list[i]).is_some() {
+                    gone.push(list.swap_remove(i));
+                } else {
+                    i += 1;
+                }
             }
         }
+        for a in gone {
+            self.end_abandoned(a, now);
+        }
+        self.expire_loads(now);
+        self.retry_commits();
         for key in self.agents.expired(now) {
             self.forget_agent(&key);
         }
@@ -281,8 +302,10 @@ impl EngineCore {
 
     /// When the loop must wake up next even without commands.
     pub(crate) fn next_wakeup(&self) -> Option<Instant> {
-        let deadlines = self.waiting.values().chain(&self.running).filter_map(|a| a.deadline.map(|d| d.0));
-        deadlines.chain(self.agents.next_expiry()).min()
+        let deadlines =
+            self.waiting.values().chain(&self.running).chain(&self.loading).filter_map(|a| a.deadline.map(|d| d.0));
+        let loads = self.tiers.loads.values().map(|l| l.deadline);
+        deadlines.chain(loads).chain(self.agents.next_expiry()).min()
     }
 
     /// One scheduling step; false when nothing could run.
@@ -309,8 +332,15 @@ impl EngineCore {
         }
         let refs: Vec<(SeqId, &[u32])> = work.iter().map(|(s, t)| (*s, t.as_slice())).collect();
         self.stats.steps += 1;
-        match self.model.step(&mut self.cache, &refs) {
-            Ok(logits) => self.after_step(&plan, logits),
+        let prefill: usize = work.iter().map(|(_, t)| t.len()).filter(|&n| n > 1).sum();
+        let started = Instant::now();
+        let tiers = &mut self.tiers;
+        let mut stash = |storage: &mut dyn kv::BlockStorage, evicted| tier_ops::stash(tiers, storage, evicted);
+        match crate::txn::run_step(self.model.as_mut(), &mut self.cache, &refs, &mut stash) {
+            Ok(logits) => {
+                self.tiers.costs.prefilled(prefill, started.elapsed());
+                self.after_step(&plan, logits);
+            }
             Err(model::Error::Kv(e @ (kv::Error::QuotaExceeded { .. } | kv::Error::Exhausted { .. }))) => {
                 self.on_refused(&plan, &e);
             }
@@ -343,152 +373,6 @@ impl EngineCore {
     /// Blocks the planned appends need now.
     fn plan_cost(&self, plan: &[(usize, usize)]) -> usize {
         plan.iter().filter_map(|&(i, n)| self.cache.append_cost(self.running[i].seq?, n).ok()).sum()
-    }
-
-    fn admit(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize) {
-        let mut skipped = Vec::new();
-        while *budget > 0 && self.running.len() < self.config.max_running {
-            let Some((key, a)) = self.waiting.pop_first() else { break };
-            let busy =
-                a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| ag.busy).is_some_and(|r| r != a.id);
-            if busy {
-                skipped.push((key, a));
-                continue;
-            }
-            match self.try_admit(a, *budget, plan) {
-                Admission::Admitted(a, n) => {
-                    *budget -= n;
-                    self.running.push(a);
-                    plan.push((self.running.len() - 1, n));
-                }
-                Admission::Short { request, needed, available } => {
-                    if let Some(agent) = self.agents.release_candidate(None, request.agent.as_ref()) {
-                        self.release_for_room(&agent);
-                        self.waiting.insert(key, request);
-                    } else if self.running.is_empty() {
-                        // Nothing will ever free more: pinned agents hold it.
-                        self.end(request, End::Failed(Error::CacheFull { needed, available }));
-                    } else {
-                        // The pool is shared: later requests wait behind
-                        // this one, so a large request is not starved.
-                        self.waiting.insert(key, request);
-                        break;
-                    }
-                }
-                Admission::OverQuota { request, quota } => {
-                    let tenant = &request.req.req.tenant;
-                    if let Some(agent) = self.agents.release_candidate(Some(tenant), request.agent.as_ref()) {
-                        self.release_for_room(&agent);
-                        self.waiting.insert(key, request);
-                    } else if self.running.iter().any(|r| r.owner == request.owner) {
-                        // The tenant's running requests will give their
-                        // blocks back; other tenants go ahead meanwhile.
-                        skipped.push((key, request));
-                    } else {
-                        let err = Error::QuotaExceeded { tenant: tenant.to_string(), quota };
-                        self.end(request, End::Failed(err));
-                    }
-                }
-                Admission::Failed(a, err) => self.end(a, End::Failed(err)),
-            }
-        }
-        self.waiting.extend(skipped);
-    }
-
-    /// Creates the request's sequence, reusing cached K/V; gives the request
-    /// back if the pool or its tenant's quota cannot take its first chunk
-    /// next to `plan`.
-    fn try_admit(&mut self, mut a: Active, budget: usize, plan: &[(usize, usize)]) -> Admission {
-        let ns = self.namespace(&a.req.req.tenant);
-        let limit = a.tokens.len() - 1;
-        let held = a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| {
-            let common = ag.tokens.iter().zip(&a.tokens).take_while(|(x, y)| x == y).count();
-            ag.seq.map(|s| (s, common.min(limit)))
-        });
-        let created = if self.config.prefix_cache {
-            let indexed = self.cache.lookup_prefix(ns, &a.tokens[..limit]);
-            let forked = match held {
-                Some((agent_seq, common)) if common > 0 && common >= indexed => self
-                    .fork_to(agent_seq, common)
-                    // E.g. a sliding window already released the blocks the
-                    // cut needs: start from the prefix index instead.
-                    .inspect_err(|e| tracing::debug!(error = %e, "cannot reuse the agent's sequence"))
-                    .ok(),
-                _ => None,
-            };
-            match forked {
-                Some(x) => Ok(x),
-                None => self.cache.create_with_prefix(&a.owner, ns, &a.tokens[..limit]),
-            }
-        } else {
-            Ok((self.cache.create_sequence(&a.owner, ns), 0))
-        };
-        let (seq, reused) = match created {
-            Ok(x) => x,
-            // Adopting the cached prefix alone is over quota: start empty,
-            // and let the quota check below decide.
-            Err(kv::Error::QuotaExceeded { .. }) => (self.cache.create_sequence(&a.owner, ns), 0),
-            Err(e) => {
-                tracing::error!(error = %e, "admission failed");
-                return Admission::Failed(a, Error::Model(format!("cache refused the request: {e}")));
-            }
-        };
-        let n = (a.tokens.len() - reused).min(budget);
-        let cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
-        let needed = self.plan_cost(plan).saturating_add(cost);
-        let available = self.cache.stats().available_blocks();
-        if needed > available {
-            let _ = self.cache.remove(seq);
-            return Admission::Short { request: a, needed, available };
-        }
-        let quota = self.quota_need(&a.owner, plan);
-        if let Some((quota, _)) = quota.filter(|&(q, need)| need.saturating_add(cost) > q as usize) {
-            let _ = self.cache.remove(seq);
-            return Admission::OverQuota { request: a, quota };
-        }
-        a.seq = Some(seq);
-        a.admission = self.next_counter();
-        a.ticket = None;
-        if !a.admitted {
-            a.admitted = true;
-            a.usage.cached_tokens = reused.min(a.req.prompt.len());
-            self.stats.prompt_tokens += a.req.prompt.len() as u64;
-            self.stats.cached_prompt_tokens += a.usage.cached_tokens as u64;
-        }
-        if let Some(key) = &a.agent {
-            self.agents.entry(key.clone()).busy = Some(a.id);
-        }
-        Admission::Admitted(a, n)
-    }
-
-    /// The owner's quota and the blocks it would hold after its share of
-    /// `plan`; `None` without a quota. Counts every planned block as new to
-    /// the owner (a copy-on-write of a block it alone held costs it
-    /// nothing), so a plan that passes never meets a quota refusal.
-    fn quota_need(&self, owner: &OwnerId, plan: &[(usize, usize)]) -> Option<(u32, usize)> {
-        let usage = self.cache.owner_usage(owner);
-        let quota = usage.quota?;
-        let own: Vec<(usize, usize)> = plan.iter().copied().filter(|&(i, _)| &self.running[i].owner == owner).collect();
-        Some((quota, usage.held_blocks as usize + self.plan_cost(&own)))
-    }
-
-    /// The first tenant in `plan` whose planned blocks exceed its quota.
-    fn over_quota(&self, plan: &[(usize, usize)]) -> Option<(OwnerId, u32)> {
-        plan.iter().map(|&(i, _)| &self.running[i].owner).find_map(|owner| {
-            let (quota, need) = self.quota_need(owner, plan)?;
-            (need > quota as usize).then(|| (owner.clone(), quota))
-        })
-    }
-
-    /// A fork of `seq` cut to its first `len` tokens (nothing left behind
-    /// if the cut fails).
-    fn fork_to(&mut self, seq: SeqId, len: usize) -> kv::Result<(SeqId, usize)> {
-        let fork = self.cache.fork(seq)?;
-        if let Err(e) = self.cache.truncate(fork, len) {
-            let _ = self.cache.remove(fork);
-            return Err(e);
-        }
-        Ok((fork, len))
     }
 
     /// Frees blocks until the plan fits the pool and every tenant's quota:
@@ -653,18 +537,23 @@ impl EngineCore {
 
     /// The one exit: report, then give the sequence to the agent or free it.
     fn end(&mut self, a: Active, how: End) {
+        self.abandon_load(a.id);
         let agent = a.agent.as_ref().and_then(|k| self.agents.get_mut(k)).filter(|ag| ag.busy == Some(a.id));
         let keep = matches!(how, End::Finished(FinishReason::Stop | FinishReason::Length, _));
         match (agent, a.seq) {
             (Some(ag), Some(seq)) if keep => {
                 let old = ag.seq.replace(seq);
                 ag.tokens = self.cache.tokens(seq).map(<[u32]>::to_vec).unwrap_or_default();
+                ag.chain = self.cache.block_hashes(seq).map(<[_]>::to_vec).unwrap_or_default();
                 ag.turns += 1;
                 ag.last_used = Instant::now();
                 ag.last_used_wall = std::time::SystemTime::now();
                 ag.busy = None;
                 if let Some(old) = old {
                     let _ = self.cache.remove(old);
+                }
+                if let Some(key) = &a.agent {
+                    self.commit_agent(key, Instant::now());
                 }
             }
             (agent, seq) => {
@@ -713,6 +602,7 @@ impl EngineCore {
         s.cache = self.cache.stats();
         s.agents = self.agents.len();
         s.tokens_per_second = self.rate.rate(now);
+        s.tiers = self.tier_stats();
         s
     }
 }

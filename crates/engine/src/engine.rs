@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 use model::{Model, TextCodec};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
-use crate::agents::{AgentInfo, AgentUpdate};
+use crate::agents::{AgentInfo, AgentUpdate, BlockLocations};
 use crate::core::{EngineCore, QueueTicket, Submission};
 use crate::error::{Error, Result};
 use crate::metrics::EngineStats;
 use crate::request::{AgentId, Event, Prompt, Request, RequestId, TenantId, ValidRequest};
+use crate::tiering::{TierConfig, Tiering};
 
 /// Longest the idle loop sleeps before looking at deadlines again.
 const IDLE_TICK: Duration = Duration::from_millis(250);
@@ -65,8 +66,11 @@ pub struct EngineConfig {
     pub max_agents_per_tenant: usize,
     /// Share of the pool one tenant's pinned agents may hold (0 to 1).
     /// Pinning past it is refused (`PinLimit`); a pinned agent whose turn
-    /// takes its tenant past it becomes evictable.
+    /// takes its tenant past it becomes evictable. The same share of the
+    /// disk tier's budget bounds their records there.
     pub max_pinned_share: f64,
+    /// The tiers below the pool (RAM, disk). None by default.
+    pub tiers: TierConfig,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +84,7 @@ impl Default for EngineConfig {
             default_timeout: Some(Duration::from_secs(600)),
             max_agents_per_tenant: 1024,
             max_pinned_share: 0.5,
+            tiers: TierConfig::default(),
         }
     }
 }
@@ -90,6 +95,13 @@ enum Command {
     Agents(TenantId, oneshot::Sender<Vec<AgentInfo>>),
     Agent(TenantId, AgentId, oneshot::Sender<Result<AgentInfo>>),
     DeleteAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
+    Offload(TenantId, AgentId, bool, oneshot::Sender<Result<BlockLocations>>),
+    Flusher(oneshot::Sender<Option<tiers::Flusher>>),
+    ForgetDiskCache(oneshot::Sender<()>),
+    Tier(tiers::TierEvent),
+    /// The last handle is gone (tier threads keep senders of their own, so
+    /// the channel alone cannot tell).
+    HandlesGone,
     UpdateAgent(TenantId, AgentId, AgentUpdate, oneshot::Sender<Result<AgentInfo>>),
     SetQuota(TenantId, Option<u32>, oneshot::Sender<Result<()>>),
     CheckInvariants(oneshot::Sender<Result<(), String>>),
@@ -126,6 +138,12 @@ struct Shared {
     codec: Arc<dyn TextCodec>,
     limits: Limits,
     config: EngineConfig,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::HandlesGone);
+    }
 }
 
 /// A cloneable way in to the engine. Cheap to clone; the engine stops when
@@ -174,7 +192,7 @@ impl EngineConfig {
 /// # Errors
 /// [`Error::InvalidConfig`] if `config` cannot work ([`EngineConfig::validate`]);
 /// [`Error::Model`] if the thread cannot be spawned.
-pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig) -> Result<EngineHandle> {
+pub fn start(mut model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig) -> Result<EngineHandle> {
     config.validate()?;
     let spec = model.spec();
     let limits = Limits {
@@ -185,7 +203,16 @@ pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineCon
     };
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(Mutex::new(EngineStats::default()));
-    let core = EngineCore::new(model, Arc::clone(&codec), config.clone());
+    let (tiers, manifests) = open_tiers(model.as_mut(), &config.tiers, &tx)?;
+    let mut core = EngineCore::new(model, Arc::clone(&codec), config.clone(), tiers);
+    if !manifests.is_empty() {
+        let restored = core.restore_agents(manifests);
+        tracing::info!(agents = restored, "agents restored from the disk tier");
+    }
+    // Readers see the engine's real state from the start, not defaults.
+    if let Ok(mut s) = stats.lock() {
+        *s = core.snapshot(Instant::now());
+    }
     let published = Arc::clone(&stats);
     let stopped = Arc::new(AtomicBool::new(false));
     let stopping = Arc::clone(&stopped);
@@ -211,6 +238,36 @@ pub fn start(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineCon
     Ok(EngineHandle { shared: Arc::new(shared) })
 }
 
+/// Opens the tiers `config` asks for; the disk tier's threads report to the
+/// engine over `tx`. Returns the manifests of the agents found on disk.
+fn open_tiers(
+    model: &mut dyn Model,
+    config: &TierConfig,
+    tx: &mpsc::Sender<Command>,
+) -> Result<(Tiering, Vec<tiers::AgentManifest>)> {
+    let Some(disk) = &config.disk else { return Ok((Tiering::new(config.ram_bytes, None, config.load), Vec::new())) };
+    let layout = model.storage().layout();
+    let payload = model.storage().block_bytes();
+    let fp = tiers::StoreFingerprint::new(model.fingerprint(), model.spec(), &[layout]);
+    let tx = tx.clone();
+    let sink: tiers::EventSink = Arc::new(move |ev| {
+        let _ = tx.send(Command::Tier(ev));
+    });
+    let opened = tiers::DiskTier::open(disk.clone(), fp, model.spec().block_size(), payload, sink)
+        .map_err(|e| Error::Storage(e.to_string()))?;
+    tracing::info!(
+        dir = %opened.tier.dir().display(),
+        agents = opened.agents.len(),
+        blocks = opened.blocks,
+        mib = opened.bytes >> 20,
+        rejected = opened.rejected,
+        temps_removed = opened.temps_removed,
+        ms = opened.elapsed.as_millis() as u64,
+        "disk tier opened: recovered its agents and blocks"
+    );
+    Ok((Tiering::new(config.ram_bytes, Some(opened.tier), config.load), opened.agents))
+}
+
 /// Sets the engine's `stopped` flag when dropped.
 struct StopOnExit(Arc<AtomicBool>);
 
@@ -229,6 +286,7 @@ struct Stopping {
 
 fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mutex<EngineStats>, stopped: &AtomicBool) {
     let mut shutdown: Option<Stopping> = None;
+    let mut waiters = Vec::new();
     let mut stalled = false;
     let mut disconnected = false;
     loop {
@@ -243,15 +301,17 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
         let first = if wait.is_zero() {
             rx.try_recv().map_err(|e| matches!(e, TryRecvError::Disconnected))
         } else if disconnected {
-            // No command can come any more; wait without spinning.
+            // No handle can send any more; wait without spinning, then take
+            // what the tier threads reported meanwhile.
             std::thread::sleep(wait);
-            Err(true)
+            rx.try_recv().map_err(|_| true)
         } else {
             rx.recv_timeout(wait).map_err(|e| matches!(e, RecvTimeoutError::Disconnected))
         };
         let mut next = first;
         loop {
             match next {
+                Ok(Command::HandlesGone) => disconnected = true,
                 Ok(cmd) => handle(&mut core, cmd, &mut shutdown),
                 Err(gone) => {
                     disconnected |= gone;
@@ -271,9 +331,7 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
             if !core.has_work() || Instant::now() >= stopping.deadline {
                 stopped.store(true, Ordering::SeqCst);
                 core.abort_all(&Error::EngineStopped);
-                for done in shutdown.take().map(|s| s.waiters).unwrap_or_default() {
-                    let _ = done.send(());
-                }
+                waiters = shutdown.take().map(|s| s.waiters).unwrap_or_default();
                 break;
             }
         }
@@ -285,6 +343,12 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
     let snapshot = core.snapshot(Instant::now());
     if let Ok(mut s) = published.lock() {
         *s = snapshot;
+    }
+    // The tiers finish their queued writes and release the cache directory
+    // before `shutdown` returns, so a new engine can open it at once.
+    drop(core);
+    for done in waiters {
+        let _ = done.send(());
     }
     tracing::info!("engine stopped");
 }
@@ -303,9 +367,19 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
             let key = (tenant, id.clone());
             let _ = reply.send(core.agent_info(&key).ok_or_else(|| Error::UnknownAgent(id.to_string())));
         }
-        Command::DeleteAgent(tenant, id, reply) => {
-            let _ = reply.send(core.delete_agent(&(tenant, id)));
+        Command::DeleteAgent(tenant, id, reply) => core.delete_agent(&(tenant, id), reply),
+        Command::Offload(tenant, id, to_disk, reply) => {
+            let _ = reply.send(core.offload_agent(&(tenant, id), to_disk));
         }
+        Command::Flusher(reply) => {
+            let _ = reply.send(core.disk_flusher());
+        }
+        Command::ForgetDiskCache(reply) => {
+            core.forget_disk_cache();
+            let _ = reply.send(());
+        }
+        Command::Tier(ev) => core.on_tier_event(ev),
+        Command::HandlesGone => {}
         Command::UpdateAgent(tenant, id, update, reply) => {
             let _ = reply.send(core.update_agent(&(tenant, id), update));
         }
@@ -529,6 +603,48 @@ impl EngineHandle {
     pub async fn update_agent(&self, tenant: &TenantId, id: &AgentId, update: AgentUpdate) -> Result<AgentInfo> {
         let (tenant, id) = (tenant.clone(), id.clone());
         self.ask(|r| Command::UpdateAgent(tenant, id, update, r)).await?
+    }
+
+    /// Moves an idle agent's blocks out of the pool into the RAM tier, or
+    /// with `to_disk` on to the disk tier, as memory pressure would (for
+    /// benchmarks and operators; the next turn brings them back). Returns
+    /// where its blocks are then.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAgent`], [`Error::InvalidRequest`] if a turn is
+    /// running, [`Error::EngineStopped`].
+    pub async fn offload_agent(&self, tenant: &TenantId, id: &AgentId, to_disk: bool) -> Result<BlockLocations> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.ask(|r| Command::Offload(tenant, id, to_disk, r)).await?
+    }
+
+    /// Waits until everything queued for the disk tier so far is written
+    /// and durable (agents' latest turns included); false if `timeout`
+    /// passed first or there is no disk tier.
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`].
+    pub async fn flush_tiers(&self, timeout: Duration) -> Result<bool> {
+        let Some(flusher) = self.ask(Command::Flusher).await? else { return Ok(false) };
+        let (tx, rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(flusher.flush(timeout));
+        });
+        rx.await.map_err(|_| Error::EngineStopped)
+    }
+
+    /// Drops the disk tier's records from the page cache, so the next loads
+    /// read the device (benchmarks).
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`].
+    pub async fn forget_disk_cache(&self) -> Result<()> {
+        self.ask(Command::ForgetDiskCache).await
+    }
+
+    /// Why the disk tier is not writing, if it is degraded.
+    pub fn degraded(&self) -> Option<String> {
+        self.stats().tiers.disk.and_then(|d| d.degraded)
     }
 
     /// Sets (or with `None` lifts) a tenant's block quota.

@@ -90,6 +90,10 @@ pub enum Error {
         /// Blocks free or evictable.
         available: usize,
     },
+    /// The KV tiers' storage cannot be used (found at start): the cache
+    /// directory is locked by another server, or cannot be created.
+    #[error("KV storage: {0}")]
+    Storage(String),
     /// The engine's configuration cannot work (found at start).
     #[error("invalid engine configuration: {0}")]
     InvalidConfig(String),

@@ -7,7 +7,11 @@
 //! | requests, ids, events, validation rules | `request.rs` |
 //! | the engine thread, the handle, the event stream (`# Concurrency`) | `engine.rs` |
 //! | scheduling: admission, chunked prefill, preemption, finishing | `core.rs` |
+//! | one step's cache transaction around the model's forward pass | `txn.rs` |
 //! | agents and their retention | `agents.rs` |
+//! | admission: reuse from the pool and the tiers, fitting the step | `core/admission.rs` |
+//! | the tiers below the pool: config, loads, pending blocks, costs | `tiering.rs` |
+//! | the scheduler's use of the tiers, durable agents | `core/tier_ops.rs` |
 //! | choosing tokens | `sampling.rs` |
 //! | streamed text and stop strings | `text.rs` |
 //! | the metrics snapshot | `metrics.rs` |
@@ -48,8 +52,10 @@ mod request;
 mod sampling;
 pub mod testing;
 mod text;
+mod tiering;
+pub mod txn;
 
-pub use agents::{AgentInfo, AgentUpdate, Retention};
+pub use agents::{AgentInfo, AgentUpdate, BlockLocations, Retention};
 pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
 pub use error::{Error, Result};
 pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
@@ -58,3 +64,5 @@ pub use request::{
     AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
     MAX_ID_LEN,
 };
+pub use tiering::{LoadPolicy, TierConfig, TierCounters, TierStats};
+pub use tiers::{DiskConfig, DiskStats, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS};

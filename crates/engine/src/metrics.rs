@@ -83,6 +83,8 @@ pub struct EngineStats {
     pub inter_token: Histogram,
     /// Generated tokens per second over the last few seconds.
     pub tokens_per_second: f64,
+    /// The tiers below the pool.
+    pub tiers: crate::tiering::TierStats,
 }
 
 /// Finished requests by outcome.

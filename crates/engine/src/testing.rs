@@ -6,8 +6,10 @@
 //! reads *through the block table* — so, like attention, every output depends
 //! on the whole history as stored in the blocks. If the engine hands it a
 //! wrong block (a bad prefix adoption, a missed copy-on-write, a block freed
-//! and reused too early), the generated text changes. The next token is a
-//! lowercase letter or a space chosen by the value, so output is readable.
+//! and reused too early, a tier that brings back the wrong payload), the
+//! generated text changes. The next token is a lowercase letter or a space
+//! chosen by the value, so output is readable. Its [`BlockStorage`] exports
+//! a block as its slots' values, little-endian, so tiers see real payloads.
 //!
 //! Knobs shared with the test through [`FakeControl`]: a delay per step (to
 //! exercise timeouts and concurrency), a step at which to fail (error
@@ -17,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kv::{AttentionKind, CacheSpec, CacheSpecParams, KvCache, SeqId};
-use model::{Message, Model, TextCodec};
+use kv::{AttentionKind, BlockCopy, BlockId, BlockStorage, CacheSpec, CacheSpecParams};
+use model::{Batch, Message, Model, TextCodec};
 
 /// The fake vocabulary: 256 byte tokens, then end-of-sequence.
 pub const FAKE_VOCAB: usize = 257;
@@ -43,9 +45,70 @@ pub struct FakeControl {
 #[derive(Debug)]
 pub struct FakeModel {
     spec: CacheSpec,
-    slots: Vec<u64>,
+    storage: FakeStorage,
     control: Arc<FakeControl>,
     max_positions: usize,
+}
+
+/// The fake's "K/V": one value per slot.
+#[derive(Debug)]
+struct FakeStorage {
+    slots: Vec<u64>,
+    block_size: usize,
+}
+
+impl FakeStorage {
+    fn check(&self, block: BlockId) -> kv::Result<usize> {
+        let blocks = self.slots.len() / self.block_size;
+        if block.index() >= blocks {
+            return Err(kv::Error::BlockOutOfRange { block, blocks });
+        }
+        Ok(block.index() * self.block_size)
+    }
+}
+
+impl BlockStorage for FakeStorage {
+    fn layout(&self) -> String {
+        format!("fake-u64-le block={}", self.block_size)
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.block_size * 8
+    }
+
+    fn export_block(&self, block: BlockId, out: &mut [u8]) -> kv::Result<()> {
+        let at = self.check(block)?;
+        if out.len() != self.block_bytes() {
+            return Err(kv::Error::PayloadLength { expected: self.block_bytes(), got: out.len() });
+        }
+        for (o, v) in out.chunks_exact_mut(8).zip(&self.slots[at..at + self.block_size]) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    fn import_block(&mut self, block: BlockId, data: &[u8]) -> kv::Result<()> {
+        let at = self.check(block)?;
+        if data.len() != self.block_bytes() {
+            return Err(kv::Error::PayloadLength { expected: self.block_bytes(), got: data.len() });
+        }
+        for (v, b) in self.slots[at..at + self.block_size].iter_mut().zip(data.chunks_exact(8)) {
+            let mut raw = [0; 8];
+            raw.copy_from_slice(b);
+            *v = u64::from_le_bytes(raw);
+        }
+        Ok(())
+    }
+
+    fn copy_block(&mut self, copy: BlockCopy) -> kv::Result<()> {
+        let (src, dst) = (self.check(copy.src)?, self.check(copy.dst)?);
+        let n = copy.tokens as usize;
+        if n > self.block_size {
+            return Err(kv::Error::PayloadLength { expected: self.block_size, got: n });
+        }
+        self.slots.copy_within(src..src + n, dst);
+        Ok(())
+    }
 }
 
 impl FakeModel {
@@ -68,8 +131,9 @@ impl FakeModel {
         params.block_size = block_size;
         let spec = CacheSpec::new(params).expect("test cache spec is valid");
         let control = Arc::new(FakeControl::default());
-        let slots = vec![0; spec.num_blocks() * spec.block_size()];
-        (Self { spec, slots, control: Arc::clone(&control), max_positions: 4096 }, control)
+        let storage =
+            FakeStorage { slots: vec![0; spec.num_blocks() * spec.block_size()], block_size: block_size as usize };
+        (Self { spec, storage, control: Arc::clone(&control), max_positions: 4096 }, control)
     }
 
     /// Value of a token given the value before it.
@@ -78,51 +142,39 @@ impl FakeModel {
         x ^ (x >> 31)
     }
 
-    fn index(&self, cache: &KvCache, seq: SeqId, pos: usize) -> model::Result<usize> {
-        let bs = self.spec.block_size();
-        let slot = cache
-            .block_table(seq)?
-            .slot(pos, bs)
-            .ok_or_else(|| model::Error::InvalidBatch(format!("position {pos} has no block")))?;
-        Ok(slot.block.index() * bs + slot.offset as usize)
-    }
-
-    fn run(
-        &mut self,
-        cache: &mut KvCache,
-        work: &[(SeqId, &[u32])],
-        starts: &mut Vec<usize>,
-    ) -> model::Result<Vec<Vec<f32>>> {
+    fn run(&mut self, batch: Batch<'_>) -> model::Result<Vec<Vec<f32>>> {
         let step = self.control.steps.fetch_add(1, Ordering::SeqCst) + 1;
-        self.control.batches.lock().expect("fake log lock").push(work.iter().map(|w| w.1.len()).collect());
+        self.control.batches.lock().expect("fake log lock").push(batch.seqs.iter().map(|s| s.tokens.len()).collect());
         let delay = self.control.step_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
-        for &(seq, tokens) in work {
-            let start = cache.seq_len(seq)?;
-            let appended = cache.append(seq, tokens)?;
-            starts.push(start);
-            if let Some(copy) = appended.copy {
-                let bs = self.spec.block_size();
-                let (src, dst) = (copy.src.index() * bs, copy.dst.index() * bs);
-                self.slots.copy_within(src..src + copy.tokens as usize, dst);
-            }
+        for &copy in batch.copies {
+            self.storage.copy_block(copy)?;
         }
         if self.control.fail_at_step.load(Ordering::SeqCst) == step {
             return Err(model::Error::InvalidBatch("injected failure".into()));
         }
-        let mut rows = Vec::with_capacity(work.len());
-        for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
+        let bs = self.spec.block_size();
+        let mut rows = Vec::with_capacity(batch.seqs.len());
+        for s in batch.seqs {
+            let index = |pos: usize| {
+                s.table
+                    .slot(pos, bs)
+                    .map(|slot| slot.block.index() * bs + slot.offset as usize)
+                    .ok_or_else(|| model::Error::InvalidBatch(format!("position {pos} has no block")))
+            };
             let mut value = 0;
-            for (i, &t) in tokens.iter().enumerate() {
-                let pos = start + i;
-                let prev = if pos == 0 { 0x5eed } else { self.slots[self.index(cache, seq, pos - 1)?] };
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let pos = s.start_pos + i;
+                let prev = if pos == 0 { 0x5eed } else { self.storage.slots[index(pos - 1)?] };
                 value = Self::mix(prev, t);
-                let at = self.index(cache, seq, pos)?;
-                self.slots[at] = value;
+                let at = index(pos)?;
+                if s.slots.get(i).map(|slot| slot.block.index() * bs + slot.offset as usize) != Some(at) {
+                    return Err(model::Error::InvalidBatch(format!("slot {i} does not match the block table")));
+                }
+                self.storage.slots[at] = value;
             }
-            cache.mark_computed(seq, start + tokens.len())?;
             let mut row = vec![-10.0; FAKE_VOCAB];
             let next = ALPHABET[(value % ALPHABET.len() as u64) as usize];
             let runner_up = ALPHABET[((value >> 8) % ALPHABET.len() as u64) as usize];
@@ -151,15 +203,12 @@ impl Model for FakeModel {
         b"fake-model"
     }
 
-    fn step(&mut self, cache: &mut KvCache, work: &[(SeqId, &[u32])]) -> model::Result<Vec<Vec<f32>>> {
-        let mut starts = Vec::with_capacity(work.len());
-        let result = self.run(cache, work, &mut starts);
-        if result.is_err() {
-            for (&(seq, _), &start) in work.iter().zip(&starts) {
-                let _ = cache.truncate(seq, start);
-            }
-        }
-        result
+    fn forward(&mut self, batch: Batch<'_>) -> model::Result<Vec<Vec<f32>>> {
+        self.run(batch)
+    }
+
+    fn storage(&mut self) -> &mut dyn BlockStorage {
+        &mut self.storage
     }
 }
 

@@ -11,10 +11,9 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::Device;
 use kv::{KvCache, KvDType, Namespace, OwnerId, SeqId};
 use model::dispatch::Path;
-use model::{argmax_rows, GgufFile, LlamaModel, PagedKvStore};
+use model::{LlamaModel, MatmulPath, Model, PagedLlama};
 
 use crate::setup::{init_threads, resolve_model};
 use crate::ModelArgs;
@@ -57,9 +56,10 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;
-    let model = &LlamaModel::load(&GgufFile::open(&path)?, &Device::Cpu)?;
+    let (base, _) = PagedLlama::open(&path, 16, 4, KvDType::F16, MatmulPath::from_env()?)?;
+    let model = &base;
     let threads = rayon::current_num_threads();
-    println!("model: {} | threads: {threads} | matmul: {}", path.display(), model.matmul_path().name());
+    println!("model: {} | threads: {threads} | matmul: {}", path.display(), model.model().matmul_path().name());
 
     // Warm-up: every shape the measurement will use, enough times for the
     // tracker to have measured both paths.
@@ -87,7 +87,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     println!();
     println!("| n | k | rows | quantized µs (samples) | dense µs (samples) | choice |");
     println!("|---|---|---|---|---|---|");
-    for r in model.perf().snapshot() {
+    for r in model.model().perf().snapshot() {
         println!(
             "| {} | {} | {} | {:.1} ({}) | {:.1} ({}) | {} |",
             r.key.n,
@@ -104,7 +104,8 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
 }
 
 /// The tracker's choices for `rows` activation rows, summarised.
-fn choice(model: &LlamaModel, rows: usize) -> String {
+fn choice(model: &PagedLlama, rows: usize) -> String {
+    let model: &LlamaModel = model.model();
     let bucket = rows.max(1).next_power_of_two().min(1024);
     let snap: Vec<_> = model.perf().snapshot().into_iter().filter(|r| r.key.rows == bucket).collect();
     if snap.is_empty() {
@@ -114,48 +115,54 @@ fn choice(model: &LlamaModel, rows: usize) -> String {
     format!("{bucket}: {} quantized, {dense} dense", snap.len() - dense)
 }
 
-fn fresh(model: &LlamaModel, tokens: usize) -> Result<(KvCache, PagedKvStore)> {
-    let blocks = u32::try_from(tokens.div_ceil(16) + 4)?;
-    let spec = model.config().cache_spec(16, blocks, KvDType::F16)?;
-    Ok((KvCache::new(spec.clone()), PagedKvStore::new(&spec)))
+/// The model with fresh arenas and an empty cache for `tokens` tokens.
+fn fresh(model: &PagedLlama, tokens: usize) -> Result<(KvCache, PagedLlama)> {
+    let m = model.sibling(u32::try_from(tokens.div_ceil(16) + 4)?)?;
+    Ok((KvCache::new(m.spec().clone()), m))
 }
 
 fn prompt(len: usize, salt: usize) -> Vec<u32> {
     (0..len).map(|i| (1000 + (i * 37 + salt * 101) % 20_000) as u32).collect()
 }
 
-fn prefill_rate(model: &LlamaModel, len: usize) -> Result<f64> {
-    let (mut cache, mut store) = fresh(model, len)?;
+fn prefill_rate(model: &PagedLlama, len: usize) -> Result<f64> {
+    let (mut cache, mut m) = fresh(model, len)?;
     let seq = cache.create_sequence(&OwnerId::new("bench")?, Namespace::new(b"bench", b""));
     let tokens = prompt(len, 0);
     let start = Instant::now();
-    model.step(&mut cache, &mut store, &[(seq, &tokens)])?;
+    engine::txn::run_step(&mut m, &mut cache, &[(seq, &tokens)], &mut |_, _| {})?;
     Ok(len as f64 / start.elapsed().as_secs_f64())
 }
 
-fn decode_rate(model: &LlamaModel, batch: usize, steps: usize) -> Result<f64> {
+fn decode_rate(model: &PagedLlama, batch: usize, steps: usize) -> Result<f64> {
     const PROMPT: usize = 32;
-    let (mut cache, mut store) = fresh(model, batch * (PROMPT + steps + 16))?;
+    let (mut cache, mut m) = fresh(model, batch * (PROMPT + steps + 16))?;
     let owner = OwnerId::new("bench")?;
     let seqs: Vec<SeqId> = (0..batch).map(|_| cache.create_sequence(&owner, Namespace::new(b"bench", b""))).collect();
     let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(PROMPT, i)).collect();
-    let mut next = run_batch(model, &mut cache, &mut store, &seqs, &prompts)?;
+    let mut next = run_batch(&mut cache, &mut m, &seqs, &prompts)?;
     let start = Instant::now();
     for _ in 0..steps {
         let work: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
-        next = run_batch(model, &mut cache, &mut store, &seqs, &work)?;
+        next = run_batch(&mut cache, &mut m, &seqs, &work)?;
     }
     Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// One ragged batch; returns each sequence's greedy next token.
-fn run_batch(
-    model: &LlamaModel,
-    cache: &mut KvCache,
-    store: &mut PagedKvStore,
-    seqs: &[SeqId],
-    tokens: &[Vec<u32>],
-) -> Result<Vec<u32>> {
+fn run_batch(cache: &mut KvCache, m: &mut PagedLlama, seqs: &[SeqId], tokens: &[Vec<u32>]) -> Result<Vec<u32>> {
     let work: Vec<(SeqId, &[u32])> = seqs.iter().copied().zip(tokens.iter().map(Vec::as_slice)).collect();
-    Ok(argmax_rows(&model.step(cache, store, &work)?)?)
+    let rows = engine::txn::run_step(m, cache, &work, &mut |_, _| {})?;
+    Ok(rows.iter().map(|r| argmax(r)).collect())
+}
+
+/// Index of the largest logit (the first of equals).
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
 }

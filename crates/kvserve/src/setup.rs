@@ -50,6 +50,68 @@ pub(crate) struct EngineArgs {
     /// Share of the KV pool one tenant's pinned agents may hold (0 to 1).
     #[arg(long, env = "KVSERVE_MAX_PINNED_SHARE", default_value_t = 0.5)]
     pub(crate) max_pinned_share: f64,
+    #[command(flatten)]
+    pub(crate) tiers: TierArgs,
+}
+
+/// Where blocks go when the pool evicts them, and where agents are kept
+/// across restarts.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct TierArgs {
+    /// Host RAM for blocks evicted from the pool, e.g. `2GiB`; `0`
+    /// disables it. Default: a quarter of physical memory, at most 8 GiB
+    /// (taken as blocks arrive, never reserved).
+    #[arg(long, env = "KVSERVE_RAM_CACHE", value_parser = parse_size_or_zero)]
+    pub(crate) ram_cache: Option<u64>,
+    /// Directory of the disk tier (block records and agent manifests, one
+    /// subdirectory per model). Default: `kv` in the per-user cache
+    /// directory (`~/.cache/kvserve/kv`).
+    #[arg(long, env = "KVSERVE_KV_CACHE_DIR")]
+    pub(crate) cache_dir: Option<PathBuf>,
+    /// Disk space for the disk tier, e.g. `16GiB`; `0` disables it (agents
+    /// then do not survive a restart).
+    #[arg(long, env = "KVSERVE_DISK_CACHE", default_value = "16GiB", value_parser = parse_size_or_zero)]
+    pub(crate) disk_cache: u64,
+}
+
+impl TierArgs {
+    /// No tiers: the pool alone.
+    pub(crate) fn none() -> Self {
+        Self { ram_cache: Some(0), cache_dir: None, disk_cache: 0 }
+    }
+
+    /// The engine's tier configuration.
+    pub(crate) fn config(&self) -> Result<engine::TierConfig> {
+        let ram_bytes = self.ram_cache.unwrap_or_else(default_ram_cache);
+        let disk = if self.disk_cache == 0 {
+            None
+        } else {
+            let root = match &self.cache_dir {
+                Some(d) => d.clone(),
+                None => model::fetch::cache_dir()?.join("kv"),
+            };
+            Some(engine::DiskConfig::new(root, self.disk_cache))
+        };
+        Ok(engine::TierConfig { ram_bytes, disk, ..engine::TierConfig::default() })
+    }
+}
+
+/// A quarter of physical memory, at most 8 GiB (2 GiB if it cannot be read).
+fn default_ram_cache() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    total.map_or(2 << 30, |t| (t / 4).min(8 << 30))
+}
+
+/// [`parse_bytes`], or `0` to disable.
+pub(crate) fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_bytes(s)
 }
 
 /// Sets the one thread pool (rayon's global pool, which candle's kernels and
@@ -149,6 +211,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         default_timeout: Some(Duration::from_secs(args.request_timeout.max(1))),
         max_agents_per_tenant: args.max_agents_per_tenant,
         max_pinned_share: args.max_pinned_share,
+        tiers: args.tiers.config()?,
     };
     engine_config.validate()?;
     let path = resolve_model(&args.model)?;
@@ -169,8 +232,13 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
     let model = PagedLlama::new(llama, &file, args.block_size, blocks, args.kv_dtype)?;
     let model_name = path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     let capacity = u64::from(blocks) * u64::from(args.block_size);
+    let tiers = &engine_config.tiers;
+    let disk = match &tiers.disk {
+        Some(d) => format!("{} MiB in {}", d.budget >> 20, d.root.display()),
+        None => "off".into(),
+    };
     let summary = format!(
-        "{} ({}, {} layers, context {}) | KV: {blocks} blocks x {} tokens = {capacity} tokens in {:.0} MiB ({:?}) | matmul: {} | threads: {}",
+        "{} ({}, {} layers, context {}) | KV: {blocks} blocks x {} tokens = {capacity} tokens in {:.0} MiB ({:?}) | RAM tier: {} MiB | disk tier: {disk} | matmul: {} | threads: {}",
         path.display(),
         config.arch.name(),
         config.layers,
@@ -178,6 +246,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         args.block_size,
         (u64::from(blocks) * per_block) as f64 / (1024.0 * 1024.0),
         args.kv_dtype,
+        tiers.ram_bytes >> 20,
         matmul.name(),
         rayon::current_num_threads(),
     );

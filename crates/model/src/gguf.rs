@@ -114,7 +114,12 @@ impl GgufFile {
         &self.path
     }
 
-    /// Size of the file in bytes.
+    /// Every byte of the file (the memory map).
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// The file's size in bytes.
     pub fn len_bytes(&self) -> u64 {
         self.mmap.len() as u64
     }

@@ -37,5 +37,5 @@ pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv_store::PagedKvStore;
 pub use llama::{argmax_rows, LlamaModel, MatmulPath, SeqStep};
-pub use runner::{LlamaText, Model, PagedLlama, TextCodec};
+pub use runner::{Batch, LlamaText, Model, PagedLlama, TextCodec};
 pub use tokenizer::Tokenizer;

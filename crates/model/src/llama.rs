@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
-use kv::{BlockTable, KvCache, SeqId, Slot};
+use kv::{BlockTable, Slot};
 
 use crate::attention::{paged_attention, Dims, SeqQueries};
 use crate::config::{Arch, ModelConfig, RopeScaling};
@@ -432,63 +432,6 @@ impl LlamaModel {
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps)?;
         Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
-    }
-
-    /// One step for sequences of a [`KvCache`]: appends each sequence's new
-    /// tokens (performing any copy-on-write the cache asks for), runs them as
-    /// one ragged batch, and marks them computed. Returns the last-token
-    /// logits, one row per entry. If anything fails, every sequence is
-    /// truncated back to where it was, so a failed step leaves no
-    /// half-appended tokens behind.
-    ///
-    /// # Errors
-    /// [`Error::Kv`] (unknown sequence, out of blocks or quota) or any
-    /// [`LlamaModel::forward`] error.
-    pub fn step(&self, cache: &mut KvCache, store: &mut PagedKvStore, work: &[(SeqId, &[u32])]) -> Result<Tensor> {
-        let mut starts = Vec::with_capacity(work.len());
-        let result = self.step_inner(cache, store, work, &mut starts);
-        if result.is_err() {
-            for (&(seq, _), &start) in work.iter().zip(&starts) {
-                // Only sequences that were appended to are listed in `starts`.
-                let _ = cache.truncate(seq, start);
-            }
-        }
-        result
-    }
-
-    fn step_inner(
-        &self,
-        cache: &mut KvCache,
-        store: &mut PagedKvStore,
-        work: &[(SeqId, &[u32])],
-        starts: &mut Vec<usize>,
-    ) -> Result<Tensor> {
-        let mut slots = Vec::with_capacity(work.len());
-        for &(seq, tokens) in work {
-            let start = cache.seq_len(seq)?;
-            let appended = cache.append(seq, tokens)?;
-            starts.push(start);
-            if let Some(copy) = appended.copy {
-                store.copy_block(copy)?;
-            }
-            slots.push(appended.slots);
-        }
-        // Borrow the tables (no copy per step); the borrow ends before the
-        // cache is written again below.
-        let logits = {
-            let tables = work.iter().map(|&(seq, _)| cache.block_table(seq)).collect::<kv::Result<Vec<_>>>()?;
-            let batch: Vec<SeqStep<'_>> = work
-                .iter()
-                .zip(starts.iter())
-                .zip(slots.iter().zip(&tables))
-                .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots })
-                .collect();
-            self.forward(&batch, store)?
-        };
-        for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
-            cache.mark_computed(seq, start + tokens.len())?;
-        }
-        Ok(logits)
     }
 
     /// Applies RoPE to `[tokens, heads * head_dim]` at each token's position;

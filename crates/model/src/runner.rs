@@ -1,21 +1,27 @@
-//! The small interface the engine drives: [`Model`] (one step of a ragged
-//! batch over a [`KvCache`]) and [`TextCodec`] (text to tokens and back, chat
-//! rendering, stop tokens). The engine's tests implement both with a fake;
-//! [`PagedLlama`] and [`LlamaText`] are the real ones.
+//! The small interface the engine drives: [`Model`] (the forward pass over
+//! a prepared ragged [`Batch`], and the [`BlockStorage`] of its K/V) and
+//! [`TextCodec`] (text to tokens and back, chat rendering, stop tokens). The
+//! engine's tests implement both with a fake; [`PagedLlama`] and
+//! [`LlamaText`] are the real ones.
 //!
 //! A `Model` owns its K/V storage (the arenas the cache's block ids index),
-//! sized once from the [`CacheSpec`] it reports, and the engine owns the
-//! matching [`KvCache`]. `step` must leave the cache as it found it when it
-//! fails (no half-appended tokens), which [`LlamaModel::step`] guarantees.
+//! sized once from the [`CacheSpec`] it reports; the engine owns the
+//! matching `KvCache` and the transaction around each step: it appends the
+//! tokens (getting slots and copy-on-writes from the cache), hands the model
+//! a [`Batch`], and marks the tokens computed, or rolls back if the model
+//! fails. The model only computes: it performs the batch's copies, writes
+//! each token's K/V into its slot and returns logits. So a fake and the
+//! real model share one transaction instead of each repeating it, and the
+//! engine sees every block that enters or leaves the pool.
 
-use kv::{CacheSpec, KvCache, KvDType, SeqId};
+use kv::{BlockCopy, BlockStorage, CacheSpec, KvDType};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv_store::PagedKvStore;
-use crate::llama::{LlamaModel, MatmulPath};
+use crate::llama::{LlamaModel, MatmulPath, SeqStep};
 use crate::tokenizer::Tokenizer;
 
 /// One model instance as the engine sees it.
@@ -26,17 +32,32 @@ pub trait Model: Send {
     fn vocab_size(&self) -> usize;
     /// Longest sequence the model can attend over.
     fn max_positions(&self) -> usize;
-    /// Identifies the weights; part of every prefix-cache namespace so two
-    /// models never share blocks.
+    /// Identifies the model's content (weights, tokenizer, template): part
+    /// of every prefix-cache namespace so two models never share blocks, and
+    /// of the fingerprint persisted blocks carry.
     fn fingerprint(&self) -> &[u8];
-    /// Appends each entry's tokens to its sequence, runs them as one batch,
-    /// marks them computed and returns the logits of each entry's last token
-    /// (one row of [`Model::vocab_size`] per entry).
+    /// Performs `batch.copies`, then runs `batch.seqs` as one ragged batch,
+    /// writing every new token's K/V into its slot, and returns the logits
+    /// of each entry's last token (one row of [`Model::vocab_size`] per
+    /// entry).
     ///
     /// # Errors
-    /// [`crate::Error::Kv`] when the cache refuses (out of blocks or quota)
-    /// and any forward-pass error; the cache is then unchanged.
-    fn step(&mut self, cache: &mut KvCache, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>>;
+    /// [`crate::Error::InvalidBatch`] for a batch that does not fit the
+    /// model or its storage, and any forward-pass error. K/V slots of the
+    /// batch may have been written; the engine rolls the cache back, so
+    /// nothing reads them.
+    fn forward(&mut self, batch: Batch<'_>) -> Result<Vec<Vec<f32>>>;
+    /// The K/V storage, for block export and import (tiers).
+    fn storage(&mut self) -> &mut dyn BlockStorage;
+}
+
+/// One step's work as the engine prepared it.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// Copy-on-writes to perform before anything is written.
+    pub copies: &'a [BlockCopy],
+    /// Each sequence's new tokens, positions, block table and slots.
+    pub seqs: &'a [SeqStep<'a>],
 }
 
 /// Text in and out of a model's token space.
@@ -71,7 +92,7 @@ pub trait TextCodec: Send + Sync {
 
 /// A [`LlamaModel`] with its paged K/V arenas.
 pub struct PagedLlama {
-    model: LlamaModel,
+    model: std::sync::Arc<LlamaModel>,
     store: PagedKvStore,
     spec: CacheSpec,
     fingerprint: Vec<u8>,
@@ -92,7 +113,20 @@ impl PagedLlama {
     pub fn new(model: LlamaModel, file: &GgufFile, block_size: u32, num_blocks: u32, dtype: KvDType) -> Result<Self> {
         let spec = model.config().cache_spec(block_size, num_blocks, dtype)?;
         let store = PagedKvStore::new(&spec);
-        Ok(Self { model, store, spec, fingerprint: fingerprint(file) })
+        Ok(Self { model: std::sync::Arc::new(model), store, spec, fingerprint: fingerprint(file) })
+    }
+
+    /// The same weights with fresh arenas of `num_blocks` blocks (same
+    /// block size and element type): benchmarks measure on clean caches
+    /// without loading the model again.
+    ///
+    /// # Errors
+    /// [`crate::Error::Kv`] for an invalid block count.
+    pub fn sibling(&self, num_blocks: u32) -> Result<Self> {
+        let p = self.spec.params();
+        let spec = self.model.config().cache_spec(p.block_size, num_blocks, p.dtype)?;
+        let store = PagedKvStore::new(&spec);
+        Ok(Self { model: std::sync::Arc::clone(&self.model), store, spec, fingerprint: self.fingerprint.clone() })
     }
 
     /// Opens a GGUF file and loads its model (arenas for `num_blocks` blocks
@@ -118,15 +152,21 @@ impl PagedLlama {
     pub fn model(&self) -> &LlamaModel {
         &self.model
     }
+
+    /// The K/V arenas.
+    pub fn store(&self) -> &PagedKvStore {
+        &self.store
+    }
 }
 
-/// A content identity of a model file that is cheap to compute: its size,
-/// its metadata (keys and values) and the shapes and types of its tensors.
+/// The content identity of a model file: xxh3-128 over every byte of it
+/// (header, metadata with the tokenizer and template, and all tensor data),
+/// so a retrained file with the same shapes and metadata is another model.
+/// About 10 ms per 100 MB, once at load.
 fn fingerprint(file: &GgufFile) -> Vec<u8> {
-    let mut keys: Vec<String> = file.metadata().iter().map(|(k, v)| format!("{k}={v:?}")).collect();
-    keys.sort_unstable();
-    let text = format!("{}|{}", file.len_bytes(), keys.join("\n"));
-    xxh3_128(text.as_bytes()).to_le_bytes().to_vec()
+    let mut tagged = xxh3_128(file.bytes()).to_le_bytes().to_vec();
+    tagged.extend_from_slice(b"kvserve-model-v2");
+    xxh3_128(&tagged).to_le_bytes().to_vec()
 }
 
 impl Model for PagedLlama {
@@ -146,8 +186,15 @@ impl Model for PagedLlama {
         &self.fingerprint
     }
 
-    fn step(&mut self, cache: &mut KvCache, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.model.step(cache, &mut self.store, work)?.to_vec2()?)
+    fn forward(&mut self, batch: Batch<'_>) -> Result<Vec<Vec<f32>>> {
+        for &copy in batch.copies {
+            self.store.copy_block(copy)?;
+        }
+        Ok(self.model.forward(batch.seqs, &mut self.store)?.to_vec2()?)
+    }
+
+    fn storage(&mut self) -> &mut dyn BlockStorage {
+        &mut self.store
     }
 }
 

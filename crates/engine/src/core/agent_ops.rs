@@ -13,9 +13,17 @@ use crate::error::{Error, Result};
 use crate::request::TenantId;
 
 impl EngineCore {
+    /// Gives an agent's blocks back to the pool (published ones stay
+    /// cached, and go down the tiers as the pool evicts them). With a disk
+    /// tier the agent keeps its history (its manifest names it, its next
+    /// turn finds its blocks in the tiers); without, it forgets it.
     pub(super) fn release_agent(&mut self, key: &AgentKey) {
+        let durable = self.tiers.disk.is_some();
         if let Some(ag) = self.agents.get_mut(key) {
-            ag.tokens = Vec::new();
+            if !durable {
+                ag.tokens = Vec::new();
+                ag.chain = Vec::new();
+            }
             if let Some(seq) = ag.seq.take() {
                 let _ = self.cache.remove(seq);
             }
@@ -54,9 +62,21 @@ impl EngineCore {
         self.stats.agent_releases += 1;
     }
 
-    pub(super) fn forget_agent(&mut self, key: &AgentKey) {
-        self.release_agent(key);
+    /// Forgets an agent everywhere: its blocks nobody else uses leave
+    /// every tier, its manifest the disk; `done` runs when that is durable.
+    pub(super) fn forget_agent_then(&mut self, key: &AgentKey, done: Option<tiers::Done>) {
+        let chain = self.agents.get(key).map(|ag| ag.chain.clone()).unwrap_or_default();
+        if let Some(ag) = self.agents.get_mut(key) {
+            if let Some(seq) = ag.seq.take() {
+                let _ = self.cache.remove(seq);
+            }
+        }
+        self.discard_agent(key, &chain, done);
         self.agents.remove(key);
+    }
+
+    pub(super) fn forget_agent(&mut self, key: &AgentKey) {
+        self.forget_agent_then(key, None);
     }
 
     pub(crate) fn agent_infos(&self, tenant: &TenantId) -> Vec<AgentInfo> {
@@ -64,15 +84,17 @@ impl EngineCore {
     }
 
     pub(crate) fn agent_info(&self, key: &AgentKey) -> Option<AgentInfo> {
-        self.agents.info(key, self.agent_blocks(key))
+        self.agents.info(key, self.agent_blocks(key), self.block_locations(key))
     }
 
-    pub(crate) fn delete_agent(&mut self, key: &AgentKey) -> Result<()> {
+    /// Deletes an agent; `reply` hears back once the deletion is durable
+    /// (its manifest can no longer bring it back after a restart).
+    pub(crate) fn delete_agent(&mut self, key: &AgentKey, reply: tokio::sync::oneshot::Sender<Result<()>>) {
         if self.agents.get(key).is_none() {
-            return Err(Error::UnknownAgent(key.1.to_string()));
+            let _ = reply.send(Err(Error::UnknownAgent(key.1.to_string())));
+            return;
         }
-        self.forget_agent(key);
-        Ok(())
+        self.forget_agent_then(key, Some(Box::new(move || drop(reply.send(Ok(()))))));
     }
 
     /// Blocks held by `tenant`'s pinned agents (a block two of them share
@@ -92,6 +114,26 @@ impl EngineCore {
             .and_then(|ag| ag.seq)
             .and_then(|s| self.cache.block_table(s).ok())
             .map_or(0, |t| t.blocks().len())
+    }
+
+    /// Records on disk `tenant`'s pinned agents need (a record two of them
+    /// share counts twice: a bound).
+    fn pinned_records(&self, tenant: &TenantId, except: Option<&AgentKey>) -> usize {
+        self.agents
+            .keys_of(tenant)
+            .iter()
+            .filter(|k| Some(*k) != except)
+            .filter_map(|k| self.agents.get(k))
+            .filter(|ag| ag.retention == Retention::Pinned)
+            .map(|ag| ag.chain.len())
+            .sum()
+    }
+
+    /// Records one tenant's pinned agents may hold on disk.
+    fn disk_pin_limit(&self) -> Option<usize> {
+        let disk = self.tiers.disk.as_ref()?;
+        let stats = disk.stats();
+        Some((stats.budget as f64 * self.config.max_pinned_share / disk.record_len().max(1) as f64) as usize)
     }
 
     fn pin_limit(&self) -> usize {
@@ -120,6 +162,14 @@ impl EngineCore {
             if wanted > limit {
                 return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
             }
+            // A pinned agent's records never leave the disk: they count
+            // against the same share of the disk budget.
+            if let Some(limit) = self.disk_pin_limit() {
+                let wanted = self.pinned_records(&key.0, Some(key)) + self.agents.get(key).map_or(0, |a| a.chain.len());
+                if wanted > limit {
+                    return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
+                }
+            }
         }
         let ag = self.agents.get_mut(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))?;
         if let Some(r) = update.retention {
@@ -128,6 +178,10 @@ impl EngineCore {
         }
         if let Some(p) = update.priority {
             ag.priority = p;
+        }
+        if ag.turns > 0 {
+            // The manifest carries retention and priority: rewrite it.
+            self.commit_agent(key, Instant::now());
         }
         self.agent_info(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))
     }

@@ -1,0 +1,243 @@
+//! Admission: taking waiting requests into the batch, reusing every cached
+//! block they can. Same state machine as `core.rs` (one thread owns it);
+//! split out because several features meet here.
+//!
+//! For each waiting request, in priority then arrival order, while the step
+//! has budget and sequence slots:
+//!
+//! 1. **Skip** it if its agent is mid-turn, or if it waits for blocks a
+//!    producer is bringing into the pool (`tiering.rs`, pending blocks).
+//! 2. **Reuse the pool**: the agent's held conversation (fork and truncate
+//!    to the common prefix, partial blocks included) or the prefix index
+//!    (whole blocks), whichever covers more.
+//! 3. **Reuse the tiers** (`tier_ops.rs`), continuing the block chain where
+//!    the pool stopped: blocks in RAM are imported at once; a block another
+//!    producer is bringing in makes the request wait for it; blocks on disk
+//!    are loaded while the engine keeps stepping (the request waits in
+//!    `loading`), if loading is estimated to beat recomputing.
+//! 4. **Fit**: the first prefill chunk must fit the pool next to the step's
+//!    other work (else the request goes back to the head of the queue and
+//!    later ones wait: a large request is not starved) and its tenant's
+//!    quota (else it is skipped while the tenant's running requests give
+//!    blocks back, or fails if it cannot fit even alone).
+//!
+//! At least the last prompt token is always computed, for its logits.
+
+use kv::{Namespace, OwnerId, PrefixHashes, SeqId};
+
+use super::{Active, End, EngineCore, TierReuse};
+use crate::error::{Error, Result};
+use crate::tiering::ProducerId;
+
+/// What admitting a request came to.
+pub(super) enum Admission {
+    /// Running, with its first chunk of this many tokens.
+    Admitted(Active, usize),
+    /// Its sequence holds blocks being loaded from a tier; it runs when
+    /// they are in.
+    Loading(Active),
+    /// It waits for blocks a producer is bringing into the pool.
+    Blocked(Active, ProducerId),
+    /// The pool cannot take its first chunk next to the step's other work.
+    Short { request: Active, needed: usize, available: usize },
+    /// Its tenant's quota cannot take its first chunk next to the tenant's
+    /// other work in this step.
+    OverQuota { request: Active, quota: u32 },
+    /// The cache refused for a reason waiting cannot fix.
+    Failed(Active, Error),
+}
+
+impl EngineCore {
+    /// Sequences admitted: running, and waiting for a load.
+    pub(super) fn admitted_count(&self) -> usize {
+        self.running.len() + self.loading.len()
+    }
+
+    pub(super) fn admit(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize) {
+        let mut skipped = Vec::new();
+        while *budget > 0 && self.admitted_count() < self.config.max_running {
+            let Some((key, mut a)) = self.waiting.pop_first() else { break };
+            let busy =
+                a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| ag.busy).is_some_and(|r| r != a.id);
+            if a.waits_for.is_some_and(|p| !self.tiers.pending.is_live(p)) {
+                a.waits_for = None;
+            }
+            if busy || a.waits_for.is_some() {
+                skipped.push((key, a));
+                continue;
+            }
+            match self.try_admit(a, *budget, plan) {
+                Admission::Admitted(a, n) => {
+                    *budget -= n;
+                    self.running.push(a);
+                    plan.push((self.running.len() - 1, n));
+                }
+                Admission::Loading(a) => self.loading.push(a),
+                Admission::Blocked(mut a, producer) => {
+                    a.waits_for = Some(producer);
+                    skipped.push((key, a));
+                }
+                Admission::Short { request, needed, available } => {
+                    if let Some(agent) = self.agents.release_candidate(None, request.agent.as_ref()) {
+                        self.release_for_room(&agent);
+                        self.waiting.insert(key, request);
+                    } else if self.admitted_count() == 0 {
+                        // Nothing will ever free more: pinned agents hold it.
+                        self.end(request, End::Failed(Error::CacheFull { needed, available }));
+                    } else {
+                        // The pool is shared: later requests wait behind
+                        // this one, so a large request is not starved.
+                        self.waiting.insert(key, request);
+                        break;
+                    }
+                }
+                Admission::OverQuota { request, quota } => {
+                    let tenant = &request.req.req.tenant;
+                    if let Some(agent) = self.agents.release_candidate(Some(tenant), request.agent.as_ref()) {
+                        self.release_for_room(&agent);
+                        self.waiting.insert(key, request);
+                    } else if self.running.iter().chain(&self.loading).any(|r| r.owner == request.owner) {
+                        // The tenant's running requests will give their
+                        // blocks back; other tenants go ahead meanwhile.
+                        skipped.push((key, request));
+                    } else {
+                        let err = Error::QuotaExceeded { tenant: tenant.to_string(), quota };
+                        self.end(request, End::Failed(err));
+                    }
+                }
+                Admission::Failed(a, err) => self.end(a, End::Failed(err)),
+            }
+        }
+        self.waiting.extend(skipped);
+    }
+
+    /// Creates the request's sequence, reusing cached K/V from the pool and
+    /// the tiers; gives the request back if the pool or its tenant's quota
+    /// cannot take its first chunk next to `plan`.
+    fn try_admit(&mut self, mut a: Active, budget: usize, plan: &[(usize, usize)]) -> Admission {
+        let ns = self.namespace(&a.req.req.tenant);
+        let limit = a.tokens.len() - 1;
+        let hashes = PrefixHashes::compute(ns, &a.tokens[..limit], self.cache.spec().block_size());
+        let (seq, mut reused) = match self.reuse_pool(&a, ns, limit, &hashes) {
+            Ok(x) => x,
+            Err(e) => return Admission::Failed(a, e),
+        };
+        let from_pool = reused;
+        if self.config.prefix_cache && self.tiers.enabled() {
+            match self.extend_from_tiers(&a, seq, &hashes) {
+                TierReuse::Extended(n) => reused += n,
+                TierReuse::Blocked(producer) => {
+                    let _ = self.cache.remove(seq);
+                    return Admission::Blocked(a, producer);
+                }
+                TierReuse::Loading => {
+                    a.seq = Some(seq);
+                    a.admission = self.next_counter();
+                    a.reused_from_pool = from_pool;
+                    if let Some(key) = &a.agent {
+                        self.agents.entry(key.clone()).busy = Some(a.id);
+                    }
+                    return Admission::Loading(a);
+                }
+            }
+        }
+        let n = (a.tokens.len() - reused).min(budget);
+        let cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
+        let needed = self.plan_cost(plan).saturating_add(cost);
+        let available = self.cache.stats().available_blocks();
+        if needed > available {
+            let _ = self.cache.remove(seq);
+            return Admission::Short { request: a, needed, available };
+        }
+        let quota = self.quota_need(&a.owner, plan);
+        if let Some((quota, _)) = quota.filter(|&(q, need)| need.saturating_add(cost) > q as usize) {
+            let _ = self.cache.remove(seq);
+            return Admission::OverQuota { request: a, quota };
+        }
+        a.seq = Some(seq);
+        a.admission = self.next_counter();
+        self.count_admission(&mut a, from_pool, reused);
+        if let Some(key) = &a.agent {
+            self.agents.entry(key.clone()).busy = Some(a.id);
+        }
+        Admission::Admitted(a, n)
+    }
+
+    /// Counts a request's first admission: its prompt tokens and how many
+    /// came from cache (`from_pool` of them already in the pool).
+    pub(super) fn count_admission(&mut self, a: &mut Active, from_pool: usize, reused: usize) {
+        a.ticket = None;
+        if a.admitted {
+            return;
+        }
+        a.admitted = true;
+        a.usage.cached_tokens = reused.min(a.req.prompt.len());
+        self.stats.prompt_tokens += a.req.prompt.len() as u64;
+        self.stats.cached_prompt_tokens += a.usage.cached_tokens as u64;
+        self.tiers.counters.hit_tokens_pool += from_pool.min(a.req.prompt.len()) as u64;
+    }
+
+    /// A sequence for `a` holding the longest cached prefix the pool has:
+    /// the agent's own conversation (fork and cut) or the prefix index,
+    /// whichever covers more. Returns it and the tokens it covers.
+    fn reuse_pool(&mut self, a: &Active, ns: Namespace, limit: usize, hashes: &PrefixHashes) -> Result<(SeqId, usize)> {
+        if !self.config.prefix_cache {
+            return Ok((self.cache.create_sequence(&a.owner, ns), 0));
+        }
+        let prompt = &a.tokens[..limit];
+        let held = a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| {
+            let common = ag.tokens.iter().zip(&a.tokens).take_while(|(x, y)| x == y).count();
+            ag.seq.map(|s| (s, common.min(limit)))
+        });
+        let indexed = self.cache.lookup_prefix_hashes(prompt, hashes);
+        let forked = match held {
+            Some((agent_seq, common)) if common > 0 && common >= indexed => self
+                .fork_to(agent_seq, common)
+                // E.g. a sliding window already released the blocks the
+                // cut needs: start from the prefix index instead.
+                .inspect_err(|e| tracing::debug!(error = %e, "cannot reuse the agent's sequence"))
+                .ok(),
+            _ => None,
+        };
+        match forked.map(Ok).unwrap_or_else(|| self.cache.create_with_prefix_hashes(&a.owner, prompt, hashes)) {
+            Ok(x) => Ok(x),
+            // Adopting the cached prefix alone is over quota: start empty,
+            // and let the quota check decide.
+            Err(kv::Error::QuotaExceeded { .. }) => Ok((self.cache.create_sequence(&a.owner, ns), 0)),
+            Err(e) => {
+                tracing::error!(error = %e, "admission failed");
+                Err(Error::Model(format!("cache refused the request: {e}")))
+            }
+        }
+    }
+
+    /// The owner's quota and the blocks it would hold after its share of
+    /// `plan`; `None` without a quota. Counts every planned block as new to
+    /// the owner (a copy-on-write of a block it alone held costs it
+    /// nothing), so a plan that passes never meets a quota refusal.
+    pub(super) fn quota_need(&self, owner: &OwnerId, plan: &[(usize, usize)]) -> Option<(u32, usize)> {
+        let usage = self.cache.owner_usage(owner);
+        let quota = usage.quota?;
+        let own: Vec<(usize, usize)> = plan.iter().copied().filter(|&(i, _)| &self.running[i].owner == owner).collect();
+        Some((quota, usage.held_blocks as usize + self.plan_cost(&own)))
+    }
+
+    /// The first tenant in `plan` whose planned blocks exceed its quota.
+    pub(super) fn over_quota(&self, plan: &[(usize, usize)]) -> Option<(OwnerId, u32)> {
+        plan.iter().map(|&(i, _)| &self.running[i].owner).find_map(|owner| {
+            let (quota, need) = self.quota_need(owner, plan)?;
+            (need > quota as usize).then(|| (owner.clone(), quota))
+        })
+    }
+
+    /// A fork of `seq` cut to its first `len` tokens (nothing left behind
+    /// if the cut fails).
+    fn fork_to(&mut self, seq: SeqId, len: usize) -> kv::Result<(SeqId, usize)> {
+        let fork = self.cache.fork(seq)?;
+        if let Err(e) = self.cache.truncate(fork, len) {
+            let _ = self.cache.remove(fork);
+            return Err(e);
+        }
+        Ok((fork, len))
+    }
+}

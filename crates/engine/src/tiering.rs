@@ -1,0 +1,258 @@
+//! The engine's side of the KV tiers: its configuration, the state it keeps
+//! about loads and pending blocks, and the cost model that decides whether
+//! loading beats recomputing. The tiers themselves (RAM, disk) are in the
+//! `tiers` crate; the scheduler's use of them is in `core/tier_ops.rs`.
+//!
+//! # Pending blocks: one wait for blocks that are on their way
+//!
+//! A request whose prefix continues into blocks that are *on their way into
+//! the pool* waits for them instead of computing them again. Today the way
+//! in is a load from the disk tier; the same wait serves blocks another
+//! running request is computing (in-flight prefix sharing). A *producer*
+//! (identified by a [`ProducerId`]) registers the addresses it will publish;
+//! a request that meets one of them at admission records the producer and is
+//! skipped by admission while the producer lives; when the producer ends
+//! (published, failed or cancelled) the request is admitted as usual and
+//! adopts whatever was published from the pool.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kv::{BlockHash, BlockId, BlockKey, SeqId};
+use tiers::{DiskConfig, DiskTier, Payload, RamTier, Reject};
+
+use crate::metrics::Histogram;
+use crate::request::RequestId;
+
+/// Where evicted blocks go, and how.
+#[derive(Clone, Debug, Default)]
+pub struct TierConfig {
+    /// Host RAM for blocks the pool evicts (T1), in bytes; 0 disables it.
+    /// Memory is taken as blocks arrive, never reserved.
+    pub ram_bytes: u64,
+    /// The disk tier (T2): block records and durable agents. `None`
+    /// disables it (nothing survives a restart).
+    pub disk: Option<DiskConfig>,
+    /// When blocks found on disk are loaded rather than recomputed.
+    pub load: LoadPolicy,
+}
+
+/// When blocks found on disk are loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadPolicy {
+    /// When loading them is estimated to take less time than recomputing
+    /// them, from measured load and prefill speeds (the default).
+    #[default]
+    Measured,
+    /// Always (benchmarks of the load path, tests with a model that
+    /// computes for free), giving up on a load after `deadline`.
+    Always {
+        /// How long a load may take before the request recomputes.
+        deadline: Duration,
+    },
+}
+
+impl TierConfig {
+    /// Whether any tier is configured.
+    pub fn enabled(&self) -> bool {
+        self.ram_bytes > 0 || self.disk.is_some()
+    }
+}
+
+/// Identifies something that will publish blocks: a load from a tier
+/// (and, with in-flight prefix sharing, a request computing them).
+pub(crate) type ProducerId = u64;
+
+/// Addresses on their way into the pool, by producer.
+#[derive(Debug, Default)]
+pub(crate) struct PendingBlocks {
+    by_hash: HashMap<BlockHash, ProducerId>,
+    by_producer: HashMap<ProducerId, Vec<BlockHash>>,
+}
+
+impl PendingBlocks {
+    /// `producer` will publish `hashes` (those already claimed by another
+    /// producer stay with it).
+    pub(crate) fn register(&mut self, producer: ProducerId, hashes: &[BlockHash]) {
+        let mine: Vec<BlockHash> = hashes.iter().copied().filter(|h| !self.by_hash.contains_key(h)).collect();
+        for h in &mine {
+            self.by_hash.insert(*h, producer);
+        }
+        self.by_producer.entry(producer).or_default().extend(mine);
+    }
+
+    /// Who is producing `hash`, if anyone.
+    pub(crate) fn producer_of(&self, hash: &BlockHash) -> Option<ProducerId> {
+        self.by_hash.get(hash).copied()
+    }
+
+    /// Whether `producer` is still at work.
+    pub(crate) fn is_live(&self, producer: ProducerId) -> bool {
+        self.by_producer.contains_key(&producer)
+    }
+
+    /// `producer` is done (whatever it published is in the pool now).
+    pub(crate) fn resolve(&mut self, producer: ProducerId) {
+        for h in self.by_producer.remove(&producer).unwrap_or_default() {
+            self.by_hash.remove(&h);
+        }
+    }
+}
+
+/// A load from the disk tier in flight: the request's sequence has blocks
+/// allocated for the records (not yet computed), which are imported as the
+/// reads come back.
+#[derive(Debug)]
+pub(crate) struct Load {
+    pub(crate) request: RequestId,
+    pub(crate) seq: SeqId,
+    /// Tokens of the sequence before the loaded blocks.
+    pub(crate) base: usize,
+    /// The blocks expected, in order.
+    pub(crate) keys: Vec<BlockKey>,
+    /// The pool blocks they go to.
+    pub(crate) blocks: Vec<BlockId>,
+    pub(crate) results: Vec<Option<Result<Payload, Reject>>>,
+    pub(crate) started: Instant,
+    pub(crate) deadline: Instant,
+}
+
+impl Load {
+    /// Whether every read has come back.
+    pub(crate) fn complete(&self) -> bool {
+        self.results.iter().all(Option::is_some)
+    }
+}
+
+/// Running estimates of what a block costs to load and a token to prefill,
+/// so a load is started only when it should beat recomputing (a slow disk
+/// falls back to prefill; SGLang's issue #26305 measured a file-tier hit
+/// slower than recompute).
+#[derive(Debug)]
+pub(crate) struct CostModel {
+    /// Seconds per block loaded (exponential moving average).
+    load_per_block: f64,
+    /// Seconds per prefilled token.
+    prefill_per_token: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        // Deliberately pessimistic about disks, optimistic about compute,
+        // until measured: 5 ms per block read, 0.5 ms per token computed.
+        Self { load_per_block: 5e-3, prefill_per_token: 5e-4 }
+    }
+}
+
+impl CostModel {
+    const ALPHA: f64 = 0.2;
+
+    /// A step of `tokens` prefill tokens took `took`.
+    pub(crate) fn prefilled(&mut self, tokens: usize, took: Duration) {
+        if tokens >= 16 {
+            let x = took.as_secs_f64() / tokens as f64;
+            self.prefill_per_token += Self::ALPHA * (x - self.prefill_per_token);
+        }
+    }
+
+    /// A load of `blocks` blocks took `took`.
+    pub(crate) fn loaded(&mut self, blocks: usize, took: Duration) {
+        if blocks > 0 {
+            let x = took.as_secs_f64() / blocks as f64;
+            self.load_per_block += Self::ALPHA * (x - self.load_per_block);
+        }
+    }
+
+    /// What recomputing `tokens` would take.
+    pub(crate) fn compute_time(&self, tokens: usize) -> Duration {
+        Duration::from_secs_f64(self.prefill_per_token * tokens as f64)
+    }
+
+    /// What loading `blocks` should take.
+    pub(crate) fn load_time(&self, blocks: usize) -> Duration {
+        Duration::from_secs_f64(self.load_per_block * blocks as f64)
+    }
+}
+
+/// The tiers and what the engine tracks about them. Owned by the engine
+/// thread.
+#[derive(Debug, Default)]
+pub(crate) struct Tiering {
+    pub(crate) ram: Option<RamTier>,
+    pub(crate) disk: Option<DiskTier>,
+    pub(crate) loads: HashMap<ProducerId, Load>,
+    pub(crate) pending: PendingBlocks,
+    pub(crate) costs: CostModel,
+    pub(crate) policy: LoadPolicy,
+    pub(crate) counters: TierCounters,
+    /// When deferred agent commits may be retried next.
+    pub(crate) next_commit_retry: Option<Instant>,
+    next_producer: ProducerId,
+}
+
+impl Tiering {
+    pub(crate) fn new(ram_bytes: u64, disk: Option<DiskTier>, policy: LoadPolicy) -> Self {
+        Self { ram: (ram_bytes > 0).then(|| RamTier::new(ram_bytes)), disk, policy, ..Self::default() }
+    }
+
+    /// Whether evicted blocks are kept anywhere.
+    pub(crate) fn enabled(&self) -> bool {
+        self.ram.is_some() || self.disk.is_some()
+    }
+
+    pub(crate) fn next_producer(&mut self) -> ProducerId {
+        self.next_producer += 1;
+        self.next_producer
+    }
+}
+
+/// Engine-side tier counters (the disk tier keeps its own).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct TierCounters {
+    /// Prompt tokens served from blocks already in the pool.
+    pub hit_tokens_pool: u64,
+    /// Prompt tokens served from the RAM tier.
+    pub hit_tokens_ram: u64,
+    /// Prompt tokens served from the disk tier.
+    pub hit_tokens_disk: u64,
+    /// Blocks moved from RAM back into the pool.
+    pub promotions: u64,
+    /// Blocks loaded from disk into the pool.
+    pub loaded_blocks: u64,
+    /// Blocks the pool evicted that were kept in RAM.
+    pub demotions_ram: u64,
+    /// Blocks queued to be written to disk (from RAM, or evicted with no
+    /// RAM tier).
+    pub demotions_disk: u64,
+    /// Blocks that left the pool or RAM and were kept nowhere (queue full,
+    /// no disk tier, disk failing).
+    pub dropped: u64,
+    /// Loads that ran past their deadline (the rest was recomputed).
+    pub load_timeouts: u64,
+    /// Records that failed verification when loaded (recomputed).
+    pub load_rejects: u64,
+    /// Disk hits not loaded because recomputing was estimated faster.
+    pub loads_skipped: u64,
+    /// Agent commits deferred because the write queue was full.
+    pub commits_deferred: u64,
+    /// Time from a load's start to its blocks being in the pool.
+    pub load_latency: Histogram,
+    /// Agents restored from disk at start.
+    pub agents_restored: u64,
+}
+
+/// The tiers' numbers, in the engine's snapshot.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct TierStats {
+    /// Blocks in the RAM tier.
+    pub ram_blocks: u64,
+    /// Their bytes.
+    pub ram_bytes: u64,
+    /// The RAM tier's budget (0: none).
+    pub ram_budget: u64,
+    /// The engine's counters.
+    pub counters: TierCounters,
+    /// The disk tier's snapshot, if there is one.
+    #[serde(skip)]
+    pub disk: Option<tiers::DiskStats>,
+}

@@ -1,0 +1,162 @@
+//! One step's cache transaction. The engine owns it; the model only computes.
+//!
+//! For a batch of `(sequence, new tokens)`:
+//!
+//! 1. **Append** each entry's tokens to its sequence: the cache hands out a
+//!    slot per token and, where the last block is shared, a copy-on-write.
+//!    Appending may evict cached blocks (LRU) to get fresh ones.
+//! 2. **Hand off evictions**: every block the pool evicted is passed, with
+//!    its key, to the caller's sink *before* anything writes to it, so a
+//!    tier can copy its payload out (`Model::storage`). After this point the
+//!    evicted blocks belong to their new sequences.
+//! 3. **Forward**: the model performs the copies and runs the ragged batch,
+//!    writing every new token's K/V into its slot.
+//! 4. **Mark computed**: full blocks are published to the prefix index.
+//!
+//! If any step fails, every sequence appended to is truncated back to its
+//! length before the step, so the cache is as it was (blocks the failed
+//! step took are free again; the slots it wrote are unreachable). Steps 1
+//! and 4 cannot half-fail on their own: `kv`'s operations change nothing on
+//! error.
+//!
+//! The fake model of the tests and the real one run this same code.
+
+use kv::{BlockStorage, Evicted, KvCache, SeqId};
+use model::{Batch, Model, SeqStep};
+
+/// Runs one step (see the module doc) and returns each entry's last-token
+/// logits. `on_evicted` receives the storage and the blocks evicted by this
+/// step's appends (and any evicted earlier and not yet taken), before the
+/// model writes to them.
+///
+/// # Errors
+/// [`model::Error::Kv`] when the cache refuses an append (out of blocks or
+/// quota) and any error of [`Model::forward`]; the cache is then unchanged.
+pub fn run_step(
+    model: &mut dyn Model,
+    cache: &mut KvCache,
+    work: &[(SeqId, &[u32])],
+    on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
+) -> model::Result<Vec<Vec<f32>>> {
+    let mut starts = Vec::with_capacity(work.len());
+    let result = transact(model, cache, work, on_evicted, &mut starts);
+    if result.is_err() {
+        for (&(seq, _), &start) in work.iter().zip(&starts) {
+            // Only sequences appended to are in `starts`; truncating back
+            // to a length they had cannot fail.
+            let _ = cache.truncate(seq, start);
+        }
+    }
+    result
+}
+
+fn transact(
+    model: &mut dyn Model,
+    cache: &mut KvCache,
+    work: &[(SeqId, &[u32])],
+    on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
+    starts: &mut Vec<usize>,
+) -> model::Result<Vec<Vec<f32>>> {
+    let mut copies = Vec::new();
+    let mut slots = Vec::with_capacity(work.len());
+    for &(seq, tokens) in work {
+        let start = cache.seq_len(seq)?;
+        let appended = cache.append(seq, tokens)?;
+        starts.push(start);
+        copies.extend(appended.copy);
+        slots.push(appended.slots);
+    }
+    let evicted = cache.take_evicted();
+    if !evicted.is_empty() {
+        on_evicted(model.storage(), evicted);
+    }
+    // Borrow the tables (no copy per step); the borrow ends before the cache
+    // is written again below.
+    let logits = {
+        let tables = work.iter().map(|&(seq, _)| cache.block_table(seq)).collect::<kv::Result<Vec<_>>>()?;
+        let seqs: Vec<SeqStep<'_>> = work
+            .iter()
+            .zip(starts.iter())
+            .zip(slots.iter().zip(&tables))
+            .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots })
+            .collect();
+        model.forward(Batch { copies: &copies, seqs: &seqs })?
+    };
+    if logits.len() != work.len() {
+        return Err(model::Error::InvalidBatch(format!("{} logit rows for {} sequences", logits.len(), work.len())));
+    }
+    for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
+        cache.mark_computed(seq, start + tokens.len())?;
+    }
+    Ok(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use kv::{BlockStorage, KvCache, Namespace, OwnerId};
+
+    use super::*;
+    use crate::testing::FakeModel;
+
+    fn owner() -> OwnerId {
+        OwnerId::new("t").expect("valid")
+    }
+
+    /// Regression for leaks on error paths: a step that fails after every
+    /// sequence was appended to leaves each as it was, and the pool too.
+    #[test]
+    fn a_failed_step_rolls_back_every_sequence() {
+        let (mut model, control) = FakeModel::new(4, 16);
+        let mut cache = KvCache::new(model.spec().clone());
+        let ns = Namespace::new(b"fake", b"");
+        let (a, b) = (cache.create_sequence(&owner(), ns), cache.create_sequence(&owner(), ns));
+        let none = &mut |_: &mut dyn BlockStorage, _: Vec<Evicted>| {};
+        run_step(&mut model, &mut cache, &[(a, &[1, 2, 3, 4, 5][..]), (b, &[6, 7][..])], none).expect("runs");
+        let before = (cache.snapshot(a).expect("a"), cache.snapshot(b).expect("b"), cache.stats());
+        control.fail_at_step.store(2, Ordering::SeqCst);
+        let err = run_step(&mut model, &mut cache, &[(a, &[9, 9, 9, 9][..]), (b, &[8][..])], none);
+        assert!(matches!(err, Err(model::Error::InvalidBatch(_))));
+        assert_eq!((cache.snapshot(a).expect("a"), cache.snapshot(b).expect("b"), cache.stats()), before);
+        cache.check_invariants().expect("consistent");
+        // A refused append (out of blocks) rolls back the entries before it.
+        let big = vec![1u32; 64];
+        let err = run_step(&mut model, &mut cache, &[(a, &[3][..]), (b, &big[..])], none);
+        assert!(matches!(err, Err(model::Error::Kv(kv::Error::Exhausted { .. }))));
+        assert_eq!((cache.snapshot(a).expect("a"), cache.snapshot(b).expect("b"), cache.stats()), before);
+    }
+
+    /// The tiers' premise: an evicted block reaches the sink, with its key,
+    /// while it still holds what was written to it.
+    #[test]
+    fn evicted_blocks_reach_the_sink_before_they_are_overwritten() {
+        let (mut model, _) = FakeModel::new(4, 3);
+        let mut cache = KvCache::new(model.spec().clone());
+        cache.report_evictions(true);
+        let ns = Namespace::new(b"fake", b"");
+        let a = cache.create_sequence(&owner(), ns);
+        let none = &mut |_: &mut dyn BlockStorage, _: Vec<Evicted>| {};
+        run_step(&mut model, &mut cache, &[(a, &[1, 2, 3, 4, 5, 6, 7, 8][..])], none).expect("runs");
+        let table = cache.block_table(a).expect("a").blocks().to_vec();
+        let mut before = vec![0u8; model.storage().block_bytes()];
+        model.storage().export_block(table[0], &mut before).expect("export");
+        cache.remove(a).expect("a");
+        // Two cached blocks, one free: a 12-token sequence evicts both.
+        let b = cache.create_sequence(&owner(), Namespace::new(b"fake", b"other"));
+        let mut seen = Vec::new();
+        let mut sink = |storage: &mut dyn BlockStorage, evicted: Vec<Evicted>| {
+            for e in evicted {
+                let mut p = vec![0u8; storage.block_bytes()];
+                storage.export_block(e.block, &mut p).expect("export");
+                seen.push((e.key, p));
+            }
+        };
+        run_step(&mut model, &mut cache, &[(b, &[9; 12][..])], &mut sink).expect("runs");
+        assert_eq!(seen.len(), 2, "both cached blocks were evicted");
+        assert_eq!(seen[0].0.tokens.as_ref(), &[5, 6, 7, 8], "a chain is evicted tail first");
+        assert_eq!(seen[1].0.tokens.as_ref(), &[1, 2, 3, 4]);
+        assert_eq!(seen[1].1, before, "the payload as the first step wrote it");
+        assert!(seen.iter().all(|(k, _)| k.is_consistent()));
+    }
+}
