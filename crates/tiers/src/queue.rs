@@ -79,6 +79,9 @@ impl<T> JobQueue<T> {
             if s.closed {
                 return None;
             }
+            if timeout == Some(Duration::ZERO) {
+                return Some(Vec::new());
+            }
             s = match timeout {
                 None => self.ready.wait(s).ok()?,
                 Some(t) => {

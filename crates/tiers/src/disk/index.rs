@@ -242,6 +242,13 @@ impl Index {
         orphans
     }
 
+    /// Forgets the present records among `keys` that no manifest names
+    /// (the blocks of a commit cancelled before its manifest was
+    /// committed); returns them for the caller to delete.
+    pub(crate) fn remove_unnamed(&mut self, keys: &[RecordKey]) -> Vec<RecordKey> {
+        keys.iter().copied().filter(|k| !self.refs.contains_key(k) && self.remove(k, None)).collect()
+    }
+
     /// Drops `id`'s references; returns the records nobody names any more.
     fn drop_refs(&mut self, id: ManifestId) -> Vec<RecordKey> {
         let Some(a) = self.agents.remove(&id) else { return Vec::new() };

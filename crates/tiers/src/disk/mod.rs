@@ -74,7 +74,7 @@ pub struct DiskConfig {
     /// How long a degraded tier waits between attempts to resume.
     pub retry: Duration,
     /// The file system (real files unless a test injects faults).
-    pub fs: Arc<dyn Fs>,
+    pub fs: std::sync::Arc<dyn Fs>,
 }
 
 impl DiskConfig {
@@ -87,7 +87,7 @@ impl DiskConfig {
             queue_bytes: 256 << 20,
             readers: 2,
             retry: Duration::from_secs(2),
-            fs: Arc::new(StdFs),
+            fs: std::sync::Arc::new(StdFs),
         }
     }
 }
@@ -125,8 +125,9 @@ pub struct LoadTask {
     pub expected: BlockKey,
 }
 
-/// A callback for [`TierEvent`]s; called from the tier's threads.
-pub type EventSink = Arc<dyn Fn(TierEvent) + Send + Sync>;
+/// A callback for [`TierEvent`]s; called from the tier's threads. (A std
+/// `Arc`: configuration shared once, not part of what loom models.)
+pub type EventSink = std::sync::Arc<dyn Fn(TierEvent) + Send + Sync>;
 
 /// A callback run once a deletion is durable.
 pub type Done = Box<dyn FnOnce() + Send>;
@@ -168,7 +169,7 @@ pub(crate) struct State {
 
 /// What the tier's threads share.
 pub(crate) struct Shared {
-    pub(crate) fs: Arc<dyn Fs>,
+    pub(crate) fs: std::sync::Arc<dyn Fs>,
     pub(crate) dir: PathBuf,
     pub(crate) blocks: PathBuf,
     pub(crate) agents: PathBuf,
@@ -225,6 +226,7 @@ impl Shared {
         self.writes.push((n, job), bytes, limit).map(|()| n).map_err(|(_, job)| job)
     }
 
+    #[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
     pub(crate) fn finished(&self, n: u64) {
         if let Ok(mut d) = self.done.lock() {
             *d = (*d).max(n);
@@ -283,7 +285,7 @@ impl DiskTier {
         if payload_len == 0 || config.budget == 0 {
             return Err(Error::Config("the disk tier needs a payload size and a budget".into()));
         }
-        let fs = Arc::clone(&config.fs);
+        let fs = std::sync::Arc::clone(&config.fs);
         let dir = config.root.join(fp.hex());
         let blocks = dir.join("blocks");
         let agents = dir.join("agents");
@@ -371,18 +373,22 @@ impl DiskTier {
             sink,
             lock: Mutex::new(Some(lock)),
         });
+        #[allow(unused_mut)] // no threads in a loom build: the model drives them
         let mut threads = Vec::new();
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(f)
-                .map_err(|source| Error::Thread { what: "disk tier", source })
-        };
-        let s = Arc::clone(&shared);
-        threads.push(spawn("kvserve-tier-writer".into(), Box::new(move || writer::run(&s)))?);
-        for i in 0..config.readers.max(1) {
+        #[cfg(not(loom))]
+        {
+            let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(f)
+                    .map_err(|source| Error::Thread { what: "disk tier", source })
+            };
             let s = Arc::clone(&shared);
-            threads.push(spawn(format!("kvserve-tier-reader-{i}"), Box::new(move || reader::run(&s)))?);
+            threads.push(spawn("kvserve-tier-writer".into(), Box::new(move || writer::run(&s)))?);
+            for i in 0..config.readers.max(1) {
+                let s = Arc::clone(&shared);
+                threads.push(spawn(format!("kvserve-tier-reader-{i}"), Box::new(move || reader::run(&s)))?);
+            }
         }
         let tier = DiskTier { shared, threads };
         Ok(Opened {
@@ -553,6 +559,47 @@ impl DiskTier {
     /// Why the tier is not writing, if it is not.
     pub fn degraded(&self) -> Option<String> {
         self.shared.state().counters.stats.degraded.clone()
+    }
+
+    /// Runs what the writer has queued, on this thread (loom models drive
+    /// the tier's threads themselves).
+    #[cfg(loom)]
+    pub fn model_write(&self) {
+        while let Some(jobs) = self.shared.writes.pop_batch(writer::MAX_BATCH, Some(Duration::ZERO)) {
+            if jobs.is_empty() {
+                break;
+            }
+            writer::run_batch_for_model(&self.shared, jobs.into_iter().map(|(_, j)| j).collect());
+        }
+    }
+
+    /// Serves the queued reads on this thread (loom models).
+    #[cfg(loom)]
+    pub fn model_read(&self) {
+        while let Some(tasks) = self.shared.reads.pop_batch(usize::MAX, Some(Duration::ZERO)) {
+            if tasks.is_empty() {
+                break;
+            }
+            for t in tasks {
+                reader::serve(&self.shared, t);
+            }
+        }
+    }
+
+    /// Whether each key's record file exists exactly when the index says
+    /// it is present (tests and loom models).
+    ///
+    /// # Errors
+    /// The first key where they disagree.
+    pub fn check_files(&self, keys: &[RecordKey]) -> std::result::Result<(), String> {
+        let s = self.shared.state();
+        for k in keys {
+            let file = self.shared.fs.read(&self.shared.record_path(k)).is_ok();
+            if file != s.index.present(k).is_some() {
+                return Err(format!("{k:?}: file {file}, index {:?}", s.index.state(k)));
+            }
+        }
+        Ok(())
     }
 
     /// The index's whole-state check (tests).

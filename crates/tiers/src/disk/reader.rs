@@ -11,6 +11,7 @@ use super::{LoadTask, Shared, TierEvent};
 use crate::record::{verify, Payload, Reject};
 
 /// The thread's loop: until the queue is closed and drained.
+#[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
 pub(crate) fn run(shared: &Shared) {
     while let Some(tasks) = shared.reads.pop_batch(1, None) {
         for t in tasks {

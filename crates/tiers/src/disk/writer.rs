@@ -48,6 +48,7 @@ struct Writer<'a> {
 }
 
 /// The thread's loop: until the queue is closed and drained.
+#[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
 pub(crate) fn run(shared: &Shared) {
     let mut w = Writer { shared, retry_at: None };
     loop {
@@ -98,11 +99,13 @@ impl Writer<'_> {
                 }
                 WriteJob::Delete { id, done } => {
                     // A commit of this agent earlier in the batch is undone
-                    // before it is ever visible.
+                    // before it is ever visible, its new records with it.
+                    let mut cancelled = Vec::new();
                     for s in staged.extract_if(.., |s| s.id == id) {
                         let _ = self.shared.fs.remove_file(&s.tmp);
+                        cancelled.extend(s.manifest.blocks);
                     }
-                    self.delete_agent(id);
+                    self.delete_agent(id, &cancelled);
                     any_delete = true;
                     deleted.extend(done);
                 }
@@ -257,11 +260,15 @@ impl Writer<'_> {
         Ok(tmp)
     }
 
-    /// Unlinks the manifest and the records only it named, under the lock.
-    fn delete_agent(&mut self, id: ManifestId) {
+    /// Unlinks the manifest and the records only it named (and those of
+    /// `cancelled`, a commit of it that never became visible, that nobody
+    /// names), under the lock.
+    fn delete_agent(&mut self, id: ManifestId, cancelled: &[RecordKey]) {
         let shared = self.shared;
         let mut st = shared.state();
-        for k in st.index.remove_agent(id) {
+        let mut gone = st.index.remove_agent(id);
+        gone.extend(st.index.remove_unnamed(cancelled));
+        for k in gone {
             if let Err(e) = shared.fs.remove_file(&shared.record_path(&k)) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(error = %e, "deleting an agent's block record");
@@ -290,6 +297,7 @@ impl Writer<'_> {
 
     /// If degraded and the retry time has come: recreate the directories,
     /// re-take the lock if the directory vanished, probe with a write.
+    #[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
     fn maybe_resume(&mut self) {
         let Some(at) = self.retry_at else { return };
         if Instant::now() < at {
@@ -309,6 +317,7 @@ impl Writer<'_> {
         }
     }
 
+    #[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
     fn probe(&self) -> io::Result<()> {
         let fs = &self.shared.fs;
         for d in [&self.shared.dir, &self.shared.blocks, &self.shared.agents] {
@@ -330,6 +339,7 @@ impl Writer<'_> {
     }
 }
 
+#[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
 fn lock_exists(fs: &dyn crate::fs::Fs, dir: &std::path::Path) -> bool {
     fs.list(dir).is_ok_and(|items| items.iter().any(|i| i.name == "LOCK"))
 }
