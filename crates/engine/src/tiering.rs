@@ -237,6 +237,14 @@ pub struct TierCounters {
     pub commits_deferred: u64,
     /// Time from a load's start to its blocks being in the pool.
     pub load_latency: Histogram,
+    /// Engine-thread seconds spent importing blocks from RAM.
+    pub promote_seconds: f64,
+    /// Engine-thread seconds spent exporting evicted blocks (to RAM or the
+    /// disk queue).
+    pub stash_seconds: f64,
+    /// Engine-thread seconds spent preparing agent commits (exporting new
+    /// blocks, building manifests): what durability costs the step loop.
+    pub commit_seconds: f64,
     /// Agents restored from disk at start.
     pub agents_restored: u64,
 }

@@ -37,15 +37,7 @@ async fn conversation(engine: &EngineHandle, users: &[&str]) -> Vec<(String, Usa
     let mut history = vec![Message::new("system", "You are a concise assistant.")];
     let mut out = Vec::new();
     for u in users {
-        history.push(Message::new("user", *u));
-        let mut r = Request::new(Prompt::Chat(history.clone()));
-        r.sampling = SamplingParams::greedy();
-        r.max_tokens = Some(24);
-        r.agent = Some(AgentId::new("tester").unwrap());
-        let o = collect(engine.generate(r).unwrap()).await;
-        assert_eq!(o.error, None);
-        history.push(Message::new("assistant", o.text.clone()));
-        out.push((o.text, o.usage));
+        out.push(say(engine, &mut history, u).await);
     }
     out
 }
@@ -66,4 +58,66 @@ async fn multi_turn_greedy_output_is_identical_with_the_prefix_cache_on_and_off(
     let answer_tokens = first.completion_tokens;
     assert!(second.cached_tokens >= first.prompt_tokens + answer_tokens - 2, "{first:?} then {second:?}");
     assert!(second.prompt_tokens - second.cached_tokens < 20, "only the new message: {second:?}");
+}
+
+fn tiered_engine(dir: &std::path::Path) -> EngineHandle {
+    let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
+    let (model, text) = PagedLlama::open(&path, 16, 256, KvDType::F16, MatmulPath::Kernels(Isa::detect())).unwrap();
+    let tiers = engine::TierConfig {
+        ram_bytes: 256 << 20,
+        disk: Some(engine::DiskConfig::new(dir, 1 << 30)),
+        load: engine::LoadPolicy::Measured,
+    };
+    let config = EngineConfig {
+        default_timeout: Some(Duration::from_secs(300)),
+        model_name: "smollm2".into(),
+        tiers,
+        ..EngineConfig::default()
+    };
+    engine::start(Box::new(model), Arc::new(text), config).unwrap()
+}
+
+async fn say(engine: &EngineHandle, history: &mut Vec<Message>, user: &str) -> (String, Usage) {
+    history.push(Message::new("user", user));
+    let mut r = Request::new(Prompt::Chat(history.clone()));
+    r.sampling = SamplingParams::greedy();
+    r.max_tokens = Some(24);
+    r.agent = Some(AgentId::new("tester").unwrap());
+    let o = collect(engine.generate(r).unwrap()).await;
+    assert_eq!(o.error, None);
+    history.push(Message::new("assistant", o.text.clone()));
+    (o.text, o.usage)
+}
+
+/// Greedy output is identical whether a conversation's K/V stayed in the
+/// pool, went to RAM, to disk, or came back after a restart: the payloads
+/// go out and come back bit for bit, and the kernels' rows do not depend on
+/// how many rows were computed.
+#[tokio::test]
+async fn greedy_output_is_identical_from_the_pool_from_ram_from_disk_and_after_a_restart() {
+    let users =
+        ["What is the capital of France?", "And of Italy?", "Which of the two is larger?", "Name one river in each."];
+    let reference: Vec<String> = conversation(&real_engine(false), &users).await.into_iter().map(|t| t.0).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = engine::TenantId::default_tenant();
+    let agent = AgentId::new("tester").unwrap();
+    let mut h = vec![Message::new("system", "You are a concise assistant.")];
+    let engine = tiered_engine(dir.path());
+    let (t1, _) = say(&engine, &mut h, users[0]).await;
+    engine.offload_agent(&tenant, &agent, false).await.unwrap();
+    let (t2, u2) = say(&engine, &mut h, users[1]).await;
+    engine.flush_tiers(Duration::from_secs(30)).await.unwrap();
+    let loc = engine.offload_agent(&tenant, &agent, true).await.unwrap();
+    assert!(loc.disk > 0 && loc.pool == 0 && loc.ram == 0, "{loc:?}");
+    engine.flush_tiers(Duration::from_secs(30)).await.unwrap();
+    let (t3, u3) = say(&engine, &mut h, users[2]).await;
+    let c = engine.stats().tiers.counters;
+    assert!(c.promotions > 0 && c.loaded_blocks > 0, "{c:?}");
+    engine.shutdown(Duration::from_secs(30)).await.unwrap();
+    let engine = tiered_engine(dir.path());
+    let (t4, u4) = say(&engine, &mut h, users[3]).await;
+    assert_eq!([t1, t2, t3, t4].as_slice(), reference.as_slice(), "same tokens from every tier");
+    for u in [u2, u3, u4] {
+        assert!(u.cached_tokens + 16 + 20 >= u.prompt_tokens, "all but the partial block and the new message: {u:?}");
+    }
 }

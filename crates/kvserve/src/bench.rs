@@ -31,6 +31,12 @@ enum BenchWhat {
     /// Engine throughput at several concurrent streams, and an agent's
     /// time to first token with its history cached vs cold.
     Engine(crate::bench_engine::EngineBenchArgs),
+    /// An agent's next-turn time to first token served from the pool, RAM,
+    /// disk and after a restart, against recomputing; disk bandwidth.
+    Tiers(crate::bench_tiers::TierBenchArgs),
+    /// A seeded multi-agent, multi-turn workload against any
+    /// OpenAI-compatible server (`--url`): wall time, TTFT, ITL, cached share.
+    Agents(crate::bench_agents::AgentBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +59,8 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     let args = match args.what {
         BenchWhat::Model(args) => args,
         BenchWhat::Engine(args) => return crate::bench_engine::bench_engine(args),
+        BenchWhat::Tiers(args) => return crate::bench_tiers::bench_tiers(args),
+        BenchWhat::Agents(args) => return crate::bench_agents::bench_agents(args),
     };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;

@@ -2,7 +2,9 @@
 //! thread pool, and calls into the library crates.
 
 mod bench;
+mod bench_agents;
 mod bench_engine;
+mod bench_tiers;
 mod run;
 mod serve;
 mod setup;

@@ -195,6 +195,10 @@ pub(crate) struct Started {
     pub(crate) engine: EngineHandle,
     pub(crate) model_name: String,
     pub(crate) summary: String,
+    /// Tokens per KV block.
+    pub(crate) block_size: usize,
+    /// Bytes of one block's K/V payload (what a tier stores per block).
+    pub(crate) block_bytes: usize,
 }
 
 /// Loads the model and starts the engine.
@@ -251,8 +255,9 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         rayon::current_num_threads(),
     );
     engine_config.model_name.clone_from(&model_name);
+    let block_bytes = kv::BlockStorage::block_bytes(model.store());
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
-    Ok(Started { engine, model_name, summary })
+    Ok(Started { engine, model_name, summary, block_size: args.block_size as usize, block_bytes })
 }
 
 #[cfg(test)]

@@ -201,6 +201,14 @@ fn tiers(o: &mut String, s: &EngineStats) {
         c.loads_skipped as f64,
     );
     histogram(o, "kvserve_tier_load_seconds", "Time to load blocks from disk into the pool.", &c.load_latency);
+    labelled(
+        o,
+        "kvserve_tier_engine_seconds_total",
+        "Engine-thread time spent on the tiers: exporting evicted blocks, importing from RAM, preparing agent commits.",
+        "counter",
+        "work",
+        &[("stash", c.stash_seconds), ("promote", c.promote_seconds), ("commit", c.commit_seconds)],
+    );
     gauge(o, "kvserve_agent_commits_total", "Agent turns committed durably to disk.", "counter", d.commits as f64);
     gauge(
         o,

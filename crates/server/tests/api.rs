@@ -191,6 +191,48 @@ async fn models_health_and_metrics() {
     assert_eq!(nf.json()["error"]["type"], "not_found_error");
 }
 
+/// The tiers as a client sees them: where an agent's blocks are, tier
+/// metrics, and `/health` saying degraded (still 200, still serving) when
+/// the disk tier cannot write.
+#[tokio::test]
+async fn tiers_show_in_agents_and_metrics_and_a_failing_disk_makes_health_degraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = engine::DiskConfig { retry: Duration::from_secs(3600), ..engine::DiskConfig::new(dir.path(), 1 << 30) };
+    let tiers = engine::TierConfig { ram_bytes: 1 << 20, disk: Some(disk), ..engine::TierConfig::default() };
+    let app = app_with(EngineConfig { tiers, ..EngineConfig::default() }, ServerConfig::default());
+    let turn = |content: &'static str| post(&app, "/v1/chat/completions", chat_body(content, json!({"agent_id": "a"})));
+    assert_eq!(turn("a first message long enough to fill two blocks of sixteen tokens").await.status, StatusCode::OK);
+    assert!(app.engine.flush_tiers(Duration::from_secs(10)).await.unwrap());
+    let info = call(&app, "GET", "/v1/agents/a", None, &[]).await.json();
+    assert_eq!(info["blocks"]["durable"], true, "{info}");
+    assert!(info["blocks"]["disk"].as_u64().unwrap() >= 2, "{info}");
+    assert_eq!(info["blocks"]["pool"], info["blocks"]["disk"], "{info}");
+    wait_for(&app.engine, |s| s.tiers.disk.as_ref().is_some_and(|d| d.commits == 1)).await;
+    let m = call(&app, "GET", "/metrics", None, &[]).await.body;
+    let on_disk = format!("kvserve_tier_blocks{{tier=\"disk\"}} {}", info["blocks"]["disk"]);
+    for name in [
+        on_disk.as_str(),
+        "kvserve_agent_commits_total 1",
+        "kvserve_durability_lag_seconds_count 1",
+        "kvserve_tier_disk_degraded 0",
+        "kvserve_tier_hit_tokens_total{tier=\"ram\"} 0",
+    ] {
+        assert!(m.contains(name), "{name} missing from\n{m}");
+    }
+    // The directory vanishes under the server: the next commit fails.
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    assert_eq!(turn("and a second message").await.status, StatusCode::OK, "serving goes on");
+    app.engine.flush_tiers(Duration::from_secs(10)).await.unwrap();
+    wait_for(&app.engine, |s| s.tiers.disk.as_ref().is_some_and(|d| d.degraded.is_some())).await;
+    let h = call(&app, "GET", "/health", None, &[]).await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.json()["status"], "degraded", "{}", h.body);
+    assert!(h.json()["reason"].as_str().unwrap().starts_with("disk tier:"), "{}", h.body);
+    let m = call(&app, "GET", "/metrics", None, &[]).await.body;
+    assert!(m.contains("kvserve_tier_disk_degraded 1"), "{m}");
+    assert!(m.contains("kvserve_agent_commits_failed_total 1"), "{m}");
+}
+
 async fn error_of(app: &App, body: &str) -> (StatusCode, Value) {
     let r = call(app, "POST", "/v1/chat/completions", Some(body), &[]).await;
     (r.status, r.json()["error"].clone())

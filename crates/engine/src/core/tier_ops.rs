@@ -58,6 +58,7 @@ pub(super) fn stash(tiers: &mut Tiering, storage: &mut dyn BlockStorage, evicted
     if !tiers.enabled() {
         return;
     }
+    let started = Instant::now();
     let len = storage.block_bytes();
     for e in evicted {
         let mut payload = vec![0u8; len];
@@ -68,6 +69,7 @@ pub(super) fn stash(tiers: &mut Tiering, storage: &mut dyn BlockStorage, evicted
         }
         keep(tiers, e.key, payload);
     }
+    tiers.counters.stash_seconds += started.elapsed().as_secs_f64();
 }
 
 /// Into RAM (its overflow down to disk), or straight to disk.
@@ -158,6 +160,7 @@ impl EngineCore {
     ) -> usize {
         let bs = self.block_size();
         let hs = hashes.hashes();
+        let started = Instant::now();
         let Some(ram) = self.tiers.ram.as_mut() else { return 0 };
         let mut taken = Vec::new();
         for i in start..hs.len() {
@@ -201,8 +204,10 @@ impl EngineCore {
         if imported < taken.len() {
             let _ = self.cache.truncate(seq, upto);
         }
-        self.tiers.counters.promotions += imported as u64;
-        self.tiers.counters.hit_tokens_ram += (imported * bs).min(a.req.prompt.len().saturating_sub(from)) as u64;
+        let c = &mut self.tiers.counters;
+        c.promotions += imported as u64;
+        c.hit_tokens_ram += (imported * bs).min(a.req.prompt.len().saturating_sub(from)) as u64;
+        c.promote_seconds += started.elapsed().as_secs_f64();
         imported
     }
 
@@ -349,6 +354,7 @@ impl EngineCore {
     /// the blocks of its conversation the disk lacks (exported from the
     /// pool). A full queue defers it.
     pub(super) fn commit_agent(&mut self, key: &AgentKey, ended: Instant) {
+        let started = Instant::now();
         let Some(disk) = self.tiers.disk.as_ref() else { return };
         let Some(ag) = self.agents.get(key) else { return };
         let ns = Namespace::new(self.model.fingerprint(), key.0.as_str().as_bytes());
@@ -388,6 +394,7 @@ impl EngineCore {
         if !queued {
             self.tiers.counters.commits_deferred += 1;
         }
+        self.tiers.counters.commit_seconds += started.elapsed().as_secs_f64();
         if let Some(ag) = self.agents.get_mut(key) {
             ag.dirty = !queued;
         }
