@@ -492,3 +492,29 @@ async fn ttls_are_wall_clock_and_survive_a_restart() {
     assert_eq!(listed[0].id.as_str(), "long");
     assert_eq!(listed[0].retention, engine::Retention::Ttl(Duration::from_secs(3600)));
 }
+
+#[tokio::test]
+async fn blocks_ram_cannot_hold_go_down_to_disk_and_come_back_from_there() {
+    let want = [reference_of("0 ").await, reference_of("1 ").await];
+    let dir = tempfile::tempdir().unwrap();
+    // RAM for two fake blocks only: the pool's evictions overflow it to disk.
+    let mut tiers = disk(dir.path());
+    tiers.ram_bytes = 400;
+    let (engine, _) = fake_engine(BS, 40, with_tiers(tiers));
+    let mut histories = [Vec::new(), Vec::new()];
+    let mut last: Vec<Option<Usage>> = vec![None; 2];
+    for (i, u) in USERS.iter().enumerate().take(2) {
+        for (k, h) in histories.iter_mut().enumerate() {
+            let (t, usage) = say(&engine, h, &format!("agent-{k}"), &format!("{k} {u}")).await;
+            assert_eq!(t, want[k][i], "agent {k}, turn {i}");
+            if let Some(prev) = last[k] {
+                assert!(usage.cached_tokens >= held_blocks_tokens(&prev), "turn {i} of agent {k}: {usage:?}");
+            }
+            last[k] = Some(usage);
+            engine.flush_tiers(Duration::from_secs(10)).await.unwrap();
+        }
+    }
+    let c = engine.stats().tiers.counters;
+    assert!(c.demotions_ram > 0 && c.loaded_blocks > 0, "{c:?}");
+    engine.check_invariants().await.unwrap();
+}

@@ -225,7 +225,7 @@ fn bandwidth(started: &Started, args: &TierBenchArgs, scratch: &std::path::Path)
         write.as_secs_f64() * 1e3 / args.records as f64
     );
     println!(
-        "| cold read + verify, 2 readers ({ok} ok) | {:.0} | {:.2} |",
+        "| cold read + verify, 4 readers ({ok} ok) | {:.0} | {:.2} |",
         bytes / read.as_secs_f64() / 1e6,
         read.as_secs_f64() * 1e3 / args.records as f64
     );

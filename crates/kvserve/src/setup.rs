@@ -121,7 +121,13 @@ pub(crate) fn init_threads(threads: Option<usize>) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            // Already set up by an earlier engine of this process (a
+            // benchmark restarting one): fine if it has the same size.
+            if rayon::current_num_threads() != n {
+                return Err(e).context("setting up the thread pool");
+            }
+        }
     }
     Ok(())
 }

@@ -55,6 +55,18 @@ pub trait Fs: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// What the system says (`NotFound` for a missing file).
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// A block record, expected to be `len` bytes (a multiple of 4096),
+    /// read past the page cache where the system allows it (a record read
+    /// back goes straight into the pool; caching its pages would only
+    /// evict something else). By default, [`Fs::read`].
+    ///
+    /// # Errors
+    /// What the system says.
+    fn read_record(&self, path: &Path, len: usize) -> io::Result<crate::record::ReadBuf> {
+        let _ = len;
+        let buf = self.read(path)?;
+        Ok(crate::record::ReadBuf { len: buf.len(), buf, at: 0 })
+    }
     /// Replaces `to` with `from` atomically.
     ///
     /// # Errors
@@ -124,6 +136,21 @@ impl Fs for StdFs {
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
+    }
+
+    fn read_record(&self, path: &Path, len: usize) -> io::Result<crate::record::ReadBuf> {
+        #[cfg(target_os = "linux")]
+        if len.is_multiple_of(PAGE) {
+            match read_direct(path, len) {
+                Ok(r) => return Ok(r),
+                // Not supported here (tmpfs, some network file systems):
+                // an ordinary read.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let buf = std::fs::read(path)?;
+        Ok(crate::record::ReadBuf { len: buf.len(), buf, at: 0 })
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -200,6 +227,35 @@ impl Fs for StdFs {
         #[cfg(not(target_os = "linux"))]
         let _ = path;
     }
+}
+
+/// Direct I/O alignment.
+const PAGE: usize = 4096;
+
+/// Reads up to `len` bytes of `path` with `O_DIRECT` into a page-aligned
+/// part of a buffer (no `unsafe`: the buffer is over-allocated by a page
+/// and the aligned window is used). A shorter file gives a shorter record,
+/// which the caller rejects as truncated.
+#[cfg(target_os = "linux")]
+fn read_direct(path: &Path, len: usize) -> io::Result<crate::record::ReadBuf> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    // One page more than the record, so one more read sees the end of a
+    // file longer than expected.
+    let want = len + PAGE;
+    let mut buf = vec![0u8; want + PAGE];
+    let at = buf.as_ptr().align_offset(PAGE).min(PAGE);
+    let mut got = 0;
+    while got < want {
+        match f.read(&mut buf[at + got..at + want]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(crate::record::ReadBuf { buf, at, len: got })
 }
 
 #[cfg(target_os = "linux")]

@@ -244,6 +244,7 @@ pub fn encode_header(fp: &StoreFingerprint, group: GroupId, key: &BlockKey, payl
 pub struct Payload {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl std::fmt::Debug for Payload {
@@ -255,17 +256,17 @@ impl std::fmt::Debug for Payload {
 impl Payload {
     /// A payload held on its own.
     pub fn from_vec(buf: Vec<u8>) -> Self {
-        Self { buf, start: 0 }
+        Self { end: buf.len(), buf, start: 0 }
     }
 
     /// The payload bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.start..self.end]
     }
 
     /// Its length.
     pub fn len(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// Whether it is empty.
@@ -367,7 +368,36 @@ pub fn verify(
     expected: &BlockKey,
     payload_len: usize,
 ) -> Result<Payload, Reject> {
-    let h = decode_header(&buf, fp)?;
+    let len = buf.len();
+    verify_at(ReadBuf { buf, at: 0, len }, fp, group, expected, payload_len)
+}
+
+/// A record read into a buffer at an offset (direct I/O needs an aligned
+/// destination, so the record may not start at the buffer's start).
+#[derive(Debug)]
+pub struct ReadBuf {
+    /// The buffer.
+    pub buf: Vec<u8>,
+    /// Where the record starts in it.
+    pub at: usize,
+    /// The record's length.
+    pub len: usize,
+}
+
+/// [`verify`] for a record at an offset of its buffer.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_at(
+    read: ReadBuf,
+    fp: &StoreFingerprint,
+    group: GroupId,
+    expected: &BlockKey,
+    payload_len: usize,
+) -> Result<Payload, Reject> {
+    let ReadBuf { buf, at, len } = read;
+    let record = &buf[at..at + len];
+    let h = decode_header(record, fp)?;
     let differs = if h.group != group {
         Some("group")
     } else if h.key.hash != expected.hash {
@@ -390,15 +420,15 @@ pub fn verify(
             got: usize::try_from(h.payload_len).unwrap_or(usize::MAX),
         });
     }
-    let end = h.len.checked_add(payload_len).filter(|&e| e <= buf.len());
-    let Some(end) = end else { return Err(Reject::Truncated { len: buf.len() }) };
-    if end != buf.len() {
-        return Err(Reject::PayloadLength { expected: payload_len, got: buf.len() - h.len });
+    let end = h.len.checked_add(payload_len).filter(|&e| e <= record.len());
+    let Some(end) = end else { return Err(Reject::Truncated { len: record.len() }) };
+    if end != record.len() {
+        return Err(Reject::PayloadLength { expected: payload_len, got: record.len() - h.len });
     }
-    if xxh3_64(&buf[h.len..end]) != h.payload_sum {
+    if xxh3_64(&record[h.len..end]) != h.payload_sum {
         return Err(Reject::PayloadChecksum);
     }
-    Ok(Payload { buf, start: h.len })
+    Ok(Payload { start: at + h.len, end: at + end, buf })
 }
 
 #[cfg(test)]

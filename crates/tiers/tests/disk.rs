@@ -564,3 +564,67 @@ fn a_really_full_tmpfs_degrades_the_tier_and_freed_space_resumes_it() {
     assert!(o.tier.flush(Duration::from_secs(10)));
     assert!(o.tier.stats().blocks >= 1);
 }
+
+/// Real files whose writes are slow (a busy disk).
+#[derive(Debug)]
+struct SlowWrites;
+
+impl Fs for SlowWrites {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        StdFs.create_dir_all(dir)
+    }
+    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+        std::thread::sleep(Duration::from_millis(50));
+        StdFs.write_new(path, parts)
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        StdFs.read(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        StdFs.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        StdFs.remove_file(path)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
+        StdFs.list(dir)
+    }
+    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
+        StdFs.sync_batch(files, dirs)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        StdFs.sync_dir(dir)
+    }
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        StdFs.lock(path)
+    }
+    fn forget_cached(&self, path: &Path) {
+        StdFs.forget_cached(path);
+    }
+}
+
+#[test]
+fn a_full_write_queue_drops_demotions_without_ever_blocking_the_caller() {
+    let s = Store::new();
+    let config = DiskConfig { fs: Arc::new(SlowWrites), queue_bytes: 2 * PAYLOAD as u64, ..s.config(1 << 30) };
+    let (o, _rx) = s.open_with(config);
+    let keys = chain(21, 40);
+    let started = Instant::now();
+    let outcomes: Vec<tiers::Demotion> = keys.iter().map(|k| o.tier.demote(0, k.clone(), payload(k))).collect();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "demoting never waits for the disk: {:?}",
+        started.elapsed()
+    );
+    let dropped = outcomes.iter().filter(|d| **d == tiers::Demotion::Dropped).count();
+    assert!(dropped > 0, "{outcomes:?}");
+    assert!(o.tier.flush(Duration::from_secs(30)));
+    let st = o.tier.stats();
+    assert_eq!(st.dropped_writes as usize, dropped);
+    assert_eq!(st.blocks as usize, keys.len() - dropped, "every queued demotion was written");
+    // A dropped block is not claimed: it can be queued again later.
+    let first_dropped = outcomes.iter().position(|d| *d == tiers::Demotion::Dropped).unwrap();
+    let k = &keys[first_dropped];
+    assert_eq!(o.tier.demote(0, k.clone(), payload(k)), tiers::Demotion::Queued);
+    o.tier.check_invariants().unwrap();
+}

@@ -79,13 +79,14 @@ pub struct DiskConfig {
 
 impl DiskConfig {
     /// Real files under `root`, at most `budget` bytes, 256 MiB of queue,
-    /// two readers, a retry every 2 s.
+    /// four readers (I/O-bound: more reads in flight keep the device busy),
+    /// a retry every 2 s.
     pub fn new(root: impl Into<PathBuf>, budget: u64) -> Self {
         Self {
             root: root.into(),
             budget,
             queue_bytes: 256 << 20,
-            readers: 2,
+            readers: 4,
             retry: Duration::from_secs(2),
             fs: std::sync::Arc::new(StdFs),
         }

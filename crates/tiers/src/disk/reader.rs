@@ -8,7 +8,7 @@
 //! debug; all are counted.
 
 use super::{LoadTask, Shared, TierEvent};
-use crate::record::{verify, Payload, Reject};
+use crate::record::{verify_at, Payload, Reject};
 
 /// The thread's loop: until the queue is closed and drained.
 #[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
@@ -30,8 +30,8 @@ fn read(shared: &Shared, t: &LoadTask) -> Result<Payload, Reject> {
     let key = crate::record::RecordKey::new(t.group, t.expected.hash);
     let Some(gen) = shared.state().index.present(&key) else { return Err(Reject::Missing) };
     let path = shared.record_path(&key);
-    let result = match shared.fs.read(&path) {
-        Ok(buf) => verify(buf, &shared.fp, t.group, &t.expected, shared.payload_len),
+    let result = match shared.fs.read_record(&path, shared.record_len as usize) {
+        Ok(read) => verify_at(read, &shared.fp, t.group, &t.expected, shared.payload_len),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Reject::Missing),
         Err(e) => Err(Reject::Unreadable(e.to_string())),
     };
