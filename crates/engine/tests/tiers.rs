@@ -21,7 +21,7 @@ use engine::{
     TierConfig, Usage,
 };
 use model::Message;
-use tiers::fs::{DirItem, Fs, LockGuard, StdFs};
+use tiers::fs::{Fs, HookedFs, StdFs};
 
 const BS: u32 = 4;
 
@@ -131,25 +131,36 @@ async fn a_conversation_continued_from_ram_gives_the_same_tokens() {
     engine.check_invariants().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_pool_too_small_for_every_agent_recomputes_nothing_the_ram_tier_kept() {
-    let want = [reference_of("0 ").await, reference_of("1 ").await, reference_of("2 ").await];
-    // 56 blocks of 4 tokens: one conversation at a time fits, three do not.
-    let (engine, _) = fake_engine(BS, 56, with_tiers(ram(64 << 20)));
-    let mut histories = [Vec::new(), Vec::new(), Vec::new()];
-    let mut last: Vec<Option<Usage>> = vec![None; 3];
-    for (i, u) in USERS.iter().enumerate().take(3) {
+/// `agents` agents with conversations of their own take `turns` turns,
+/// interleaved (every agent's first, then every agent's second...). Each
+/// answer must be the reference's, and each turn must find every full
+/// block of the agent's previous turn, wherever the tiers kept it.
+async fn interleaved(engine: &EngineHandle, agents: usize, turns: usize) {
+    let mut want = Vec::new();
+    for k in 0..agents {
+        want.push(reference_of(&format!("{k} ")).await);
+    }
+    let mut histories = vec![Vec::new(); agents];
+    let mut last: Vec<Option<Usage>> = vec![None; agents];
+    for (i, u) in USERS.iter().enumerate().take(turns) {
         for (k, h) in histories.iter_mut().enumerate() {
-            let (t, usage) = say(&engine, h, &format!("agent-{k}"), &format!("{k} {u}")).await;
+            let (t, usage) = say(engine, h, &format!("agent-{k}"), &format!("{k} {u}")).await;
             assert_eq!(t, want[k][i], "agent {k}, turn {i}");
             if let Some(prev) = last[k] {
-                // Every full block of the previous turn came back: none was
-                // recomputed, whether it stayed in the pool or went to RAM.
                 assert!(usage.cached_tokens >= held_blocks_tokens(&prev), "turn {i} of agent {k}: {usage:?}");
             }
             last[k] = Some(usage);
+            // Whatever is on its way to disk is there before the next turn.
+            engine.flush_tiers(Duration::from_secs(10)).await.unwrap();
         }
     }
+}
+
+#[tokio::test]
+async fn a_pool_too_small_for_every_agent_recomputes_nothing_the_ram_tier_kept() {
+    // 56 blocks of 4 tokens: one conversation at a time fits, three do not.
+    let (engine, _) = fake_engine(BS, 56, with_tiers(ram(64 << 20)));
+    interleaved(&engine, 3, 3).await;
     let s = engine.stats();
     assert!(s.cache.evictions > 0 && s.tiers.counters.promotions > 0, "{:?} {:?}", s.cache, s.tiers);
     engine.check_invariants().await.unwrap();
@@ -270,46 +281,13 @@ async fn a_corrupt_record_is_a_counted_miss_recomputed_to_the_same_tokens() {
     assert_eq!(engine.stats().tiers.disk.unwrap().rejected_total(), 0);
 }
 
-/// A file system whose reads take a while.
-#[derive(Debug)]
-struct SlowReads {
-    delay: Duration,
-    reads: AtomicU64,
-}
-
-impl Fs for SlowReads {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(dir)
-    }
-    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-        StdFs.write_new(path, parts)
-    }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(self.delay);
-        StdFs.read(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        StdFs.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
-        StdFs.list(dir)
-    }
-    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
-        StdFs.sync_batch(files, dirs)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        StdFs.sync_dir(dir)
-    }
-    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
-        StdFs.lock(path)
-    }
-    fn forget_cached(&self, path: &Path) {
-        StdFs.forget_cached(path);
-    }
+/// Real files whose reads take `delay` each; counts them.
+fn slow_reads(delay: Duration, reads: Arc<AtomicU64>) -> HookedFs {
+    HookedFs::new().on_read(move |_| {
+        reads.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(delay);
+        None
+    })
 }
 
 #[tokio::test]
@@ -319,8 +297,9 @@ async fn a_load_runs_while_others_step_and_a_second_request_waits_for_it_instead
     let mut h = Vec::new();
     session(dir.path(), Arc::new(StdFs), &mut h, &USERS[..1]).await;
     let blocks = records(dir.path()).len();
-    let slow = Arc::new(SlowReads { delay: Duration::from_millis(150), reads: AtomicU64::new(0) });
-    let (engine, _) = fake_engine(BS, 64, with_tiers(disk_with(dir.path(), slow.clone())));
+    let reads = Arc::new(AtomicU64::new(0));
+    let slow = Arc::new(slow_reads(Duration::from_millis(150), Arc::clone(&reads)));
+    let (engine, _) = fake_engine(BS, 64, with_tiers(disk_with(dir.path(), slow)));
     h.push(Message::new("user", USERS[1]));
     let started = Instant::now();
     let a = engine.generate(turn(&h, Some("a"))).unwrap();
@@ -338,7 +317,7 @@ async fn a_load_runs_while_others_step_and_a_second_request_waits_for_it_instead
     let s = engine.stats();
     assert_eq!(s.tiers.counters.loaded_blocks as usize, blocks, "loaded once: {:?}", s.tiers.counters);
     assert!(twin.usage.cached_tokens >= a.usage.cached_tokens - BS as usize, "{:?} {:?}", twin.usage, a.usage);
-    assert_eq!(slow.reads.load(Ordering::SeqCst) as usize, blocks + 1, "each record once, and the manifest at start");
+    assert_eq!(reads.load(Ordering::SeqCst) as usize, blocks + 1, "each record once, and the manifest at start");
 }
 
 #[tokio::test]
@@ -347,7 +326,7 @@ async fn a_load_past_its_deadline_falls_back_to_recomputing() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = Vec::new();
     session(dir.path(), Arc::new(StdFs), &mut h, &USERS[..1]).await;
-    let slow = Arc::new(SlowReads { delay: Duration::from_secs(2), reads: AtomicU64::new(0) });
+    let slow = Arc::new(slow_reads(Duration::from_secs(2), Arc::new(AtomicU64::new(0))));
     let mut tiers = disk_with(dir.path(), slow);
     tiers.load = LoadPolicy::Always { deadline: Duration::from_millis(200) };
     let (engine, _) = fake_engine(BS, 64, with_tiers(tiers));
@@ -360,53 +339,15 @@ async fn a_load_past_its_deadline_falls_back_to_recomputing() {
     assert!(u2.cached_tokens < u2.prompt_tokens / 2, "{u2:?}");
 }
 
-/// A file system that can run out of space.
-#[derive(Debug, Default)]
-struct FullDisk {
-    full: AtomicBool,
-}
-
-impl Fs for FullDisk {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(dir)
-    }
-    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
-            // As a real full disk does: the file is created, the write fails.
+/// Real files that can fill up: while `full`, a write creates the file
+/// and fails with ENOSPC, as a real full disk does.
+fn full_disk(full: Arc<AtomicBool>) -> HookedFs {
+    HookedFs::new().on_write(move |path, _| {
+        full.load(Ordering::SeqCst).then(|| {
             let _ = StdFs.write_new(path, &[]);
-            return Err(io::Error::from_raw_os_error(libc_enospc()));
-        }
-        StdFs.write_new(path, parts)
-    }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        StdFs.read(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        StdFs.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
-        StdFs.list(dir)
-    }
-    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
-        StdFs.sync_batch(files, dirs)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        StdFs.sync_dir(dir)
-    }
-    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
-        StdFs.lock(path)
-    }
-    fn forget_cached(&self, path: &Path) {
-        StdFs.forget_cached(path);
-    }
-}
-
-/// ENOSPC on Linux (and most Unixes).
-fn libc_enospc() -> i32 {
-    28
+            Err(io::Error::from_raw_os_error(28))
+        })
+    })
 }
 
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -421,9 +362,9 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 async fn a_full_disk_degrades_the_tier_serving_goes_on_and_it_resumes_by_itself() {
     let want = reference().await;
     let dir = tempfile::tempdir().unwrap();
-    let fs = Arc::new(FullDisk::default());
-    let (engine, _) = fake_engine(BS, 64, with_tiers(disk_with(dir.path(), fs.clone())));
-    fs.full.store(true, Ordering::SeqCst);
+    let full = Arc::new(AtomicBool::new(false));
+    let (engine, _) = fake_engine(BS, 64, with_tiers(disk_with(dir.path(), Arc::new(full_disk(Arc::clone(&full))))));
+    full.store(true, Ordering::SeqCst);
     let mut h = Vec::new();
     let (t1, _) = say(&engine, &mut h, "a", USERS[0]).await;
     assert_eq!(t1, want[0], "serving goes on");
@@ -434,7 +375,7 @@ async fn a_full_disk_degrades_the_tier_serving_goes_on_and_it_resumes_by_itself(
     assert!(d.failed_commits >= 1 && d.io_errors >= 1, "{d:?}");
     // Space returns: the tier probes and resumes; the deferred commit of
     // the agent's turn is retried and becomes durable.
-    fs.full.store(false, Ordering::SeqCst);
+    full.store(false, Ordering::SeqCst);
     wait_until("the disk tier to resume", || engine.degraded().is_none()).await;
     wait_until("the retried commit", || engine.stats().tiers.disk.unwrap().commits >= 1).await;
     let (t2, _) = say(&engine, &mut h, "a", USERS[1]).await;
@@ -495,25 +436,12 @@ async fn ttls_are_wall_clock_and_survive_a_restart() {
 
 #[tokio::test]
 async fn blocks_ram_cannot_hold_go_down_to_disk_and_come_back_from_there() {
-    let want = [reference_of("0 ").await, reference_of("1 ").await];
     let dir = tempfile::tempdir().unwrap();
     // RAM for two fake blocks only: the pool's evictions overflow it to disk.
     let mut tiers = disk(dir.path());
     tiers.ram_bytes = 400;
     let (engine, _) = fake_engine(BS, 40, with_tiers(tiers));
-    let mut histories = [Vec::new(), Vec::new()];
-    let mut last: Vec<Option<Usage>> = vec![None; 2];
-    for (i, u) in USERS.iter().enumerate().take(2) {
-        for (k, h) in histories.iter_mut().enumerate() {
-            let (t, usage) = say(&engine, h, &format!("agent-{k}"), &format!("{k} {u}")).await;
-            assert_eq!(t, want[k][i], "agent {k}, turn {i}");
-            if let Some(prev) = last[k] {
-                assert!(usage.cached_tokens >= held_blocks_tokens(&prev), "turn {i} of agent {k}: {usage:?}");
-            }
-            last[k] = Some(usage);
-            engine.flush_tiers(Duration::from_secs(10)).await.unwrap();
-        }
-    }
+    interleaved(&engine, 2, 2).await;
     let c = engine.stats().tiers.counters;
     assert!(c.demotions_ram > 0 && c.loaded_blocks > 0, "{c:?}");
     engine.check_invariants().await.unwrap();

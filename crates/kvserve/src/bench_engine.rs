@@ -33,13 +33,16 @@ pub(crate) struct EngineBenchArgs {
 }
 
 /// Time to the first token and to the end of one request.
-struct Timing {
-    ttft: Duration,
-    tokens: usize,
-    cached: usize,
+/// What one request measured.
+pub(crate) struct Timing {
+    pub(crate) ttft: Duration,
+    pub(crate) tokens: usize,
+    pub(crate) cached: usize,
+    pub(crate) prompt: usize,
 }
 
-fn run_one(engine: &EngineHandle, req: Request) -> Result<Timing> {
+/// Runs `req` to its end from a plain thread.
+pub(crate) fn run_one(engine: &EngineHandle, req: Request) -> Result<Timing> {
     let start = Instant::now();
     let mut stream = engine.generate(req)?;
     let mut ttft = None;
@@ -52,7 +55,7 @@ fn run_one(engine: &EngineHandle, req: Request) -> Result<Timing> {
             }
             Event::Finished { usage, .. } => {
                 let ttft = ttft.unwrap_or_else(|| start.elapsed());
-                return Ok(Timing { ttft, tokens, cached: usage.cached_tokens });
+                return Ok(Timing { ttft, tokens, cached: usage.cached_tokens, prompt: usage.prompt_tokens });
             }
             Event::Error(e) => return Err(e.into()),
         }
@@ -60,7 +63,8 @@ fn run_one(engine: &EngineHandle, req: Request) -> Result<Timing> {
     bail!("the stream ended without finishing")
 }
 
-fn request(prompt: Prompt, max_tokens: usize) -> Request {
+/// A greedy request for `max_tokens` tokens, end-of-sequence ignored.
+pub(crate) fn request(prompt: Prompt, max_tokens: usize) -> Request {
     let mut r = Request::new(prompt);
     r.sampling = SamplingParams::greedy();
     r.max_tokens = Some(max_tokens);
@@ -69,7 +73,7 @@ fn request(prompt: Prompt, max_tokens: usize) -> Request {
 }
 
 /// Token ids of ordinary text, `len` of them (from the model's tokenizer).
-fn text_tokens(engine: &EngineHandle, len: usize, salt: usize) -> Result<Vec<u32>> {
+pub(crate) fn text_tokens(engine: &EngineHandle, len: usize, salt: usize) -> Result<Vec<u32>> {
     let para = format!(
         "Note {salt}: the harbour was quiet at dawn, and the fishing boats came back one by one with their nets full. "
     );

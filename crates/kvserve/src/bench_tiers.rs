@@ -18,8 +18,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use engine::{AgentId, EngineHandle, Event, Prompt, Request, SamplingParams, TenantId};
+use engine::{AgentId, EngineHandle, Prompt, Request, TenantId};
 
+use crate::bench_engine::{run_one, text_tokens, Timing};
 use crate::setup::{start_engine, EngineArgs, Started};
 
 #[derive(clap::Args, Debug)]
@@ -34,47 +35,10 @@ pub(crate) struct TierBenchArgs {
     records: usize,
 }
 
-struct Timing {
-    ttft: Duration,
-    cached: usize,
-    prompt: usize,
-}
-
 fn request(tokens: Vec<u32>, agent: Option<&AgentId>) -> Request {
-    let mut r = Request::new(Prompt::Tokens(tokens));
-    r.sampling = SamplingParams::greedy();
-    r.max_tokens = Some(1);
-    r.ignore_eos = true;
+    let mut r = crate::bench_engine::request(Prompt::Tokens(tokens), 1);
     r.agent = agent.cloned();
     r
-}
-
-fn run_one(engine: &EngineHandle, req: Request) -> Result<Timing> {
-    let start = Instant::now();
-    let mut stream = engine.generate(req)?;
-    let mut ttft = None;
-    while let Some(ev) = stream.blocking_next() {
-        match ev {
-            Event::Token { .. } => {
-                ttft.get_or_insert_with(|| start.elapsed());
-            }
-            Event::Finished { usage, .. } => {
-                let ttft = ttft.unwrap_or_else(|| start.elapsed());
-                return Ok(Timing { ttft, cached: usage.cached_tokens, prompt: usage.prompt_tokens });
-            }
-            Event::Error(e) => return Err(e.into()),
-        }
-    }
-    bail!("the stream ended without finishing")
-}
-
-/// Ordinary text's token ids, `len` of them.
-fn text_tokens(engine: &EngineHandle, len: usize, salt: usize) -> Result<Vec<u32>> {
-    let para = format!(
-        "Log {salt}: the crew checked the nets, mended two of them, and wrote down the catch before the tide turned. "
-    );
-    let unit = engine.codec().encode(&para)?;
-    Ok(unit.iter().copied().cycle().take(len).collect())
 }
 
 #[allow(clippy::print_stdout)] // the tables on stdout are this command's output

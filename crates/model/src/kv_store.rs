@@ -34,68 +34,40 @@ trait Element: Copy + Send + Sync + 'static {
     fn from_le(src: &[u8], out: &mut [Self]);
 }
 
-impl Element for f32 {
-    const ZERO: Self = 0.0;
-    const BYTES: usize = 4;
-    fn to_le(src: &[Self], out: &mut [u8]) {
-        for (o, x) in out.chunks_exact_mut(4).zip(src) {
-            o.copy_from_slice(&x.to_le_bytes());
+/// One element type: its zero, size, f32 conversions (`half`'s slice
+/// conversions, vectorised where the CPU allows) and little-endian bytes.
+macro_rules! element {
+    ($t:ty, $zero:expr, $bytes:literal, $store:expr, $load:expr) => {
+        impl Element for $t {
+            const ZERO: Self = $zero;
+            const BYTES: usize = $bytes;
+            fn store(src: &[f32], dst: &mut [Self]) {
+                $store(src, dst)
+            }
+            fn load(src: &[Self], dst: &mut [f32]) {
+                $load(src, dst)
+            }
+            fn to_le(src: &[Self], out: &mut [u8]) {
+                for (o, x) in out.chunks_exact_mut($bytes).zip(src) {
+                    o.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            fn from_le(src: &[u8], out: &mut [Self]) {
+                for (x, b) in out.iter_mut().zip(src.chunks_exact($bytes)) {
+                    let mut raw = [0u8; $bytes];
+                    raw.copy_from_slice(b);
+                    *x = <$t>::from_le_bytes(raw);
+                }
+            }
         }
-    }
-    fn from_le(src: &[u8], out: &mut [Self]) {
-        for (x, b) in out.iter_mut().zip(src.chunks_exact(4)) {
-            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-    }
-    fn store(src: &[f32], dst: &mut [Self]) {
-        dst.copy_from_slice(src);
-    }
-    fn load(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
+    };
 }
 
-impl Element for f16 {
-    const ZERO: Self = f16::ZERO;
-    const BYTES: usize = 2;
-    fn to_le(src: &[Self], out: &mut [u8]) {
-        for (o, x) in out.chunks_exact_mut(2).zip(src) {
-            o.copy_from_slice(&x.to_le_bytes());
-        }
-    }
-    fn from_le(src: &[u8], out: &mut [Self]) {
-        for (x, b) in out.iter_mut().zip(src.chunks_exact(2)) {
-            *x = f16::from_le_bytes([b[0], b[1]]);
-        }
-    }
-    fn store(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src);
-    }
-    fn load(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-}
-
-impl Element for bf16 {
-    const ZERO: Self = bf16::ZERO;
-    const BYTES: usize = 2;
-    fn to_le(src: &[Self], out: &mut [u8]) {
-        for (o, x) in out.chunks_exact_mut(2).zip(src) {
-            o.copy_from_slice(&x.to_le_bytes());
-        }
-    }
-    fn from_le(src: &[u8], out: &mut [Self]) {
-        for (x, b) in out.iter_mut().zip(src.chunks_exact(2)) {
-            *x = bf16::from_le_bytes([b[0], b[1]]);
-        }
-    }
-    fn store(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src);
-    }
-    fn load(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-}
+element!(f32, 0.0, 4, |s: &[f32], d: &mut [f32]| d.copy_from_slice(s), |s: &[f32], d: &mut [f32]| d.copy_from_slice(s));
+element!(f16, f16::ZERO, 2, |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s), |s: &[f16], d: &mut [f32]| s
+    .convert_to_f32_slice(d));
+element!(bf16, bf16::ZERO, 2, |s: &[f32], d: &mut [bf16]| d.convert_from_f32_slice(s), |s: &[bf16], d: &mut [f32]| s
+    .convert_to_f32_slice(d));
 
 enum Arena {
     F32(Vec<f32>),

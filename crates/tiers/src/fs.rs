@@ -273,6 +273,134 @@ fn syncfs(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A hook on writes: `Some(result)` is returned instead of writing,
+/// `None` lets the write happen.
+pub type WriteHook = Box<dyn Fn(&Path, &[&[u8]]) -> Option<io::Result<()>> + Send + Sync>;
+/// A hook on an operation on one path (read, directory sync).
+pub type PathHook = Box<dyn Fn(&Path) -> Option<io::Result<()>> + Send + Sync>;
+/// A hook on renames: `(from, to)`.
+pub type RenameHook = Box<dyn Fn(&Path, &Path) -> Option<io::Result<()>> + Send + Sync>;
+/// A hook on batch syncs.
+pub type SyncHook = Box<dyn Fn() -> Option<io::Result<()>> + Send + Sync>;
+
+/// Real files ([`StdFs`]) with hooks on the operations tests fault: a full
+/// disk (a write hook returning `ENOSPC`), a slow one (a hook that sleeps
+/// and returns `None`), a crash point (a hook that does the operation, or
+/// half of it, then kills the process). Operations without a hook are
+/// [`StdFs`]'s.
+#[derive(Default)]
+pub struct HookedFs {
+    write: Option<WriteHook>,
+    read: Option<PathHook>,
+    rename: Option<RenameHook>,
+    sync_batch: Option<SyncHook>,
+    sync_dir: Option<PathHook>,
+}
+
+impl fmt::Debug for HookedFs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookedFs").finish_non_exhaustive()
+    }
+}
+
+impl HookedFs {
+    /// Real files, no hook yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hooks `write_new`.
+    #[must_use]
+    pub fn on_write(mut self, f: impl Fn(&Path, &[&[u8]]) -> Option<io::Result<()>> + Send + Sync + 'static) -> Self {
+        self.write = Some(Box::new(f));
+        self
+    }
+
+    /// Hooks `read` and `read_record` (an error from the hook fails the
+    /// read; `Some(Ok(()))` and `None` both let it happen).
+    #[must_use]
+    pub fn on_read(mut self, f: impl Fn(&Path) -> Option<io::Result<()>> + Send + Sync + 'static) -> Self {
+        self.read = Some(Box::new(f));
+        self
+    }
+
+    /// Hooks `rename`.
+    #[must_use]
+    pub fn on_rename(mut self, f: impl Fn(&Path, &Path) -> Option<io::Result<()>> + Send + Sync + 'static) -> Self {
+        self.rename = Some(Box::new(f));
+        self
+    }
+
+    /// Hooks `sync_batch`.
+    #[must_use]
+    pub fn on_sync_batch(mut self, f: impl Fn() -> Option<io::Result<()>> + Send + Sync + 'static) -> Self {
+        self.sync_batch = Some(Box::new(f));
+        self
+    }
+
+    /// Hooks `sync_dir`.
+    #[must_use]
+    pub fn on_sync_dir(mut self, f: impl Fn(&Path) -> Option<io::Result<()>> + Send + Sync + 'static) -> Self {
+        self.sync_dir = Some(Box::new(f));
+        self
+    }
+
+    fn read_hook(&self, path: &Path) -> io::Result<()> {
+        match self.read.as_ref().and_then(|h| h(path)) {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Fs for HookedFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        StdFs.create_dir_all(dir)
+    }
+
+    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+        self.write.as_ref().and_then(|h| h(path, parts)).unwrap_or_else(|| StdFs.write_new(path, parts))
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.read_hook(path)?;
+        StdFs.read(path)
+    }
+
+    fn read_record(&self, path: &Path, len: usize) -> io::Result<crate::record::ReadBuf> {
+        self.read_hook(path)?;
+        StdFs.read_record(path, len)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.rename.as_ref().and_then(|h| h(from, to)).unwrap_or_else(|| StdFs.rename(from, to))
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        StdFs.remove_file(path)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
+        StdFs.list(dir)
+    }
+
+    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
+        self.sync_batch.as_ref().and_then(|h| h()).unwrap_or_else(|| StdFs.sync_batch(files, dirs))
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.sync_dir.as_ref().and_then(|h| h(dir)).unwrap_or_else(|| StdFs.sync_dir(dir))
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        StdFs.lock(path)
+    }
+
+    fn forget_cached(&self, path: &Path) {
+        StdFs.forget_cached(path);
+    }
+}
+
 /// Files in memory, for the loom models and quick tests: every operation is
 /// atomic under one lock (the crate's `sync::Mutex`, loom's under `--cfg
 /// loom`), reads return a snapshot, syncs do nothing.

@@ -20,23 +20,22 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 #![cfg(target_os = "linux")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use kv::{AttentionKind, BlockKey, CacheSpec, CacheSpecParams, Namespace};
+use common::{ns, BS};
+use kv::BlockKey;
 use rand::{Rng, SeedableRng};
-use tiers::fs::{DirItem, Fs, LockGuard, StdFs};
-use tiers::{
-    AgentManifest, DiskConfig, DiskTier, LoadTask, ManifestId, ManifestRetention, Payload, RecordKey, Reject,
-    StoreFingerprint, TierEvent,
-};
+use tiers::fs::{Fs, HookedFs, StdFs};
+use tiers::{AgentManifest, DiskConfig, DiskTier, ManifestId, ManifestRetention, RecordKey, StoreFingerprint};
 
-const BS: usize = 16;
 const PAYLOAD: usize = 8192;
 const AGENTS: u32 = 4;
 
@@ -53,12 +52,7 @@ const POINTS: [&str; 8] = [
 ];
 
 fn fp() -> StoreFingerprint {
-    let spec = CacheSpec::new(CacheSpecParams::uniform(2, AttentionKind::Full, 1, 8, 4)).unwrap();
-    StoreFingerprint::new(b"crash-model", &spec, &["crash-layout".into()])
-}
-
-fn ns() -> Namespace {
-    Namespace::new(b"crash-model", b"tenant")
+    common::fp(b"crash-model")
 }
 
 /// Agent `a`'s conversation at turn `t`: two blocks every agent shares (a
@@ -77,8 +71,7 @@ fn conversation(a: u32, t: u32) -> Vec<BlockKey> {
 }
 
 fn payload(k: &BlockKey) -> Vec<u8> {
-    let seed = k.hash.to_u128();
-    (0..PAYLOAD).map(|i| (seed.rotate_left((i % 128) as u32) as u8) ^ (i as u8)).collect()
+    common::payload(k, PAYLOAD)
 }
 
 fn manifest(a: u32, t: u32) -> AgentManifest {
@@ -96,16 +89,16 @@ fn manifest(a: u32, t: u32) -> AgentManifest {
     }
 }
 
-/// Real files, and a SIGKILL of this process at the `at`-th operation of
-/// the kind `point` names.
+/// Counts the operations of the kind `point` names; the `at`-th one is
+/// where the process dies.
 #[derive(Debug)]
-struct CrashFs {
+struct CrashPoint {
     point: String,
     at: u32,
     seen: AtomicU32,
 }
 
-impl CrashFs {
+impl CrashPoint {
     fn hit(&self, point: &str) -> bool {
         point == self.point && self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.at
     }
@@ -125,61 +118,48 @@ fn is_manifest(p: &Path) -> bool {
     p.to_string_lossy().contains(".kva")
 }
 
-impl Fs for CrashFs {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(dir)
-    }
-    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-        let kind = if is_manifest(path) { "manifest" } else { "block" };
-        if self.hit(&format!("mid-{kind}")) {
-            let all = parts.concat();
-            StdFs.write_new(path, &[&all[..all.len() / 2]])?;
-            die();
-        }
-        StdFs.write_new(path, parts)?;
-        if self.hit(&format!("after-{kind}-temp")) {
-            die();
-        }
-        Ok(())
-    }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        StdFs.read(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        if is_manifest(to) && self.hit("before-manifest-rename") {
-            die();
-        }
-        StdFs.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
-        StdFs.list(dir)
-    }
-    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
-        if self.hit("before-sync") {
-            die();
-        }
-        StdFs.sync_batch(files, dirs)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let agents = dir.ends_with("agents");
-        if agents && self.hit("before-dir-sync") {
-            die();
-        }
-        StdFs.sync_dir(dir)?;
-        if agents && self.hit("after-dir-sync") {
-            die();
-        }
-        Ok(())
-    }
-    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
-        StdFs.lock(path)
-    }
-    fn forget_cached(&self, path: &Path) {
-        StdFs.forget_cached(path);
-    }
+/// Real files, and a SIGKILL of this process at the crash point.
+fn crash_fs(c: Arc<CrashPoint>) -> HookedFs {
+    let (w, r, s, d) = (Arc::clone(&c), Arc::clone(&c), Arc::clone(&c), c);
+    HookedFs::new()
+        .on_write(move |path, parts| {
+            let kind = if is_manifest(path) { "manifest" } else { "block" };
+            if w.hit(&format!("mid-{kind}")) {
+                let all = parts.concat();
+                let _ = StdFs.write_new(path, &[&all[..all.len() / 2]]);
+                die();
+            }
+            let done = StdFs.write_new(path, parts);
+            if done.is_ok() && w.hit(&format!("after-{kind}-temp")) {
+                die();
+            }
+            Some(done)
+        })
+        .on_rename(move |_, to| {
+            if is_manifest(to) && r.hit("before-manifest-rename") {
+                die();
+            }
+            None
+        })
+        .on_sync_batch(move || {
+            if s.hit("before-sync") {
+                die();
+            }
+            None
+        })
+        .on_sync_dir(move |dir| {
+            if !dir.ends_with("agents") {
+                return None;
+            }
+            if d.hit("before-dir-sync") {
+                die();
+            }
+            let done = StdFs.sync_dir(dir);
+            if done.is_ok() && d.hit("after-dir-sync") {
+                die();
+            }
+            Some(done)
+        })
 }
 
 /// The child: commits turns (and some deletions and demotions) until the
@@ -191,8 +171,8 @@ fn crash_child() {
     let parts: Vec<&str> = spec.split(':').collect();
     let (dir, seed, point, at) =
         (PathBuf::from(parts[0]), parts[1].parse::<u64>().unwrap(), parts[2], parts[3].parse().unwrap());
-    let fs = Arc::new(CrashFs { point: point.into(), at, seen: AtomicU32::new(0) });
-    let config = DiskConfig { fs, ..DiskConfig::new(dir, 1 << 30) };
+    let point = Arc::new(CrashPoint { point: point.into(), at, seen: AtomicU32::new(0) });
+    let config = DiskConfig { fs: Arc::new(crash_fs(point)), ..DiskConfig::new(dir, 1 << 30) };
     let sink: tiers::EventSink = Arc::new(|_| {});
     let o = DiskTier::open(config, fp(), BS, PAYLOAD, sink).unwrap();
     let tier = o.tier;
@@ -235,20 +215,6 @@ fn crash_child() {
         }
         out.flush().unwrap();
     }
-}
-
-/// Loads `keys` from a reopened store; `None` for a key that is not there.
-fn load_all(tier: &DiskTier, rx: &mpsc::Receiver<TierEvent>, keys: &[BlockKey]) -> Vec<Result<Payload, Reject>> {
-    let tasks =
-        keys.iter().enumerate().map(|(i, k)| LoadTask { load: 1, index: i, group: 0, expected: k.clone() }).collect();
-    tier.load(tasks);
-    let mut out: Vec<Option<Result<Payload, Reject>>> = (0..keys.len()).map(|_| None).collect();
-    for _ in 0..keys.len() {
-        if let TierEvent::Loaded { index, result, .. } = rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-            out[index] = Some(result);
-        }
-    }
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 /// What the parent knows of one agent from the children's reports.
@@ -326,11 +292,7 @@ fn kill_9_during_writes_never_loses_a_committed_turn_nor_loads_a_corrupt_block()
 
 /// Reopens the store and checks what the module doc promises.
 fn check(root: &Path, known: &BTreeMap<u32, Known>, seed: u64) {
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    let sink: tiers::EventSink = Arc::new(move |ev| {
-        let _ = tx.lock().unwrap().send(ev);
-    });
+    let (sink, rx) = common::sink();
     let o = DiskTier::open(DiskConfig::new(root, 1 << 30), fp(), BS, PAYLOAD, sink).unwrap();
     let found: BTreeMap<u32, &AgentManifest> =
         o.agents.iter().map(|m| (m.agent.trim_start_matches("agent-").parse().unwrap(), m)).collect();
@@ -350,7 +312,7 @@ fn check(root: &Path, known: &BTreeMap<u32, Known>, seed: u64) {
         let t = u32::try_from(m.turns).unwrap();
         assert_eq!(**m, manifest(*a, t), "seed {seed}: agent {a}'s manifest is not the one written");
         let keys = conversation(*a, t);
-        for (k, r) in keys.iter().zip(load_all(&o.tier, &rx, &keys)) {
+        for (k, r) in keys.iter().zip(common::load(&o.tier, &rx, 1, &keys)) {
             let p =
                 r.unwrap_or_else(|e| panic!("seed {seed}: agent {a} turn {t}: a block of a committed manifest: {e}"));
             assert_eq!(p.bytes(), &payload(k)[..]);
@@ -358,7 +320,7 @@ fn check(root: &Path, known: &BTreeMap<u32, Known>, seed: u64) {
     }
     // Any other record the children may have written: right bytes or a miss.
     let all: Vec<BlockKey> = (0..2 * AGENTS).flat_map(|a| conversation(a, 45)).collect();
-    for (k, r) in all.iter().zip(load_all(&o.tier, &rx, &all)) {
+    for (k, r) in all.iter().zip(common::load(&o.tier, &rx, 2, &all)) {
         if let Ok(p) = r {
             assert_eq!(p.bytes(), &payload(k)[..], "seed {seed}: a record loaded with wrong bytes");
         }

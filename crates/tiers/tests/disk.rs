@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,23 +14,19 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kv::{AttentionKind, BlockKey, CacheSpec, CacheSpecParams, Namespace};
-use tiers::fs::{DirItem, Fs, LockGuard, StdFs};
+use kv::BlockKey;
+use tiers::fs::{Fs, HookedFs, StdFs};
 use tiers::{
     AgentManifest, DiskConfig, DiskTier, Error, LoadTask, ManifestId, ManifestRetention, Opened, Payload, RecordKey,
     Reject, StoreFingerprint, TierEvent,
 };
 
-const BS: usize = 16;
+use common::{ns, sink, BS};
+
 const PAYLOAD: usize = 3 * 4096;
 
 fn fp() -> StoreFingerprint {
-    let spec = CacheSpec::new(CacheSpecParams::uniform(2, AttentionKind::Full, 1, 8, 4)).unwrap();
-    StoreFingerprint::new(b"test-model", &spec, &["test-layout".into()])
-}
-
-fn ns() -> Namespace {
-    Namespace::new(b"test-model", b"tenant")
+    common::fp(b"test-model")
 }
 
 /// The keys of a chain of `n` blocks, block `i` holding tokens `seed*1000 + i*16 ..`.
@@ -41,10 +39,8 @@ fn chain(seed: u32, n: usize) -> Vec<BlockKey> {
     out
 }
 
-/// A payload that depends on the block, so a swapped record is visible.
 fn payload(k: &BlockKey) -> Vec<u8> {
-    let seed = k.hash.to_u128();
-    (0..PAYLOAD).map(|i| (seed.rotate_left((i % 128) as u32) as u8) ^ (i as u8)).collect()
+    common::payload(k, PAYLOAD)
 }
 
 struct Store {
@@ -68,11 +64,7 @@ impl Store {
     }
 
     fn open_with(&self, config: DiskConfig) -> (Opened, mpsc::Receiver<TierEvent>) {
-        let (tx, rx) = mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let sink: tiers::EventSink = Arc::new(move |ev| {
-            let _ = tx.lock().unwrap().send(ev);
-        });
+        let (sink, rx) = sink();
         (DiskTier::open(config, fp(), BS, PAYLOAD, sink).unwrap(), rx)
     }
 
@@ -107,17 +99,7 @@ fn commit(tier: &DiskTier, agent: &str, keys: &[BlockKey], retention: ManifestRe
 
 /// Loads `keys` and collects the results in order.
 fn load(tier: &DiskTier, rx: &mpsc::Receiver<TierEvent>, keys: &[BlockKey]) -> Vec<Result<Payload, Reject>> {
-    let tasks =
-        keys.iter().enumerate().map(|(i, k)| LoadTask { load: 7, index: i, group: 0, expected: k.clone() }).collect();
-    tier.load(tasks);
-    let mut out: Vec<Option<Result<Payload, Reject>>> = (0..keys.len()).map(|_| None).collect();
-    for _ in 0..keys.len() {
-        match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-            TierEvent::Loaded { load: 7, index, result } => out[index] = Some(result),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    out.into_iter().map(Option::unwrap).collect()
+    common::load(tier, rx, 7, keys)
 }
 
 #[test]
@@ -297,8 +279,7 @@ fn another_models_or_layouts_records_are_never_read() {
     }
     // Another fingerprint (another model, block size or dtype) opens its own
     // directory: nothing of the first is indexed.
-    let spec = CacheSpec::new(CacheSpecParams::uniform(2, AttentionKind::Full, 1, 8, 4)).unwrap();
-    let other = StoreFingerprint::new(b"retrained-model", &spec, &["test-layout".into()]);
+    let other = common::fp(b"retrained-model");
     let sink: tiers::EventSink = Arc::new(|_| {});
     let o = DiskTier::open(s.config(1 << 30), other, BS, PAYLOAD, Arc::clone(&sink)).unwrap();
     assert_eq!(o.blocks, 0);
@@ -306,12 +287,8 @@ fn another_models_or_layouts_records_are_never_read() {
     // And a record copied across into it fails the header check.
     let target = s.root.join(other.hex()).join("blocks").join(RecordKey::new(0, k.hash).file_name());
     std::fs::copy(s.record_path(&k), &target).unwrap();
-    let (tx, rx) = mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let sink: tiers::EventSink = Arc::new(move |ev| {
-        let _ = tx.lock().unwrap().send(ev);
-    });
-    let o = DiskTier::open(s.config(1 << 30), other, BS, PAYLOAD, sink).unwrap();
+    let (events, rx) = common::sink();
+    let o = DiskTier::open(s.config(1 << 30), other, BS, PAYLOAD, events).unwrap();
     assert_eq!(load(&o.tier, &rx, &[k]).remove(0), Err(Reject::Fingerprint));
 }
 
@@ -422,47 +399,15 @@ fn two_writers_of_the_same_blocks_and_readers_racing_evictions_stay_consistent()
     assert_eq!(files as u64, st.blocks);
 }
 
-/// Real files that can fill up.
-#[derive(Debug, Default)]
-struct FullDisk {
-    full: AtomicBool,
-}
-
-impl Fs for FullDisk {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(dir)
-    }
-    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
+/// Real files that can fill up: while `full`, a write leaves a partial
+/// file and fails with ENOSPC, as a real full disk does.
+fn full_disk(full: Arc<AtomicBool>) -> HookedFs {
+    HookedFs::new().on_write(move |path, parts| {
+        full.load(Ordering::SeqCst).then(|| {
             let _ = StdFs.write_new(path, &[&parts[0][..parts[0].len().min(100)]]);
-            return Err(io::Error::from_raw_os_error(28));
-        }
-        StdFs.write_new(path, parts)
-    }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        StdFs.read(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        StdFs.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
-        StdFs.list(dir)
-    }
-    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
-        StdFs.sync_batch(files, dirs)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        StdFs.sync_dir(dir)
-    }
-    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
-        StdFs.lock(path)
-    }
-    fn forget_cached(&self, path: &Path) {
-        StdFs.forget_cached(path);
-    }
+            Err(io::Error::from_raw_os_error(28))
+        })
+    })
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -476,9 +421,9 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn enospc_degrades_the_tier_without_leftovers_and_it_resumes_when_space_returns() {
     let s = Store::new();
-    let fs = Arc::new(FullDisk::default());
-    let (o, rx) = s.open_with(DiskConfig { fs: fs.clone(), ..s.config(1 << 30) });
-    fs.full.store(true, Ordering::SeqCst);
+    let full = Arc::new(AtomicBool::new(false));
+    let (o, rx) = s.open_with(DiskConfig { fs: Arc::new(full_disk(Arc::clone(&full))), ..s.config(1 << 30) });
+    full.store(true, Ordering::SeqCst);
     let keys = chain(16, 3);
     let blocks = keys.iter().map(|k| (0, k.clone(), payload(k))).collect();
     o.tier.commit(manifest("a", &keys, ManifestRetention::Evictable), blocks, Instant::now()).unwrap();
@@ -489,7 +434,7 @@ fn enospc_degrades_the_tier_without_leftovers_and_it_resumes_when_space_returns(
     assert!(matches!(rx.try_recv(), Ok(TierEvent::CommitFailed { .. })));
     // While degraded, demotions are dropped at once.
     assert_eq!(o.tier.demote(0, keys[0].clone(), payload(&keys[0])), tiers::Demotion::Dropped);
-    fs.full.store(false, Ordering::SeqCst);
+    full.store(false, Ordering::SeqCst);
     wait_until("the tier to resume", || o.tier.degraded().is_none());
     commit(&o.tier, "a", &keys, ManifestRetention::Evictable);
     assert_eq!(o.tier.stats().blocks, 3);
@@ -565,48 +510,15 @@ fn a_really_full_tmpfs_degrades_the_tier_and_freed_space_resumes_it() {
     assert!(o.tier.stats().blocks >= 1);
 }
 
-/// Real files whose writes are slow (a busy disk).
-#[derive(Debug)]
-struct SlowWrites;
-
-impl Fs for SlowWrites {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(dir)
-    }
-    fn write_new(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-        std::thread::sleep(Duration::from_millis(50));
-        StdFs.write_new(path, parts)
-    }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        StdFs.read(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        StdFs.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<DirItem>> {
-        StdFs.list(dir)
-    }
-    fn sync_batch(&self, files: &[PathBuf], dirs: &[PathBuf]) -> io::Result<()> {
-        StdFs.sync_batch(files, dirs)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        StdFs.sync_dir(dir)
-    }
-    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
-        StdFs.lock(path)
-    }
-    fn forget_cached(&self, path: &Path) {
-        StdFs.forget_cached(path);
-    }
-}
-
 #[test]
 fn a_full_write_queue_drops_demotions_without_ever_blocking_the_caller() {
     let s = Store::new();
-    let config = DiskConfig { fs: Arc::new(SlowWrites), queue_bytes: 2 * PAYLOAD as u64, ..s.config(1 << 30) };
+    // A busy disk: every write takes 50 ms.
+    let slow = HookedFs::new().on_write(|_, _| {
+        std::thread::sleep(Duration::from_millis(50));
+        None
+    });
+    let config = DiskConfig { fs: Arc::new(slow), queue_bytes: 2 * PAYLOAD as u64, ..s.config(1 << 30) };
     let (o, _rx) = s.open_with(config);
     let keys = chain(21, 40);
     let started = Instant::now();
