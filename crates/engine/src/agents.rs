@@ -74,8 +74,11 @@ pub(crate) struct Agent {
     /// them under).
     pub(crate) chain: Vec<BlockHash>,
     /// Its latest turn is not durable yet: the commit was deferred (write
-    /// queue full) or failed; it is retried.
+    /// queue full) or failed.
     pub(crate) dirty: bool,
+    /// A dirty agent's commit is worth retrying (deferred, or the disk was
+    /// failing and may resume), as opposed to refused for lack of room.
+    pub(crate) retry_commit: bool,
     pub(crate) retention: Retention,
     pub(crate) priority: i32,
     pub(crate) last_used: Instant,
@@ -120,7 +123,8 @@ pub struct BlockLocations {
     pub ram: usize,
     /// On disk.
     pub disk: usize,
-    /// Its latest turn is committed to disk (survives a restart).
+    /// Its latest turn's manifest is durable on disk: a crash now would
+    /// bring it back at this turn (its blocks: `disk` of them).
     pub durable: bool,
 }
 
@@ -161,6 +165,7 @@ impl Agents {
             tokens: Vec::new(),
             chain: Vec::new(),
             dirty: false,
+            retry_commit: false,
             retention: Retention::default(),
             priority: 0,
             last_used: Instant::now(),
@@ -195,9 +200,10 @@ impl Agents {
         self.map.keys()
     }
 
-    /// Agents whose latest turn still has to be committed to disk.
+    /// Agents whose latest turn still has to be committed to disk, and
+    /// worth trying again.
     pub(crate) fn dirty(&self) -> Vec<AgentKey> {
-        self.map.iter().filter(|(_, a)| a.dirty && a.busy.is_none()).map(|(k, _)| k.clone()).collect()
+        self.map.iter().filter(|(_, a)| a.dirty && a.retry_commit && a.busy.is_none()).map(|(k, _)| k.clone()).collect()
     }
 
     pub(crate) fn keys_of(&self, tenant: &TenantId) -> Vec<AgentKey> {

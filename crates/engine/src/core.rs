@@ -114,9 +114,17 @@ struct Active {
     /// Blocks it waits for are on their way into the pool (a load, for
     /// now): admission skips it while this producer lives.
     waits_for: Option<ProducerId>,
-    /// Prompt tokens found in the pool when it was admitted to load the
-    /// rest from a tier (for the hit counters).
-    reused_from_pool: usize,
+    /// Prompt tokens its latest admission found, by tier (counted when it
+    /// is admitted, once).
+    tier_hits: TierHits,
+}
+
+/// Prompt tokens an admission found in each tier.
+#[derive(Clone, Copy, Debug, Default)]
+struct TierHits {
+    pool: usize,
+    ram: usize,
+    disk: usize,
 }
 
 impl Active {
@@ -224,7 +232,7 @@ impl EngineCore {
             last_token: None,
             ticket: Some(s.ticket),
             waits_for: None,
-            reused_from_pool: 0,
+            tier_hits: TierHits::default(),
             req: s.req,
         };
         self.waiting.insert(active.key(), active);

@@ -149,9 +149,6 @@ impl FakeModel {
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
-        for &copy in batch.copies {
-            self.storage.copy_block(copy)?;
-        }
         if self.control.fail_at_step.load(Ordering::SeqCst) == step {
             return Err(model::Error::InvalidBatch("injected failure".into()));
         }

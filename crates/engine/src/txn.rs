@@ -2,22 +2,26 @@
 //!
 //! For a batch of `(sequence, new tokens)`:
 //!
-//! 1. **Append** each entry's tokens to its sequence: the cache hands out a
-//!    slot per token and, where the last block is shared, a copy-on-write.
-//!    Appending may evict cached blocks (LRU) to get fresh ones.
-//! 2. **Hand off evictions**: every block the pool evicted is passed, with
-//!    its key, to the caller's sink *before* anything writes to it, so a
-//!    tier can copy its payload out (`Model::storage`). After this point the
-//!    evicted blocks belong to their new sequences.
-//! 3. **Forward**: the model performs the copies and runs the ragged batch,
-//!    writing every new token's K/V into its slot.
-//! 4. **Mark computed**: full blocks are published to the prefix index.
+//! 1. For each entry in turn:
+//!    - **append** its tokens to its sequence: the cache hands out a slot
+//!      per token and, where the last block is shared, a copy-on-write into
+//!      a fresh block. Appending may evict cached blocks (LRU) to get them;
+//!    - **hand off evictions**: every block the pool evicted is passed, with
+//!      its key, to the caller's sink *before* anything writes to it, so a
+//!      tier can copy its payload out (`Model::storage`);
+//!    - **copy**: the copy-on-write, through the model's storage, at once:
+//!      the sequence already points at the new block and no longer holds
+//!      the old one, which a later entry's append may evict and reuse.
+//! 2. **Forward**: the model runs the ragged batch, writing every new
+//!    token's K/V into its slot.
+//! 3. **Mark computed**: full blocks are published to the prefix index.
 //!
 //! If any step fails, every sequence appended to is truncated back to its
 //! length before the step, so the cache is as it was (blocks the failed
-//! step took are free again; the slots it wrote are unreachable). Steps 1
-//! and 4 cannot half-fail on their own: `kv`'s operations change nothing on
-//! error.
+//! step took are free again; the slots it wrote are unreachable; a sequence
+//! that got a copy-on-write keeps its copy, which holds exactly the
+//! positions it had). Steps 1 and 3 cannot half-fail on their own: `kv`'s
+//! operations change nothing on error.
 //!
 //! The fake model of the tests and the real one run this same code.
 
@@ -57,18 +61,19 @@ fn transact(
     on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
     starts: &mut Vec<usize>,
 ) -> model::Result<Vec<Vec<f32>>> {
-    let mut copies = Vec::new();
     let mut slots = Vec::with_capacity(work.len());
     for &(seq, tokens) in work {
         let start = cache.seq_len(seq)?;
         let appended = cache.append(seq, tokens)?;
         starts.push(start);
-        copies.extend(appended.copy);
+        let evicted = cache.take_evicted();
+        if !evicted.is_empty() {
+            on_evicted(model.storage(), evicted);
+        }
+        if let Some(copy) = appended.copy {
+            model.storage().copy_block(copy)?;
+        }
         slots.push(appended.slots);
-    }
-    let evicted = cache.take_evicted();
-    if !evicted.is_empty() {
-        on_evicted(model.storage(), evicted);
     }
     // Borrow the tables (no copy per step); the borrow ends before the cache
     // is written again below.
@@ -80,7 +85,7 @@ fn transact(
             .zip(slots.iter().zip(&tables))
             .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots })
             .collect();
-        model.forward(Batch { copies: &copies, seqs: &seqs })?
+        model.forward(Batch { seqs: &seqs })?
     };
     if logits.len() != work.len() {
         return Err(model::Error::InvalidBatch(format!("{} logit rows for {} sequences", logits.len(), work.len())));
@@ -125,6 +130,36 @@ mod tests {
         let err = run_step(&mut model, &mut cache, &[(a, &[3][..]), (b, &big[..])], none);
         assert!(matches!(err, Err(model::Error::Kv(kv::Error::Exhausted { .. }))));
         assert_eq!((cache.snapshot(a).expect("a"), cache.snapshot(b).expect("b"), cache.stats()), before);
+    }
+
+    /// Regression: a copy-on-write in an entry whose batch is then refused
+    /// (a later entry's append is out of blocks) left the sequence on a
+    /// block that was never copied. The copy happens with its append now,
+    /// so after the rollback the sequence still reads its own history.
+    #[test]
+    fn a_rolled_back_step_keeps_copy_on_writes_correct() {
+        let none = &mut |_: &mut dyn BlockStorage, _: Vec<Evicted>| {};
+        let ns = Namespace::new(b"fake", b"");
+        // What continuing [1..=5] with 6 gives, computed straight.
+        let (mut fresh, _) = FakeModel::new(4, 8);
+        let mut c = KvCache::new(fresh.spec().clone());
+        let s = c.create_sequence(&owner(), ns);
+        run_step(&mut fresh, &mut c, &[(s, &[1, 2, 3, 4, 5][..])], none).expect("runs");
+        let want = run_step(&mut fresh, &mut c, &[(s, &[6][..])], none).expect("runs");
+
+        let (mut model, _) = FakeModel::new(4, 5);
+        let mut cache = KvCache::new(model.spec().clone());
+        let a = cache.create_sequence(&owner(), ns);
+        run_step(&mut model, &mut cache, &[(a, &[1, 2, 3, 4, 5][..])], none).expect("runs");
+        let b = cache.fork(a).expect("fork");
+        let c = cache.create_sequence(&owner(), Namespace::new(b"fake", b"other"));
+        // b copies the shared partial block; c needs more blocks than are left.
+        let err = run_step(&mut model, &mut cache, &[(b, &[6][..]), (c, &[9; 12][..])], none);
+        assert!(matches!(err, Err(model::Error::Kv(kv::Error::Exhausted { .. }))), "{err:?}");
+        cache.remove(a).expect("a");
+        let got = run_step(&mut model, &mut cache, &[(b, &[6][..])], none).expect("runs");
+        assert_eq!(got, want, "b reads the history it had, not an uncopied block");
+        cache.check_invariants().expect("consistent");
     }
 
     /// The tiers' premise: an evicted block reaches the sink, with its key,

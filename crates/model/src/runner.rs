@@ -7,14 +7,15 @@
 //! A `Model` owns its K/V storage (the arenas the cache's block ids index),
 //! sized once from the [`CacheSpec`] it reports; the engine owns the
 //! matching `KvCache` and the transaction around each step: it appends the
-//! tokens (getting slots and copy-on-writes from the cache), hands the model
-//! a [`Batch`], and marks the tokens computed, or rolls back if the model
-//! fails. The model only computes: it performs the batch's copies, writes
-//! each token's K/V into its slot and returns logits. So a fake and the
-//! real model share one transaction instead of each repeating it, and the
-//! engine sees every block that enters or leaves the pool.
+//! tokens (getting slots and copy-on-writes from the cache, and performing
+//! the copies through the model's [`BlockStorage`]), hands the model a
+//! [`Batch`], and marks the tokens computed, or rolls back if the model
+//! fails. The model only computes: it writes each token's K/V into its
+//! slot and returns logits. So a fake and the real model share one
+//! transaction instead of each repeating it, and the engine sees every
+//! block that enters or leaves the pool.
 
-use kv::{BlockCopy, BlockStorage, CacheSpec, KvDType};
+use kv::{BlockStorage, CacheSpec, KvDType};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::chat::{ChatTemplate, Message};
@@ -36,10 +37,9 @@ pub trait Model: Send {
     /// of every prefix-cache namespace so two models never share blocks, and
     /// of the fingerprint persisted blocks carry.
     fn fingerprint(&self) -> &[u8];
-    /// Performs `batch.copies`, then runs `batch.seqs` as one ragged batch,
-    /// writing every new token's K/V into its slot, and returns the logits
-    /// of each entry's last token (one row of [`Model::vocab_size`] per
-    /// entry).
+    /// Runs `batch.seqs` as one ragged batch, writing every new token's K/V
+    /// into its slot, and returns the logits of each entry's last token (one
+    /// row of [`Model::vocab_size`] per entry).
     ///
     /// # Errors
     /// [`crate::Error::InvalidBatch`] for a batch that does not fit the
@@ -51,11 +51,10 @@ pub trait Model: Send {
     fn storage(&mut self) -> &mut dyn BlockStorage;
 }
 
-/// One step's work as the engine prepared it.
+/// One step's work as the engine prepared it (its copy-on-writes already
+/// done through the storage).
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
-    /// Copy-on-writes to perform before anything is written.
-    pub copies: &'a [BlockCopy],
     /// Each sequence's new tokens, positions, block table and slots.
     pub seqs: &'a [SeqStep<'a>],
 }
@@ -187,9 +186,6 @@ impl Model for PagedLlama {
     }
 
     fn forward(&mut self, batch: Batch<'_>) -> Result<Vec<Vec<f32>>> {
-        for &copy in batch.copies {
-            self.store.copy_block(copy)?;
-        }
         Ok(self.model.forward(batch.seqs, &mut self.store)?.to_vec2()?)
     }
 

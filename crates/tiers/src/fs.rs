@@ -187,7 +187,13 @@ impl Fs for StdFs {
             return syncfs(any);
         }
         for f in files {
-            std::fs::File::open(f)?.sync_data()?;
+            match std::fs::File::open(f) {
+                Ok(file) => file.sync_data()?,
+                // Unlinked in the same batch (evicted, or a cancelled
+                // commit's): nothing to make durable.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         for d in dirs {
             self.sync_dir(d)?;

@@ -191,9 +191,9 @@ fn crash_child() {
             let (tx, rx) = mpsc::channel();
             tier.delete_agent(
                 ManifestId::of("tenant", &format!("agent-{a}")),
-                Some(Box::new(move || tx.send(()).unwrap())),
+                Some(Box::new(move |r: Result<(), String>| tx.send(r).unwrap())),
             );
-            rx.recv().unwrap();
+            rx.recv().unwrap().expect("a durable deletion");
             turns[a as usize] = 0;
             writeln!(out, "D {a}").unwrap();
         } else {

@@ -185,8 +185,11 @@ fn deleting_an_agent_removes_its_manifest_and_the_records_only_it_named() {
         commit(&o.tier, "a", &a, ManifestRetention::Evictable);
         commit(&o.tier, "b", &b, ManifestRetention::Evictable);
         let (tx, done) = mpsc::channel();
-        o.tier.delete_agent(ManifestId::of("tenant", "a"), Some(Box::new(move || tx.send(()).unwrap())));
-        done.recv_timeout(Duration::from_secs(10)).unwrap();
+        o.tier.delete_agent(
+            ManifestId::of("tenant", "a"),
+            Some(Box::new(move |r: Result<(), String>| tx.send(r).unwrap())),
+        );
+        done.recv_timeout(Duration::from_secs(10)).unwrap().expect("a durable deletion");
         assert!(!o.tier.has_agent(&ManifestId::of("tenant", "a")));
     }
     let (o, _rx) = s.open(1 << 30);

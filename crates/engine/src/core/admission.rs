@@ -25,7 +25,7 @@
 
 use kv::{Namespace, OwnerId, PrefixHashes, SeqId};
 
-use super::{Active, End, EngineCore, TierReuse};
+use super::{Active, End, EngineCore, TierHits, TierReuse};
 use crate::error::{Error, Result};
 use crate::tiering::ProducerId;
 
@@ -122,9 +122,9 @@ impl EngineCore {
             Ok(x) => x,
             Err(e) => return Admission::Failed(a, e),
         };
-        let from_pool = reused;
+        a.tier_hits = TierHits { pool: reused.min(a.req.prompt.len()), ..TierHits::default() };
         if self.config.prefix_cache && self.tiers.enabled() {
-            match self.extend_from_tiers(&a, seq, &hashes) {
+            match self.extend_from_tiers(&mut a, seq, &hashes, plan) {
                 TierReuse::Extended(n) => reused += n,
                 TierReuse::Blocked(producer) => {
                     let _ = self.cache.remove(seq);
@@ -133,7 +133,6 @@ impl EngineCore {
                 TierReuse::Loading => {
                     a.seq = Some(seq);
                     a.admission = self.next_counter();
-                    a.reused_from_pool = from_pool;
                     if let Some(key) = &a.agent {
                         self.agents.entry(key.clone()).busy = Some(a.id);
                     }
@@ -156,16 +155,16 @@ impl EngineCore {
         }
         a.seq = Some(seq);
         a.admission = self.next_counter();
-        self.count_admission(&mut a, from_pool, reused);
+        self.count_admission(&mut a, reused);
         if let Some(key) = &a.agent {
             self.agents.entry(key.clone()).busy = Some(a.id);
         }
         Admission::Admitted(a, n)
     }
 
-    /// Counts a request's first admission: its prompt tokens and how many
-    /// came from cache (`from_pool` of them already in the pool).
-    pub(super) fn count_admission(&mut self, a: &mut Active, from_pool: usize, reused: usize) {
+    /// Counts a request's first admission: its prompt tokens, how many came
+    /// from cache (`reused`), and from which tier.
+    pub(super) fn count_admission(&mut self, a: &mut Active, reused: usize) {
         a.ticket = None;
         if a.admitted {
             return;
@@ -174,7 +173,10 @@ impl EngineCore {
         a.usage.cached_tokens = reused.min(a.req.prompt.len());
         self.stats.prompt_tokens += a.req.prompt.len() as u64;
         self.stats.cached_prompt_tokens += a.usage.cached_tokens as u64;
-        self.tiers.counters.hit_tokens_pool += from_pool.min(a.req.prompt.len()) as u64;
+        let c = &mut self.tiers.counters;
+        c.hit_tokens_pool += a.tier_hits.pool as u64;
+        c.hit_tokens_ram += a.tier_hits.ram as u64;
+        c.hit_tokens_disk += a.tier_hits.disk as u64;
     }
 
     /// A sequence for `a` holding the longest cached prefix the pool has:

@@ -94,7 +94,13 @@ impl EngineCore {
             let _ = reply.send(Err(Error::UnknownAgent(key.1.to_string())));
             return;
         }
-        self.forget_agent_then(key, Some(Box::new(move || drop(reply.send(Ok(()))))));
+        let done = move |result: std::result::Result<(), String>| {
+            let _ = reply.send(result.map_err(|e| {
+                tracing::error!(error = %e, "an agent was forgotten but its disk state could not be removed yet (retried when the disk tier resumes)");
+                Error::Storage(e)
+            }));
+        };
+        self.forget_agent_then(key, Some(Box::new(done)));
     }
 
     /// Blocks held by `tenant`'s pinned agents (a block two of them share

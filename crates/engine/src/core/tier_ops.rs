@@ -127,8 +127,16 @@ impl EngineCore {
     }
 
     /// Continues `seq` (holding the pool's part of `a`'s prompt) with what
-    /// the tiers hold: see the module doc.
-    pub(super) fn extend_from_tiers(&mut self, a: &Active, seq: SeqId, hashes: &PrefixHashes) -> TierReuse {
+    /// the tiers hold: see the module doc. Takes no more blocks than the
+    /// pool and the tenant's quota have next to the step's `plan`, so
+    /// bringing a prefix back never starves running requests.
+    pub(super) fn extend_from_tiers(
+        &mut self,
+        a: &mut Active,
+        seq: SeqId,
+        hashes: &PrefixHashes,
+        plan: &[(usize, usize)],
+    ) -> TierReuse {
         let bs = self.block_size();
         let Ok(len) = self.cache.seq_len(seq) else { return TierReuse::Extended(0) };
         if len % bs != 0 {
@@ -137,33 +145,38 @@ impl EngineCore {
             return TierReuse::Extended(0);
         }
         let ns = self.namespace(&a.req.req.tenant);
-        let promoted = self.promote_from_ram(a, seq, ns, hashes, len / bs);
+        let mut room = self.cache.stats().available_blocks().saturating_sub(self.plan_cost(plan));
+        if let Some((quota, need)) = self.quota_need(&a.owner, plan) {
+            room = room.min((quota as usize).saturating_sub(need));
+        }
+        let promoted = self.promote_from_ram(a, seq, ns, hashes, len / bs, room);
         let next = len / bs + promoted;
         if let Some(p) = hashes.hashes().get(next).and_then(|h| self.tiers.pending.producer_of(h)) {
             return TierReuse::Blocked(p);
         }
-        if self.start_load(a, seq, ns, hashes, next) {
+        if self.start_load(a, seq, ns, hashes, next, room - promoted) {
             return TierReuse::Loading;
         }
         TierReuse::Extended(promoted * bs)
     }
 
-    /// Imports the consecutive blocks from block `start` on that RAM holds;
-    /// returns how many.
+    /// Imports the consecutive blocks from block `start` on that RAM holds,
+    /// at most `room` of them; returns how many.
     fn promote_from_ram(
         &mut self,
-        a: &Active,
+        a: &mut Active,
         seq: SeqId,
         ns: Namespace,
         hashes: &PrefixHashes,
         start: usize,
+        room: usize,
     ) -> usize {
         let bs = self.block_size();
         let hs = hashes.hashes();
         let started = Instant::now();
         let Some(ram) = self.tiers.ram.as_mut() else { return 0 };
         let mut taken = Vec::new();
-        for i in start..hs.len() {
+        for i in start..hs.len().min(start + room) {
             if !ram.contains(&RecordKey::new(GROUP, hs[i])) {
                 break;
             }
@@ -203,24 +216,41 @@ impl EngineCore {
         let _ = self.cache.mark_computed(seq, upto);
         if imported < taken.len() {
             let _ = self.cache.truncate(seq, upto);
+            // Never expected (sizes match): keep what was not imported.
+            let ram = self.tiers.ram.as_mut().expect("taken from this RAM tier above");
+            for (key, p) in taken.drain(imported..) {
+                for o in ram.insert(GROUP, key, p) {
+                    demote(self.tiers.disk.as_ref(), &mut self.tiers.counters, o.key, o.payload);
+                }
+            }
         }
-        let c = &mut self.tiers.counters;
-        c.promotions += imported as u64;
-        c.hit_tokens_ram += (imported * bs).min(a.req.prompt.len().saturating_sub(from)) as u64;
-        c.promote_seconds += started.elapsed().as_secs_f64();
+        // Counted as hits when the request is admitted (it may not be now).
+        a.tier_hits.ram += (imported * bs).min(a.req.prompt.len().saturating_sub(from));
+        self.tiers.counters.promotions += imported as u64;
+        self.tiers.counters.promote_seconds += started.elapsed().as_secs_f64();
         imported
     }
 
     /// Starts loading the consecutive records on disk from block `start`
-    /// on, if that beats recomputing them; true if a load started.
-    fn start_load(&mut self, a: &Active, seq: SeqId, ns: Namespace, hashes: &PrefixHashes, start: usize) -> bool {
+    /// on (at most `room`), if that beats recomputing them; true if a load
+    /// started.
+    fn start_load(
+        &mut self,
+        a: &Active,
+        seq: SeqId,
+        ns: Namespace,
+        hashes: &PrefixHashes,
+        start: usize,
+        room: usize,
+    ) -> bool {
         let bs = self.block_size();
         let hs = hashes.hashes();
         let Some(disk) = self.tiers.disk.as_ref() else { return false };
-        if start >= hs.len() {
+        if start >= hs.len() || room == 0 {
             return false;
         }
-        let keys: Vec<RecordKey> = hs[start..].iter().map(|h| RecordKey::new(GROUP, *h)).collect();
+        let keys: Vec<RecordKey> =
+            hs[start..hs.len().min(start + room)].iter().map(|h| RecordKey::new(GROUP, *h)).collect();
         let present = disk.present(&keys);
         let pending = &self.tiers.pending;
         let n = chain_len(keys.len(), &[GroupRule::Full], |_, i| {
@@ -283,10 +313,13 @@ impl EngineCore {
                     self.finish_load(load, false);
                 }
             }
-            TierEvent::CommitFailed { agent } => {
+            TierEvent::CommitFailed { agent, retry } => {
                 let key = self.agents.keys().find(|k| ManifestId::of(k.0.as_str(), k.1.as_str()) == agent).cloned();
+                // A failing disk: retried once it resumes. A disk full of
+                // pinned records: not (the next turn tries again).
                 if let Some(ag) = key.and_then(|k| self.agents.get_mut(&k)) {
                     ag.dirty = true;
+                    ag.retry_commit = retry;
                 }
             }
         }
@@ -318,16 +351,15 @@ impl EngineCore {
         let _ = self.cache.mark_computed(load.seq, upto);
         let _ = self.cache.truncate(load.seq, upto);
         let took = load.started.elapsed();
+        a.tier_hits.disk += (imported * bs).min(a.req.prompt.len().saturating_sub(load.base));
         let c = &mut self.tiers.counters;
         c.loaded_blocks += imported as u64;
-        c.hit_tokens_disk += (imported * bs).min(a.req.prompt.len().saturating_sub(load.base)) as u64;
         c.load_latency.observe(took);
         if timed_out {
             c.load_timeouts += 1;
         }
         self.tiers.costs.loaded(load.keys.len(), took);
-        let from_pool = a.reused_from_pool;
-        self.count_admission(&mut a, from_pool, upto);
+        self.count_admission(&mut a, upto);
         self.running.push(a);
     }
 
@@ -359,7 +391,30 @@ impl EngineCore {
         let Some(ag) = self.agents.get(key) else { return };
         let ns = Namespace::new(self.model.fingerprint(), key.0.as_str().as_bytes());
         let bs = self.cache.spec().block_size();
-        let records: Vec<RecordKey> = ag.chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
+        let chain = &ag.chain[..ag.chain.len().min(ag.tokens.len() / bs)];
+        let records: Vec<RecordKey> = chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
+        let known = disk.known(&records);
+        // The blocks the agent's sequence holds, by position in the chain
+        // (a sliding window may have released the first ones).
+        let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
+        let held = |i: usize| table.and_then(|t| t.blocks().get(i.checked_sub(t.first_block())?)).copied();
+        let storage = self.model.storage();
+        let mut blocks = Vec::new();
+        // The manifest names the chain as far as the disk has it or gets it
+        // with this commit: data first, so it never names a block that was
+        // never written (a block released meanwhile ends the chain there).
+        let mut named = 0;
+        for (i, &on_disk) in known.iter().enumerate() {
+            if !on_disk {
+                let Some(block) = held(i) else { break };
+                let mut payload = vec![0u8; storage.block_bytes()];
+                if storage.export_block(block, &mut payload).is_err() {
+                    break;
+                }
+                blocks.push((GROUP, block_key(ns, chain, &ag.tokens, i, bs), payload));
+            }
+            named = i + 1;
+        }
         let manifest = AgentManifest {
             tenant: key.0.as_str().into(),
             agent: key.1.as_str().into(),
@@ -372,24 +427,8 @@ impl EngineCore {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             tokens: ag.tokens.clone(),
-            blocks: records.clone(),
+            blocks: records[..named].to_vec(),
         };
-        let known = disk.known(&records);
-        let table = ag.seq.and_then(|s| self.cache.block_table(s).ok()).map(|t| t.blocks().to_vec());
-        let storage = self.model.storage();
-        let mut blocks = Vec::new();
-        for (i, _) in known.iter().enumerate().filter(|(_, k)| !**k) {
-            // Only blocks the agent's sequence holds can be exported; the
-            // others (released meanwhile) are left to the tiers below.
-            let Some(&block) = table.as_ref().and_then(|t| t.get(i)) else { continue };
-            if (i + 1) * bs > ag.tokens.len() {
-                break;
-            }
-            let mut payload = vec![0u8; storage.block_bytes()];
-            if storage.export_block(block, &mut payload).is_ok() {
-                blocks.push((GROUP, block_key(ns, &ag.chain, &ag.tokens, i, bs), payload));
-            }
-        }
         let queued = disk.commit(manifest, blocks, ended).is_ok();
         if !queued {
             self.tiers.counters.commits_deferred += 1;
@@ -397,6 +436,7 @@ impl EngineCore {
         self.tiers.counters.commit_seconds += started.elapsed().as_secs_f64();
         if let Some(ag) = self.agents.get_mut(key) {
             ag.dirty = !queued;
+            ag.retry_commit = !queued;
         }
     }
 
@@ -426,7 +466,14 @@ impl EngineCore {
                 self.delete_manifest(m.id());
                 continue;
             };
-            if m.ns != self.namespace(&tenant) {
+            let ns = self.namespace(&tenant);
+            // The chain must be the addresses of the manifest's own tokens
+            // (which also bounds it by them): a manifest that passed its
+            // checksum but disagrees with itself is not trusted.
+            let computed = PrefixHashes::compute(ns, &m.tokens, self.block_size());
+            let chain: Vec<BlockHash> = m.blocks.iter().filter(|k| k.group == GROUP).map(|k| k.hash).collect();
+            if m.ns != ns || !computed.hashes().starts_with(&chain) {
+                tracing::warn!(tenant = %tenant, agent = %agent, "dropping an agent manifest that does not match its tokens");
                 self.delete_manifest(m.id());
                 continue;
             }
@@ -447,7 +494,7 @@ impl EngineCore {
             let now = Instant::now();
             let ag = self.agents.entry((tenant, agent));
             ag.tokens = m.tokens;
-            ag.chain = m.blocks.iter().filter(|k| k.group == GROUP).map(|k| k.hash).collect();
+            ag.chain = chain;
             ag.retention = retention;
             ag.priority = m.priority;
             ag.turns = m.turns;
@@ -482,7 +529,12 @@ impl EngineCore {
             let mine: Vec<BlockHash> = chain.iter().copied().filter(|h| !others.contains(h)).collect();
             // Out of the pool's cache (blocks in use stay), never stashed.
             self.cache.evict_cached(&mine);
-            drop(self.cache.take_evicted());
+            let mine_set: std::collections::HashSet<&BlockHash> = mine.iter().collect();
+            let others: Vec<Evicted> =
+                self.cache.take_evicted().into_iter().filter(|e| !mine_set.contains(&e.key.hash)).collect();
+            if !others.is_empty() {
+                stash(&mut self.tiers, self.model.storage(), others);
+            }
             if let Some(ram) = self.tiers.ram.as_mut() {
                 for h in &mine {
                     ram.discard(&RecordKey::new(GROUP, *h));
@@ -493,7 +545,7 @@ impl EngineCore {
             Some(disk) => disk.delete_agent(ManifestId::of(key.0.as_str(), key.1.as_str()), done),
             None => {
                 if let Some(done) = done {
-                    done();
+                    done(Ok(()));
                 }
             }
         }
@@ -502,23 +554,23 @@ impl EngineCore {
     /// Where an agent's blocks are now.
     pub(super) fn block_locations(&self, key: &AgentKey) -> BlockLocations {
         let Some(ag) = self.agents.get(key) else { return BlockLocations::default() };
-        let held = ag.seq.and_then(|s| self.cache.block_table(s).ok()).map(|t| t.blocks().len()).unwrap_or(0);
+        let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
+        let held = |i: usize| table.is_some_and(|t| i >= t.first_block() && i < t.logical_len());
         let mut loc = BlockLocations::default();
         let on_disk = match &self.tiers.disk {
             Some(d) => d.present(&ag.chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect::<Vec<_>>()),
             None => vec![false; ag.chain.len()],
         };
         for (i, h) in ag.chain.iter().enumerate() {
-            if i < held || self.cache.is_indexed(*h) {
+            if held(i) || self.cache.is_indexed(*h) {
                 loc.pool += 1;
             } else if self.tiers.ram.as_ref().is_some_and(|r| r.contains(&RecordKey::new(GROUP, *h))) {
                 loc.ram += 1;
             }
             loc.disk += usize::from(on_disk[i]);
         }
-        loc.durable =
-            self.tiers.disk.as_ref().is_some_and(|d| d.has_agent(&ManifestId::of(key.0.as_str(), key.1.as_str())))
-                && !ag.dirty;
+        let id = ManifestId::of(key.0.as_str(), key.1.as_str());
+        loc.durable = self.tiers.disk.as_ref().and_then(|d| d.durable_turns(&id)) == Some(ag.turns);
         loc
     }
 

@@ -57,6 +57,10 @@ pub(crate) struct Index {
     order: BTreeMap<(u8, u64), RecordKey>,
     refs: HashMap<RecordKey, Refs>,
     agents: HashMap<ManifestId, AgentRefs>,
+    /// Records a batch in progress is committing: not evicted meanwhile.
+    protected: std::collections::HashSet<RecordKey>,
+    /// The turn count of each agent's durable manifest.
+    turns: HashMap<ManifestId, u64>,
     bytes: u64,
     pinned_bytes: u64,
     tick: u64,
@@ -195,19 +199,31 @@ impl Index {
         }
     }
 
+    /// Keeps `keys` from eviction until the next call (an empty list lifts
+    /// it): the records a batch's commits name, while the batch runs.
+    pub(crate) fn protect(&mut self, keys: &[RecordKey]) {
+        self.protected = keys.iter().copied().collect();
+    }
+
     /// Least recently used evictable records to delete so that `incoming`
     /// more bytes fit the budget; they are removed from the index (the
     /// caller unlinks their files under the same lock). May fall short when
-    /// only pinned records are left.
+    /// only pinned or protected records are left.
     pub(crate) fn evict_for(&mut self, incoming: u64) -> Vec<RecordKey> {
         let mut out = Vec::new();
+        let mut kept = Vec::new();
         while self.bytes + incoming > self.budget {
-            let Some((_, k)) = self.order.pop_first() else { break };
+            let Some((at, k)) = self.order.pop_first() else { break };
+            if self.protected.contains(&k) {
+                kept.push((at, k));
+                continue;
+            }
             if let Some(State::Present { bytes, .. }) = self.records.remove(&k) {
                 self.bytes -= bytes;
             }
             out.push(k);
         }
+        self.order.extend(kept);
         out
     }
 
@@ -231,6 +247,7 @@ impl Index {
     /// names any more (the caller deletes them) and forgets queued writes
     /// of such records (they will be skipped).
     pub(crate) fn remove_agent(&mut self, id: ManifestId) -> Vec<RecordKey> {
+        self.turns.remove(&id);
         let mut orphans = Vec::new();
         for k in self.drop_refs(id) {
             match self.records.get(&k).copied() {
@@ -275,6 +292,16 @@ impl Index {
     /// Whether `id` has a manifest.
     pub(crate) fn has_agent(&self, id: &ManifestId) -> bool {
         self.agents.contains_key(id)
+    }
+
+    /// `id`'s manifest of `turns` turns is durable.
+    pub(crate) fn durable(&mut self, id: ManifestId, turns: u64) {
+        self.turns.insert(id, turns);
+    }
+
+    /// The turn count of `id`'s durable manifest.
+    pub(crate) fn durable_turns(&self, id: &ManifestId) -> Option<u64> {
+        self.turns.get(id).copied()
     }
 
     /// The whole-state check the tests and loom models run.

@@ -105,11 +105,14 @@ pub enum TierEvent {
         /// The verified payload, or why it is a miss.
         result: std::result::Result<Payload, Reject>,
     },
-    /// An agent's commit could not be made durable (the disk is failing):
-    /// its manifest on disk, if any, is an older turn's.
+    /// An agent's commit could not be made durable: its manifest on disk,
+    /// if any, is an older turn's.
     CommitFailed {
         /// The agent.
         agent: ManifestId,
+        /// The disk was failing (worth retrying once it resumes), as
+        /// opposed to full of pinned records (not worth retrying).
+        retry: bool,
     },
 }
 
@@ -130,8 +133,9 @@ pub struct LoadTask {
 /// `Arc`: configuration shared once, not part of what loom models.)
 pub type EventSink = std::sync::Arc<dyn Fn(TierEvent) + Send + Sync>;
 
-/// A callback run once a deletion is durable.
-pub type Done = Box<dyn FnOnce() + Send>;
+/// A callback run when a deletion is durable (`Ok`), or could not be made
+/// so (`Err` with the reason; the tier retries it when it resumes).
+pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// A job for the writer.
 pub(crate) enum WriteJob {
@@ -334,6 +338,7 @@ impl DiskTier {
             match parsed {
                 Ok(m) => {
                     index.set_agent(id, m.blocks.clone(), m.pinned());
+                    index.durable(id, m.turns);
                     manifests.push(m);
                 }
                 Err(r) => {
@@ -503,19 +508,25 @@ impl DiskTier {
     }
 
     /// Queues the deletion of an agent's manifest and of the records no
-    /// other manifest names; `done` runs once the deletion is durable. Never
+    /// other manifest names; `done` hears when the deletion is durable, or
+    /// that it failed (then it is retried when the tier resumes). Never
     /// refused.
     pub fn delete_agent(&self, id: ManifestId, done: Option<Done>) {
         if let Err(WriteJob::Delete { done: Some(done), .. }) = self.shared.push(WriteJob::Delete { id, done }, 0, None)
         {
-            // The tier is shutting down: nothing more will be written.
-            done();
+            done(Err("the disk tier is shutting down".into()));
         }
     }
 
     /// Whether an agent has a manifest on disk.
     pub fn has_agent(&self, id: &ManifestId) -> bool {
         self.shared.state().index.has_agent(id)
+    }
+
+    /// The turn count of the agent's manifest that is durable on disk (the
+    /// turn it would come back at after a crash now).
+    pub fn durable_turns(&self, id: &ManifestId) -> Option<u64> {
+        self.shared.state().index.durable_turns(id)
     }
 
     /// Queues reads; each result comes back as a [`TierEvent::Loaded`].

@@ -45,9 +45,11 @@ fn read(shared: &Shared, t: &LoadTask) -> Result<Payload, Reject> {
         Err(r) => {
             *st.counters.stats.rejected.entry(r.label()).or_default() += 1;
             let first = st.counters.logged.insert(r.label());
-            // A record that is bad, or gone, leaves the index; only the
-            // generation read, so a fresh rewrite is kept.
-            if st.index.remove(&key, Some(gen)) && r.is_corrupt() {
+            // A record that is bad, or gone, leaves the index (only the
+            // generation read: a fresh rewrite is kept); one that could not
+            // be read for a passing reason stays.
+            let gone = matches!(r, Reject::Missing) || r.is_corrupt();
+            if gone && st.index.remove(&key, Some(gen)) && r.is_corrupt() {
                 let _ = shared.fs.remove_file(&path);
             }
             drop(st);

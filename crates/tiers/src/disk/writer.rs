@@ -45,12 +45,14 @@ struct Staged {
 struct Writer<'a> {
     shared: &'a Shared,
     retry_at: Option<Instant>,
+    /// Deletions that failed: redone when the tier resumes.
+    failed_deletes: Vec<ManifestId>,
 }
 
 /// The thread's loop: until the queue is closed and drained.
 #[cfg_attr(loom, allow(dead_code))] // loom models drive the batches themselves
 pub(crate) fn run(shared: &Shared) {
-    let mut w = Writer { shared, retry_at: None };
+    let mut w = Writer { shared, retry_at: None, failed_deletes: Vec::new() };
     loop {
         let timeout = w.retry_at.map(|_| shared.retry);
         let Some(jobs) = shared.writes.pop_batch(MAX_BATCH, timeout) else { break };
@@ -73,8 +75,19 @@ impl Writer<'_> {
     fn batch(&mut self, jobs: Vec<WriteJob>) {
         let mut written: Vec<PathBuf> = Vec::new();
         let mut staged: Vec<Staged> = Vec::new();
-        let mut deleted: Vec<super::Done> = Vec::new();
-        let mut any_delete = false;
+        let mut deleted: Vec<(Option<super::Done>, Result<(), String>)> = Vec::new();
+        // The records this batch's commits name are kept while it runs:
+        // evicting one to make room for another would leave its manifest
+        // naming a record that is gone.
+        let committing: Vec<RecordKey> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                WriteJob::Commit(c) => Some(c.manifest.blocks.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        self.shared.state().index.protect(&committing);
         for job in jobs {
             match job {
                 WriteJob::Block { group, key, payload } => {
@@ -105,21 +118,26 @@ impl Writer<'_> {
                         let _ = self.shared.fs.remove_file(&s.tmp);
                         cancelled.extend(s.manifest.blocks);
                     }
-                    self.delete_agent(id, &cancelled);
-                    any_delete = true;
-                    deleted.extend(done);
+                    let result = self.delete_agent(id, &cancelled);
+                    deleted.push((done, result));
                 }
                 WriteJob::Barrier => {}
             }
         }
         self.commit(written, staged);
-        if any_delete {
+        self.shared.state().index.protect(&[]);
+        if !deleted.is_empty() {
             if let Err(e) = self.shared.fs.sync_dir(&self.shared.agents) {
                 self.fail("syncing deletions", &e);
+                for (_, result) in &mut deleted {
+                    *result = Err(format!("syncing the deletion: {e}"));
+                }
             }
         }
-        for done in deleted {
-            done();
+        for (done, result) in deleted {
+            if let Some(done) = done {
+                done(result);
+            }
         }
     }
 
@@ -167,6 +185,7 @@ impl Writer<'_> {
             let now = Instant::now();
             let mut st = shared.state();
             for s in &renamed {
+                st.index.durable(s.id, s.manifest.turns);
                 st.counters.stats.commits += 1;
                 st.counters.stats.durability_lag.observe(now.saturating_duration_since(s.ended));
             }
@@ -186,7 +205,7 @@ impl Writer<'_> {
 
     fn commit_failed(&self, agent: ManifestId) {
         self.shared.state().counters.stats.failed_commits += 1;
-        (self.shared.sink)(TierEvent::CommitFailed { agent });
+        (self.shared.sink)(TierEvent::CommitFailed { agent, retry: self.degraded() });
     }
 
     /// Writes one record if it is still wanted (queued, not written or
@@ -260,12 +279,21 @@ impl Writer<'_> {
         Ok(tmp)
     }
 
-    /// Unlinks the manifest and the records only it named (and those of
+    /// Unlinks the manifest, then the records only it named (and those of
     /// `cancelled`, a commit of it that never became visible, that nobody
-    /// names), under the lock.
-    fn delete_agent(&mut self, id: ManifestId, cancelled: &[RecordKey]) {
+    /// names), under the lock. If the manifest cannot be unlinked nothing
+    /// changes and the deletion is retried when the tier resumes.
+    fn delete_agent(&mut self, id: ManifestId, cancelled: &[RecordKey]) -> Result<(), String> {
         let shared = self.shared;
         let mut st = shared.state();
+        if let Err(e) = shared.fs.remove_file(&shared.manifest_path(&id)) {
+            if e.kind() != io::ErrorKind::NotFound {
+                drop(st);
+                self.fail("deleting a manifest", &e);
+                self.failed_deletes.push(id);
+                return Err(format!("deleting the manifest: {e}"));
+            }
+        }
         let mut gone = st.index.remove_agent(id);
         gone.extend(st.index.remove_unnamed(cancelled));
         for k in gone {
@@ -275,12 +303,7 @@ impl Writer<'_> {
                 }
             }
         }
-        if let Err(e) = shared.fs.remove_file(&shared.manifest_path(&id)) {
-            if e.kind() != io::ErrorKind::NotFound {
-                drop(st);
-                self.fail("deleting a manifest", &e);
-            }
-        }
+        Ok(())
     }
 
     /// Enters the degraded state (logging the first failure).
@@ -306,9 +329,13 @@ impl Writer<'_> {
         match self.probe() {
             Ok(()) => {
                 self.retry_at = None;
-                let mut st = self.shared.state();
-                st.counters.stats.degraded = None;
+                self.shared.state().counters.stats.degraded = None;
                 tracing::info!(dir = %self.shared.dir.display(), "disk tier resumed");
+                let retry: Vec<super::WriteJob> =
+                    self.failed_deletes.drain(..).map(|id| super::WriteJob::Delete { id, done: None }).collect();
+                if !retry.is_empty() {
+                    self.batch(retry);
+                }
             }
             Err(e) => {
                 self.retry_at = Some(Instant::now() + self.shared.retry);
@@ -346,5 +373,5 @@ fn lock_exists(fs: &dyn crate::fs::Fs, dir: &std::path::Path) -> bool {
 
 #[cfg(loom)]
 pub(crate) fn run_batch_for_model(shared: &Shared, jobs: Vec<WriteJob>) {
-    Writer { shared, retry_at: None }.batch(jobs);
+    Writer { shared, retry_at: None, failed_deletes: Vec::new() }.batch(jobs);
 }
