@@ -51,9 +51,9 @@ use std::time::{Duration, Instant};
 
 use kv::{KvCache, Namespace, OwnerId, SeqId};
 use model::{Model, TextCodec};
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::agents::{AgentKey, Agents};
+use crate::engine::EventSender;
 use crate::error::{Error, Result};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
@@ -68,14 +68,56 @@ mod tier_ops;
 
 pub(crate) use tier_ops::TierReuse;
 
-/// Decrements the shared waiting count when dropped, so every way a request
+/// Requests waiting for admission, in all and per tenant: one lock, so the
+/// check against both limits and the reservation are one act.
+#[derive(Debug, Default)]
+pub(crate) struct QueueCounts {
+    counts: std::sync::Mutex<(usize, std::collections::HashMap<TenantId, usize>)>,
+}
+
+impl QueueCounts {
+    /// Takes a place for `tenant` if the queue has fewer than `limit` and the
+    /// tenant fewer than `per_tenant`; otherwise how many wait (all, the
+    /// tenant's).
+    pub(crate) fn reserve(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        limit: usize,
+        per_tenant: usize,
+    ) -> std::result::Result<QueueTicket, (usize, usize)> {
+        let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = c.1.get(tenant).copied().unwrap_or(0);
+        if c.0 >= limit || mine >= per_tenant {
+            return Err((c.0, mine));
+        }
+        c.0 += 1;
+        *c.1.entry(tenant.clone()).or_default() += 1;
+        Ok(QueueTicket { counts: Arc::clone(self), tenant: tenant.clone() })
+    }
+
+    fn release(&self, tenant: &TenantId) {
+        let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.0 = c.0.saturating_sub(1);
+        if let Some(n) = c.1.get_mut(tenant) {
+            *n -= 1;
+            if *n == 0 {
+                c.1.remove(tenant);
+            }
+        }
+    }
+}
+
+/// A place in the queue; given back when dropped, so every way a request
 /// leaves the queue gives its place back.
 #[derive(Debug)]
-pub(crate) struct QueueTicket(pub(crate) Arc<std::sync::atomic::AtomicUsize>);
+pub(crate) struct QueueTicket {
+    counts: Arc<QueueCounts>,
+    tenant: TenantId,
+}
 
 impl Drop for QueueTicket {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.counts.release(&self.tenant);
     }
 }
 
@@ -84,7 +126,7 @@ impl Drop for QueueTicket {
 pub(crate) struct Submission {
     pub(crate) id: RequestId,
     pub(crate) req: ValidRequest,
-    pub(crate) events: UnboundedSender<Event>,
+    pub(crate) events: EventSender,
     pub(crate) ticket: QueueTicket,
 }
 
@@ -106,7 +148,7 @@ struct Active {
     arrival: u64,
     sampler: Sampler,
     text: TextStream,
-    events: UnboundedSender<Event>,
+    events: EventSender,
     started: Instant,
     deadline: Option<(Instant, Duration)>,
     last_token: Option<Instant>,
@@ -224,7 +266,7 @@ impl EngineCore {
             admitted: false,
             admission: 0,
             arrival: self.next_counter(),
-            sampler: Sampler::new(s.req.req.sampling),
+            sampler: Sampler::new(s.req.req.sampling, s.req.req.logit_bias.clone()),
             text: TextStream::new(s.req.req.stop.clone()),
             events: s.events,
             started: now,

@@ -11,10 +11,10 @@
 //! - the published [`EngineStats`] snapshot: one mutex, written once per loop
 //!   iteration by the engine, read (cloned) by [`EngineHandle::stats`]; never
 //!   held while calling out;
-//! - the waiting count: an atomic that [`EngineHandle::submit`] increments
-//!   only if it stays within the limit (one `fetch_update`, so the check and
-//!   the reservation are one act), and a ticket gives back when the request
-//!   leaves the queue, whichever way it leaves.
+//! - the waiting counts (all, and per tenant): one mutex; [`EngineHandle::submit`]
+//!   checks both limits and takes a place in one critical section, and a
+//!   ticket gives it back when the request leaves the queue, whichever way
+//!   it leaves.
 //!
 //! The loop: take commands (blocking only when idle, until the next deadline
 //! or TTL expiry), drop cancelled and timed-out requests, run one step,
@@ -22,7 +22,7 @@
 //! hand and exits; [`EngineHandle::shutdown`] stops taking requests, lets the
 //! running ones finish within a grace period, then ends the rest.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use model::{Model, TextCodec};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::agents::{AgentInfo, AgentUpdate, BlockLocations};
-use crate::core::{EngineCore, QueueTicket, Submission};
+use crate::core::{EngineCore, QueueCounts, Submission};
 use crate::error::{Error, Result};
 use crate::metrics::EngineStats;
 use crate::request::{AgentId, Event, Prompt, Request, RequestId, TenantId, ValidRequest};
@@ -56,6 +56,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Requests waiting for admission before new ones are `Overloaded`.
     pub max_waiting: usize,
+    /// Requests one tenant may have waiting (so one tenant cannot fill the
+    /// queue).
+    pub max_waiting_per_tenant: usize,
     /// Reuse cached K/V of earlier requests and agents (off only to compare).
     pub prefix_cache: bool,
     /// Timeout of requests that set none.
@@ -69,6 +72,15 @@ pub struct EngineConfig {
     /// takes its tenant past it becomes evictable. The same share of the
     /// disk tier's budget bounds their records there.
     pub max_pinned_share: f64,
+    /// Share of the pool (and of the disk tier's budget) all tenants'
+    /// pinned agents may hold together (0 to 1): two tenants each within
+    /// their share cannot pin the whole pool.
+    pub max_pinned_share_total: f64,
+    /// Admission weights per tenant (default 1): among waiting requests of
+    /// the same priority, the one whose tenant has the fewest admitted
+    /// requests per weight goes first, so one tenant cannot take every
+    /// running slot.
+    pub tenant_weights: std::collections::HashMap<TenantId, u32>,
     /// The tiers below the pool (RAM, disk). None by default.
     pub tiers: TierConfig,
 }
@@ -80,10 +92,13 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 64,
             max_waiting: 256,
+            max_waiting_per_tenant: 64,
             prefix_cache: true,
             default_timeout: Some(Duration::from_secs(600)),
             max_agents_per_tenant: 1024,
             max_pinned_share: 0.5,
+            max_pinned_share_total: 0.8,
+            tenant_weights: std::collections::HashMap::new(),
             tiers: TierConfig::default(),
         }
     }
@@ -105,6 +120,9 @@ enum Command {
     UpdateAgent(TenantId, AgentId, AgentUpdate, oneshot::Sender<Result<AgentInfo>>),
     SetQuota(TenantId, Option<u32>, oneshot::Sender<Result<()>>),
     CheckInvariants(oneshot::Sender<Result<(), String>>),
+    /// Publishes a fresh stats snapshot, then answers: what a caller reads
+    /// from [`Engine::stats`] afterwards is no older than the call.
+    Publish(oneshot::Sender<()>),
     Shutdown(Duration, oneshot::Sender<()>),
 }
 
@@ -133,7 +151,7 @@ struct Shared {
     /// Set by the engine thread as it stops, before it answers `shutdown`.
     stopped: Arc<AtomicBool>,
     stats: Arc<Mutex<EngineStats>>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<QueueCounts>,
     next_id: AtomicU64,
     codec: Arc<dyn TextCodec>,
     limits: Limits,
@@ -170,12 +188,16 @@ impl EngineConfig {
             "max_batch_tokens must be at least 1"
         } else if self.max_running == 0 {
             "max_running must be at least 1"
-        } else if self.max_waiting == 0 {
-            "max_waiting must be at least 1"
+        } else if self.max_waiting == 0 || self.max_waiting_per_tenant == 0 {
+            "max_waiting and max_waiting_per_tenant must be at least 1"
         } else if self.max_agents_per_tenant == 0 {
             "max_agents_per_tenant must be at least 1"
-        } else if !(0.0..=1.0).contains(&self.max_pinned_share) {
-            "max_pinned_share must be between 0 and 1"
+        } else if !(0.0..=1.0).contains(&self.max_pinned_share) || !(0.0..=1.0).contains(&self.max_pinned_share_total) {
+            "max_pinned_share and max_pinned_share_total must be between 0 and 1"
+        } else if self.tenant_weights.values().any(|&w| w == 0) {
+            "tenant weights must be at least 1"
+        } else if self.default_timeout.is_some_and(|t| t.is_zero() || t > crate::request::MAX_TIMEOUT) {
+            "default_timeout must be positive and at most a year"
         } else if self.max_running > self.max_batch_tokens {
             // Every running sequence must get its decode token each step,
             // or the newest ones would wait while older ones finish.
@@ -229,7 +251,7 @@ pub fn start(mut model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: Engin
         tx,
         stopped,
         stats,
-        waiting: Arc::new(AtomicUsize::new(0)),
+        waiting: Arc::new(QueueCounts::default()),
         next_id: AtomicU64::new(1),
         codec,
         limits,
@@ -312,6 +334,13 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
         loop {
             match next {
                 Ok(Command::HandlesGone) => disconnected = true,
+                Ok(Command::Publish(reply)) => {
+                    let snapshot = core.snapshot(Instant::now());
+                    if let Ok(mut s) = published.lock() {
+                        *s = snapshot;
+                    }
+                    let _ = reply.send(());
+                }
                 Ok(cmd) => handle(&mut core, cmd, &mut shutdown),
                 Err(gone) => {
                     disconnected |= gone;
@@ -379,7 +408,7 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
             let _ = reply.send(());
         }
         Command::Tier(ev) => core.on_tier_event(ev),
-        Command::HandlesGone => {}
+        Command::HandlesGone | Command::Publish(_) => {} // run_loop handles these
         Command::UpdateAgent(tenant, id, update, reply) => {
             let _ = reply.send(core.update_agent(&(tenant, id), update));
         }
@@ -401,12 +430,43 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
     }
 }
 
+/// What the engine sends a request's stream: its events, and the moment it
+/// was admitted (which [`EventStream::admitted`] waits for).
+#[derive(Debug)]
+pub(crate) enum StreamMsg {
+    Admitted,
+    Event(Event),
+}
+
+/// The engine's end of one request's stream.
+#[derive(Debug)]
+pub(crate) struct EventSender(pub(crate) tmpsc::UnboundedSender<StreamMsg>);
+
+impl EventSender {
+    /// Sends an event; an error if the stream was dropped (cancelled).
+    pub(crate) fn send(&self, ev: Event) -> std::result::Result<(), ()> {
+        self.0.send(StreamMsg::Event(ev)).map_err(|_| ())
+    }
+
+    /// Tells the stream its request was admitted.
+    pub(crate) fn admitted(&self) {
+        let _ = self.0.send(StreamMsg::Admitted);
+    }
+
+    /// Whether the stream was dropped.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
 /// The events of one request, in order, ending with `Finished` or `Error`.
 /// Dropping it cancels the request (the engine notices and frees its blocks).
 #[derive(Debug)]
 pub struct EventStream {
     id: RequestId,
-    rx: tmpsc::UnboundedReceiver<Event>,
+    rx: tmpsc::UnboundedReceiver<StreamMsg>,
+    /// An event read while waiting for admission, returned next.
+    held: Option<Event>,
     done: bool,
 }
 
@@ -416,14 +476,47 @@ impl EventStream {
         self.id
     }
 
+    /// Waits until the request is admitted (it runs, or loads its cached
+    /// prefix), so that what could refuse it on the way in (the agent
+    /// limit, the tenant's quota, a full cache) has been decided. A
+    /// streaming response sends its headers after this.
+    ///
+    /// # Errors
+    /// The request's error if it ended first (then the stream is over).
+    pub async fn admitted(&mut self) -> Result<()> {
+        while !self.done && self.held.is_none() {
+            match self.rx.recv().await {
+                Some(StreamMsg::Admitted) => return Ok(()),
+                Some(StreamMsg::Event(Event::Error(e))) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Some(StreamMsg::Event(ev)) => self.held = Some(ev),
+                None => {
+                    self.done = true;
+                    return Err(Error::EngineStopped);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The next event; `None` after the last. If the engine dies first, one
     /// `Error(EngineStopped)` is returned instead of silence.
     pub async fn next(&mut self) -> Option<Event> {
-        if self.done {
-            return None;
+        loop {
+            if let Some(ev) = self.held.take() {
+                return self.settle(Some(ev));
+            }
+            if self.done {
+                return None;
+            }
+            match self.rx.recv().await {
+                Some(StreamMsg::Admitted) => {}
+                Some(StreamMsg::Event(ev)) => return self.settle(Some(ev)),
+                None => return self.settle(None),
+            }
         }
-        let ev = self.rx.recv().await;
-        self.settle(ev)
     }
 
     /// [`EventStream::next`] for a plain thread.
@@ -431,11 +524,19 @@ impl EventStream {
     /// # Panics
     /// If called from inside an async runtime (tokio forbids blocking there).
     pub fn blocking_next(&mut self) -> Option<Event> {
-        if self.done {
-            return None;
+        loop {
+            if let Some(ev) = self.held.take() {
+                return self.settle(Some(ev));
+            }
+            if self.done {
+                return None;
+            }
+            match self.rx.blocking_recv() {
+                Some(StreamMsg::Admitted) => {}
+                Some(StreamMsg::Event(ev)) => return self.settle(Some(ev)),
+                None => return self.settle(None),
+            }
         }
-        let ev = self.rx.blocking_recv();
-        self.settle(ev)
     }
 
     fn settle(&mut self, ev: Option<Event>) -> Option<Event> {
@@ -474,27 +575,47 @@ impl EngineHandle {
         &self.shared.codec
     }
 
-    /// Renders and tokenizes the prompt and checks every limit.
+    /// Renders and tokenizes the prompt (client text literal: only the chat
+    /// template's markup becomes control tokens) and checks every limit.
+    /// CPU-bound for long prompts: async callers run it off their runtime.
     ///
     /// # Errors
-    /// [`Error::InvalidRequest`], [`Error::ContextExceeded`] or
-    /// [`Error::Prompt`].
+    /// [`Error::InvalidRequest`], [`Error::PromptTooLong`],
+    /// [`Error::ContextExceeded`] or [`Error::Prompt`].
     pub fn validate(&self, req: Request) -> Result<ValidRequest> {
         req.validate_params()?;
         let codec = &self.shared.codec;
         let limits = self.shared.limits;
+        // Text alone too long for the context is refused before the (costly)
+        // tokenization: no token stands for more than `max_token_bytes`.
+        let text_bytes = match &req.prompt {
+            Prompt::Text(t) => t.len(),
+            Prompt::Chat(m) => m.iter().map(|m| m.content.len()).sum(),
+            Prompt::Tokens(_) => 0,
+        };
+        let min_tokens = text_bytes / codec.max_token_bytes().max(1);
+        if min_tokens >= limits.max_request_tokens() {
+            return Err(Error::PromptTooLong { bytes: text_bytes, min_tokens, limit: limits.max_request_tokens() });
+        }
         let prompt = match &req.prompt {
             Prompt::Text(t) => codec.encode(t),
-            Prompt::Chat(m) => codec.render_chat(m).and_then(|t| codec.encode(&t)),
+            Prompt::Chat(m) => codec.encode_chat(m),
             Prompt::Tokens(t) => Ok(t.clone()),
         }
         .map_err(|e| Error::Prompt(e.to_string()))?;
         let vocab = limits.vocab_size as u32;
-        if let Some(bad) = prompt.iter().chain(&req.stop_token_ids).find(|&&t| t >= vocab) {
-            return Err(Error::InvalidRequest {
-                field: "prompt",
-                problem: format!("token id {bad} is outside the vocabulary of {vocab}"),
-            });
+        let ids_of: [(&'static str, Vec<u32>); 3] = [
+            ("prompt", prompt.clone()),
+            ("stop_token_ids", req.stop_token_ids.clone()),
+            ("logit_bias", req.logit_bias.iter().map(|b| b.0).collect()),
+        ];
+        for (field, ids) in ids_of {
+            if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+                return Err(Error::InvalidRequest {
+                    field,
+                    problem: format!("token id {bad} is outside the vocabulary of {vocab}"),
+                });
+            }
         }
         if prompt.is_empty() {
             return Err(Error::InvalidRequest { field: "prompt", problem: "encodes to no tokens".into() });
@@ -522,18 +643,18 @@ impl EngineHandle {
         if self.shared.stopped.load(Ordering::SeqCst) {
             return Err(Error::EngineStopped);
         }
-        let limit = self.shared.config.max_waiting;
-        let waiting = &self.shared.waiting;
-        if let Err(queued) = waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
-        {
-            return Err(Error::Overloaded { queued, limit });
-        }
-        let ticket = QueueTicket(Arc::clone(waiting));
+        let config = &self.shared.config;
+        let (limit, per_tenant) = (config.max_waiting, config.max_waiting_per_tenant);
+        let ticket = match self.shared.waiting.reserve(&req.req.tenant, limit, per_tenant) {
+            Ok(t) => t,
+            Err((queued, _)) if queued >= limit => return Err(Error::Overloaded { queued, limit }),
+            Err((_, mine)) => return Err(Error::Overloaded { queued: mine, limit: per_tenant }),
+        };
         let id = RequestId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (events, rx) = tmpsc::unbounded_channel();
-        let sub = Submission { id, req, events, ticket };
+        let sub = Submission { id, req, events: EventSender(events), ticket };
         self.shared.tx.send(Command::Submit(Box::new(sub))).map_err(|_| Error::EngineStopped)?;
-        Ok(EventStream { id, rx, done: false })
+        Ok(EventStream { id, rx, held: None, done: false })
     }
 
     /// [`EngineHandle::validate`] then [`EngineHandle::submit`].
@@ -630,7 +751,11 @@ impl EngineHandle {
         std::thread::spawn(move || {
             let _ = tx.send(flusher.flush(timeout));
         });
-        rx.await.map_err(|_| Error::EngineStopped)
+        let flushed = rx.await.map_err(|_| Error::EngineStopped)?;
+        // The stats (and `degraded`) a caller reads next include what the
+        // flush did.
+        self.ask(Command::Publish).await?;
+        Ok(flushed)
     }
 
     /// Drops the disk tier's records from the page cache, so the next loads

@@ -38,6 +38,17 @@ pub enum Error {
         /// The model's context or the cache's capacity, whichever is smaller.
         limit: usize,
     },
+    /// The prompt's text is longer than the context could hold however it
+    /// tokenized (found from its byte length, before tokenizing).
+    #[error("the prompt ({bytes} bytes, at least {min_tokens} tokens) exceeds the limit of {limit} tokens")]
+    PromptTooLong {
+        /// Bytes of prompt text.
+        bytes: usize,
+        /// Tokens it must encode to at least.
+        min_tokens: usize,
+        /// The model's context or the cache's capacity, whichever is smaller.
+        limit: usize,
+    },
     /// An agent or tenant id failed validation.
     #[error("invalid {what} id {id:?}: {reason}")]
     InvalidId {

@@ -62,7 +62,7 @@ pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
 pub use model::Message;
 pub use request::{
     AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
-    MAX_ID_LEN,
+    MAX_ID_LEN, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TIMEOUT,
 };
 pub use tiering::{LoadPolicy, TierConfig, TierCounters, TierStats};
 pub use tiers::{DiskConfig, DiskStats, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS};

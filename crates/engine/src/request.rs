@@ -210,7 +210,19 @@ pub struct Request {
     /// Give up after this long (queueing included); `None` uses the engine's
     /// default.
     pub timeout: Option<Duration>,
+    /// Added to these tokens' logits before choosing (OpenAI's
+    /// `logit_bias`: at most [`MAX_LOGIT_BIAS`] entries, each in
+    /// `[-100, 100]`; -100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// Most `logit_bias` entries a request may carry.
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most `stop_token_ids` a request may carry.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// Longest timeout a request or the engine may set: a year (beyond, adding
+/// it to a clock reading could overflow).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Request {
     /// A request for `prompt` with default settings.
@@ -226,6 +238,7 @@ impl Request {
             tenant: TenantId::default_tenant(),
             priority: 0,
             timeout: None,
+            logit_bias: Vec::new(),
         }
     }
 
@@ -241,8 +254,23 @@ impl Request {
         if self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
             return Err(Error::InvalidRequest { field: "stop", problem: "each must be 1 to 256 bytes".into() });
         }
-        if self.timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::InvalidRequest { field: "timeout", problem: "must be positive".into() });
+        if self.timeout.is_some_and(|t| t.is_zero() || t > MAX_TIMEOUT) {
+            return Err(Error::InvalidRequest {
+                field: "timeout",
+                problem: "must be positive and at most a year".into(),
+            });
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(Error::InvalidRequest { field: "stop_token_ids", problem: "at most 64 ids".into() });
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(Error::InvalidRequest { field: "logit_bias", problem: "at most 300 entries".into() });
+        }
+        if self.logit_bias.iter().any(|&(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(&b))) {
+            return Err(Error::InvalidRequest {
+                field: "logit_bias",
+                problem: "each bias must be between -100 and 100".into(),
+            });
         }
         match &self.prompt {
             Prompt::Chat(m) if m.is_empty() => {
@@ -380,5 +408,10 @@ mod tests {
         assert_eq!(field(|r| r.stop = vec!["a".into(); 5]), "stop");
         assert_eq!(field(|r| r.prompt = Prompt::Chat(vec![])), "messages");
         assert_eq!(field(|r| r.prompt = Prompt::Tokens(vec![])), "prompt");
+        assert_eq!(field(|r| r.stop_token_ids = vec![1; 65]), "stop_token_ids");
+        assert_eq!(field(|r| r.logit_bias = vec![(1, 0.0); 301]), "logit_bias");
+        assert_eq!(field(|r| r.logit_bias = vec![(1, 101.0)]), "logit_bias");
+        assert_eq!(field(|r| r.logit_bias = vec![(1, f32::NAN)]), "logit_bias");
+        assert_eq!(field(|r| r.timeout = Some(Duration::from_secs(u64::MAX))), "timeout");
     }
 }

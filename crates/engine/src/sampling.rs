@@ -1,7 +1,7 @@
 //! Choosing the next token from a row of logits.
 //!
-//! Order of operations (the one vLLM and llama.cpp use): penalties on the raw
-//! logits (repetition over prompt and answer, frequency and presence over the
+//! Order of operations (the one vLLM and llama.cpp use): `logit_bias` added
+//! to the raw logits, then penalties (repetition over prompt and answer, frequency and presence over the
 //! answer), then greedy argmax at temperature 0; otherwise divide by the
 //! temperature, softmax, keep the top k, keep the nucleus (top p), drop what
 //! is below `min_p` of the best, renormalise and draw. Log-probabilities are
@@ -21,18 +21,25 @@ use crate::request::{Logprobs, SamplingParams};
 /// One request's sampler: its parameters and its random stream.
 pub(crate) struct Sampler {
     params: SamplingParams,
+    /// Added to these logits first (`logit_bias`).
+    bias: Vec<(u32, f32)>,
     rng: StdRng,
     /// Occurrences of each token in the answer so far.
     counts: HashMap<u32, u32>,
 }
 
 impl Sampler {
-    pub(crate) fn new(params: SamplingParams) -> Self {
+    #[cfg(test)]
+    fn with(params: SamplingParams) -> Self {
+        Self::new(params, Vec::new())
+    }
+
+    pub(crate) fn new(params: SamplingParams, bias: Vec<(u32, f32)>) -> Self {
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng, counts: HashMap::new() }
+        Self { params, bias, rng, counts: HashMap::new() }
     }
 
     /// Picks the next token given the `prompt` and the answer so far (the
@@ -51,6 +58,11 @@ impl Sampler {
     }
 
     fn penalize(&self, logits: &mut [f32], prompt: &[u32], answer: &[u32]) {
+        for &(t, b) in &self.bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
@@ -152,7 +164,7 @@ mod tests {
     }
 
     fn draws(p: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
-        let mut s = Sampler::new(p);
+        let mut s = Sampler::new(p, Vec::new());
         (0..n).map(|_| s.sample(logits, &[], &[]).0).collect()
     }
 
@@ -181,13 +193,13 @@ mod tests {
 
     #[test]
     fn penalties_steer_away_from_repeats() {
-        let mut s = Sampler::new(params(|p| {
+        let mut s = Sampler::with(params(|p| {
             p.temperature = 0.0;
             p.repetition_penalty = 1.5;
         }));
         // Token 1 in the prompt: 3.0 / 1.5 = 2.0 < 2.9.
         assert_eq!(s.sample(&LOGITS, &[1], &[]).0, 2);
-        let mut s = Sampler::new(params(|p| {
+        let mut s = Sampler::with(params(|p| {
             p.temperature = 0.0;
             p.frequency_penalty = 0.06;
         }));
@@ -195,7 +207,7 @@ mod tests {
         assert_eq!(s.sample(&LOGITS, &[], &[1]).0, 1, "3.0 - 0.06 still leads");
         s.accept(1);
         assert_eq!(s.sample(&LOGITS, &[], &[1, 1]).0, 2, "3.0 - 0.12 no longer does");
-        let mut s = Sampler::new(params(|p| {
+        let mut s = Sampler::with(params(|p| {
             p.temperature = 0.0;
             p.presence_penalty = 0.5;
         }));
@@ -206,7 +218,7 @@ mod tests {
 
     #[test]
     fn logprobs_are_normalised_and_ordered() {
-        let mut s = Sampler::new(params(|p| {
+        let mut s = Sampler::with(params(|p| {
             p.temperature = 0.0;
             p.logprobs = Some(3);
         }));

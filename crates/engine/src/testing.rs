@@ -35,6 +35,9 @@ pub struct FakeControl {
     pub step_delay_ms: AtomicU64,
     /// Fail the step with this number (counting from 1); 0 never fails.
     pub fail_at_step: AtomicU64,
+    /// Panic in the step with this number (counting from 1): the engine
+    /// thread dies. 0 never panics.
+    pub panic_at_step: AtomicU64,
     /// Steps run so far.
     pub steps: AtomicU64,
     /// Tokens per entry of every batch, in order.
@@ -152,6 +155,10 @@ impl FakeModel {
         if self.control.fail_at_step.load(Ordering::SeqCst) == step {
             return Err(model::Error::InvalidBatch("injected failure".into()));
         }
+        #[allow(clippy::panic)] // the point: a test kills the engine thread
+        if self.control.panic_at_step.load(Ordering::SeqCst) == step {
+            panic!("injected engine-thread panic");
+        }
         let bs = self.spec.block_size();
         let mut rows = Vec::with_capacity(batch.seqs.len());
         for s in batch.seqs {
@@ -236,10 +243,14 @@ impl TextCodec for FakeCodec {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    fn render_chat(&self, messages: &[Message]) -> model::Result<String> {
+    fn encode_chat(&self, messages: &[Message]) -> model::Result<Vec<u32>> {
         let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
         s.push_str("assistant: ");
-        Ok(s)
+        self.encode(&s)
+    }
+
+    fn max_token_bytes(&self) -> usize {
+        1
     }
 
     fn stop_ids(&self) -> &[u32] {

@@ -44,6 +44,43 @@ pub(crate) struct ServeArgs {
     /// it can use it).
     #[arg(long)]
     allow_open: bool,
+    /// Host names this server answers to without API keys, besides loopback
+    /// names and `--host` (a web page can reach the server under its own
+    /// name through DNS rebinding: such requests are refused).
+    #[arg(long = "allowed-host", env = "KVSERVE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call the API (CORS), e.g.
+    /// `https://app.example.com`; none by default.
+    #[arg(long = "cors-origin", env = "KVSERVE_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+    /// The key `/metrics` requires (`Authorization: Bearer KEY`); without
+    /// it, with API keys, any API key reads the metrics.
+    #[arg(long, env = "KVSERVE_METRICS_KEY", hide_env_values = true)]
+    metrics_key: Option<String>,
+    /// Seconds a request's headers may take from their first byte.
+    #[arg(long, env = "KVSERVE_HEADER_TIMEOUT", default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a request's body may take.
+    #[arg(long, env = "KVSERVE_BODY_TIMEOUT", default_value_t = 60)]
+    body_timeout: u64,
+    /// Seconds a kept-alive connection may sit idle.
+    #[arg(long, env = "KVSERVE_IDLE_TIMEOUT", default_value_t = 75)]
+    idle_timeout: u64,
+    /// Seconds writes to a client may stay blocked (a stream nobody reads
+    /// is cancelled and its blocks freed).
+    #[arg(long, env = "KVSERVE_WRITE_TIMEOUT", default_value_t = 30)]
+    write_timeout: u64,
+    /// Connections open at once; past it new ones get a 503 at once.
+    #[arg(long, env = "KVSERVE_MAX_CONNECTIONS", default_value_t = 512)]
+    max_connections: usize,
+}
+
+/// Seconds as a duration, refused when zero or beyond a year.
+fn seconds(flag: &str, s: u64) -> Result<Duration> {
+    if s == 0 || s > 365 * 24 * 3600 {
+        bail!("{flag} must be between 1 second and a year");
+    }
+    Ok(Duration::from_secs(s))
 }
 
 fn parse_keys(keys: &[String]) -> Result<HashMap<String, TenantId>> {
@@ -85,6 +122,19 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     let max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
+    let limits = server::conn::Limits {
+        header_timeout: seconds("--header-timeout", args.header_timeout)?,
+        body_timeout: seconds("--body-timeout", args.body_timeout)?,
+        idle_timeout: seconds("--idle-timeout", args.idle_timeout)?,
+        write_timeout: seconds("--write-timeout", args.write_timeout)?,
+        max_connections: args.max_connections.max(1),
+    };
+    let grace = seconds("--shutdown-grace", args.shutdown_grace.max(1))?;
+    let mut allowed_hosts: Vec<String> = args.allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    allowed_hosts.push(match args.host {
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
+    });
     let started = start_engine(&args.engine, None)?;
     tracing::info!("loaded {}", started.summary);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -106,10 +156,20 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             engine.set_quota(tenant, Some(*blocks)).await?;
             tracing::info!(%tenant, blocks, "tenant quota");
         }
-        let config = ServerConfig { api_keys, max_body_bytes: max_body, max_priority: args.max_priority };
+        let config = ServerConfig {
+            api_keys,
+            max_body_bytes: max_body,
+            max_priority: args.max_priority,
+            allowed_hosts,
+            cors_origins: args.cors_origins,
+            metrics_key: args.metrics_key,
+            limits,
+        };
         let app = server::router(started.engine, config);
-        let grace = Duration::from_secs(args.shutdown_grace);
-        server::serve(listener, app, engine, server::shutdown_signal(), grace).await.context("serving")?;
+        // A dead engine ends `serve` with an error: the process then exits
+        // with a failure status (a supervisor restarts it) instead of
+        // staying up answering 503s.
+        server::serve(listener, app, engine, server::shutdown_signal(), grace, limits).await.context("serving")?;
         tracing::info!("stopped");
         Ok(())
     })

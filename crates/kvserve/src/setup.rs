@@ -40,6 +40,9 @@ pub(crate) struct EngineArgs {
     /// Requests waiting before new ones are refused as overloaded.
     #[arg(long, env = "KVSERVE_QUEUE_LIMIT", default_value_t = 256)]
     pub(crate) queue_limit: usize,
+    /// Requests one tenant may have waiting.
+    #[arg(long, env = "KVSERVE_QUEUE_LIMIT_PER_TENANT", default_value_t = 64)]
+    pub(crate) queue_limit_per_tenant: usize,
     /// Seconds a request may take, queueing included.
     #[arg(long, env = "KVSERVE_REQUEST_TIMEOUT", default_value_t = 600)]
     pub(crate) request_timeout: u64,
@@ -50,6 +53,13 @@ pub(crate) struct EngineArgs {
     /// Share of the KV pool one tenant's pinned agents may hold (0 to 1).
     #[arg(long, env = "KVSERVE_MAX_PINNED_SHARE", default_value_t = 0.5)]
     pub(crate) max_pinned_share: f64,
+    /// Share of the KV pool all tenants' pinned agents may hold together.
+    #[arg(long, env = "KVSERVE_MAX_PINNED_SHARE_TOTAL", default_value_t = 0.8)]
+    pub(crate) max_pinned_share_total: f64,
+    /// Admission weights, `TENANT:WEIGHT` (default 1 each): running slots
+    /// are shared in proportion among tenants with waiting requests.
+    #[arg(long = "tenant-weight", env = "KVSERVE_TENANT_WEIGHTS", value_delimiter = ',')]
+    pub(crate) tenant_weights: Vec<String>,
     #[command(flatten)]
     pub(crate) tiers: TierArgs,
 }
@@ -112,6 +122,23 @@ pub(crate) fn parse_size_or_zero(s: &str) -> Result<u64, String> {
         return Ok(0);
     }
     parse_bytes(s)
+}
+
+/// `TENANT:WEIGHT` pairs.
+fn parse_weights(list: &[String]) -> Result<std::collections::HashMap<engine::TenantId, u32>> {
+    list.iter()
+        .map(|w| w.trim())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let (t, n) = w.split_once(':').with_context(|| format!("tenant weight {w:?} is not TENANT:WEIGHT"))?;
+            let n: u32 = n
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .with_context(|| format!("tenant weight {w:?}: {n:?} is not a positive integer"))?;
+            Ok((engine::TenantId::new(t)?, n))
+        })
+        .collect()
 }
 
 /// Sets the one thread pool (rayon's global pool, which candle's kernels and
@@ -218,9 +245,12 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         max_running: args.max_running,
         max_waiting: args.queue_limit,
         prefix_cache: true,
-        default_timeout: Some(Duration::from_secs(args.request_timeout.max(1))),
+        default_timeout: Some(Duration::from_secs(args.request_timeout)),
         max_agents_per_tenant: args.max_agents_per_tenant,
         max_pinned_share: args.max_pinned_share,
+        max_waiting_per_tenant: args.queue_limit_per_tenant,
+        max_pinned_share_total: args.max_pinned_share_total,
+        tenant_weights: parse_weights(&args.tenant_weights)?,
         tiers: args.tiers.config()?,
     };
     engine_config.validate()?;

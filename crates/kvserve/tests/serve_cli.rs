@@ -63,14 +63,14 @@ fn serve(cache_dir: &std::path::Path) -> Server {
 
 fn post(addr: &str, path: &str, body: &str) -> String {
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     http(addr, &req)
 }
 
 fn get(addr: &str, path: &str) -> String {
-    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
 }
 
 /// The JSON body of a response.
@@ -176,4 +176,33 @@ fn an_open_server_on_a_public_address_is_refused_before_loading_anything() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--api-key"), "{stderr}");
+}
+
+/// `--request-timeout 18446744073709551615` once overflowed `Instant +
+/// Duration` at the first request and killed the engine thread, leaving a
+/// zombie answering 503. It is refused at start-up now, naming the value.
+#[test]
+fn a_request_timeout_that_overflows_is_refused_at_start_up() {
+    let out = kvserve()
+        .args(["serve", "--port", "0", "--threads", "1", "--request-timeout", "18446744073709551615"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("the binary runs");
+    assert!(!out.status.success(), "refused: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("timeout"), "the error names the timeout: {stderr}");
+}
+
+/// DNS rebinding: with no API keys, a page on another name that resolves to
+/// loopback must not drive the API (Ollama's CVE-2024-28224 class).
+#[cfg(unix)]
+#[test]
+fn an_open_server_refuses_a_forged_host_header() {
+    let cache = tempfile::tempdir().expect("a temp dir");
+    let server = serve(cache.path());
+    let forged = http(&server.addr, "GET /v1/agents HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n");
+    assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
+    let by_ip =
+        http(&server.addr, &format!("GET /v1/agents HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", server.addr));
+    assert!(by_ip.starts_with("HTTP/1.1 200"), "{by_ip}");
 }

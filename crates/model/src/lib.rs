@@ -9,6 +9,7 @@
 //! | hyper-parameters, cache spec | `config.rs` |
 //! | tokenizer (byte-level BPE from metadata) | `tokenizer.rs` |
 //! | chat template (minijinja) | `chat.rs` |
+//! | conversation to tokens, client text literal (render-then-encode) | `prompt.rs` |
 //! | K/V arenas indexed by block id | `kv_store.rs` |
 //! | paged attention | `attention.rs` |
 //! | the forward pass | `llama.rs` |
@@ -26,6 +27,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod kv_store;
 pub mod llama;
+pub mod prompt;
 pub mod quant;
 pub mod runner;
 pub mod tiny;

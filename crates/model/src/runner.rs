@@ -61,22 +61,30 @@ pub struct Batch<'a> {
 
 /// Text in and out of a model's token space.
 pub trait TextCodec: Send + Sync {
-    /// Tokens of `text` (special-token markup encodes to its ids).
+    /// Tokens of `text` as plain text: markup such as `<|im_end|>` in it is
+    /// spelled out, never a control token (a `/v1/completions` prompt).
     ///
     /// # Errors
     /// [`crate::Error::Tokenizer`] if the text cannot be encoded.
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// Tokens of a conversation rendered with the model's chat template,
+    /// ending with the assistant's cue; only the template's own markup
+    /// becomes control tokens, every message's text is literal
+    /// (`crate::prompt`).
+    ///
+    /// # Errors
+    /// [`crate::Error::ChatTemplate`] when the template rejects it,
+    /// [`crate::Error::Tokenizer`] if encoding fails.
+    fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>>;
+    /// The most bytes one token stands for (at least 1): a text of `b`
+    /// bytes is at least `b / max_token_bytes` tokens, which lets a caller
+    /// refuse an oversized prompt before tokenizing it.
+    fn max_token_bytes(&self) -> usize;
     /// Text of `ids`, special tokens left out.
     ///
     /// # Errors
     /// [`crate::Error::Tokenizer`] for ids outside the vocabulary.
     fn decode(&self, ids: &[u32]) -> Result<String>;
-    /// A conversation rendered with the model's template, ending with the
-    /// assistant's cue.
-    ///
-    /// # Errors
-    /// [`crate::Error::ChatTemplate`] when the template rejects it.
-    fn render_chat(&self, messages: &[Message]) -> Result<String>;
     /// Ids that end generation (end of sequence, end of turn).
     fn stop_ids(&self) -> &[u32];
     /// The raw bytes of one token (part of a UTF-8 character, possibly), as
@@ -199,6 +207,7 @@ impl Model for PagedLlama {
 pub struct LlamaText {
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    escaper: crate::prompt::Escaper,
 }
 
 impl LlamaText {
@@ -209,21 +218,31 @@ impl LlamaText {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let tokenizer = Tokenizer::from_gguf(file)?;
         let template = ChatTemplate::from_gguf(file, &tokenizer)?;
-        Ok(Self { tokenizer, template })
+        let escaper = crate::prompt::Escaper::new(&tokenizer)?;
+        Ok(Self { tokenizer, template, escaper })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 }
 
 impl TextCodec for LlamaText {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(text)
+        self.tokenizer.encode_literal(text)
+    }
+
+    fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        crate::prompt::encode_chat(&self.template, &self.tokenizer, &self.escaper, messages)
+    }
+
+    fn max_token_bytes(&self) -> usize {
+        self.tokenizer.max_token_bytes().max(1)
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true)
-    }
-
-    fn render_chat(&self, messages: &[Message]) -> Result<String> {
-        self.template.render(messages, true)
     }
 
     fn stop_ids(&self) -> &[u32] {

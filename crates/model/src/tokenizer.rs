@@ -42,7 +42,13 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same, but matching no special token: for literal text.
+    literal: tokenizers::Tokenizer,
     tokens: Vec<String>,
+    /// The markup of every special (control and user-defined) token.
+    specials: Vec<String>,
+    /// The most bytes any one token stands for.
+    max_token_bytes: usize,
     /// Beginning-of-sequence token, if the file names one.
     pub bos: Option<u32>,
     /// End-of-sequence token, if the file names one.
@@ -119,13 +125,16 @@ impl Tokenizer {
         let pre = if file.has("tokenizer.ggml.pre") { file.string("tokenizer.ggml.pre")? } else { "default" };
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let special: Vec<AddedToken> = tokens
+        let specials: Vec<String> = tokens
             .iter()
             .zip(&types)
             .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
-            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+            .map(|(tok, _)| tok.clone())
             .collect();
-        inner.add_special_tokens(&special);
+        let added: Vec<AddedToken> = specials.iter().map(|tok| AddedToken::from(tok.clone(), true)).collect();
+        inner.add_special_tokens(&added);
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
 
         let id = |key: &str| -> Result<Option<u32>> {
             if !file.has(key) {
@@ -146,15 +155,39 @@ impl Tokenizer {
                 }
             }
         }
-        Ok(Self { inner, tokens, bos, eos, stop_ids })
+        let mut t = Self { inner, literal, tokens, specials, max_token_bytes: 0, bos, eos, stop_ids };
+        t.max_token_bytes =
+            (0..t.tokens.len() as u32).filter_map(|i| t.token_bytes(i)).map(|b| b.len()).max().unwrap_or(1);
+        Ok(t)
     }
 
-    /// Token ids of `text`; special-token markup in the text becomes its id.
+    /// Token ids of `text` where special-token markup becomes its id: for
+    /// a chat template's own text (`crate::prompt` keeps client text out).
     ///
     /// # Errors
     /// [`Error::Tokenizer`] if encoding fails.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` as plain text: markup like `<|im_end|>` is
+    /// spelled out in ordinary tokens, never a control token.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] if encoding fails.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.literal.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    /// The markup of the special tokens (control and user-defined).
+    pub fn special_strings(&self) -> Vec<String> {
+        self.specials.clone()
+    }
+
+    /// The most bytes one token stands for: `bytes / max_token_bytes` is a
+    /// lower bound on a text's token count.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// Text of `ids`, special tokens skipped or kept.

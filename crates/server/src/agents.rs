@@ -13,15 +13,15 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use engine::{AgentId, AgentInfo, AgentUpdate, Retention};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::{parse_json, AppState, Tenant};
+use crate::guard::{AgentPath, JsonBody};
+use crate::{AppState, Tenant};
 
 /// The longest TTL a client may set: a year.
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
@@ -38,7 +38,7 @@ pub(crate) async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) 
 pub(crate) async fn get(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    AgentPath(id): AgentPath,
 ) -> Result<Json<AgentInfo>, ApiError> {
     Ok(Json(state.engine.agent(&tenant, &agent_id(&id)?).await?))
 }
@@ -46,7 +46,7 @@ pub(crate) async fn get(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    AgentPath(id): AgentPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = agent_id(&id)?;
     state.engine.delete_agent(&tenant, &id).await?;
@@ -55,7 +55,7 @@ pub(crate) async fn delete(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Patch {
+pub(crate) struct Patch {
     pinned: Option<bool>,
     ttl_seconds: Option<u64>,
     priority: Option<i32>,
@@ -64,11 +64,10 @@ struct Patch {
 pub(crate) async fn patch(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    AgentPath(id): AgentPath,
+    JsonBody(p): JsonBody<Patch>,
 ) -> Result<Json<AgentInfo>, ApiError> {
     let id = agent_id(&id)?;
-    let p: Patch = parse_json(body, state.max_body_bytes)?;
     let retention = match (p.pinned, p.ttl_seconds) {
         (Some(true), Some(_)) => return Err(ApiError::invalid("ttl_seconds", "a pinned agent has no TTL")),
         (Some(true), None) => Some(Retention::Pinned),
@@ -93,7 +92,7 @@ async fn set(state: &AppState, tenant: &engine::TenantId, id: &str, r: Retention
 pub(crate) async fn pin(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    AgentPath(id): AgentPath,
 ) -> Result<Json<AgentInfo>, ApiError> {
     set(&state, &tenant, &id, Retention::Pinned).await
 }
@@ -101,7 +100,7 @@ pub(crate) async fn pin(
 pub(crate) async fn unpin(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    AgentPath(id): AgentPath,
 ) -> Result<Json<AgentInfo>, ApiError> {
     set(&state, &tenant, &id, Retention::Evictable).await
 }

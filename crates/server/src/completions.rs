@@ -14,7 +14,6 @@
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -26,8 +25,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::guard::JsonBody;
 use crate::openai::{ChatRequest, Common, CompletionRequest, TokenLogprob, TopLogprob, UsageBody};
-use crate::{parse_json, AppState, Tenant};
+use crate::{AppState, Tenant};
 
 /// Header naming the agent, as an alternative to the body's `agent_id`.
 pub const AGENT_HEADER: &str = "x-agent-id";
@@ -68,9 +68,8 @@ pub(crate) async fn chat(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    JsonBody(mut req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let mut req: ChatRequest = parse_json(body, state.max_body_bytes)?;
     let prompt = req.prompt()?;
     if req.top_logprobs.is_some_and(|n| n > 20) {
         return Err(ApiError::invalid("top_logprobs", "must be at most 20"));
@@ -87,9 +86,8 @@ pub(crate) async fn completion(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    JsonBody(mut req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let mut req: CompletionRequest = parse_json(body, state.max_body_bytes)?;
     let prompt = req.prompt()?;
     respond(&state, Kind::Text, req.common, prompt, tenant, &headers, None).await
 }
@@ -116,14 +114,52 @@ async fn respond(
         include_usage,
         logprobs,
     };
-    let events = state.engine.generate(request)?;
+    let mut events = state.engine.submit(validate(state, request).await.map_err(|e| for_kind(kind, e))?)?;
+    // What can refuse the request on its way in (agent limit, quota) is
+    // answered with its HTTP status, before any stream header is sent.
+    events.admitted().await?;
     let prefix = if meta.kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-    meta.id = format!("{prefix}-{}", events.id().0);
+    meta.id = format!("{prefix}-{}", random_id());
     if stream {
         Ok(Sse::new(sse_stream(state.clone(), events, meta)).into_response())
     } else {
         whole(state, events, meta).await
     }
+}
+
+/// Renders and tokenizes a request off the async runtime: a long prompt
+/// takes a CPU for a while, and the runtime's few threads must keep
+/// answering everyone else (`/health` included). At most
+/// `AppState::prep` prompts are prepared at once; more wait for a turn.
+async fn validate(state: &AppState, request: engine::Request) -> Result<engine::ValidRequest, ApiError> {
+    let permit = std::sync::Arc::clone(&state.prep).acquire_owned().await.map_err(|_| ApiError::internal())?;
+    let engine = state.engine.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        engine.validate(request)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "preparing a prompt failed");
+        ApiError::internal()
+    })?;
+    Ok(prepared?)
+}
+
+/// 24 random alphanumerics: response ids tell nothing about other
+/// requests (a counter would tell every tenant how much traffic others
+/// send).
+fn random_id() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 24)
+}
+
+/// `/v1/completions` calls the prompt `prompt`, not `messages`.
+fn for_kind(kind: Kind, mut e: ApiError) -> ApiError {
+    if kind == Kind::Text && e.param == Some("messages") {
+        e.param = Some("prompt");
+    }
+    e
 }
 
 fn finish_reason(r: FinishReason) -> &'static str {

@@ -42,7 +42,8 @@ struct Inner<'a> {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    /// An error of this status, OpenAI type and message.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), kind, param: None, code: None, retry_after: None }
     }
 
@@ -92,6 +93,25 @@ impl ApiError {
         )
     }
 
+    /// 415: a JSON endpoint got a body that does not say it is JSON.
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "the request body must be JSON, sent with Content-Type: application/json",
+        )
+    }
+
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout() -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "the request body did not arrive in time")
+    }
+
+    /// 405.
+    pub fn method_not_allowed() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "this method is not allowed on this path")
+    }
+
     /// 500 that says nothing about the cause (which is logged).
     pub fn internal() -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the server failed to process the request")
@@ -116,6 +136,9 @@ impl From<engine::Error> for ApiError {
                 // The prompt alone too long: shortening max_tokens will not help.
                 ..Self::invalid(if prompt >= limit { "messages" } else { "max_tokens" }, message)
             },
+            E::PromptTooLong { .. } => {
+                Self { code: Some("context_length_exceeded"), ..Self::invalid("messages", message) }
+            }
             E::InvalidId { what, .. } => Self::invalid(if what == "agent" { "agent_id" } else { "tenant" }, message),
             E::Prompt(_) => Self::invalid("messages", message),
             E::UnknownAgent(_) => Self::not_found(message),

@@ -20,7 +20,9 @@
 
 mod agents;
 mod completions;
+pub mod conn;
 mod error;
+mod guard;
 pub mod metrics;
 mod openai;
 
@@ -56,6 +58,17 @@ pub struct ServerConfig {
     /// released first across all tenants, so by default clients may only
     /// lower theirs (background work); an operator raises the cap.
     pub max_priority: i32,
+    /// Host names served besides loopback ones when there are no API keys
+    /// (lowercase, no port): the `--host` address and `--allowed-host`s.
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed to call the API from a browser (CORS); none by
+    /// default.
+    pub cors_origins: Vec<String>,
+    /// The key `/metrics` wants. `None` with API keys: any API key; with no
+    /// keys at all: open, like the rest.
+    pub metrics_key: Option<String>,
+    /// Connection limits and timeouts (`conn.rs`).
+    pub limits: conn::Limits,
 }
 
 /// Lowest `priority` a client may give.
@@ -63,7 +76,15 @@ pub const MIN_PRIORITY: i32 = -1000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { api_keys: HashMap::new(), max_body_bytes: 4 << 20, max_priority: 0 }
+        Self {
+            api_keys: HashMap::new(),
+            max_body_bytes: 4 << 20,
+            max_priority: 0,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            metrics_key: None,
+            limits: conn::Limits::default(),
+        }
     }
 }
 
@@ -84,6 +105,12 @@ pub(crate) struct AppState {
     pub(crate) keys: Arc<HashMap<String, TenantId>>,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_priority: i32,
+    /// Prompts being rendered and tokenized at once (off the runtime).
+    pub(crate) prep: Arc<tokio::sync::Semaphore>,
+    pub(crate) allowed_hosts: Arc<Vec<String>>,
+    pub(crate) metrics_key: Option<Arc<str>>,
+    /// Longest a request body may take to arrive (408 beyond).
+    pub(crate) body_timeout: Duration,
 }
 
 /// The request's tenant, from its API key.
@@ -128,8 +155,14 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         keys: Arc::new(config.api_keys),
         max_body_bytes: config.max_body_bytes,
         max_priority: config.max_priority,
+        prep: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get).max(2),
+        )),
+        allowed_hosts: Arc::new(config.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
+        metrics_key: config.metrics_key.as_deref().map(Arc::from),
+        body_timeout: config.limits.body_timeout,
     };
-    Router::new()
+    let router = Router::new()
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::completion))
         .route("/v1/models", get(models))
@@ -140,8 +173,33 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .with_state(state)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard::check_host))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes));
+    let router = match cors(&config.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// CORS for the configured origins; `None` (no CORS at all) without any.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::PATCH])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static(completions::AGENT_HEADER),
+            ]),
+    )
 }
 
 async fn models(State(state): State<AppState>, _tenant: Tenant) -> Json<serde_json::Value> {
@@ -165,32 +223,75 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics_text(State(state): State<AppState>) -> Response {
+/// With API keys, `/metrics` wants the metrics key (`--metrics-key`), or
+/// any API key if none is set: the numbers describe every tenant's traffic.
+async fn metrics_text(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if !state.keys.is_empty() || state.metrics_key.is_some() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let ok = match (&state.metrics_key, given) {
+            (Some(k), Some(g)) => **k == *g,
+            (None, Some(g)) => state.keys.contains_key(g),
+            (_, None) => false,
+        };
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
     let body = metrics::render(&state.engine.stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
-/// Serves `app` on `listener` until `signal` resolves; then stops accepting,
-/// gives in-flight requests `grace` to finish (the engine cancels the rest),
-/// and returns once every connection has closed.
+/// Serves `app` on `listener` until `signal` resolves, with `limits` on
+/// every connection (`conn.rs`); then stops accepting, gives in-flight
+/// requests `grace` to finish (the engine cancels the rest), and returns
+/// once every connection has closed, within the grace whatever clients do.
+///
+/// If the engine stops on its own (its thread died), serving stops the same
+/// way and this returns an error: a process must not stay up answering 503s
+/// forever; its supervisor restarts it.
 ///
 /// # Errors
-/// An I/O error from the listener.
+/// An I/O error from the listener; [`std::io::ErrorKind::Other`] if the
+/// engine died.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     engine: EngineHandle,
     signal: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    limits: conn::Limits,
 ) -> std::io::Result<()> {
-    let stop = async move {
-        signal.await;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections");
+    let died = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = {
+        let (engine, died) = (engine.clone(), Arc::clone(&died));
+        async move {
+            tokio::select! {
+                () = signal => {}
+                () = async {
+                    while !engine.is_stopped() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                } => {
+                    died.store(true, std::sync::atomic::Ordering::SeqCst);
+                    tracing::error!("the engine stopped unexpectedly; shutting down");
+                }
+            }
+        }
+    };
+    let stop_engine = move || {
         tokio::spawn(async move {
             let _ = engine.shutdown(grace).await;
         });
     };
-    axum::serve(listener, app).with_graceful_shutdown(stop).await
+    conn::serve_with_limits(listener, app, limits, stop, grace, stop_engine).await?;
+    if died.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::other("the engine stopped unexpectedly"));
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.

@@ -5,6 +5,10 @@
 //! Extensions beyond OpenAI's schema, accepted in the body (the official
 //! clients send them through `extra_body`): `agent_id`, `top_k`, `min_p`,
 //! `repetition_penalty`, `priority`, `ignore_eos`, `stop_token_ids`.
+//!
+//! What the server cannot honour is refused with a 400 naming the field,
+//! never silently ignored: `n` > 1, `best_of` > 1, `suffix`, `echo`, legacy
+//! `functions` / `function_call`, tools and non-text response formats.
 
 use engine::Message;
 use engine::{AgentId, Prompt, Request, SamplingParams, TenantId};
@@ -75,6 +79,9 @@ pub(crate) struct Common {
     #[serde(default)]
     pub(crate) stop_token_ids: Vec<u32>,
     pub(crate) agent_id: Option<String>,
+    /// Token id (as a string, per OpenAI) to a bias in `[-100, 100]`.
+    pub(crate) logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    pub(crate) best_of: Option<u32>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -87,6 +94,8 @@ pub(crate) struct ChatRequest {
     pub(crate) tools: Option<Vec<serde_json::Value>>,
     pub(crate) tool_choice: Option<serde_json::Value>,
     pub(crate) response_format: Option<serde_json::Value>,
+    pub(crate) functions: Option<serde_json::Value>,
+    pub(crate) function_call: Option<serde_json::Value>,
     #[serde(flatten)]
     pub(crate) common: Common,
 }
@@ -107,6 +116,7 @@ pub(crate) struct CompletionRequest {
     #[serde(default)]
     pub(crate) echo: bool,
     pub(crate) logprobs: Option<u32>,
+    pub(crate) suffix: Option<String>,
     #[serde(flatten)]
     pub(crate) common: Common,
 }
@@ -135,6 +145,28 @@ impl Common {
         if self.n.is_some_and(|n| n != 1) {
             return Err(invalid("n", "only n = 1 is supported"));
         }
+        if self.best_of.is_some_and(|n| n > 1) {
+            return Err(invalid("best_of", "only best_of = 1 is supported"));
+        }
+        let logit_bias = match self.logit_bias {
+            None => Vec::new(),
+            Some(map) => {
+                if map.len() > engine::MAX_LOGIT_BIAS {
+                    return Err(invalid("logit_bias", "at most 300 entries"));
+                }
+                map.into_iter()
+                    .map(|(k, v)| {
+                        let id = k.trim().parse::<u32>().map_err(|_| {
+                            invalid(
+                                "logit_bias",
+                                format!("{:?} is not a token id", k.chars().take(32).collect::<String>()),
+                            )
+                        })?;
+                        Ok((id, v))
+                    })
+                    .collect::<Result<Vec<_>, ApiError>>()?
+            }
+        };
         let mut sampling = SamplingParams::default();
         if let Some(t) = self.temperature {
             sampling.temperature = t;
@@ -168,9 +200,12 @@ impl Common {
             Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
             None => None,
         };
-        let agent = match self.agent_id.or(header_agent) {
-            Some(a) => Some(AgentId::new(&a).map_err(|e| invalid("agent_id", e.to_string()))?),
-            None => None,
+        let agent = match (self.agent_id, header_agent) {
+            (Some(body), Some(header)) if body != header => {
+                return Err(invalid("agent_id", "the body's agent_id and the x-agent-id header name different agents"))
+            }
+            (Some(a), _) | (None, Some(a)) => Some(AgentId::new(&a).map_err(|e| invalid("agent_id", e.to_string()))?),
+            (None, None) => None,
         };
         let mut req = Request::new(prompt);
         req.sampling = sampling;
@@ -185,6 +220,7 @@ impl Common {
         req.agent = agent;
         req.tenant = tenant;
         req.priority = self.priority.map_or(Ok(0), |p| crate::check_priority(p, max_priority))?;
+        req.logit_bias = logit_bias;
         Ok(req)
     }
 }
@@ -194,6 +230,12 @@ impl ChatRequest {
     /// client that asked for tool calls or JSON output and got plain text
     /// would misread the answer.
     fn check_unsupported(&self) -> Result<(), ApiError> {
+        if self.functions.is_some() {
+            return Err(invalid("functions", "the legacy functions API is not supported; tool calling neither yet"));
+        }
+        if self.function_call.is_some() {
+            return Err(invalid("function_call", "the legacy functions API is not supported"));
+        }
         let tools_off = self.tool_choice.as_ref().is_some_and(|c| c == "none");
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tools_off {
             return Err(invalid("tools", "tool calling is not supported; send tool_choice: \"none\" or no tools"));
@@ -247,6 +289,9 @@ impl CompletionRequest {
         }
         if self.logprobs.is_some() {
             return Err(invalid("logprobs", "logprobs are supported on /v1/chat/completions only"));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(invalid("suffix", "suffix (insertion) is not supported"));
         }
         match self.prompt.take() {
             None => Err(invalid("prompt", "prompt is required")),

@@ -40,7 +40,14 @@ async fn start(
     let signal = async move {
         let _ = stopped.await;
     };
-    let task = tokio::spawn(server::serve(listener, app, engine.clone(), signal, Duration::from_secs(5)));
+    let task = tokio::spawn(server::serve(
+        listener,
+        app,
+        engine.clone(),
+        signal,
+        Duration::from_secs(5),
+        server::conn::Limits::default(),
+    ));
     (base, engine, stop, task)
 }
 

@@ -53,10 +53,36 @@ impl EngineCore {
         self.running.len() + self.loading.len()
     }
 
+    /// The waiting request to consider next: the highest priority; within
+    /// it, the one whose tenant has the fewest admitted requests per unit
+    /// of weight (fair shares of the running slots), then the oldest.
+    fn next_waiting(&self) -> Option<(std::cmp::Reverse<i32>, u64)> {
+        let first = *self.waiting.keys().next()?;
+        let mut load: std::collections::HashMap<&crate::request::TenantId, usize> = std::collections::HashMap::new();
+        for a in self.running.iter().chain(&self.loading) {
+            *load.entry(&a.req.req.tenant).or_default() += 1;
+        }
+        let share = |a: &Active| {
+            let t = &a.req.req.tenant;
+            let w = self.config.tenant_weights.get(t).copied().unwrap_or(1).max(1) as usize;
+            // Compared as fractions load/weight without dividing.
+            (load.get(t).copied().unwrap_or(0), w)
+        };
+        self.waiting
+            .range(first..)
+            .take_while(|(k, _)| k.0 == first.0)
+            .min_by(|(ka, a), (kb, b)| {
+                let ((la, wa), (lb, wb)) = (share(a), share(b));
+                (la * wb).cmp(&(lb * wa)).then(ka.1.cmp(&kb.1))
+            })
+            .map(|(k, _)| *k)
+    }
+
     pub(super) fn admit(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize) {
         let mut skipped = Vec::new();
         while *budget > 0 && self.admitted_count() < self.config.max_running {
-            let Some((key, mut a)) = self.waiting.pop_first() else { break };
+            let Some(key) = self.next_waiting() else { break };
+            let Some(mut a) = self.waiting.remove(&key) else { break };
             let busy =
                 a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| ag.busy).is_some_and(|r| r != a.id);
             if a.waits_for.is_some_and(|p| !self.tiers.pending.is_live(p)) {
@@ -68,11 +94,15 @@ impl EngineCore {
             }
             match self.try_admit(a, *budget, plan) {
                 Admission::Admitted(a, n) => {
+                    a.events.admitted();
                     *budget -= n;
                     self.running.push(a);
                     plan.push((self.running.len() - 1, n));
                 }
-                Admission::Loading(a) => self.loading.push(a),
+                Admission::Loading(a) => {
+                    a.events.admitted();
+                    self.loading.push(a);
+                }
                 Admission::Blocked(mut a, producer) => {
                     a.waits_for = Some(producer);
                     skipped.push((key, a));

@@ -100,18 +100,36 @@ impl EngineCore {
                 Error::Storage(e)
             }));
         };
+        // Its turns still queued or running finish as plain requests: none
+        // may bring a deleted agent back when it ends.
+        for a in self.waiting.values_mut().chain(&mut self.running).chain(&mut self.loading) {
+            if a.agent.as_ref() == Some(key) {
+                a.agent = None;
+            }
+        }
         self.forget_agent_then(key, Some(Box::new(done)));
     }
 
-    /// Blocks held by `tenant`'s pinned agents (a block two of them share
-    /// counts twice: a bound, cheap to keep exact enough).
-    fn pinned_blocks(&self, tenant: &TenantId, except: Option<&AgentKey>) -> usize {
+    /// Pinned agents: `tenant`'s, or every tenant's with `None`; never
+    /// `except`.
+    fn pinned<'a>(&'a self, tenant: Option<&'a TenantId>, except: Option<&'a AgentKey>) -> Vec<&'a AgentKey> {
         self.agents
-            .keys_of(tenant)
-            .iter()
-            .filter(|k| Some(*k) != except && self.agents.get(k).is_some_and(|ag| ag.retention == Retention::Pinned))
-            .map(|k| self.agent_blocks(k))
-            .sum()
+            .keys()
+            .filter(|k| tenant.is_none_or(|t| &k.0 == t) && Some(*k) != except)
+            .filter(|k| self.agents.get(k).is_some_and(|ag| ag.retention == Retention::Pinned))
+            .collect()
+    }
+
+    /// Blocks held by pinned agents (see [`Self::pinned`]; a block two of
+    /// them share counts twice: a bound, cheap to keep exact enough).
+    fn pinned_blocks(&self, tenant: Option<&TenantId>, except: Option<&AgentKey>) -> usize {
+        self.pinned(tenant, except).into_iter().map(|k| self.agent_blocks(k)).sum()
+    }
+
+    /// Records on disk pinned agents need (a record two of them share
+    /// counts twice: a bound).
+    fn pinned_records(&self, tenant: Option<&TenantId>, except: Option<&AgentKey>) -> usize {
+        self.pinned(tenant, except).into_iter().filter_map(|k| self.agents.get(k)).map(|ag| ag.chain.len()).sum()
     }
 
     fn agent_blocks(&self, key: &AgentKey) -> usize {
@@ -122,36 +140,47 @@ impl EngineCore {
             .map_or(0, |t| t.blocks().len())
     }
 
-    /// Records on disk `tenant`'s pinned agents need (a record two of them
-    /// share counts twice: a bound).
-    fn pinned_records(&self, tenant: &TenantId, except: Option<&AgentKey>) -> usize {
-        self.agents
-            .keys_of(tenant)
-            .iter()
-            .filter(|k| Some(*k) != except)
-            .filter_map(|k| self.agents.get(k))
-            .filter(|ag| ag.retention == Retention::Pinned)
-            .map(|ag| ag.chain.len())
-            .sum()
-    }
-
-    /// Records one tenant's pinned agents may hold on disk.
-    fn disk_pin_limit(&self) -> Option<usize> {
+    /// Records `share` of the disk budget holds.
+    fn disk_pin_limit(&self, share: f64) -> Option<usize> {
         let disk = self.tiers.disk.as_ref()?;
-        let stats = disk.stats();
-        Some((stats.budget as f64 * self.config.max_pinned_share / disk.record_len().max(1) as f64) as usize)
+        Some((disk.stats().budget as f64 * share / disk.record_len().max(1) as f64) as usize)
     }
 
-    fn pin_limit(&self) -> usize {
-        (self.cache.spec().num_blocks() as f64 * self.config.max_pinned_share) as usize
+    /// Blocks `share` of the pool holds.
+    fn pin_limit(&self, share: f64) -> usize {
+        (self.cache.spec().num_blocks() as f64 * share) as usize
     }
 
-    /// After a turn of `key`: if it is pinned and its tenant's pinned
-    /// agents now hold more than their share, it becomes evictable.
+    /// Whether pinning `key` (or keeping it pinned) stays within its
+    /// tenant's share and the total share, of the pool and of the disk;
+    /// the first limit passed otherwise.
+    fn pin_room(&self, key: &AgentKey) -> Result<()> {
+        let (me, records) = (self.agent_blocks(key), self.agents.get(key).map_or(0, |a| a.chain.len()));
+        let c = &self.config;
+        for (tenant, share) in [(Some(&key.0), c.max_pinned_share), (None, c.max_pinned_share_total)] {
+            let (limit, wanted) = (self.pin_limit(share), self.pinned_blocks(tenant, Some(key)) + me);
+            if wanted > limit {
+                return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
+            }
+            // A pinned agent's records never leave the disk: they count
+            // against the same share of the disk budget.
+            if let Some(limit) = self.disk_pin_limit(share) {
+                let wanted = self.pinned_records(tenant, Some(key)) + records;
+                if wanted > limit {
+                    return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a turn of `key`: if it is pinned and pinned agents now hold
+    /// more than their share (its tenant's, or all together), it becomes
+    /// evictable.
     pub(super) fn unpin_past_share(&mut self, key: &AgentKey) {
         let pinned = self.agents.get(key).is_some_and(|ag| ag.retention == Retention::Pinned);
-        if pinned && self.pinned_blocks(&key.0, None) > self.pin_limit() {
-            tracing::warn!(tenant = %key.0, agent = %key.1, "pinned agents past their share of the pool; unpinned");
+        if pinned && self.pin_room(key).is_err() {
+            tracing::warn!(tenant = %key.0, agent = %key.1, "pinned agents past their share; unpinned");
             if let Some(ag) = self.agents.get_mut(key) {
                 ag.retention = Retention::Evictable;
             }
@@ -163,19 +192,7 @@ impl EngineCore {
             return Err(Error::UnknownAgent(key.1.to_string()));
         }
         if update.retention == Some(Retention::Pinned) {
-            let wanted = self.pinned_blocks(&key.0, Some(key)) + self.agent_blocks(key);
-            let limit = self.pin_limit();
-            if wanted > limit {
-                return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
-            }
-            // A pinned agent's records never leave the disk: they count
-            // against the same share of the disk budget.
-            if let Some(limit) = self.disk_pin_limit() {
-                let wanted = self.pinned_records(&key.0, Some(key)) + self.agents.get(key).map_or(0, |a| a.chain.len());
-                if wanted > limit {
-                    return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
-                }
-            }
+            self.pin_room(key)?;
         }
         let ag = self.agents.get_mut(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))?;
         if let Some(r) = update.retention {

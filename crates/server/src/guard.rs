@@ -1,0 +1,116 @@
+//! What a web page must not be able to do to a server on the same machine,
+//! and the extractors that make every refusal an OpenAI-style error.
+//!
+//! * **JSON bodies must say so.** A browser sends `Content-Type: text/plain`
+//!   cross-origin without a CORS preflight; requiring `application/json`
+//!   (415 otherwise) means a page cannot post to the API unasked.
+//! * **Host names.** Without API keys, only requests addressed to a loopback
+//!   name (`localhost`, `127.x.x.x`, `[::1]`), the `--host` address or a name
+//!   given with `--allowed-host` are served (403 otherwise): DNS rebinding
+//!   lets a page reach `127.0.0.1` under its own name (the class of Ollama's
+//!   CVE-2024-28224), and it cannot forge the `Host` header. With keys, the
+//!   keys guard the API and any name is served. A request without `Host`
+//!   (not a browser) passes.
+//! * **CORS** is off unless `--cors-origin` names origins.
+//! * Path parameters that do not decode (`/v1/agents/%FF`) are a 400 in
+//!   the OpenAI error shape, like everything else.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// A JSON body: `application/json` (415 otherwise), within the body limit
+/// (413) and the body timeout (408), well-formed for `T` (400).
+pub(crate) struct JsonBody<T>(pub(crate) T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request<Body>, state: &AppState) -> Result<Self, ApiError> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .is_some_and(|v| v == "application/json" || (v.starts_with("application/") && v.ends_with("+json")));
+        if !json {
+            return Err(ApiError::unsupported_media_type());
+        }
+        let body = match tokio::time::timeout(state.body_timeout, Bytes::from_request(req, state)).await {
+            Ok(body) => body,
+            Err(_) => return Err(ApiError::body_timeout()),
+        };
+        crate::parse_json(body, state.max_body_bytes).map(Self)
+    }
+}
+
+/// An agent id from the path, decoded (400 if it does not decode).
+pub(crate) struct AgentPath(pub(crate) String);
+
+impl FromRequestParts<AppState> for AgentPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(_) => Err(ApiError::invalid("agent_id", "the agent id in the path does not decode (UTF-8)")),
+        }
+    }
+}
+
+/// The host part of a `Host` header value, lowercase, without its port.
+fn host_name(value: &str) -> String {
+    let v = value.trim().to_ascii_lowercase();
+    if let Some(rest) = v.strip_prefix('[') {
+        // [v6]:port
+        return format!("[{}]", rest.split(']').next().unwrap_or(""));
+    }
+    v.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(v.clone(), |(h, _)| h.into())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host == "[::1]"
+        || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Middleware: the `Host` rule of the module doc.
+pub(crate) async fn check_host(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
+    if state.keys.is_empty() {
+        if let Some(value) = req.headers().get(header::HOST) {
+            let host = value.to_str().map(host_name).unwrap_or_default();
+            if !(is_loopback(&host) || state.allowed_hosts.contains(&host)) {
+                return axum::response::IntoResponse::into_response(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "this server answers only to loopback host names, its --host and --allowed-host names",
+                ));
+            }
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_lose_their_port_and_case() {
+        assert_eq!(host_name("LocalHost:8080"), "localhost");
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+        assert_eq!(host_name("example.com"), "example.com");
+        assert!(is_loopback("127.0.0.1") && is_loopback("127.8.9.1") && is_loopback("[::1]"));
+        assert!(is_loopback("app.localhost"));
+        assert!(!is_loopback("127.0.0.1.evil.com") && !is_loopback("localhost.evil.com"));
+    }
+}
