@@ -135,6 +135,13 @@ impl ModelConfig {
                 tensor: "token_embd.weight".into(),
                 problem: "missing".into(),
             })?;
+        if u32::try_from(vocab).is_err() {
+            return Err(Error::Tensor {
+                path: file.path().to_path_buf(),
+                tensor: "token_embd.weight".into(),
+                problem: format!("a vocabulary of {vocab} rows is more than 32-bit token ids can name"),
+            });
+        }
         let context = if file.has(&key("context_length")) { positive("context_length")? } else { 4096 };
         let rms_eps = if file.has(&key("attention.layer_norm_rms_epsilon")) {
             file.float(&key("attention.layer_norm_rms_epsilon"))? as f32

