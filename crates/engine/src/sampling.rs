@@ -8,6 +8,10 @@
 //! those of the penalised logits at temperature 1 (what the model, after
 //! penalties, believes), so they do not depend on the sampling knobs.
 //!
+//! A grammar mask (constrained decoding, once it exists) must be applied
+//! after the bias, as `-inf`: a `logit_bias` never re-enables a token the
+//! grammar forbids.
+//!
 //! Cost: O(vocab) per token, plus a sort of the candidates only when a
 //! filter needs an order (top-k, top-p or logprobs alternatives).
 
