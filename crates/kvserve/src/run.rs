@@ -55,7 +55,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         request_timeout: 3600,
         max_agents_per_tenant: 1,
         max_pinned_share: 0.0,
-        queue_limit_per_tenant: 1,
+        queue_limit_per_tenant: Some(1),
         max_pinned_share_total: 0.0,
         tenant_weights: Vec::new(),
         // One turn, no agent: nothing to keep below the pool (and no lock

@@ -130,12 +130,21 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         max_connections: args.max_connections.max(1),
     };
     let grace = seconds("--shutdown-grace", args.shutdown_grace.max(1))?;
+    for origin in &args.cors_origins {
+        server::check_cors_origin(origin).map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
+    }
     let mut allowed_hosts: Vec<String> = args.allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
     allowed_hosts.push(match args.host {
         IpAddr::V6(ip) => format!("[{ip}]"),
         IpAddr::V4(ip) => ip.to_string(),
     });
-    let started = start_engine(&args.engine, None)?;
+    let mut engine_args = args.engine.clone();
+    let tenants: std::collections::HashSet<_> = api_keys.values().collect();
+    if engine_args.queue_limit_per_tenant.is_none() && tenants.len() > 1 {
+        // Several tenants: none may fill the whole queue.
+        engine_args.queue_limit_per_tenant = Some((engine_args.queue_limit / 4).max(1));
+    }
+    let started = start_engine(&engine_args, None)?;
     tracing::info!("loaded {}", started.summary);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -40,9 +40,11 @@ pub(crate) struct EngineArgs {
     /// Requests waiting before new ones are refused as overloaded.
     #[arg(long, env = "KVSERVE_QUEUE_LIMIT", default_value_t = 256)]
     pub(crate) queue_limit: usize,
-    /// Requests one tenant may have waiting.
-    #[arg(long, env = "KVSERVE_QUEUE_LIMIT_PER_TENANT", default_value_t = 64)]
-    pub(crate) queue_limit_per_tenant: usize,
+    /// Requests one tenant may have waiting. Default: all of
+    /// `--queue-limit` with one tenant, a quarter of it when API keys name
+    /// several.
+    #[arg(long, env = "KVSERVE_QUEUE_LIMIT_PER_TENANT")]
+    pub(crate) queue_limit_per_tenant: Option<usize>,
     /// Seconds a request may take, queueing included.
     #[arg(long, env = "KVSERVE_REQUEST_TIMEOUT", default_value_t = 600)]
     pub(crate) request_timeout: u64,
@@ -248,7 +250,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         default_timeout: Some(Duration::from_secs(args.request_timeout)),
         max_agents_per_tenant: args.max_agents_per_tenant,
         max_pinned_share: args.max_pinned_share,
-        max_waiting_per_tenant: args.queue_limit_per_tenant,
+        max_waiting_per_tenant: args.queue_limit_per_tenant.unwrap_or(args.queue_limit),
         max_pinned_share_total: args.max_pinned_share_total,
         tenant_weights: parse_weights(&args.tenant_weights)?,
         tiers: args.tiers.config()?,

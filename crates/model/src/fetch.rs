@@ -149,7 +149,11 @@ fn verified(model: &Path, sha: &str) -> Result<bool> {
     }
     let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if hash == sha {
-        record_verified(model, sha)?;
+        // A read-only cache (a model baked into an image) cannot keep the
+        // marker: the file is right, so serve it and hash again next time.
+        if let Err(e) = record_verified(model, sha) {
+            tracing::warn!(error = %e, "the model is verified but the marker could not be written");
+        }
         return Ok(true);
     }
     tracing::warn!(path = %model.display(), %hash, "the cached model is not the expected file; fetching it again");

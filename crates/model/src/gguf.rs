@@ -95,7 +95,14 @@ impl GgufFile {
             Some(key) => Error::Metadata { path: path.clone(), key, problem },
             None => Error::Corrupt { path: path.clone(), detail: problem },
         })?;
-        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| classify(&path, e.to_string()))?;
+        // The pre-scan covers what is known to panic in candle's parser; a
+        // panic nobody knows of yet is still a typed error, not a crash.
+        let parsed = std::panic::catch_unwind(|| Content::read(&mut Cursor::new(&mmap[..])));
+        let content = match parsed {
+            Ok(Ok(content)) => content,
+            Ok(Err(e)) => return Err(classify(&path, e.to_string())),
+            Err(_) => return Err(Error::Corrupt { path, detail: "the GGUF header made the parser panic".into() }),
+        };
         let file = Self { path, mmap, content };
         file.validate_tensors()?;
         Ok(file)
@@ -266,12 +273,14 @@ const MAX_ELEMENTS: u64 = 1 << 40;
 const MAX_ALIGNMENT: u64 = 1 << 16;
 
 /// Walks a GGUF header's metadata without allocating, for what candle's
-/// parser would panic on (see the module doc). Structural damage it meets
-/// (truncation, unknown value types) is left to candle's parser, which
-/// reports it properly; only the alignment is judged here.
+/// parser would panic on (see the module doc). It reads the structure as
+/// candle does (keys lose trailing NULs, a repeated key's last value wins,
+/// values nest at most 64 deep) and judges every `general.alignment` it
+/// meets. It is at least as lenient as candle: where it cannot parse, candle
+/// fails too (with a proper error) before it uses the alignment.
 ///
 /// # Errors
-/// `(Some(key), problem)` for a bad field, `(None, problem)` otherwise.
+/// `(Some(key), problem)` for a bad field.
 fn prescan(bytes: &[u8]) -> std::result::Result<(), (Option<String>, String)> {
     let mut r = Scan { bytes, at: 4 };
     let Some(version) = r.u32() else { return Ok(()) };
@@ -282,32 +291,32 @@ fn prescan(bytes: &[u8]) -> std::result::Result<(), (Option<String>, String)> {
     };
     let len = |r: &mut Scan<'_>| if wide { r.u64() } else { r.u32().map(u64::from) };
     let (Some(_tensors), Some(kvs)) = (len(&mut r), len(&mut r)) else { return Ok(()) };
+    let bad = |problem: String| Err((Some("general.alignment".to_owned()), problem));
     for _ in 0..kvs {
         let Some(key_len) = len(&mut r) else { return Ok(()) };
-        let Some(key) = r.take(key_len) else { return Ok(()) };
-        let Some(ty) = r.u32() else { return Ok(()) };
-        if key == b"general.alignment" {
-            let value = match ty {
-                0 => r.take(1).map(|b| u64::from(b[0])),
-                1 => r.take(1).map(|b| i64::from(b[0] as i8)).map(|v| v as u64),
-                2 => r.take(2).map(|b| u64::from(u16::from_le_bytes([b[0], b[1]]))),
-                3 => r.take(2).map(|b| i64::from(i16::from_le_bytes([b[0], b[1]]))).map(|v| v as u64),
-                4 => r.u32().map(u64::from),
-                5 => r.u32().map(|v| i64::from(v as i32)).map(|v| v as u64),
-                _ => {
-                    let problem = "must be an integer of at most 32 bits".to_owned();
-                    return Err((Some("general.alignment".into()), problem));
-                }
-            };
-            let Some(a) = value else { return Ok(()) };
-            if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
-                let problem = format!("{} must be a power of two from 1 to {MAX_ALIGNMENT}", a as i64);
-                return Err((Some("general.alignment".into()), problem));
-            }
-            return Ok(());
+        let Some(mut key) = r.take(key_len) else { return Ok(()) };
+        while let [rest @ .., 0] = key {
+            key = rest;
         }
-        if r.skip_value(ty, wide, 0).is_none() {
-            return Ok(());
+        let Some(ty) = r.u32() else { return Ok(()) };
+        if key != b"general.alignment" {
+            if r.skip_value(ty, wide, 0).is_none() {
+                return Ok(());
+            }
+            continue;
+        }
+        let value = match ty {
+            0 => r.take(1).map(|b| i64::from(b[0])),
+            1 => r.take(1).map(|b| i64::from(b[0] as i8)),
+            2 => r.take(2).map(|b| i64::from(u16::from_le_bytes([b[0], b[1]]))),
+            3 => r.take(2).map(|b| i64::from(i16::from_le_bytes([b[0], b[1]]))),
+            4 => r.u32().map(i64::from),
+            5 => r.u32().map(|v| i64::from(v as i32)),
+            _ => return bad("must be an integer of at most 32 bits".to_owned()),
+        };
+        let Some(a) = value else { return Ok(()) };
+        if a <= 0 || !a.unsigned_abs().is_power_of_two() || a.unsigned_abs() > MAX_ALIGNMENT {
+            return bad(format!("{a} must be a power of two from 1 to {MAX_ALIGNMENT}"));
         }
     }
     Ok(())
@@ -338,6 +347,10 @@ impl<'a> Scan<'a> {
 
     /// Skips one value of type `ty` (GGUF's numbering).
     fn skip_value(&mut self, ty: u32, wide: bool, depth: u32) -> Option<()> {
+        // candle's limit: a value deeper than 64 is an error.
+        if depth > 64 {
+            return None;
+        }
         let len = |r: &mut Self| if wide { r.u64() } else { r.u32().map(u64::from) };
         match ty {
             0 | 1 | 7 => self.take(1).map(drop),
@@ -348,7 +361,7 @@ impl<'a> Scan<'a> {
                 let n = len(self)?;
                 self.take(n).map(drop)
             }
-            9 if depth < 64 => {
+            9 => {
                 let inner = self.u32()?;
                 let n = len(self)?;
                 let fixed = match inner {

@@ -106,6 +106,11 @@ pub fn encode_chat(
     let nonce = nonce();
     let escaped: Vec<Message> =
         messages.iter().map(|m| Message { content: escaper.escape(&m.content, nonce), ..m.clone() }).collect();
+    // The escape survives what templates do to content (trim, concatenate,
+    // case changes of the surrounding markup). A template that rewrote the
+    // content itself (`replace`, `lower`) could in principle reassemble
+    // markup from escaped pieces; no known template does, and the sentinels
+    // are private-use characters a `replace` would have to name.
     let rendered = template.render(&escaped, true)?;
     let tag = format!("{OPEN}{nonce}:");
     let mut ids = Vec::new();

@@ -46,6 +46,28 @@ fn general_alignment_zero_is_a_typed_error_not_a_division_panic() {
     }
 }
 
+/// Ways past a pre-scan that reads the header differently from candle:
+/// a repeated key (candle keeps the last), a key with a trailing NUL
+/// (candle strips it), an alignment after values nested 64 deep.
+#[test]
+fn an_alignment_of_zero_hidden_from_the_prescan_is_still_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nested = Value::Array(Vec::new());
+    for _ in 0..64 {
+        nested = Value::Array(vec![nested]);
+    }
+    let cases = [
+        vec![("general.alignment".to_owned(), Value::U32(32)), ("general.alignment".to_owned(), Value::U32(0))],
+        vec![("general.alignment\0".to_owned(), Value::U32(0))],
+        vec![("deep".to_owned(), nested), ("general.alignment".to_owned(), Value::U32(0))],
+    ];
+    for extra in cases {
+        let spec = TinySpec { extra_metadata: extra, ..TinySpec::default() };
+        let err = GgufFile::open(tiny(dir.path(), &spec)).unwrap_err();
+        assert!(matches!(err, Error::Metadata { .. } | Error::Corrupt { .. }), "{err}");
+    }
+}
+
 #[test]
 fn tensor_dims_whose_product_wraps_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 //!
 //! | stage | limit (default, flag) | then |
 //! |---|---|---|
-//! | a request's headers, from their first byte | 10 s, `--header-timeout` | closed |
+//! | a request's headers, from their first byte (on a new connection, from the accept) | 10 s, `--header-timeout` | closed |
 //! | a request's body | 60 s, `--body-timeout` | 408 |
 //! | idle between requests on a kept-alive connection | 75 s, `--idle-timeout` | closed |
 //! | a response the client stops reading (SSE) | 30 s of blocked writes, `--write-timeout` | closed: the request is cancelled and its blocks freed |
@@ -32,7 +32,7 @@ use axum::body::Body;
 use axum::http::Request;
 use axum::Router;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -88,7 +88,9 @@ struct Watch(Mutex<State>);
 
 impl Watch {
     fn new() -> Arc<Self> {
-        Arc::new(Self(Mutex::new(State { stage: Stage::Idle(Instant::now()), blocked: None })))
+        // A new connection owes its first request's headers: one that
+        // connects and stays silent gets the header limit, not the idle one.
+        Arc::new(Self(Mutex::new(State { stage: Stage::Head(Instant::now()), blocked: None })))
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -260,7 +262,23 @@ pub async fn serve_with_limits(
                 };
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+                        // The 503, a FIN, then what the client sent is read
+                        // and dropped: closing with unread data would reset
+                        // the connection and could lose the answer.
+                        let refuse = async {
+                            stream.write_all(BUSY).await?;
+                            stream.shutdown().await?;
+                            let mut sink = [0u8; 4096];
+                            let mut drained = 0;
+                            while drained < 1 << 16 {
+                                match stream.read(&mut sink).await? {
+                                    0 => break,
+                                    n => drained += n,
+                                }
+                            }
+                            Ok::<_, std::io::Error>(())
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(1), refuse).await;
                     });
                     continue;
                 };
@@ -356,6 +374,10 @@ mod tests {
             ..Limits::default()
         };
         let w = Watch::new();
+        // A new connection that sends nothing owes its headers.
+        assert_eq!(w.expired(&limits, Instant::now() + Duration::from_secs(2)), Some("headers too slow"));
+        w.request_started();
+        w.response_done();
         let t0 = Instant::now();
         assert_eq!(w.expired(&limits, t0 + Duration::from_secs(3)), None, "idle for 3 s of 5");
         w.bytes_read();

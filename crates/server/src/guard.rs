@@ -11,14 +11,20 @@
 //!   CVE-2024-28224), and it cannot forge the `Host` header. With keys, the
 //!   keys guard the API and any name is served. A request without `Host`
 //!   (not a browser) passes.
-//! * **CORS** is off unless `--cors-origin` names origins.
+//! * **CORS** is off unless `--cors-origin` names origins (`*`: any).
+//! * **Origins.** A request that changes something (any method but GET,
+//!   HEAD, OPTIONS) and carries an `Origin` not named by `--cors-origin` is
+//!   refused (403): browsers send `Origin` on cross-origin requests, and a
+//!   body-less POST (`/v1/agents/{id}/pin`) needs no preflight, so neither
+//!   the JSON rule nor CORS would stop a page from sending it. Clients that
+//!   are not browsers send no `Origin`.
 //! * Path parameters that do not decode (`/v1/agents/%FF`) are a 400 in
 //!   the OpenAI error shape, like everything else.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::de::DeserializeOwned;
@@ -83,8 +89,22 @@ fn is_loopback(host: &str) -> bool {
         || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Middleware: the `Host` rule of the module doc.
+/// Middleware: the `Host` and `Origin` rules of the module doc.
 pub(crate) async fn check_host(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe {
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let allowed = state.cors_any
+                || origin.to_str().is_ok_and(|o| state.cors_origins.iter().any(|c| c.eq_ignore_ascii_case(o)));
+            if !allowed {
+                return axum::response::IntoResponse::into_response(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "requests from web pages need their origin named with --cors-origin",
+                ));
+            }
+        }
+    }
     if state.keys.is_empty() {
         if let Some(value) = req.headers().get(header::HOST) {
             let host = value.to_str().map(host_name).unwrap_or_default();

@@ -109,6 +109,9 @@ pub(crate) struct AppState {
     pub(crate) prep: Arc<tokio::sync::Semaphore>,
     pub(crate) allowed_hosts: Arc<Vec<String>>,
     pub(crate) metrics_key: Option<Arc<str>>,
+    /// Origins allowed by `--cors-origin`, and whether `*` was given.
+    pub(crate) cors_origins: Arc<Vec<String>>,
+    pub(crate) cors_any: bool,
     /// Longest a request body may take to arrive (408 beyond).
     pub(crate) body_timeout: Duration,
 }
@@ -160,6 +163,8 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         )),
         allowed_hosts: Arc::new(config.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
         metrics_key: config.metrics_key.as_deref().map(Arc::from),
+        cors_origins: Arc::new(config.cors_origins.clone()),
+        cors_any: config.cors_origins.iter().any(|o| o == "*"),
         body_timeout: config.limits.body_timeout,
     };
     let router = Router::new()
@@ -183,16 +188,45 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
     router.with_state(state)
 }
 
+/// Whether `origin` can be given to `--cors-origin`: `*`, or
+/// `scheme://host[:port]` as browsers send it.
+///
+/// # Errors
+/// Why not, for the operator.
+pub fn check_cors_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+            && axum::http::HeaderValue::from_str(origin).is_ok()
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{origin:?} is not an origin: give `*` or scheme://host[:port], e.g. https://app.example.com"))
+    }
+}
+
 /// CORS for the configured origins; `None` (no CORS at all) without any.
+/// Origins are checked at start-up ([`check_cors_origin`]); any that still
+/// does not make a header value is left out.
 fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use axum::http::{HeaderName, HeaderValue, Method};
-    let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    use tower_http::cors::AllowOrigin;
     if origins.is_empty() {
         return None;
     }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
     Some(
         tower_http::cors::CorsLayer::new()
-            .allow_origin(origins)
+            .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::PATCH])
             .allow_headers([
                 header::AUTHORIZATION,
@@ -233,7 +267,7 @@ async fn metrics_text(State(state): State<AppState>, headers: axum::http::Header
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         let ok = match (&state.metrics_key, given) {
-            (Some(k), Some(g)) => **k == *g,
+            (Some(k), Some(g)) => constant_time_eq(k.as_bytes(), g.as_bytes()),
             (None, Some(g)) => state.keys.contains_key(g),
             (_, None) => false,
         };
@@ -245,10 +279,17 @@ async fn metrics_text(State(state): State<AppState>, headers: axum::http::Header
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
+/// Compares secrets without stopping at the first difference (the length
+/// is not secret).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Serves `app` on `listener` until `signal` resolves, with `limits` on
 /// every connection (`conn.rs`); then stops accepting, gives in-flight
 /// requests `grace` to finish (the engine cancels the rest), and returns
-/// once every connection has closed, within the grace whatever clients do.
+/// once every connection has closed (within the grace whatever clients do)
+/// and the engine has stopped, its tiers' queued writes done.
 ///
 /// If the engine stops on its own (its thread died), serving stops the same
 /// way and this returns an error: a process must not stay up answering 503s
@@ -282,17 +323,30 @@ pub async fn serve(
             }
         }
     };
+    let (engine_done, engine_stopped) = tokio::sync::oneshot::channel::<()>();
     let stop_engine = move || {
         tokio::spawn(async move {
             let _ = engine.shutdown(grace).await;
+            let _ = engine_done.send(());
         });
     };
     conn::serve_with_limits(listener, app, limits, stop, grace, stop_engine).await?;
+    // The engine's shutdown returns once its tiers have written what was
+    // queued (agents' last turns made durable): returning earlier would let
+    // the process exit under those writes. Clients cannot prolong this; a
+    // stuck disk is bounded.
+    if tokio::time::timeout(grace + ENGINE_FLUSH_BOUND, engine_stopped).await.is_err() {
+        tracing::warn!("the engine did not finish stopping in time; exiting without it");
+    }
     if died.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(std::io::Error::other("the engine stopped unexpectedly"));
     }
     Ok(())
 }
+
+/// How long past the grace `serve` waits for the engine to stop (its
+/// tiers finishing their queued writes).
+const ENGINE_FLUSH_BOUND: Duration = Duration::from_secs(30);
 
 /// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
 pub async fn shutdown_signal() {

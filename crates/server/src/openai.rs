@@ -156,7 +156,9 @@ impl Common {
                 }
                 map.into_iter()
                     .map(|(k, v)| {
-                        let id = k.trim().parse::<u32>().map_err(|_| {
+                        // Canonical decimal only: "5", "05" and "+5" must
+                        // not be three entries adding up for one token.
+                        let id = k.parse::<u32>().ok().filter(|id| id.to_string() == k).ok_or_else(|| {
                             invalid(
                                 "logit_bias",
                                 format!("{:?} is not a token id", k.chars().take(32).collect::<String>()),

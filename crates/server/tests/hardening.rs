@@ -149,6 +149,52 @@ async fn no_cors_headers_unless_origins_are_named() {
     assert_eq!(r.headers.get("access-control-allow-origin").unwrap(), "https://app.example");
     let r = raw(&app, "GET", "/v1/models", "", &[("origin", "https://evil.example")]).await;
     assert!(r.headers.get("access-control-allow-origin").is_none());
+
+    // `*` is any origin (tower-http panics on `*` in a list).
+    let app =
+        app_with(EngineConfig::default(), ServerConfig { cors_origins: vec!["*".into()], ..ServerConfig::default() });
+    let r = raw(&app, "GET", "/v1/models", "", &[("origin", "https://any.example")]).await;
+    assert_eq!(r.headers.get("access-control-allow-origin").unwrap(), "*");
+}
+
+/// A body-less cross-site POST needs no preflight and no content type: the
+/// `Origin` a browser sends is what gives it away.
+#[tokio::test]
+async fn a_web_page_cannot_pin_or_unpin_agents_with_a_simple_post() {
+    let app = app();
+    let first = chat(&app, &chat_body("hi", json!({"agent_id": "mine"})), &[]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let evil = [("origin", "https://evil.example")];
+    for path in ["/v1/agents/mine/pin", "/v1/agents/mine/unpin"] {
+        let r = raw(&app, "POST", path, "", &evil).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.body);
+    }
+    let r = raw(&app, "DELETE", "/v1/agents/mine", "", &evil).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // Reading is not changing: a GET with an Origin is answered (CORS keeps
+    // the page from reading it).
+    assert_eq!(raw(&app, "GET", "/v1/models", "", &evil).await.status, StatusCode::OK);
+    // Clients that are not browsers send no Origin.
+    assert_eq!(raw(&app, "POST", "/v1/agents/mine/pin", "", &[]).await.status, StatusCode::OK);
+
+    let app = app_with(
+        EngineConfig::default(),
+        ServerConfig { cors_origins: vec!["https://app.example".into()], ..ServerConfig::default() },
+    );
+    let r = chat(&app, &chat_body("hi", json!({})), &[("origin", "https://app.example")]).await;
+    assert_eq!(r.status, StatusCode::OK, "a named origin may: {}", r.body);
+    let r = chat(&app, &chat_body("hi", json!({})), &[("origin", "https://other.example")]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[test]
+fn cors_origins_are_checked_at_start_up() {
+    for ok in ["*", "https://app.example.com", "http://localhost:3000"] {
+        assert!(server::check_cors_origin(ok).is_ok(), "{ok}");
+    }
+    for bad in ["app.example.com", "https://app.example.com/", "ftp://x", "https://", "https://a b"] {
+        assert!(server::check_cors_origin(bad).is_err(), "{bad}");
+    }
 }
 
 #[tokio::test]
@@ -247,6 +293,7 @@ async fn logit_bias_and_stop_token_ids_are_bounded_and_name_themselves() {
         (json!({"logit_bias": {"113": 101}}), "logit_bias"),
         (json!({"logit_bias": {"not-a-number": 1}}), "logit_bias"),
         (json!({"logit_bias": {"999999": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"5": 100, "05": 100, "+5": 100}}), "logit_bias"),
         (
             json!({"logit_bias": (0..301).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()}),
             "logit_bias",
@@ -315,4 +362,7 @@ async fn a_prompt_longer_than_the_context_by_bytes_alone_is_refused_before_token
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", &r.body[..r.body.len().min(300)]);
     assert_eq!(r.error()["code"], "context_length_exceeded");
+    // The byte cut-off's own message (tokenizing first would report a
+    // token count instead).
+    assert!(r.error()["message"].as_str().unwrap().contains("bytes"), "{}", r.body);
 }

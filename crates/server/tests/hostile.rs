@@ -91,13 +91,28 @@ async fn wait_idle(engine: &EngineHandle, within: Duration) {
     }
 }
 
+/// Header limit short, idle limit long: only the header timer can close.
+fn header_only() -> Limits {
+    Limits { idle_timeout: Duration::from_secs(600), ..short() }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_a_request_line_does_not_hold_a_connection_forever() {
-    let srv = start(short(), 64, Duration::from_secs(1)).await;
+    let srv = start(header_only(), 64, Duration::from_secs(1)).await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     s.write_all(b"POST /v1/chat/compl").await.unwrap();
     let closed = read_to_close(&mut s, Duration::from_secs(10)).await;
     assert!(closed.is_some(), "the connection stayed open past the header timeout");
+}
+
+/// 512 bare connects that never send a byte must not lock everyone out
+/// for the idle limit: a silent new connection owes its headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_new_connection_gets_the_header_limit_not_the_idle_one() {
+    let srv = start(header_only(), 64, Duration::from_secs(1)).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let closed = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed.is_some(), "a silent connection stayed open past the header timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,7 +100,7 @@ impl EngineCore {
                     plan.push((self.running.len() - 1, n));
                 }
                 Admission::Loading(a) => {
-                    a.events.admitted();
+                    // Admitted (the stream's headers go out) once loaded.
                     self.loading.push(a);
                 }
                 Admission::Blocked(mut a, producer) => {

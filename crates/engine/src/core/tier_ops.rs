@@ -360,6 +360,7 @@ impl EngineCore {
         }
         self.tiers.costs.loaded(load.keys.len(), took);
         self.count_admission(&mut a, upto);
+        a.events.admitted();
         self.running.push(a);
     }
 
