@@ -153,9 +153,13 @@ struct Active {
     deadline: Option<(Instant, Duration)>,
     last_token: Option<Instant>,
     ticket: Option<QueueTicket>,
-    /// Blocks it waits for are on their way into the pool (a load, for
-    /// now): admission skips it while this producer lives.
-    waits_for: Option<ProducerId>,
+    /// The next block it needs is on its way into the pool (a load, or
+    /// another request computing it): admission skips it while that block
+    /// is pending from that producer (`tiering.rs`).
+    waits_for: Option<(ProducerId, kv::BlockHash)>,
+    /// While running: the producer under which it registered the prompt
+    /// blocks it computes, so requests sharing its prefix wait for them.
+    producing: Option<ProducerId>,
     /// Prompt tokens its latest admission found, by tier (counted when it
     /// is admitted, once).
     tier_hits: TierHits,
@@ -274,6 +278,7 @@ impl EngineCore {
             last_token: None,
             ticket: Some(s.ticket),
             waits_for: None,
+            producing: None,
             tier_hits: TierHits::default(),
             req: s.req,
         };
@@ -389,6 +394,7 @@ impl EngineCore {
         match crate::txn::run_step(self.model.as_mut(), &mut self.cache, &refs, &mut stash) {
             Ok(logits) => {
                 self.tiers.costs.prefilled(prefill, started.elapsed());
+                self.published(&plan);
                 self.after_step(&plan, logits);
             }
             Err(model::Error::Kv(e @ (kv::Error::QuotaExceeded { .. } | kv::Error::Exhausted { .. }))) => {
@@ -500,8 +506,29 @@ impl EngineCore {
         a
     }
 
+    /// After a step: the blocks the planned requests computed are in the
+    /// pool, so those who wait for them may go.
+    fn published(&mut self, plan: &[(usize, usize)]) {
+        let bs = self.cache.spec().block_size();
+        for &(i, _) in plan {
+            let a = &self.running[i];
+            if let (Some(p), Some(len)) = (a.producing, a.seq.and_then(|s| self.cache.seq_len(s).ok())) {
+                self.tiers.pending.published_below(p, len / bs);
+            }
+        }
+    }
+
+    /// Its pending blocks are no longer coming from it: waiters compute or
+    /// adopt them themselves.
+    fn stop_producing(&mut self, a: &mut Active) {
+        if let Some(p) = a.producing.take() {
+            self.tiers.pending.resolve(p);
+        }
+    }
+
     fn preempt(&mut self, victim: usize, plan: &mut Vec<(usize, usize)>) {
         let mut a = self.take_running(victim, plan);
+        self.stop_producing(&mut a);
         if let Some(seq) = a.seq.take() {
             let _ = self.cache.remove(seq);
         }
@@ -586,8 +613,9 @@ impl EngineCore {
     }
 
     /// The one exit: report, then give the sequence to the agent or free it.
-    fn end(&mut self, a: Active, how: End) {
+    fn end(&mut self, mut a: Active, how: End) {
         self.abandon_load(a.id);
+        self.stop_producing(&mut a);
         let agent = a.agent.as_ref().and_then(|k| self.agents.get_mut(k)).filter(|ag| ag.busy == Some(a.id));
         let keep = matches!(how, End::Finished(FinishReason::Stop | FinishReason::Length, _));
         match (agent, a.seq) {

@@ -6,14 +6,19 @@
 //! # Pending blocks: one wait for blocks that are on their way
 //!
 //! A request whose prefix continues into blocks that are *on their way into
-//! the pool* waits for them instead of computing them again. Today the way
-//! in is a load from the disk tier; the same wait serves blocks another
-//! running request is computing (in-flight prefix sharing). A *producer*
-//! (identified by a [`ProducerId`]) registers the addresses it will publish;
-//! a request that meets one of them at admission records the producer and is
-//! skipped by admission while the producer lives; when the producer ends
-//! (published, failed or cancelled) the request is admitted as usual and
-//! adopts whatever was published from the pool.
+//! the pool* waits for them instead of computing them again. Two ways in:
+//! a load from the disk tier, and another running request computing them
+//! (in-flight prefix sharing: requests that arrive together with a shared,
+//! uncached system prompt compute it once). A *producer* (identified by a
+//! [`ProducerId`]) registers the addresses it will publish, by block index;
+//! a request that meets one of them at admission waits for that one address
+//! and is skipped by admission until it is no longer pending: published
+//! (a computing request's step passed it), or its producer ended (a load
+//! done, a request finished, failed, cancelled or preempted). It is then
+//! admitted as usual and adopts whatever the pool has, which may make it wait
+//! again for the producer's next block. A waiter is therefore never held
+//! longer than the producer takes to compute what the waiter would have
+//! computed itself, and never past the producer's end.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -67,18 +72,41 @@ pub(crate) type ProducerId = u64;
 #[derive(Debug, Default)]
 pub(crate) struct PendingBlocks {
     by_hash: HashMap<BlockHash, ProducerId>,
-    by_producer: HashMap<ProducerId, Vec<BlockHash>>,
+    /// Each producer's pending addresses with their block index.
+    by_producer: HashMap<ProducerId, Vec<(usize, BlockHash)>>,
 }
 
 impl PendingBlocks {
-    /// `producer` will publish `hashes` (those already claimed by another
-    /// producer stay with it).
-    pub(crate) fn register(&mut self, producer: ProducerId, hashes: &[BlockHash]) {
-        let mine: Vec<BlockHash> = hashes.iter().copied().filter(|h| !self.by_hash.contains_key(h)).collect();
-        for h in &mine {
-            self.by_hash.insert(*h, producer);
+    /// `producer` will publish `hashes`, the blocks from index `first` on
+    /// (those already claimed by another producer stay with it).
+    pub(crate) fn register(&mut self, producer: ProducerId, first: usize, hashes: &[BlockHash]) {
+        let mut mine = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            if !self.by_hash.contains_key(h) {
+                self.by_hash.insert(*h, producer);
+                mine.push((first + i, *h));
+            }
         }
         self.by_producer.entry(producer).or_default().extend(mine);
+    }
+
+    /// `producer` has computed (and published) its blocks below index
+    /// `blocks`: they are no longer pending.
+    pub(crate) fn published_below(&mut self, producer: ProducerId, blocks: usize) {
+        let Some(list) = self.by_producer.get_mut(&producer) else { return };
+        let by_hash = &mut self.by_hash;
+        list.retain(|&(i, h)| {
+            let done = i < blocks;
+            if done {
+                by_hash.remove(&h);
+            }
+            !done
+        });
+    }
+
+    /// Whether a request waiting for `hash` from `producer` must still wait.
+    pub(crate) fn still_pending(&self, producer: ProducerId, hash: &BlockHash) -> bool {
+        self.by_hash.get(hash) == Some(&producer)
     }
 
     /// Who is producing `hash`, if anyone.
@@ -86,15 +114,12 @@ impl PendingBlocks {
         self.by_hash.get(hash).copied()
     }
 
-    /// Whether `producer` is still at work.
-    pub(crate) fn is_live(&self, producer: ProducerId) -> bool {
-        self.by_producer.contains_key(&producer)
-    }
-
     /// `producer` is done (whatever it published is in the pool now).
     pub(crate) fn resolve(&mut self, producer: ProducerId) {
-        for h in self.by_producer.remove(&producer).unwrap_or_default() {
-            self.by_hash.remove(&h);
+        for (_, h) in self.by_producer.remove(&producer).unwrap_or_default() {
+            if self.by_hash.get(&h) == Some(&producer) {
+                self.by_hash.remove(&h);
+            }
         }
     }
 }

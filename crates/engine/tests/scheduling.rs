@@ -291,3 +291,37 @@ fn bad_requests_are_typed_errors_before_queueing() {
     assert!(matches!(engine.generate(r), Err(Error::InvalidRequest { field: "prompt", .. })));
     assert_eq!(engine.stats().waiting, 0);
 }
+
+/// In-flight prefix sharing: four requests that arrive together with the
+/// same uncached 256-token prefix compute it once. Without it the second
+/// one computes the prefix too, in the same step as the first (the budget
+/// has room for both), and the output is the same either way.
+#[test]
+fn requests_arriving_together_compute_a_shared_prefix_once() {
+    let shared = "s".repeat(256);
+    let prompts: Vec<String> = (0..4).map(|i| format!("{shared}tail {i}!")).collect();
+    let (alone, _) = fake_engine(16, 256, config());
+    let expected: Vec<String> =
+        prompts.iter().map(|p| collect_blocking(alone.generate(greedy(p, 6)).unwrap()).text).collect();
+
+    let (engine, control) = fake_engine(16, 256, config());
+    // Hold the engine in a step so the four arrive in the same admission.
+    control.step_delay_ms.store(150, Ordering::SeqCst);
+    let warm = engine.generate(greedy("warm", 2)).unwrap();
+    wait_for(&engine, "the first step running", |s| s.running == 1);
+    let streams: Vec<_> = prompts.iter().map(|p| engine.generate(greedy(p, 6)).unwrap()).collect();
+    control.step_delay_ms.store(0, Ordering::SeqCst);
+    collect_blocking(warm);
+    let outs: Vec<_> = streams.into_iter().map(collect_blocking).collect();
+    for (o, want) in outs.iter().zip(&expected) {
+        assert_eq!(o.error, None);
+        assert_eq!(&o.text, want, "adopting the shared blocks gives the same answer");
+    }
+    let prefilled: usize = control.batches.lock().unwrap().iter().flatten().filter(|&&n| n > 1).sum();
+    // The prefix once (256), each prompt's tail and the block it starts
+    // (at most 16 + 7 each), and "warm".
+    assert!(prefilled <= 256 + 4 * 23 + 4, "the shared prefix was computed more than once: {prefilled} tokens");
+    let cached: u64 = outs.iter().map(|o| o.usage.cached_tokens as u64).sum();
+    assert!(cached >= 3 * 256, "three of four adopted the prefix: {cached}");
+    assert_pool_full(&engine);
+}

@@ -37,7 +37,7 @@ pub(super) enum Admission {
     /// they are in.
     Loading(Active),
     /// It waits for blocks a producer is bringing into the pool.
-    Blocked(Active, ProducerId),
+    Blocked(Active, (ProducerId, kv::BlockHash)),
     /// The pool cannot take its first chunk next to the step's other work.
     Short { request: Active, needed: usize, available: usize },
     /// Its tenant's quota cannot take its first chunk next to the tenant's
@@ -85,7 +85,7 @@ impl EngineCore {
             let Some(mut a) = self.waiting.remove(&key) else { break };
             let busy =
                 a.agent.as_ref().and_then(|k| self.agents.get(k)).and_then(|ag| ag.busy).is_some_and(|r| r != a.id);
-            if a.waits_for.is_some_and(|p| !self.tiers.pending.is_live(p)) {
+            if a.waits_for.is_some_and(|(p, h)| !self.tiers.pending.still_pending(p, &h)) {
                 a.waits_for = None;
             }
             if busy || a.waits_for.is_some() {
@@ -103,8 +103,8 @@ impl EngineCore {
                     // Admitted (the stream's headers go out) once loaded.
                     self.loading.push(a);
                 }
-                Admission::Blocked(mut a, producer) => {
-                    a.waits_for = Some(producer);
+                Admission::Blocked(mut a, waits_for) => {
+                    a.waits_for = Some(waits_for);
                     skipped.push((key, a));
                 }
                 Admission::Short { request, needed, available } => {
@@ -156,9 +156,9 @@ impl EngineCore {
         if self.config.prefix_cache && self.tiers.enabled() {
             match self.extend_from_tiers(&mut a, seq, &hashes, plan) {
                 TierReuse::Extended(n) => reused += n,
-                TierReuse::Blocked(producer) => {
+                TierReuse::Blocked(waits_for) => {
                     let _ = self.cache.remove(seq);
-                    return Admission::Blocked(a, producer);
+                    return Admission::Blocked(a, waits_for);
                 }
                 TierReuse::Loading => {
                     a.seq = Some(seq);
@@ -167,6 +167,18 @@ impl EngineCore {
                         self.agents.entry(key.clone()).busy = Some(a.id);
                     }
                     return Admission::Loading(a);
+                }
+            }
+        }
+        // In-flight prefix sharing: the next block is being computed by a
+        // running request (or loaded): wait for it rather than compute it
+        // twice.
+        let bs = self.cache.spec().block_size();
+        if self.config.prefix_cache && reused % bs == 0 {
+            if let Some(&h) = hashes.hashes().get(reused / bs) {
+                if let Some(p) = self.tiers.pending.producer_of(&h) {
+                    let _ = self.cache.remove(seq);
+                    return Admission::Blocked(a, (p, h));
                 }
             }
         }
@@ -186,6 +198,15 @@ impl EngineCore {
         a.seq = Some(seq);
         a.admission = self.next_counter();
         self.count_admission(&mut a, reused);
+        // What it will compute of its prompt, others may wait for.
+        if self.config.prefix_cache {
+            let first = reused / bs;
+            if let Some(rest) = hashes.hashes().get(first..).filter(|r| !r.is_empty()) {
+                let id = self.tiers.next_producer();
+                self.tiers.pending.register(id, first, rest);
+                a.producing = Some(id);
+            }
+        }
         if let Some(key) = &a.agent {
             self.agents.entry(key.clone()).busy = Some(a.id);
         }

@@ -47,7 +47,7 @@ pub(crate) enum TierReuse {
     /// This many more tokens are in its sequence now (from RAM).
     Extended(usize),
     /// Its next block is on its way into the pool: wait for that producer.
-    Blocked(ProducerId),
+    Blocked((ProducerId, kv::BlockHash)),
     /// Blocks are being loaded into its sequence from disk.
     Loading,
 }
@@ -151,8 +151,10 @@ impl EngineCore {
         }
         let promoted = self.promote_from_ram(a, seq, ns, hashes, len / bs, room);
         let next = len / bs + promoted;
-        if let Some(p) = hashes.hashes().get(next).and_then(|h| self.tiers.pending.producer_of(h)) {
-            return TierReuse::Blocked(p);
+        if let Some(&h) = hashes.hashes().get(next) {
+            if let Some(p) = self.tiers.pending.producer_of(&h) {
+                return TierReuse::Blocked((p, h));
+            }
         }
         if self.start_load(a, seq, ns, hashes, next, room - promoted) {
             return TierReuse::Loading;
@@ -280,7 +282,7 @@ impl EngineCore {
             .enumerate()
             .map(|(index, k)| LoadTask { load: id, index, group: GROUP, expected: k.clone() })
             .collect();
-        self.tiers.pending.register(id, &hs[start..start + n]);
+        self.tiers.pending.register(id, start, &hs[start..start + n]);
         let now = Instant::now();
         let deadline = now + budget;
         let load = Load {
