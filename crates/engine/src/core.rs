@@ -55,6 +55,7 @@ use model::{Model, TextCodec};
 use crate::agents::{AgentKey, Agents};
 use crate::engine::EventSender;
 use crate::error::{Error, Result};
+use crate::grammar::{Accepted, Constraint};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
 use crate::sampling::Sampler;
@@ -147,6 +148,8 @@ struct Active {
     /// to its place).
     arrival: u64,
     sampler: Sampler,
+    /// The request's grammar (`grammar.rs`), if its output is constrained.
+    constraint: Option<Constraint>,
     text: TextStream,
     events: EventSender,
     started: Instant,
@@ -237,7 +240,7 @@ impl EngineCore {
         Namespace::new(self.model.fingerprint(), tenant.as_str().as_bytes())
     }
 
-    pub(crate) fn submit(&mut self, s: Submission) {
+    pub(crate) fn submit(&mut self, mut s: Submission) {
         let tenant = s.req.req.tenant.clone();
         let owner = match OwnerId::new(tenant.as_str()) {
             Ok(o) => o,
@@ -271,7 +274,10 @@ impl EngineCore {
             admission: 0,
             arrival: self.next_counter(),
             sampler: Sampler::new(s.req.req.sampling, s.req.req.logit_bias.clone()),
-            text: TextStream::new(s.req.req.stop.clone()),
+            // Stop strings could only cut a structure short: with a grammar,
+            // the grammar decides where the output ends.
+            text: TextStream::new(if s.req.grammar.is_some() { Vec::new() } else { s.req.req.stop.clone() }),
+            constraint: s.req.grammar.take().map(Constraint::new),
             events: s.events,
             started: now,
             deadline: timeout.map(|t| (now + t, t)),
@@ -391,7 +397,28 @@ impl EngineCore {
         let started = Instant::now();
         let tiers = &mut self.tiers;
         let mut stash = |storage: &mut dyn kv::BlockStorage, evicted| tier_ops::stash(tiers, storage, evicted);
-        match crate::txn::run_step(self.model.as_mut(), &mut self.cache, &refs, &mut stash) {
+        // Constrained rows' masks depend only on the tokens generated so
+        // far: compute them all together while the forward pass runs.
+        let mut constrained: Vec<(usize, Constraint)> =
+            plan.iter().filter_map(|&(i, _)| self.running[i].constraint.take().map(|c| (i, c))).collect();
+        let (model, cache) = (self.model.as_mut(), &mut self.cache);
+        let result = std::thread::scope(|scope| {
+            let masks = (!constrained.is_empty()).then(|| {
+                scope.spawn(|| {
+                    use rayon::prelude::*;
+                    constrained.par_iter_mut().for_each(|(_, c)| c.prepare());
+                })
+            });
+            let result = crate::txn::run_step(model, cache, &refs, &mut stash);
+            if let Some(Err(_)) = masks.map(std::thread::ScopedJoinHandle::join) {
+                tracing::error!("computing grammar masks panicked");
+            }
+            result
+        });
+        for (i, c) in constrained {
+            self.running[i].constraint = Some(c);
+        }
+        match result {
             Ok(logits) => {
                 self.tiers.costs.prefilled(prefill, started.elapsed());
                 self.published(&plan);
@@ -573,7 +600,18 @@ impl EngineCore {
             if done < a.tokens.len() {
                 continue; // a prefill chunk short of the end
             }
-            let (token, logprobs) = a.sampler.sample(row, &a.req.prompt, &a.tokens[a.req.prompt.len()..]);
+            let (prompt, answer) = (&a.req.prompt, &a.tokens[a.req.prompt.len()..]);
+            let sampled = match a.constraint.as_mut() {
+                None => Ok(a.sampler.sample(row, prompt, answer)),
+                Some(c) => a.sampler.sample_masked(row, prompt, answer, |l| c.apply(l, &a.req.stop_ids)),
+            };
+            let (token, logprobs) = match sampled {
+                Ok(t) => t,
+                Err(e) => {
+                    ended.push((i, End::Failed(e)));
+                    continue;
+                }
+            };
             a.sampler.accept(token);
             a.tokens.push(token);
             a.usage.completion_tokens += 1;
@@ -583,6 +621,20 @@ impl EngineCore {
                 Some(t) => self.stats.inter_token.observe(now - t),
             }
             a.last_token = Some(now);
+            let grammar_done = match a.constraint.as_mut() {
+                Some(c) if c.is_end(token, &a.req.stop_ids) => {
+                    ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
+                    continue;
+                }
+                Some(c) => match c.accept(token) {
+                    Ok(step) => step == Accepted::Complete,
+                    Err(e) => {
+                        ended.push((i, End::Failed(e)));
+                        continue;
+                    }
+                },
+                None => false,
+            };
             if a.req.stop_ids.contains(&token) {
                 ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
                 continue;
@@ -599,6 +651,8 @@ impl EngineCore {
                 ended.push((i, End::Finished(FinishReason::Cancelled, String::new())));
             } else if stopped {
                 ended.push((i, End::Finished(FinishReason::Stop, String::new())));
+            } else if grammar_done {
+                ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
             } else if a.usage.completion_tokens >= a.req.max_tokens {
                 ended.push((i, End::Finished(FinishReason::Length, a.text.flush())));
             }

@@ -154,6 +154,7 @@ struct Shared {
     waiting: Arc<QueueCounts>,
     next_id: AtomicU64,
     codec: Arc<dyn TextCodec>,
+    grammars: crate::grammar::Grammars,
     limits: Limits,
     config: EngineConfig,
 }
@@ -253,6 +254,7 @@ pub fn start(mut model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: Engin
         stats,
         waiting: Arc::new(QueueCounts::default()),
         next_id: AtomicU64::new(1),
+        grammars: crate::grammar::Grammars::new(Arc::clone(&codec), limits.vocab_size),
         codec,
         limits,
         config,
@@ -570,6 +572,13 @@ impl EngineHandle {
         &self.shared.config
     }
 
+    /// Builds the grammar compiler (the vocabulary's token trie) now, so
+    /// the first constrained request does not pay for it. Blocking: call
+    /// it off any async runtime.
+    pub fn warm_grammars(&self) {
+        self.shared.grammars.warm();
+    }
+
     /// The model's codec (tokenizer and chat template).
     pub fn codec(&self) -> &Arc<dyn TextCodec> {
         &self.shared.codec
@@ -632,7 +641,8 @@ impl EngineHandle {
         if !req.ignore_eos {
             stop_ids.extend_from_slice(codec.stop_ids());
         }
-        Ok(ValidRequest { prompt, max_tokens, stop_ids, req })
+        let grammar = req.grammar.as_ref().map(|g| self.shared.grammars.compile(g)).transpose()?;
+        Ok(ValidRequest { prompt, max_tokens, stop_ids, grammar, req })
     }
 
     /// Queues a validated request.

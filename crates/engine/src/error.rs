@@ -115,6 +115,10 @@ pub enum Error {
     /// that step ended, their blocks were freed).
     #[error("the model failed: {0}")]
     Model(String),
+    /// A request's grammar failed while generating (its per-token budget
+    /// ran out, or it allowed no token): the request ends, nothing else.
+    #[error("constrained decoding failed: {0}")]
+    Grammar(String),
 }
 
 /// `Result` with the engine's [`Error`].

@@ -13,6 +13,7 @@
 //! | the tiers below the pool: config, loads, pending blocks, costs | `tiering.rs` |
 //! | the scheduler's use of the tiers, durable agents | `core/tier_ops.rs` |
 //! | choosing tokens | `sampling.rs` |
+//! | constrained decoding (grammars, masks) | `grammar.rs` |
 //! | streamed text and stop strings | `text.rs` |
 //! | the metrics snapshot | `metrics.rs` |
 //! | a fake model and codec for tests | `testing.rs` |
@@ -47,6 +48,7 @@ mod agents;
 mod core;
 mod engine;
 mod error;
+mod grammar;
 mod metrics;
 mod request;
 mod sampling;
@@ -58,8 +60,9 @@ pub mod txn;
 pub use agents::{AgentInfo, AgentUpdate, BlockLocations, Retention};
 pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
 pub use error::{Error, Result};
+pub use grammar::{CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};
 pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
-pub use model::Message;
+pub use model::{tools, Message};
 pub use request::{
     AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
     MAX_ID_LEN, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TIMEOUT,

@@ -214,6 +214,9 @@ pub struct Request {
     /// `logit_bias`: at most [`MAX_LOGIT_BIAS`] entries, each in
     /// `[-100, 100]`; -100 bans a token, 100 all but forces it).
     pub logit_bias: Vec<(u32, f32)>,
+    /// What the output must match (`grammar.rs`): the grammar's end is
+    /// the request's end, and stop strings do not apply.
+    pub grammar: Option<crate::Grammar>,
 }
 
 /// Most `logit_bias` entries a request may carry.
@@ -239,6 +242,7 @@ impl Request {
             priority: 0,
             timeout: None,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 
@@ -293,6 +297,7 @@ pub struct ValidRequest {
     pub(crate) prompt: Vec<u32>,
     pub(crate) max_tokens: usize,
     pub(crate) stop_ids: Vec<u32>,
+    pub(crate) grammar: Option<crate::CompiledGrammar>,
     pub(crate) req: Request,
 }
 

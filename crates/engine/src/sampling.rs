@@ -8,9 +8,10 @@
 //! those of the penalised logits at temperature 1 (what the model, after
 //! penalties, believes), so they do not depend on the sampling knobs.
 //!
-//! A grammar mask (constrained decoding, once it exists) must be applied
-//! after the bias, as `-inf`: a `logit_bias` never re-enables a token the
-//! grammar forbids.
+//! A grammar's mask (constrained decoding, `grammar.rs`) is applied after
+//! the bias and the penalties, as `-inf`: a `logit_bias` never re-enables a
+//! token the grammar forbids, and log-probabilities are those of the
+//! allowed tokens.
 //!
 //! Cost: O(vocab) per token, plus a sort of the candidates only when a
 //! filter needs an order (top-k, top-p or logprobs alternatives).
@@ -51,8 +52,30 @@ impl Sampler {
     pub(crate) fn sample(&mut self, logits: &[f32], prompt: &[u32], answer: &[u32]) -> (u32, Option<Logprobs>) {
         let mut logits = logits.to_vec();
         self.penalize(&mut logits, prompt, answer);
-        let token = if self.params.temperature <= 0.0 { argmax(&logits) } else { self.draw(&logits) };
-        let logprobs = self.params.logprobs.map(|n| logprobs_of(&logits, token, n));
+        self.choose(&logits)
+    }
+
+    /// [`Sampler::sample`] with a grammar's mask applied after the bias and
+    /// the penalties (`mask` sets forbidden logits to `-inf`).
+    ///
+    /// # Errors
+    /// Whatever `mask` returns.
+    pub(crate) fn sample_masked<E>(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        answer: &[u32],
+        mask: impl FnOnce(&mut [f32]) -> Result<(), E>,
+    ) -> Result<(u32, Option<Logprobs>), E> {
+        let mut logits = logits.to_vec();
+        self.penalize(&mut logits, prompt, answer);
+        mask(&mut logits)?;
+        Ok(self.choose(&logits))
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> (u32, Option<Logprobs>) {
+        let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.draw(logits) };
+        let logprobs = self.params.logprobs.map(|n| logprobs_of(logits, token, n));
         (token, logprobs)
     }
 

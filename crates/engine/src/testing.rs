@@ -256,4 +256,13 @@ impl TextCodec for FakeCodec {
     fn stop_ids(&self) -> &[u32] {
         &self.stop
     }
+
+    fn vocabulary(&self) -> Vec<model::VocabEntry> {
+        (0..FAKE_VOCAB)
+            .map(|i| match u8::try_from(i) {
+                Ok(b) => model::VocabEntry { bytes: vec![b], special: false },
+                Err(_) => model::VocabEntry { bytes: b"<eos>".to_vec(), special: true },
+            })
+            .collect()
+    }
 }

@@ -15,6 +15,7 @@
 //! | the forward pass | `llama.rs` |
 //! | SIMD quantized matmul kernels | `quant.rs` |
 //! | the interface the engine drives (`Model`, `TextCodec`) | `runner.rs` |
+//! | tool calling in the generic format (render, grammar, parse) | `tools.rs` |
 //! | fetching the default model | `fetch.rs` |
 //! | tiny random-weight GGUF files for tests | `tiny.rs` |
 
@@ -32,6 +33,7 @@ pub mod quant;
 pub mod runner;
 pub mod tiny;
 pub mod tokenizer;
+pub mod tools;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig};
@@ -39,5 +41,5 @@ pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv_store::PagedKvStore;
 pub use llama::{argmax_rows, LlamaModel, MatmulPath, SeqStep};
-pub use runner::{Batch, LlamaText, Model, PagedLlama, TextCodec};
+pub use runner::{Batch, LlamaText, Model, PagedLlama, TextCodec, VocabEntry};
 pub use tokenizer::Tokenizer;

@@ -95,6 +95,22 @@ pub trait TextCodec: Send + Sync {
     fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
         self.decode(&[id]).map(String::into_bytes)
     }
+    /// Every token by id: what it spells and whether it is a control token
+    /// (what a grammar engine needs to know which tokens can write which
+    /// text). Empty when the codec cannot say, which disables constrained
+    /// decoding.
+    fn vocabulary(&self) -> Vec<VocabEntry> {
+        Vec::new()
+    }
+}
+
+/// One token of the vocabulary ([`TextCodec::vocabulary`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VocabEntry {
+    /// The raw bytes it spells (for a control token, its markup).
+    pub bytes: Vec<u8>,
+    /// A control (special) token: it never stands for text a grammar matches.
+    pub special: bool,
 }
 
 /// A [`LlamaModel`] with its paged K/V arenas.
@@ -253,5 +269,14 @@ impl TextCodec for LlamaText {
         self.tokenizer
             .token_bytes(id)
             .ok_or_else(|| crate::Error::Tokenizer(format!("id {id} is outside the vocabulary")))
+    }
+
+    fn vocabulary(&self) -> Vec<VocabEntry> {
+        (0..self.tokenizer.vocab_size() as u32)
+            .map(|id| VocabEntry {
+                bytes: self.tokenizer.token_bytes(id).unwrap_or_default(),
+                special: self.tokenizer.is_special(id),
+            })
+            .collect()
     }
 }

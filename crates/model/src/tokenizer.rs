@@ -47,6 +47,8 @@ pub struct Tokenizer {
     tokens: Vec<String>,
     /// The markup of every special (control and user-defined) token.
     specials: Vec<String>,
+    /// By id: a control or user-defined token.
+    special_ids: Vec<bool>,
     /// The most bytes any one token stands for.
     max_token_bytes: usize,
     /// Beginning-of-sequence token, if the file names one.
@@ -159,7 +161,8 @@ impl Tokenizer {
                 }
             }
         }
-        let mut t = Self { inner, literal, tokens, specials, max_token_bytes: 0, bos, eos, stop_ids };
+        let special_ids = types.iter().map(|&t| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).collect();
+        let mut t = Self { inner, literal, tokens, specials, special_ids, max_token_bytes: 0, bos, eos, stop_ids };
         t.max_token_bytes =
             (0..t.tokens.len() as u32).filter_map(|i| t.token_bytes(i)).map(|b| b.len()).max().unwrap_or(1);
         Ok(t)
@@ -222,6 +225,12 @@ impl Tokenizer {
             }
         }
         Some(out)
+    }
+
+    /// Whether `id` is a control or user-defined token (its markup is not
+    /// text).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.get(id as usize).copied().unwrap_or(false)
     }
 
     /// Vocabulary size.

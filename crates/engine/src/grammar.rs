@@ -1,0 +1,461 @@
+//! Constrained decoding: a grammar decides which tokens may come next, so
+//! structured outputs parse and tool arguments match their schemas by
+//! construction, not by luck.
+//!
+//! The hard part is `llguidance` (the structured-output engine llama.cpp and
+//! others use) over a `toktrie` trie of the model's vocabulary; this file is
+//! the seam between it and the engine.
+//!
+//! # Design
+//!
+//! - **One compiler per engine** ([`Grammars`]): the token trie and
+//!   llguidance's `ParserFactory` are built once, on first use, from the
+//!   codec's [`model::TextCodec::vocabulary`] (special tokens marked, so no
+//!   grammar can spell `<|im_end|>` out of text). Building them takes a few
+//!   hundred milliseconds for a 49k vocabulary; `kvserve serve` warms it at
+//!   start.
+//! - **Compiling happens in validation** ([`crate::EngineHandle::validate`],
+//!   which the server runs off the async runtime), never on the engine
+//!   thread. A grammar that does not compile is an
+//!   [`Error::InvalidRequest`] naming the request field it came from.
+//!   Bounds: the grammar's text is at most [`MAX_GRAMMAR_BYTES`]; llguidance's
+//!   own limits bound compile work (lexer fuel, grammar size, lexer states)
+//!   and per-token work (step fuel, Earley items), so a hostile schema costs
+//!   a bounded amount and then fails with a 400.
+//! - **Compiled grammars are cached** by their canonical text (an LRU of
+//!   [`CACHE_ENTRIES`]): a request with a schema seen before clones the
+//!   compiled parser, lexer caches included, instead of compiling again.
+//! - **Per request, a [`Constraint`]**: the matcher, and the mask for the
+//!   next token. The engine computes the masks of every constrained row of a
+//!   step together, on a helper thread, while the forward pass runs
+//!   (`core.rs`): a mask depends only on the tokens already generated, which
+//!   are known before the step starts.
+//! - **Sampling** (`sampling.rs`) applies the mask after `logit_bias` and the
+//!   penalties: forbidden tokens become `-inf`, so a bias never re-enables a
+//!   token the grammar forbids.
+//! - **Ending**: when the grammar accepts, the mask allows the end-of-sequence
+//!   token, and every stop id of the request with it; the grammar's end is
+//!   the request's end (a finished grammar stops the request without
+//!   spending a step on the end token). `max_tokens` before the grammar can
+//!   end finishes with `length`: the output is incomplete and says so.
+//!   Stop strings do not apply to constrained requests: they could only cut
+//!   a structure short, and the grammar already decides where it ends.
+//! - **JSON layout**: schemas compile with fixed separators (`", "`, `": "`)
+//!   and no free whitespace unless the schema's own `x-guidance` options say
+//!   otherwise. Small models otherwise wander into runs of newlines, and a
+//!   canonical layout lets a tool call's rendered history reproduce the
+//!   tokens the model generated (so the next turn hits the cache).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory, TokenParser};
+use model::TextCodec;
+
+use crate::error::{Error, Result};
+
+/// Longest grammar text (a schema's JSON, a Lark grammar, a regex).
+pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
+/// Compiled grammars kept for reuse.
+pub(crate) const CACHE_ENTRIES: usize = 64;
+
+/// What the output must match.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GrammarSpec {
+    /// Any JSON object.
+    JsonObject,
+    /// A value valid against this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// A Lark grammar in llguidance's dialect (which can embed JSON schemas
+    /// with `%json { ... }`).
+    Lark(String),
+    /// Text matching this regular expression (whole output).
+    Regex(String),
+}
+
+/// A constraint on a request's output, and the request field it came from
+/// (errors name it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grammar {
+    /// The grammar.
+    pub spec: GrammarSpec,
+    /// The request field that asked for it (`response_format`, `tools`,
+    /// `grammar`...).
+    pub field: &'static str,
+}
+
+impl Grammar {
+    /// A grammar asked for by `field`.
+    pub fn new(spec: GrammarSpec, field: &'static str) -> Self {
+        Self { spec, field }
+    }
+
+    /// The grammar as llguidance takes it, and its canonical text (the
+    /// cache key).
+    fn to_llguidance(&self) -> Result<(TopLevelGrammar, String)> {
+        let invalid = |problem: String| Error::InvalidRequest { field: self.field, problem };
+        let (grammar, key) = match &self.spec {
+            GrammarSpec::JsonObject => {
+                let schema = with_layout(serde_json::json!({ "type": "object" }));
+                let key = format!("json:{schema}");
+                (TopLevelGrammar::from_json_schema(schema), key)
+            }
+            GrammarSpec::JsonSchema(schema) => {
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(invalid("the schema must be a JSON object".into()));
+                }
+                let schema = with_layout(schema.clone());
+                let key = format!("json:{schema}");
+                (TopLevelGrammar::from_json_schema(schema), key)
+            }
+            GrammarSpec::Lark(text) => (TopLevelGrammar::from_lark(text.clone()), format!("lark:{text}")),
+            GrammarSpec::Regex(text) => (TopLevelGrammar::from_regex(text), format!("regex:{text}")),
+        };
+        let body = key.split_once(':').map_or(key.len(), |(_, b)| b.len());
+        if body > MAX_GRAMMAR_BYTES {
+            return Err(invalid(format!("the grammar is {body} bytes; at most {MAX_GRAMMAR_BYTES}")));
+        }
+        Ok((grammar, key))
+    }
+}
+
+/// Fixed separators and no free whitespace, unless the schema sets its own
+/// `x-guidance` options.
+fn with_layout(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(
+            || serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " }),
+        );
+    }
+    schema
+}
+
+struct Compiler {
+    factory: ParserFactory,
+    eos: u32,
+}
+
+/// The engine's grammar compiler and its cache (see the module doc).
+///
+/// # Concurrency
+/// Shared by every validating thread. The factory is built once
+/// (`OnceLock`); the cache is one `Mutex` over an LRU, held only to look up
+/// or insert, never while compiling.
+pub(crate) struct Grammars {
+    codec: Arc<dyn TextCodec>,
+    vocab_size: usize,
+    compiler: OnceLock<std::result::Result<Compiler, String>>,
+    cache: Mutex<VecDeque<(String, TokenParser)>>,
+}
+
+impl std::fmt::Debug for Grammars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grammars").field("vocab_size", &self.vocab_size).finish_non_exhaustive()
+    }
+}
+
+impl Grammars {
+    pub(crate) fn new(codec: Arc<dyn TextCodec>, vocab_size: usize) -> Self {
+        Self { codec, vocab_size, compiler: OnceLock::new(), cache: Mutex::new(VecDeque::new()) }
+    }
+
+    fn compiler(&self) -> Result<&Compiler> {
+        self.compiler
+            .get_or_init(|| build_compiler(self.codec.as_ref(), self.vocab_size))
+            .as_ref()
+            .map_err(|e| Error::InvalidRequest { field: "grammar", problem: e.clone() })
+    }
+
+    /// Builds the trie and the factory now rather than on the first
+    /// constrained request.
+    pub(crate) fn warm(&self) {
+        if let Err(e) = self.compiler() {
+            tracing::warn!(error = %e, "constrained decoding is unavailable");
+        }
+    }
+
+    /// Compiles `grammar` (or clones its cached compilation).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] naming `grammar.field` when it is too large,
+    /// does not compile, or exceeds the compile limits.
+    pub(crate) fn compile(&self, grammar: &Grammar) -> Result<CompiledGrammar> {
+        let (top, key) = grammar.to_llguidance()?;
+        let compiler = self.compiler()?;
+        if let Some(parser) = self.cached(&key) {
+            return Ok(CompiledGrammar { parser, eos: compiler.eos });
+        }
+        let parser = compiler.factory.create_parser(top).map_err(|e| Error::InvalidRequest {
+            field: grammar.field,
+            problem: format!("the grammar does not compile: {}", short(&e.to_string())),
+        })?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_ENTRIES {
+                cache.pop_back();
+            }
+            cache.push_front((key, parser.deep_clone()));
+        }
+        Ok(CompiledGrammar { parser, eos: compiler.eos })
+    }
+
+    fn cached(&self, key: &str) -> Option<TokenParser> {
+        let mut cache = self.cache.lock().ok()?;
+        let at = cache.iter().position(|(k, _)| k == key)?;
+        let entry = cache.remove(at)?;
+        let parser = entry.1.deep_clone();
+        cache.push_front(entry);
+        Some(parser)
+    }
+}
+
+/// At most 300 characters of an error (llguidance's can quote the grammar).
+fn short(s: &str) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    line.chars().take(300).collect()
+}
+
+fn build_compiler(codec: &dyn TextCodec, vocab_size: usize) -> std::result::Result<Compiler, String> {
+    let started = std::time::Instant::now();
+    let vocab = codec.vocabulary();
+    if vocab.is_empty() {
+        return Err("this model's tokenizer does not expose its vocabulary; constrained decoding is unavailable".into());
+    }
+    let eos = *codec.stop_ids().first().ok_or("the model has no end-of-sequence token")?;
+    // The model's logits may be wider than the tokenizer's vocabulary
+    // (padding): those ids spell nothing, so no grammar allows them.
+    let size = vocab_size.max(vocab.len());
+    let words: Vec<Vec<u8>> = (0..size)
+        .map(|i| match vocab.get(i) {
+            Some(e) if e.special => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], &e.bytes].concat(),
+            Some(e) => e.bytes.clone(),
+            None => Vec::new(),
+        })
+        .collect();
+    let size = u32::try_from(size).map_err(|_| "the vocabulary is too large")?;
+    let mut info = TokRxInfo::new(size, eos);
+    info.tok_end_of_turn = codec.stop_ids().get(1).copied();
+    let env: llguidance::toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
+    let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+    factory.quiet();
+    *factory.limits_mut() = ParserLimits {
+        // Compile work: a few hundred milliseconds at most.
+        initial_lexer_fuel: 2_000_000,
+        max_grammar_size: 200_000,
+        max_lexer_states: 100_000,
+        // Errors must not echo the client's grammar or its output back.
+        verbose_errors: false,
+        ..ParserLimits::default()
+    };
+    tracing::info!(vocab = size, ms = started.elapsed().as_millis() as u64, "grammar compiler ready");
+    Ok(Compiler { factory, eos })
+}
+
+/// A compiled grammar, ready to constrain one request.
+pub struct CompiledGrammar {
+    parser: TokenParser,
+    eos: u32,
+}
+
+impl Clone for CompiledGrammar {
+    fn clone(&self) -> Self {
+        Self { parser: self.parser.deep_clone(), eos: self.eos }
+    }
+}
+
+impl std::fmt::Debug for CompiledGrammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledGrammar").finish_non_exhaustive()
+    }
+}
+
+/// What accepting a token did to the grammar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// More tokens may follow.
+    Continue,
+    /// The grammar is complete: the request ends here.
+    Complete,
+}
+
+/// One request's grammar state (see the module doc).
+pub(crate) struct Constraint {
+    matcher: Matcher,
+    eos: u32,
+    /// The mask for the next token, once computed.
+    mask: Option<SimpleVob>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").field("has_mask", &self.mask.is_some()).finish_non_exhaustive()
+    }
+}
+
+fn runtime(e: impl std::fmt::Display) -> Error {
+    Error::Grammar(short(&e.to_string()))
+}
+
+impl Constraint {
+    pub(crate) fn new(compiled: CompiledGrammar) -> Self {
+        Self { matcher: Matcher::new(Ok(compiled.parser)), eos: compiled.eos, mask: None }
+    }
+
+    /// Computes the next token's mask if it is not known yet. Cheap to call
+    /// twice.
+    pub(crate) fn prepare(&mut self) {
+        if self.mask.is_none() {
+            self.mask = self.matcher.compute_mask_or_eos().ok();
+        }
+    }
+
+    /// Sets every token the grammar forbids to `-inf`; the request's stop
+    /// ids are allowed exactly when the grammar may end.
+    ///
+    /// # Errors
+    /// [`Error::Grammar`] if the mask cannot be computed (the grammar ran
+    /// out of its per-token budget) or allows nothing.
+    pub(crate) fn apply(&mut self, logits: &mut [f32], stop_ids: &[u32]) -> Result<()> {
+        self.prepare();
+        let Some(mask) = &self.mask else {
+            return Err(runtime(self.matcher.get_error().unwrap_or_else(|| "the grammar failed".into())));
+        };
+        let can_end = mask.is_allowed(self.eos);
+        let mut any = false;
+        for (i, l) in logits.iter_mut().enumerate() {
+            let id = i as u32;
+            let allowed = if stop_ids.contains(&id) || id == self.eos { can_end } else { mask.is_allowed(id) };
+            if allowed {
+                any = true;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if any {
+            Ok(())
+        } else {
+            Err(Error::Grammar("the grammar allows no token here".into()))
+        }
+    }
+
+    /// Whether `token` ends the request as the grammar's end.
+    pub(crate) fn is_end(&self, token: u32, stop_ids: &[u32]) -> bool {
+        token == self.eos || stop_ids.contains(&token)
+    }
+
+    /// Advances past `token` (not an end token).
+    ///
+    /// # Errors
+    /// [`Error::Grammar`] if the grammar rejects it (the mask made sure it
+    /// would not).
+    pub(crate) fn accept(&mut self, token: u32) -> Result<Accepted> {
+        self.mask = None;
+        self.matcher.consume_token(token).map_err(runtime)?;
+        if self.matcher.is_stopped() {
+            return Ok(Accepted::Complete);
+        }
+        Ok(Accepted::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FakeCodec, FAKE_EOS, FAKE_VOCAB};
+
+    fn grammars() -> Grammars {
+        Grammars::new(Arc::new(FakeCodec::new()), FAKE_VOCAB)
+    }
+
+    fn constraint(spec: GrammarSpec) -> Constraint {
+        Constraint::new(grammars().compile(&Grammar::new(spec, "response_format")).expect("compiles"))
+    }
+
+    /// Tokens (bytes) the mask allows at this point.
+    fn allowed(c: &mut Constraint) -> Vec<u32> {
+        let mut logits = vec![0.0; FAKE_VOCAB];
+        c.apply(&mut logits, &[FAKE_EOS]).expect("mask");
+        (0..FAKE_VOCAB as u32).filter(|&i| logits[i as usize].is_finite()).collect()
+    }
+
+    fn feed(c: &mut Constraint, text: &str) -> Accepted {
+        let mut last = Accepted::Continue;
+        for b in text.bytes() {
+            assert!(allowed(c).contains(&u32::from(b)), "{:?} not allowed", b as char);
+            last = c.accept(u32::from(b)).expect("accepted");
+        }
+        last
+    }
+
+    #[test]
+    fn a_regex_allows_only_what_can_still_match_and_ends_when_complete() {
+        let mut c = constraint(GrammarSpec::Regex("(yes|no)".into()));
+        assert_eq!(allowed(&mut c), vec![u32::from(b'n'), u32::from(b'y')]);
+        feed(&mut c, "ye");
+        assert_eq!(allowed(&mut c), vec![u32::from(b's')]);
+        assert_eq!(c.accept(u32::from(b's')).expect("s"), Accepted::Complete);
+    }
+
+    #[test]
+    fn the_end_token_is_allowed_only_where_the_grammar_may_end() {
+        let mut c = constraint(GrammarSpec::Regex("[0-9]+".into()));
+        assert!(!allowed(&mut c).contains(&FAKE_EOS), "empty is not a number");
+        feed(&mut c, "42");
+        let now = allowed(&mut c);
+        assert!(now.contains(&FAKE_EOS) && now.contains(&u32::from(b'7')));
+        assert!(c.is_end(FAKE_EOS, &[FAKE_EOS]));
+    }
+
+    #[test]
+    fn a_schema_forces_its_layout_and_types() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": { "n": { "type": "integer" } },
+            "required": ["n"],
+            "additionalProperties": false
+        });
+        let mut c = constraint(GrammarSpec::JsonSchema(schema));
+        assert_eq!(allowed(&mut c), vec![u32::from(b'{')]);
+        feed(&mut c, "{\"n\": ");
+        let digits = allowed(&mut c);
+        assert!(digits.contains(&u32::from(b'7')) && !digits.contains(&u32::from(b'"')));
+        assert_eq!(feed(&mut c, "12}"), Accepted::Complete);
+    }
+
+    #[test]
+    fn special_tokens_never_spell_grammar_text() {
+        // Byte 0xFF is no token's text here; the end token is special.
+        let mut c = constraint(GrammarSpec::Regex("[^\"]*".into()));
+        let now = allowed(&mut c);
+        assert!(now.contains(&u32::from(b'a')) && now.contains(&FAKE_EOS));
+        assert!(!now.contains(&u32::from(b'"')));
+    }
+
+    #[test]
+    fn bad_grammars_are_invalid_requests_naming_their_field() {
+        let g = grammars();
+        for spec in [
+            GrammarSpec::Regex("(".into()),
+            GrammarSpec::Lark("start: nothing_defined".into()),
+            GrammarSpec::JsonSchema(serde_json::json!({ "type": "no-such-type" })),
+            GrammarSpec::JsonSchema(serde_json::json!([1, 2])),
+            GrammarSpec::Regex("a".repeat(MAX_GRAMMAR_BYTES + 1)),
+        ] {
+            match g.compile(&Grammar::new(spec.clone(), "tools")) {
+                Err(Error::InvalidRequest { field: "tools", .. }) => {}
+                other => panic!("{:.80}: {other:?}", format!("{spec:?}")),
+            }
+        }
+    }
+
+    #[test]
+    fn a_cached_grammar_starts_fresh_for_each_request() {
+        let g = grammars();
+        let spec = Grammar::new(GrammarSpec::Regex("ab".into()), "grammar");
+        let mut first = Constraint::new(g.compile(&spec).expect("compiles"));
+        feed(&mut first, "a");
+        let mut second = Constraint::new(g.compile(&spec).expect("cached"));
+        assert_eq!(allowed(&mut second), vec![u32::from(b'a')]);
+    }
+}

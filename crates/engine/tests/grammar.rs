@@ -1,0 +1,150 @@
+//! Constrained decoding through the engine over the fake model: outputs
+//! match their grammars, constrained and free requests share batches, the
+//! grammar's end is the request's end, and `max_tokens` cuts short with
+//! `length`.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{assert_pool_full, collect_blocking, fake_engine, greedy};
+use engine::{EngineConfig, Error, FinishReason, Grammar, GrammarSpec, Request, SamplingParams};
+
+fn config() -> EngineConfig {
+    EngineConfig { default_timeout: Some(Duration::from_secs(30)), ..EngineConfig::default() }
+}
+
+fn constrained(prompt: &str, spec: GrammarSpec, max_tokens: usize) -> Request {
+    let mut r = greedy(prompt, max_tokens);
+    r.grammar = Some(Grammar::new(spec, "response_format"));
+    r
+}
+
+fn schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": { "id": { "type": "integer" }, "tag": { "type": "string", "maxLength": 6 } },
+        "required": ["id", "tag"],
+        "additionalProperties": false
+    })
+}
+
+#[test]
+fn constrained_and_free_requests_share_steps_and_each_gets_what_it_asked_for() {
+    let (engine, control) = fake_engine(16, 256, config());
+    control.step_delay_ms.store(2, Ordering::SeqCst);
+    let mut streams = Vec::new();
+    for i in 0..12 {
+        let prompt = format!("request {i}");
+        let req = match i % 3 {
+            0 => constrained(&prompt, GrammarSpec::Regex("[0-9]{3}-[a-z]{2}".into()), 40),
+            1 => constrained(&prompt, GrammarSpec::JsonSchema(schema()), 60),
+            _ => greedy(&prompt, 10),
+        };
+        streams.push((i, engine.generate(req).unwrap()));
+    }
+    for (i, s) in streams {
+        let o = collect_blocking(s);
+        match i % 3 {
+            0 => {
+                assert_eq!(o.reason, Some(FinishReason::Stop), "{o:?}");
+                let b = o.text.as_bytes();
+                assert!(b.len() == 6 && b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-', "{o:?}");
+                assert_eq!(o.usage.completion_tokens, 6, "the grammar's end ends the request at once");
+            }
+            1 => {
+                let v: serde_json::Value = serde_json::from_str(&o.text).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+                assert!(v["id"].is_number() && v["tag"].as_str().is_some_and(|t| t.len() <= 6), "{v}");
+                assert!(o.text.starts_with("{\"id\": "), "fixed layout: {}", o.text);
+            }
+            _ => {
+                assert_eq!(o.reason, Some(FinishReason::Length));
+                assert_eq!(o.usage.completion_tokens, 10);
+            }
+        }
+    }
+    let widest = control.batches.lock().unwrap().iter().map(Vec::len).max().unwrap();
+    assert!(widest >= 6, "constrained rows batched with the others (widest {widest})");
+    assert_pool_full(&engine);
+}
+
+#[test]
+fn max_tokens_before_the_grammar_can_end_finishes_with_length() {
+    let (engine, _) = fake_engine(16, 64, config());
+    let o = collect_blocking(engine.generate(constrained("x", GrammarSpec::JsonSchema(schema()), 4)).unwrap());
+    assert_eq!(o.reason, Some(FinishReason::Length), "{o:?}");
+    assert_eq!(o.usage.completion_tokens, 4);
+    assert!(serde_json::from_str::<serde_json::Value>(&o.text).is_err(), "incomplete, and reported so");
+}
+
+#[test]
+fn stop_strings_do_not_cut_a_structure_short_and_sampling_stays_inside_the_grammar() {
+    let (engine, _) = fake_engine(16, 64, config());
+    let mut r = constrained("y", GrammarSpec::Regex("(abc|abd)!".into()), 20);
+    r.stop = vec!["b".into()];
+    r.sampling = SamplingParams { temperature: 1.5, seed: Some(3), ..SamplingParams::default() };
+    r.logit_bias = vec![(u32::from(b'z'), 100.0)];
+    let o = collect_blocking(engine.generate(r).unwrap());
+    assert!(o.text == "abc!" || o.text == "abd!", "{o:?}");
+    assert_eq!(o.reason, Some(FinishReason::Stop));
+}
+
+#[test]
+fn a_grammar_that_does_not_compile_is_refused_before_queueing() {
+    let (engine, _) = fake_engine(16, 64, config());
+    let mut r = greedy("x", 4);
+    r.grammar = Some(Grammar::new(GrammarSpec::Lark("start: undefined_rule".into()), "tools"));
+    match engine.generate(r) {
+        Err(Error::InvalidRequest { field: "tools", .. }) => {}
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(engine.stats().waiting, 0);
+}
+
+fn weather() -> engine::tools::ToolSpec {
+    engine::tools::ToolSpec {
+        name: "get_weather".into(),
+        description: None,
+        parameters: serde_json::json!({
+            "type": "object",
+            "properties": { "city": { "type": "string", "maxLength": 8 } },
+            "required": ["city"],
+            "additionalProperties": false
+        }),
+    }
+}
+
+fn tool_grammar(choice: engine::tools::ToolChoice) -> GrammarSpec {
+    let layout = serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " });
+    let answer = serde_json::json!({ "type": "string", "maxLength": 5 });
+    GrammarSpec::Lark(engine::tools::grammar(&[weather()], &choice, false, Some(&answer), &layout).expect("grammar"))
+}
+
+#[test]
+fn auto_tool_choice_keeps_both_a_call_and_an_answer_open_until_the_model_picks() {
+    use engine::tools::{parse_reply, Reply, ToolChoice};
+    let (engine, _) = fake_engine(16, 256, config());
+    // Force each branch with a bias on its first distinguishing byte: both
+    // must be reachable under the mask.
+    for (first, want_call) in [(b't', true), (b'r', false)] {
+        let mut r = constrained("call?", tool_grammar(ToolChoice::Auto), 80);
+        r.logit_bias = vec![(u32::from(first), 100.0)];
+        let o = collect_blocking(engine.generate(r).unwrap());
+        assert_eq!(o.reason, Some(FinishReason::Stop), "{o:?}");
+        match parse_reply(&o.text) {
+            Some(Reply::Calls(calls)) if want_call => {
+                assert_eq!(calls[0].name, "get_weather");
+                let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).expect("arguments parse");
+                assert!(args["city"].is_string(), "{args}");
+            }
+            Some(Reply::Answer(_)) if !want_call => {}
+            other => panic!("{other:?} from {:?}", o.text),
+        }
+    }
+    // `required` forbids the answer even when the bias pushes for it.
+    let mut r = constrained("call!", tool_grammar(ToolChoice::Required), 80);
+    r.logit_bias = vec![(u32::from(b'r'), 100.0)];
+    let o = collect_blocking(engine.generate(r).unwrap());
+    assert!(matches!(parse_reply(&o.text), Some(Reply::Calls(_))), "{o:?}");
+}
