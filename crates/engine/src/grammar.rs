@@ -121,13 +121,16 @@ impl Grammar {
     }
 }
 
-/// Fixed separators and no free whitespace, unless the schema sets its own
-/// `x-guidance` options.
+/// The JSON layout every schema compiles with unless it sets its own
+/// `x-guidance` options: fixed separators, no free whitespace (see the
+/// module doc). Tool grammars embed it in each schema they splice in.
+pub fn json_layout() -> serde_json::Value {
+    serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " })
+}
+
 fn with_layout(mut schema: serde_json::Value) -> serde_json::Value {
     if let Some(obj) = schema.as_object_mut() {
-        obj.entry("x-guidance").or_insert_with(
-            || serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " }),
-        );
+        obj.entry("x-guidance").or_insert_with(json_layout);
     }
     schema
 }

@@ -60,7 +60,7 @@ pub mod txn;
 pub use agents::{AgentInfo, AgentUpdate, BlockLocations, Retention};
 pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
 pub use error::{Error, Result};
-pub use grammar::{CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};
+pub use grammar::{json_layout, CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};
 pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
 pub use model::{tools, Message};
 pub use request::{

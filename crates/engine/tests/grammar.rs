@@ -116,7 +116,7 @@ fn weather() -> engine::tools::ToolSpec {
 }
 
 fn tool_grammar(choice: engine::tools::ToolChoice) -> GrammarSpec {
-    let layout = serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " });
+    let layout = engine::json_layout();
     let answer = serde_json::json!({ "type": "string", "maxLength": 5 });
     GrammarSpec::Lark(engine::tools::grammar(&[weather()], &choice, false, Some(&answer), &layout).expect("grammar"))
 }

@@ -47,6 +47,9 @@ struct Meta {
     model: String,
     include_usage: bool,
     logprobs: Option<usize>,
+    /// The reply is in the generic tool format: read back into
+    /// `tool_calls` (`structured.rs`), streamed once complete.
+    tool_reply: bool,
 }
 
 fn header_agent(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -70,7 +73,7 @@ pub(crate) async fn chat(
     headers: HeaderMap,
     JsonBody(mut req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let prompt = req.prompt()?;
+    let plan = req.plan()?;
     if req.top_logprobs.is_some_and(|n| n > 20) {
         return Err(ApiError::invalid("top_logprobs", "must be at most 20"));
     }
@@ -78,7 +81,15 @@ pub(crate) async fn chat(
         return Err(ApiError::invalid("top_logprobs", "needs logprobs: true"));
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
-    respond(&state, Kind::Chat, req.common, prompt, tenant, &headers, logprobs).await
+    let shape = Shape { grammar: plan.grammar, tool_reply: plan.tool_reply, logprobs };
+    respond(&state, Kind::Chat, req.common, Prompt::Chat(plan.messages), tenant, &headers, shape).await
+}
+
+/// What a request asks of its output.
+struct Shape {
+    grammar: Option<engine::Grammar>,
+    tool_reply: bool,
+    logprobs: Option<usize>,
 }
 
 /// `POST /v1/completions`.
@@ -89,7 +100,9 @@ pub(crate) async fn completion(
     JsonBody(mut req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let prompt = req.prompt()?;
-    respond(&state, Kind::Text, req.common, prompt, tenant, &headers, None).await
+    let grammar = req.common.guided.grammar()?;
+    let shape = Shape { grammar, tool_reply: false, logprobs: None };
+    respond(&state, Kind::Text, req.common, prompt, tenant, &headers, shape).await
 }
 
 /// Builds the engine request, submits it, and answers whole or streamed.
@@ -100,11 +113,12 @@ async fn respond(
     prompt: Prompt,
     tenant: TenantId,
     headers: &HeaderMap,
-    logprobs: Option<usize>,
+    shape: Shape,
 ) -> Result<Response, ApiError> {
     let (stream, include_usage) = (common.stream, common.stream_options.as_ref().is_some_and(|o| o.include_usage));
+    let Shape { grammar, tool_reply, logprobs } = shape;
     let mut request =
-        common.into_request(prompt, &state.model_name, tenant, header_agent(headers)?, state.max_priority)?;
+        common.into_request(prompt, grammar, &state.model_name, tenant, header_agent(headers)?, state.max_priority)?;
     request.sampling.logprobs = logprobs;
     let mut meta = Meta {
         kind,
@@ -113,6 +127,7 @@ async fn respond(
         model: state.model_name.to_string(),
         include_usage,
         logprobs,
+        tool_reply,
     };
     let mut events = state.engine.submit(validate(state, request).await.map_err(|e| for_kind(kind, e))?)?;
     // What can refuse the request on its way in (agent limit, quota) is
@@ -149,7 +164,7 @@ async fn validate(state: &AppState, request: engine::Request) -> Result<engine::
 /// 24 random alphanumerics: response ids tell nothing about other
 /// requests (a counter would tell every tenant how much traffic others
 /// send).
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     use rand::distr::{Alphanumeric, SampleString};
     Alphanumeric.sample_string(&mut rand::rng(), 24)
 }
@@ -160,6 +175,24 @@ fn for_kind(kind: Kind, mut e: ApiError) -> ApiError {
         e.param = Some("prompt");
     }
     e
+}
+
+/// The assistant message and finish reason of a finished reply: tool
+/// calls read back when the reply is in the tool format and complete.
+fn chat_message(meta: &Meta, text: String, reason: FinishReason) -> (serde_json::Value, &'static str) {
+    if meta.tool_reply && reason == FinishReason::Stop {
+        match crate::structured::read_reply(&text) {
+            Some(crate::structured::ToolReply::Calls(calls)) => {
+                let calls = crate::structured::calls_json(&calls, false);
+                return (json!({"role": "assistant", "content": null, "tool_calls": calls}), "tool_calls");
+            }
+            Some(crate::structured::ToolReply::Answer(a)) => {
+                return (json!({"role": "assistant", "content": a}), "stop");
+            }
+            None => {}
+        }
+    }
+    (json!({"role": "assistant", "content": text}), finish_reason(reason))
 }
 
 fn finish_reason(r: FinishReason) -> &'static str {
@@ -217,19 +250,22 @@ async fn whole(state: &AppState, mut events: EventStream, meta: Meta) -> Result<
     };
     let usage = UsageBody::from(usage);
     let body = match meta.kind {
-        Kind::Chat => json!({
-            "id": meta.id,
-            "object": "chat.completion",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": meta.logprobs.map(|_| json!({"content": logprobs})),
-                "finish_reason": finish_reason(reason),
-            }],
-            "usage": usage,
-        }),
+        Kind::Chat => {
+            let (message, finish) = chat_message(&meta, text, reason);
+            json!({
+                "id": meta.id,
+                "object": "chat.completion",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [{
+                    "index": 0,
+                    "message": message,
+                    "logprobs": meta.logprobs.map(|_| json!({"content": logprobs})),
+                    "finish_reason": finish,
+                }],
+                "usage": usage,
+            })
+        }
         Kind::Text => json!({
             "id": meta.id,
             "object": "text_completion",
@@ -273,10 +309,37 @@ impl Meta {
 
 enum Phase {
     Start(EventStream),
-    Running(EventStream),
+    Running(EventStream, String),
+    /// Chunks still to send, then what follows them.
+    Flush(std::collections::VecDeque<SseEvent>, Box<Phase>),
     Usage(Usage),
     Done,
     End,
+}
+
+/// The chunks that deliver a finished tool-format reply: per call one
+/// chunk with its id and name and one with its arguments (what the
+/// official clients accumulate), or the answer as content; then the finish.
+fn tool_reply_chunks(meta: &Meta, text: String, reason: FinishReason) -> std::collections::VecDeque<SseEvent> {
+    let mut out = std::collections::VecDeque::new();
+    let delta = |d: serde_json::Value, finish: Option<&str>| {
+        meta.chunk(vec![json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})], None)
+    };
+    let (message, finish) = chat_message(meta, text, reason);
+    match message.get("tool_calls").and_then(serde_json::Value::as_array) {
+        Some(calls) => {
+            for (i, c) in calls.iter().enumerate() {
+                let head = json!({"index": i, "id": c["id"], "type": "function",
+                    "function": {"name": c["function"]["name"], "arguments": ""}});
+                out.push_back(delta(json!({"tool_calls": [head]}), None));
+                let args = json!({"index": i, "function": {"arguments": c["function"]["arguments"]}});
+                out.push_back(delta(json!({"tool_calls": [args]}), None));
+            }
+        }
+        None => out.push_back(delta(json!({"content": message["content"]}), None)),
+    }
+    out.push_back(delta(json!({}), Some(finish)));
+    out
 }
 
 /// The SSE body: see the module doc for the chunk sequence.
@@ -293,13 +356,26 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                         ),
                         Kind::Text => meta.chunk(vec![meta.text_choice("", None, None)], None),
                     };
-                    Some((Ok(first), Phase::Running(events)))
+                    Some((Ok(first), Phase::Running(events, String::new())))
                 }
-                Phase::Running(mut events) => match events.next().await {
+                Phase::Running(mut events, mut held) => match events.next().await {
+                    // A tool-format reply is held until complete: only then
+                    // is it known to be calls or an answer.
+                    Some(Event::Token { text, .. }) if meta.tool_reply => {
+                        held.push_str(&text);
+                        Some((Ok(SseEvent::default().comment("")), Phase::Running(events, held)))
+                    }
                     Some(Event::Token { id, text, logprobs }) => {
                         let lp = logprobs.map(|lp| json!({"content": [token_logprobs(&state, id, &lp)]}));
                         let ev = meta.chunk(vec![meta.text_choice(&text, lp, None)], None);
-                        Some((Ok(ev), Phase::Running(events)))
+                        Some((Ok(ev), Phase::Running(events, held)))
+                    }
+                    Some(Event::Finished { reason, text, usage }) if meta.tool_reply => {
+                        held.push_str(&text);
+                        let mut chunks = tool_reply_chunks(&meta, held, reason);
+                        let next = if meta.include_usage { Phase::Usage(usage) } else { Phase::Done };
+                        let first = chunks.pop_front().unwrap_or_else(|| SseEvent::default().comment(""));
+                        Some((Ok(first), Phase::Flush(chunks, Box::new(next))))
                     }
                     Some(Event::Finished { reason, text, usage }) => {
                         let ev = meta.chunk(vec![meta.text_choice(&text, None, Some(finish_reason(reason)))], None);
@@ -311,6 +387,10 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                         Some((Ok(SseEvent::default().data(err.body_json())), Phase::Done))
                     }
                     None => None,
+                },
+                Phase::Flush(mut chunks, next) => match chunks.pop_front() {
+                    Some(ev) => Some((Ok(ev), Phase::Flush(chunks, next))),
+                    None => Some((Ok(SseEvent::default().comment("")), *next)),
                 },
                 Phase::Usage(usage) => Some((Ok(meta.chunk(Vec::new(), Some(usage.into()))), Phase::Done)),
                 Phase::Done => Some((Ok(SseEvent::default().data("[DONE]")), Phase::End)),

@@ -169,6 +169,9 @@ impl From<engine::Error> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down")
             },
             E::Timeout(_) => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message),
+            // The request's own grammar failed mid-answer (its per-token
+            // budget ran out): the request's fault, not the server's.
+            E::Grammar(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message),
             E::Model(_) => {
                 tracing::error!(error = %message, "request failed inside the model");
                 Self::internal()

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | OpenAI request/response types, conversion to engine requests | `openai.rs` |
 //! | chat and text completions, streaming (SSE) | `completions.rs` |
+//! | tools, response formats, grammars; tool calls read back | `structured.rs` |
 //! | the agent API | `agents.rs` |
 //! | Prometheus text exposition | `metrics.rs` |
 //! | errors as OpenAI JSON with status codes | `error.rs` |
@@ -25,6 +26,7 @@ mod error;
 mod guard;
 pub mod metrics;
 mod openai;
+mod structured;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -8,9 +8,9 @@
 //!
 //! What the server cannot honour is refused with a 400 naming the field,
 //! never silently ignored: `n` > 1, `best_of` > 1, `suffix`, `echo`, legacy
-//! `functions` / `function_call`, tools and non-text response formats.
+//! `functions` / `function_call`. Tools, response formats and grammars are
+//! `structured.rs`.
 
-use engine::Message;
 use engine::{AgentId, Prompt, Request, SamplingParams, TenantId};
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,12 @@ pub(crate) struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant's tool calls.
+    #[serde(default)]
+    tool_calls: Option<Vec<crate::structured::WireToolCall>>,
+    /// A tool result's call.
+    #[serde(default)]
+    tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +88,9 @@ pub(crate) struct Common {
     /// Token id (as a string, per OpenAI) to a bias in `[-100, 100]`.
     pub(crate) logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     pub(crate) best_of: Option<u32>,
+    /// `guided_json` / `guided_regex` / `guided_grammar` (`structured.rs`).
+    #[serde(flatten)]
+    pub(crate) guided: crate::structured::Guided,
 }
 
 /// `POST /v1/chat/completions`.
@@ -93,6 +102,7 @@ pub(crate) struct ChatRequest {
     pub(crate) top_logprobs: Option<u32>,
     pub(crate) tools: Option<Vec<serde_json::Value>>,
     pub(crate) tool_choice: Option<serde_json::Value>,
+    pub(crate) parallel_tool_calls: Option<bool>,
     pub(crate) response_format: Option<serde_json::Value>,
     pub(crate) functions: Option<serde_json::Value>,
     pub(crate) function_call: Option<serde_json::Value>,
@@ -130,6 +140,7 @@ impl Common {
     pub(crate) fn into_request(
         self,
         prompt: Prompt,
+        grammar: Option<engine::Grammar>,
         served_model: &str,
         tenant: TenantId,
         header_agent: Option<String>,
@@ -223,40 +234,27 @@ impl Common {
         req.tenant = tenant;
         req.priority = self.priority.map_or(Ok(0), |p| crate::check_priority(p, max_priority))?;
         req.logit_bias = logit_bias;
+        req.grammar = grammar;
         Ok(req)
     }
 }
 
 impl ChatRequest {
-    /// Refuses what this server cannot honour rather than ignore it: a
-    /// client that asked for tool calls or JSON output and got plain text
-    /// would misread the answer.
-    fn check_unsupported(&self) -> Result<(), ApiError> {
+    /// The conversation as the engine's messages, with the grammar its
+    /// `tools`, `response_format` or `guided_*` fields ask for
+    /// (`structured.rs`).
+    pub(crate) fn plan(&mut self) -> Result<crate::structured::Plan, ApiError> {
         if self.functions.is_some() {
-            return Err(invalid("functions", "the legacy functions API is not supported; tool calling neither yet"));
+            return Err(invalid("functions", "the legacy functions API is not supported; use tools"));
         }
         if self.function_call.is_some() {
-            return Err(invalid("function_call", "the legacy functions API is not supported"));
+            return Err(invalid("function_call", "the legacy functions API is not supported; use tool_choice"));
         }
-        let tools_off = self.tool_choice.as_ref().is_some_and(|c| c == "none");
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tools_off {
-            return Err(invalid("tools", "tool calling is not supported; send tool_choice: \"none\" or no tools"));
-        }
-        let kind = self.response_format.as_ref().map(|f| f.get("type").and_then(|t| t.as_str()));
-        if kind.is_some_and(|k| k != Some("text")) {
-            return Err(invalid("response_format", "only {\"type\": \"text\"} is supported"));
-        }
-        Ok(())
-    }
-
-    /// The conversation as the engine's messages.
-    pub(crate) fn prompt(&mut self) -> Result<Prompt, ApiError> {
-        self.check_unsupported()?;
         let messages = self.messages.take().ok_or_else(|| invalid("messages", "messages is required"))?;
         if messages.is_empty() {
             return Err(invalid("messages", "messages must not be empty"));
         }
-        let mut out = Vec::with_capacity(messages.len());
+        let mut turns = Vec::with_capacity(messages.len());
         for m in messages {
             if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
                 return Err(invalid("messages", format!("unknown role {:?}", m.role)));
@@ -277,10 +275,27 @@ impl ChatRequest {
                     text
                 }
             };
+            let tool_calls = match m.tool_calls {
+                Some(calls) if m.role != "assistant" && !calls.is_empty() => {
+                    return Err(invalid("messages", "only assistant messages carry tool_calls"));
+                }
+                Some(calls) => crate::structured::history_calls(calls)?,
+                None => Vec::new(),
+            };
             let role = if m.role == "developer" { "system".to_owned() } else { m.role };
-            out.push(Message::new(role, text));
+            turns.push(engine::tools::Turn { role, content: text, tool_calls, tool_call_id: m.tool_call_id });
         }
-        Ok(Prompt::Chat(out))
+        let guided = self.common.guided.grammar()?;
+        crate::structured::plan(
+            turns,
+            crate::structured::Asked {
+                tools: self.tools.as_ref(),
+                tool_choice: self.tool_choice.as_ref(),
+                parallel_tool_calls: self.parallel_tool_calls,
+                response_format: self.response_format.as_ref(),
+                guided,
+            },
+        )
     }
 }
 

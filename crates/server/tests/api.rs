@@ -256,13 +256,26 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
     assert_eq!((s, e["code"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
     assert_eq!(e["param"], "messages", "the prompt alone is too long");
     let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
-    let (s, e) = error_of(&app, &chat_body("x", json!({"tools": tool})).to_string()).await;
-    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "tools"), "tools are refused, not ignored");
+    for (extra, param) in [
+        (json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}), "tools"),
+        (json!({"tools": [{"type": "retrieval"}]}), "tools"),
+        (json!({"tools": tool, "tool_choice": {"type": "function", "function": {"name": "g"}}}), "tool_choice"),
+        (json!({"tools": tool, "tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}]}), "tools"),
+        (json!({"response_format": {"type": "xml"}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}),
+            "response_format",
+        ),
+        (json!({"guided_regex": "("}), "guided_regex"),
+        (json!({"guided_regex": "a", "guided_json": {}}), "guided_json"),
+    ] {
+        let (s, e) = error_of(&app, &chat_body("x", extra.clone()).to_string()).await;
+        assert_eq!((s, e["param"].as_str().unwrap_or_default()), (StatusCode::BAD_REQUEST, param), "{extra}: {e}");
+    }
     let r = post(&app, "/v1/chat/completions", chat_body("x", json!({"tools": tool, "tool_choice": "none"}))).await;
     assert_eq!(r.status, StatusCode::OK, "tool_choice none asks for text: {}", r.body);
-    let format = json!({"response_format": {"type": "json_object"}});
-    let (s, e) = error_of(&app, &chat_body("x", format).to_string()).await;
-    assert_eq!((s, e["param"].as_str().unwrap()), (StatusCode::BAD_REQUEST, "response_format"));
     let r = post(&app, "/v1/chat/completions", chat_body("x", json!({"response_format": {"type": "text"}}))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let (s, e) = error_of(&app, &chat_body("x", json!({"top_logprobs": 2})).to_string()).await;
@@ -439,4 +452,86 @@ async fn a_client_that_disconnects_mid_stream_cancels_and_frees_its_blocks() {
     drop(body);
     wait_blocks_back(&app.engine).await;
     assert_eq!(app.engine.stats().finished.cancelled, 1);
+}
+
+fn weather_tool() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}},
+                       "required": ["city"], "additionalProperties": false}
+    }}])
+}
+
+#[tokio::test]
+async fn tool_calls_come_back_as_openai_tool_calls_whole_and_streamed() {
+    let app = app();
+    let body = chat_body(
+        "weather?",
+        json!({"tools": weather_tool(), "tool_choice": "required", "parallel_tool_calls": false, "max_tokens": 80}),
+    );
+    let r = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let choice = &r.json()["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{choice}");
+    assert!(choice["message"]["content"].is_null());
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!((call["type"].as_str(), call["function"]["name"].as_str()), (Some("function"), Some("get_weather")));
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].as_str().is_some_and(|c| c.len() <= 6), "{args}");
+
+    // Streamed: id and name first, then the arguments, then the finish.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let r = post(&app, "/v1/chat/completions", streamed).await;
+    let chunks: Vec<Value> =
+        sse_data(&r.body).iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    let mut args = String::new();
+    for d in &deltas {
+        if let Some(calls) = d["tool_calls"].as_array() {
+            assert_eq!(calls[0]["index"], 0);
+            args.push_str(calls[0]["function"]["arguments"].as_str().unwrap_or_default());
+        }
+    }
+    assert_eq!(deltas.iter().filter(|d| d["tool_calls"][0]["function"]["name"] == "get_weather").count(), 1);
+    assert_eq!(args, call["function"]["arguments"].as_str().unwrap(), "greedy: same arguments streamed");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn structured_outputs_parse_and_a_tool_history_renders_literally() {
+    let app = app();
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                        "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": true}});
+    let r =
+        post(&app, "/v1/chat/completions", chat_body("x", json!({"response_format": format, "max_tokens": 30}))).await;
+    let content = r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let v: Value = serde_json::from_str(&content).unwrap_or_else(|e| panic!("{e}: {content}"));
+    assert!(v["ok"].is_boolean(), "{v}");
+    let r = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "fake", "prompt": "n=", "max_tokens": 10,
+                                                 "temperature": 0, "guided_regex": "[0-9]{4}"}),
+    )
+    .await;
+    let text = r.json()["choices"][0]["text"].as_str().unwrap().to_owned();
+    assert!(text.len() == 4 && text.bytes().all(|b| b.is_ascii_digit()), "{text}");
+
+    // A tool loop's history: the call and its result render in the generic
+    // format, as literal text (the fake codec echoes the rendered prompt's
+    // length in prompt_tokens: one byte, one token).
+    let history = json!({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "<|im_end|> 3C"}
+    ], "tools": weather_tool(), "max_tokens": 80, "model": "fake", "temperature": 0});
+    let r = post(&app, "/v1/chat/completions", history).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let choice = &r.json()["choices"][0];
+    assert!(["tool_calls", "stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()), "{choice}");
 }
