@@ -146,6 +146,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     }
     let started = start_engine(&engine_args, None)?;
     tracing::info!("loaded {}", started.summary);
+    // The grammar compiler's token trie, built while the server starts
+    // listening rather than on the first request with tools or a schema.
+    let warm = started.engine.clone();
+    std::thread::spawn(move || warm.warm_grammars());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kvserve-http")

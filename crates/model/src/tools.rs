@@ -74,6 +74,10 @@ pub struct ToolCall {
 /// Which replies a turn allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ToolChoice {
+    /// A plain answer only: the tools are described (so the conversation's
+    /// prefix stays the same as on turns that may call them) but cannot be
+    /// called.
+    None,
     /// A plain answer or calls, as the model decides.
     Auto,
     /// At least one call.
@@ -199,9 +203,10 @@ pub fn grammar(
             let t = tools.iter().find(|t| &t.name == name).ok_or_else(|| format!("no tool is named {name:?}"))?;
             vec![t]
         }
+        ToolChoice::None => Vec::new(),
         _ => tools.iter().collect(),
     };
-    if callable.is_empty() {
+    if callable.is_empty() && *choice != ToolChoice::None {
         return Err("no tools to call".into());
     }
     let with_layout = |schema: &serde_json::Value| {
@@ -213,22 +218,26 @@ pub fn grammar(
     };
     let mut g = String::new();
     g.push_str(match choice {
+        ToolChoice::None => "start: answer\n",
         ToolChoice::Auto => "start: calls | answer\n",
         _ => "start: calls\n",
     });
-    if parallel {
-        g.push_str("calls: \"{\\\"tool_calls\\\": [\" call (\", \" call)* \"]}\"\n");
-    } else {
-        g.push_str("calls: \"{\\\"tool_calls\\\": [\" call \"]}\"\n");
+    let head = "calls: \"{\\\"tool_calls\\\": [\" call";
+    match (choice, parallel) {
+        (ToolChoice::None, _) => {}
+        (_, true) => g.push_str(&format!("{head} (\", \" call)* \"]}}\"\n")),
+        (_, false) => g.push_str(&format!("{head} \"]}}\"\n")),
     }
     let alternatives: Vec<String> = (0..callable.len()).map(|i| format!("call_{i}")).collect();
-    g.push_str(&format!("call: {}\n", alternatives.join(" | ")));
+    if !alternatives.is_empty() {
+        g.push_str(&format!("call: {}\n", alternatives.join(" | ")));
+    }
     for (i, t) in callable.iter().enumerate() {
         let head = format!("{{\"name\": {}, \"arguments\": ", json_string(&t.name));
         g.push_str(&format!("call_{i}: {} args_{i} \"}}\"\n", lark_literal(&head)));
         g.push_str(&format!("args_{i}: %json {}\n", with_layout(&t.parameters)));
     }
-    if matches!(choice, ToolChoice::Auto) {
+    if matches!(choice, ToolChoice::Auto | ToolChoice::None) {
         let schema = answer_schema.cloned().unwrap_or_else(|| serde_json::json!({ "type": "string" }));
         g.push_str(&format!("answer: {} answer_value \"}}\"\n", lark_literal("{\"response\": ")));
         g.push_str(&format!("answer_value: %json {}\n", with_layout(&schema)));
@@ -344,6 +353,8 @@ mod tests {
         let required = grammar(&[weather()], &ToolChoice::Required, false, None, &layout).expect("grammar");
         assert!(required.starts_with("start: calls\n") && !required.contains("answer"));
         assert!(grammar(&[weather()], &ToolChoice::Named("nope".into()), true, None, &layout).is_err());
+        let none = grammar(&[weather()], &ToolChoice::None, true, None, &layout).expect("grammar");
+        assert!(none.starts_with("start: answer\n") && !none.contains("calls"), "{none}");
         assert!(valid_name("get_weather-2") && !valid_name("a b") && !valid_name("") && !valid_name("\"x"));
     }
 }

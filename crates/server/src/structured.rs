@@ -18,9 +18,11 @@
 //!   `guided_grammar` (a Lark grammar in llguidance's dialect, which can
 //!   embed schemas with `%json {...}`). At most one constraint per request.
 //!
-//! With `tool_choice: "none"` tools are not described to the model and the
-//! answer is free text; a history with tool calls and results still renders
-//! in the generic format.
+//! With `tool_choice: "none"` the tools are still described (the
+//! conversation's prefix, and so its cache, stays the same from turn to
+//! turn) and the reply is constrained to the format's plain answer. Without
+//! tools, a history with tool calls and results still renders in the
+//! generic format.
 
 use engine::tools::{self, Reply, ToolCall, ToolChoice, ToolSpec, Turn};
 use engine::{Grammar, GrammarSpec};
@@ -149,6 +151,7 @@ fn tool_choice(value: Option<&serde_json::Value>, has_tools: bool) -> Result<Opt
     let choice = match value {
         None => return Ok(has_tools.then_some(ToolChoice::Auto)),
         Some(serde_json::Value::String(s)) => match s.as_str() {
+            "none" if has_tools => ToolChoice::None,
             "none" => return Ok(None),
             "auto" => ToolChoice::Auto,
             "required" => ToolChoice::Required,

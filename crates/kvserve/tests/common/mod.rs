@@ -1,0 +1,87 @@
+//! Shared by the tests that run `kvserve serve` as a process: start it on a
+//! free port, talk HTTP/1.1 to it, read JSON bodies.
+
+#![allow(dead_code, unreachable_pub)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub fn kvserve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kvserve"))
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the whole response.
+pub fn http(addr: &str, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// A running `kvserve serve` (killed when dropped) and its address.
+pub struct Server {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub log: Vec<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kvserve serve` on a free port with its disk tier in `cache_dir`.
+pub fn serve(cache_dir: &std::path::Path) -> Server {
+    let mut child = kvserve()
+        .args(["serve", "--port", "0", "--threads", "2", "--kv-memory", "256MiB", "--cache-dir"])
+        .arg(cache_dir)
+        // One matmul path whatever the load: the measured dispatch can pick
+        // another under a busy CI machine, and this small model can turn
+        // that rounding into another answer (README: "Reproducibility").
+        .env("KVSERVE_MATMUL", "kernels")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the binary runs");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(300)).expect("the server logs its address");
+        log.push(line.clone());
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("an address").to_owned();
+        }
+    };
+    Server { child, addr, log }
+}
+
+pub fn post(addr: &str, path: &str, body: &str) -> String {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http(addr, &req)
+}
+
+pub fn get(addr: &str, path: &str) -> String {
+    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+}
+
+/// The JSON body of a response.
+pub fn json_body(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).expect("a body");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
