@@ -7,6 +7,15 @@
 //! the common prefix, so only the new tokens are prefilled — partial blocks
 //! included (copy-on-write takes care of the one the new turn writes into).
 //!
+//! The history a client sends back is text, tokenized again; the model may
+//! have generated that text with other tokens (under a grammar it can write
+//! `"` then `,` where the tokenizer would write `",`). Where the new
+//! prompt's text continues the agent's text exactly (control tokens never
+//! stand in for literal text), the turn keeps the agent's own token ids
+//! for it, so the whole previous turn is a cache hit and the model reads its
+//! history as it wrote it. The splice depends only on the agent's recorded
+//! tokens, never on what the cache holds.
+//!
 //! Retention decides how long an agent holds its blocks:
 //! - [`Retention::Pinned`]: until deleted or unpinned;
 //! - [`Retention::Ttl`]: for that long after its last turn, then the agent is

@@ -257,6 +257,10 @@ impl TextCodec for FakeCodec {
         &self.stop
     }
 
+    fn is_control(&self, id: u32) -> bool {
+        id == FAKE_EOS
+    }
+
     fn vocabulary(&self) -> Vec<model::VocabEntry> {
         (0..FAKE_VOCAB)
             .map(|i| match u8::try_from(i) {

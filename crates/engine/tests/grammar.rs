@@ -148,3 +148,88 @@ fn auto_tool_choice_keeps_both_a_call_and_an_answer_open_until_the_model_picks()
     let o = collect_blocking(engine.generate(r).unwrap());
     assert!(matches!(parse_reply(&o.text), Some(Reply::Calls(_))), "{o:?}");
 }
+
+/// The fake codec plus one two-byte token, `"xy"` (id 200, which the byte
+/// alphabet never needs): canonical encoding merges the pair, a model under
+/// a grammar can still write `x` then `y`.
+struct MergingCodec(engine::testing::FakeCodec);
+
+const XY: u32 = 200;
+
+impl model::TextCodec for MergingCodec {
+    fn encode(&self, text: &str) -> model::Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let b = text.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i..].starts_with(b"xy") {
+                out.push(XY);
+                i += 2;
+            } else {
+                out.push(u32::from(b[i]));
+                i += 1;
+            }
+        }
+        Ok(out)
+    }
+    fn encode_chat(&self, messages: &[model::Message]) -> model::Result<Vec<u32>> {
+        let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+        s.push_str("assistant: ");
+        self.encode(&s)
+    }
+    fn max_token_bytes(&self) -> usize {
+        1
+    }
+    fn decode(&self, ids: &[u32]) -> model::Result<String> {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&t| self.token_bytes(t).unwrap_or_default()).collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+    fn stop_ids(&self) -> &[u32] {
+        self.0.stop_ids()
+    }
+    fn token_bytes(&self, id: u32) -> model::Result<Vec<u8>> {
+        Ok(match id {
+            XY => b"xy".to_vec(),
+            engine::testing::FAKE_EOS => Vec::new(),
+            b => vec![u8::try_from(b).unwrap_or(b'?')],
+        })
+    }
+    fn is_control(&self, id: u32) -> bool {
+        self.0.is_control(id)
+    }
+    fn vocabulary(&self) -> Vec<model::VocabEntry> {
+        let mut v = self.0.vocabulary();
+        v[XY as usize] = model::VocabEntry { bytes: b"xy".to_vec(), special: false };
+        v
+    }
+}
+
+#[test]
+fn an_agents_next_turn_keeps_the_tokens_it_generated_not_their_canonical_spelling() {
+    use engine::{Message, Prompt};
+    let (model, _) = engine::testing::FakeModel::new(16, 256);
+    let codec = MergingCodec(engine::testing::FakeCodec::new());
+    let engine = engine::start(Box::new(model), std::sync::Arc::new(codec), config()).unwrap();
+    let mut history = vec![Message::new("user", "say the word")];
+    let ask = |history: &[Message], grammar: Option<GrammarSpec>| {
+        let mut r = Request::new(Prompt::Chat(history.to_vec()));
+        r.sampling = SamplingParams::greedy();
+        r.max_tokens = Some(8);
+        r.agent = Some(engine::AgentId::new("speller").unwrap());
+        r.grammar = grammar.map(|g| Grammar::new(g, "response_format"));
+        collect_blocking(engine.generate(r).unwrap())
+    };
+    // Under the grammar the fake model writes `x` then `y` (the lowest
+    // allowed ids), not the canonical `xy`.
+    let first = ask(&history, Some(GrammarSpec::Regex("xyz".into())));
+    assert_eq!(first.text, "xyz", "{first:?}");
+    assert_eq!(first.tokens, vec![u32::from(b'x'), u32::from(b'y'), u32::from(b'z')]);
+    history.push(Message::new("assistant", first.text.clone()));
+    history.push(Message::new("user", "again"));
+    let second = ask(&history, None);
+    // Everything the first turn computed (its prompt and all but its last
+    // token) is reused, although the re-rendered text encodes `xy` as one
+    // token.
+    let computed = first.usage.prompt_tokens + first.usage.completion_tokens - 1;
+    assert_eq!(second.usage.cached_tokens, computed, "{second:?}");
+}

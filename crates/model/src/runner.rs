@@ -102,6 +102,11 @@ pub trait TextCodec: Send + Sync {
     fn vocabulary(&self) -> Vec<VocabEntry> {
         Vec::new()
     }
+    /// Whether `id` is a control (special) token, whose markup is not text.
+    fn is_control(&self, id: u32) -> bool {
+        let _ = id;
+        false
+    }
 }
 
 /// One token of the vocabulary ([`TextCodec::vocabulary`]).
@@ -269,6 +274,10 @@ impl TextCodec for LlamaText {
         self.tokenizer
             .token_bytes(id)
             .ok_or_else(|| crate::Error::Tokenizer(format!("id {id} is outside the vocabulary")))
+    }
+
+    fn is_control(&self, id: u32) -> bool {
+        self.tokenizer.is_special(id)
     }
 
     fn vocabulary(&self) -> Vec<VocabEntry> {

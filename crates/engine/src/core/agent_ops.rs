@@ -13,6 +13,51 @@ use crate::error::{Error, Result};
 use crate::request::TenantId;
 
 impl EngineCore {
+    /// The prompt of an agent's next turn with the agent's own token ids
+    /// where its text is the same (see `agents.rs`): the history a client
+    /// sends back is re-tokenized canonically, while the model may have
+    /// generated the same text with other tokens (a grammar's `"` then `,`
+    /// where `",` is canonical). `None` when there is nothing to splice or
+    /// the texts differ.
+    pub(super) fn continue_agent_tokens(&self, key: &AgentKey, prompt: &[u32], max_tokens: usize) -> Option<Vec<u32>> {
+        let had = &self.agents.get(key)?.tokens;
+        let common = had.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        if common == had.len() || common == prompt.len() {
+            return None;
+        }
+        // Text only: a control token's markup equals the literal text that
+        // spells it, and must never stand in for it (or the reverse).
+        let bytes = |ids: &[u32]| -> Option<Vec<u8>> {
+            let mut out = Vec::new();
+            for &t in ids {
+                if self.codec.is_control(t) {
+                    return None;
+                }
+                out.extend(self.codec.token_bytes(t).ok()?);
+            }
+            Some(out)
+        };
+        let tail = bytes(&had[common..])?;
+        let (mut seen, mut end) = (Vec::with_capacity(tail.len() + 16), common);
+        while seen.len() < tail.len() && end < prompt.len() {
+            seen.extend(bytes(&prompt[end..=end])?);
+            end += 1;
+        }
+        if !seen.starts_with(&tail) {
+            return None;
+        }
+        let mut out = had.clone();
+        // A prompt token that straddles the end of the agent's text: its
+        // rest, encoded as the text it is.
+        let rest = &seen[tail.len()..];
+        if !rest.is_empty() {
+            out.extend(self.codec.encode(std::str::from_utf8(rest).ok()?).ok()?);
+        }
+        out.extend_from_slice(&prompt[end..]);
+        let fits = out.len().saturating_add(max_tokens) <= self.model.max_positions();
+        fits.then_some(out)
+    }
+
     /// Gives an agent's blocks back to the pool (published ones stay
     /// cached, and go down the tiers as the pool evicts them). With a disk
     /// tier the agent keeps its history (its manifest names it, its next

@@ -84,4 +84,3 @@ pub fn json_body(response: &str) -> serde_json::Value {
     let body = response.split("\r\n\r\n").nth(1).expect("a body");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
 }
-
