@@ -17,45 +17,56 @@ impl EngineCore {
     /// where its text is the same (see `agents.rs`): the history a client
     /// sends back is re-tokenized canonically, while the model may have
     /// generated the same text with other tokens (a grammar's `"` then `,`
-    /// where `",` is canonical). `None` when there is nothing to splice or
-    /// the texts differ.
+    /// where `",` is canonical). Control tokens must match id for id; the
+    /// text between them must match byte for byte. `None` when there is
+    /// nothing to splice or the texts differ.
     pub(super) fn continue_agent_tokens(&self, key: &AgentKey, prompt: &[u32], max_tokens: usize) -> Option<Vec<u32>> {
         let had = &self.agents.get(key)?.tokens;
         let common = had.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         if common == had.len() || common == prompt.len() {
             return None;
         }
-        // Text only: a control token's markup equals the literal text that
-        // spells it, and must never stand in for it (or the reverse).
-        let bytes = |ids: &[u32]| -> Option<Vec<u8>> {
+        let control = |t: u32| self.codec.is_control(t);
+        let text = |ids: &[u32]| -> Option<Vec<u8>> {
             let mut out = Vec::new();
             for &t in ids {
-                if self.codec.is_control(t) {
-                    return None;
-                }
                 out.extend(self.codec.token_bytes(t).ok()?);
             }
             Some(out)
         };
-        let tail = bytes(&had[common..])?;
-        let (mut seen, mut end) = (Vec::with_capacity(tail.len() + 16), common);
-        while seen.len() < tail.len() && end < prompt.len() {
-            seen.extend(bytes(&prompt[end..=end])?);
-            end += 1;
+        // The text run of `ids` from `at` up to its next control token.
+        let run_end = |ids: &[u32], at: usize| ids[at..].iter().position(|&t| control(t)).map_or(ids.len(), |n| at + n);
+        let (mut i, mut j) = (common, common);
+        let mut out = had[..common].to_vec();
+        while i < had.len() {
+            let (a_end, p_end) = (run_end(had, i), run_end(prompt, j));
+            let (a_text, p_text) = (text(&had[i..a_end])?, text(&prompt[j..p_end])?);
+            if a_end < had.len() {
+                // A whole run, then the same control token.
+                if a_text != p_text || prompt.get(p_end) != had.get(a_end) {
+                    return None;
+                }
+                out.extend_from_slice(&had[i..=a_end]);
+                (i, j) = (a_end + 1, p_end + 1);
+                continue;
+            }
+            // The agent's last run: the prompt's text continues it. Prompt
+            // tokens that straddle its end give their rest as text.
+            let rest = p_text.strip_prefix(a_text.as_slice())?;
+            out.extend_from_slice(&had[i..]);
+            if !rest.is_empty() {
+                out.extend(self.codec.encode(std::str::from_utf8(rest).ok()?).ok()?);
+            }
+            out.extend_from_slice(&prompt[p_end..]);
+            return self.fits(out, max_tokens);
         }
-        if !seen.starts_with(&tail) {
-            return None;
-        }
-        let mut out = had.clone();
-        // A prompt token that straddles the end of the agent's text: its
-        // rest, encoded as the text it is.
-        let rest = &seen[tail.len()..];
-        if !rest.is_empty() {
-            out.extend(self.codec.encode(std::str::from_utf8(rest).ok()?).ok()?);
-        }
-        out.extend_from_slice(&prompt[end..]);
-        let fits = out.len().saturating_add(max_tokens) <= self.model.max_positions();
-        fits.then_some(out)
+        // The agent's tokens ended with a control token the prompt also has.
+        out.extend_from_slice(&prompt[j..]);
+        self.fits(out, max_tokens)
+    }
+
+    fn fits(&self, prompt: Vec<u32>, max_tokens: usize) -> Option<Vec<u32>> {
+        (prompt.len().saturating_add(max_tokens) <= self.model.max_positions()).then_some(prompt)
     }
 
     /// Gives an agent's blocks back to the pool (published ones stay
