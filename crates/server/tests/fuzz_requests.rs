@@ -1,8 +1,11 @@
 //! The request JSON layer under fuzzing (proptest, stable toolchain, a
 //! bounded time): bodies built from the API's own field names with values
 //! of any JSON type and extreme numbers, and byte-mutated valid bodies, go
-//! through the router to the fake model. Every answer must come within a
-//! timeout, never be a 5xx, and be an OpenAI-shaped error when it is one.
+//! through the router to the fake model, and so do hostile JSON schemas
+//! (any keyword, any nesting, self-references, exploding patterns, huge
+//! bounds) as `response_format`, `guided_json` and tool parameters. Every
+//! answer must come within a timeout, never be a 5xx, and be an
+//! OpenAI-shaped error when it is one.
 //!
 //! `KVSERVE_FUZZ_SECONDS` (default 20) sets the budget.
 
@@ -51,7 +54,19 @@ const FIELDS: &[&str] = &[
     "user",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
+    "tool_calls",
+    "tool_call_id",
     "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_grammar",
+    "type",
+    "properties",
+    "items",
+    "anyOf",
+    "pattern",
+    "$ref",
     "best_of",
     "suffix",
     "functions",
@@ -131,6 +146,63 @@ fn body() -> impl Strategy<Value = Value> {
     })
 }
 
+/// JSON schemas as a hostile client writes them: every keyword, any
+/// nesting, self-references, patterns that explode, huge bounds.
+fn schema() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(json!({})),
+        Just(json!(true)),
+        Just(json!(false)),
+        proptest::sample::select(&["string", "integer", "number", "boolean", "null", "object", "array", "nope"][..])
+            .prop_map(|t| json!({"type": t})),
+        Just(json!({"type": "string", "pattern": "(a+)+$"})),
+        Just(json!({"type": "string", "pattern": "[^a]{1000000}"})),
+        Just(json!({"type": "string", "pattern": "(?<=x)y"})),
+        Just(json!({"type": "string", "minLength": 1_000_000_000u64})),
+        Just(json!({"type": "string", "minLength": 5, "maxLength": 2})),
+        Just(json!({"type": "integer", "minimum": 10, "maximum": -10})),
+        Just(json!({"type": "number", "multipleOf": 0})),
+        Just(json!({"$ref": "#"})),
+        Just(json!({"$ref": "#/definitions/nowhere"})),
+        Just(json!({"$ref": "http://example.invalid/schema"})),
+        Just(json!({"type": "string", "format": "date-time"})),
+        Just(json!({"enum": (0..2000).collect::<Vec<_>>()})),
+        Just(json!({"const": {"a": [1, 2, {"b": null}]}})),
+        number().prop_map(|n| json!({"type": "integer", "maximum": n})),
+        text().prop_map(|t| json!({"type": "string", "pattern": t})),
+    ];
+    leaf.prop_recursive(6, 64, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(("[a-z]{1,6}", inner.clone()), 0..6).prop_map(|props| {
+                let names: Vec<String> = props.iter().map(|p| p.0.clone()).collect();
+                json!({"type": "object", "properties": props.into_iter().collect::<Map<_, _>>(), "required": names})
+            }),
+            inner.clone().prop_map(|i| json!({"type": "array", "items": i, "minItems": 1})),
+            proptest::collection::vec(inner.clone(), 0..5).prop_map(|v| json!({"anyOf": v})),
+            proptest::collection::vec(inner.clone(), 0..5).prop_map(|v| json!({"oneOf": v})),
+            proptest::collection::vec(inner.clone(), 0..5).prop_map(|v| json!({"allOf": v})),
+            inner.clone().prop_map(|i| json!({"not": i})),
+            inner.prop_map(|i| json!({"$defs": {"x": i}, "$ref": "#/$defs/x"})),
+        ]
+    })
+}
+
+/// A chat body constraining its answer with `schema`, one way or another.
+fn constrained_body(schema: Value, how: u8) -> Value {
+    let mut b = json!({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6});
+    match how % 4 {
+        0 => b["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+        1 => b["guided_json"] = schema,
+        2 => b["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": schema}}]),
+        _ => {
+            b["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": schema}}]);
+            b["tool_choice"] = json!("required");
+            b["stream"] = json!(true);
+        }
+    }
+    b
+}
+
 #[derive(Clone, Debug)]
 enum Case {
     /// A JSON body to an endpoint.
@@ -150,6 +222,7 @@ fn case() -> impl Strategy<Value = Case> {
     );
     prop_oneof![
         4 => (endpoint, body()).prop_map(|((m, p), b)| Case::Json(m, p, b)),
+        2 => (schema(), any::<u8>()).prop_map(|(s, how)| Case::Json("POST", "/v1/chat/completions", constrained_body(s, how))),
         1 => (
             proptest::sample::select(&["/v1/chat/completions", "/v1/completions"][..]),
             proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
@@ -245,4 +318,37 @@ fn fuzzed_requests_get_typed_answers_never_a_5xx_or_a_hang() {
         cases += 32;
     }
     eprintln!("{cases} fuzzed requests answered cleanly");
+}
+
+/// Schemas built to be expensive: each gets a 200 or a 400 naming the
+/// field, within the fuzz test's per-request deadline, and the server keeps
+/// answering.
+#[test]
+fn expensive_schemas_compile_within_the_bounds_or_are_refused() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let app = rt.block_on(async { app() });
+    let mut nested = json!({"type": "string"});
+    for _ in 0..100 {
+        nested = json!({"type": "array", "items": nested});
+    }
+    let branches: Vec<Value> = (0..3000).map(|i| json!({"const": format!("value-{i}")})).collect();
+    let many: Map<String, Value> = (0..4000).map(|i| (format!("p{i}"), json!({"type": "integer"}))).collect();
+    let schemas = [
+        nested,
+        json!({"anyOf": branches}),
+        json!({"type": "object", "properties": many}),
+        json!({"type": "string", "pattern": "(a|aa)*(b|bb)*(a|b)*c{1000}{1000}"}),
+        json!({"type": "string", "pattern": "[\\s\\S]{0,100000}x[\\s\\S]{0,100000}"}),
+        json!({"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"}),
+    ];
+    for (i, schema) in schemas.into_iter().enumerate() {
+        for how in 0..4 {
+            let body = serde_json::to_vec(&constrained_body(schema.clone(), how)).unwrap();
+            rt.block_on(send(&app, "POST", "/v1/chat/completions", body)).unwrap_or_else(|e| panic!("schema {i}: {e}"));
+        }
+    }
+    let ok = serde_json::to_vec(&json!({"model": "fake", "messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 4, "guided_regex": "[0-9]+"}))
+    .unwrap();
+    rt.block_on(send(&app, "POST", "/v1/chat/completions", ok)).unwrap();
 }
