@@ -325,17 +325,33 @@ impl Constraint {
             return Err(runtime(self.matcher.get_error().unwrap_or_else(|| "the grammar failed".into())));
         };
         let can_end = mask.is_allowed(self.eos);
+        // End tokens follow the grammar's end, not their own mask bits.
+        let ends: Vec<(usize, f32)> = stop_ids
+            .iter()
+            .chain([&self.eos])
+            .filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l)))
+            .collect();
+        // 32 tokens per mask word: whole words allowed or forbidden at once.
+        let words = mask.as_slice();
         let mut any = false;
-        for (i, l) in logits.iter_mut().enumerate() {
-            let id = i as u32;
-            let allowed = if stop_ids.contains(&id) || id == self.eos { can_end } else { mask.is_allowed(id) };
-            if allowed {
-                any = true;
-            } else {
-                *l = f32::NEG_INFINITY;
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                u32::MAX => any = true,
+                0 => chunk.fill(f32::NEG_INFINITY),
+                bits => {
+                    any = true;
+                    for (b, l) in chunk.iter_mut().enumerate() {
+                        if bits >> b & 1 == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
-        if any {
+        for (id, l) in ends {
+            logits[id] = if can_end { l } else { f32::NEG_INFINITY };
+        }
+        if any || can_end {
             Ok(())
         } else {
             Err(Error::Grammar("the grammar allows no token here".into()))

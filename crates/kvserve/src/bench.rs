@@ -37,6 +37,9 @@ enum BenchWhat {
     /// A seeded multi-agent, multi-turn workload against any
     /// OpenAI-compatible server (`--url`): wall time, TTFT, ITL, cached share.
     Agents(crate::bench_agents::AgentBenchArgs),
+    /// Constrained decoding: decode speed with a JSON schema vs without at
+    /// 1 and 8 streams, and time to first token with a new tool schema.
+    Grammar(crate::bench_grammar::GrammarBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,6 +64,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         BenchWhat::Engine(args) => return crate::bench_engine::bench_engine(args),
         BenchWhat::Tiers(args) => return crate::bench_tiers::bench_tiers(args),
         BenchWhat::Agents(args) => return crate::bench_agents::bench_agents(args),
+        BenchWhat::Grammar(args) => return crate::bench_grammar::bench_grammar(args),
     };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;

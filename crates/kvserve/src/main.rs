@@ -4,6 +4,7 @@
 mod bench;
 mod bench_agents;
 mod bench_engine;
+mod bench_grammar;
 mod bench_tiers;
 mod run;
 mod serve;
