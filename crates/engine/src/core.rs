@@ -638,7 +638,8 @@ impl EngineCore {
                 },
                 None => false,
             };
-            if a.req.stop_ids.contains(&token) {
+            // With a grammar, only the grammar's end ends (above).
+            if a.constraint.is_none() && a.req.stop_ids.contains(&token) {
                 ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
                 continue;
             }

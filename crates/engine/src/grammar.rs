@@ -144,8 +144,9 @@ struct Compiler {
 ///
 /// # Concurrency
 /// Shared by every validating thread. The factory is built once
-/// (`OnceLock`); the cache is one `Mutex` over an LRU, held only to look up
-/// or insert, never while compiling.
+/// (`OnceLock`); the cache is one `Mutex` over an LRU, held to look up,
+/// clone out (a cached parser is cloned under it) or insert, never while
+/// compiling.
 pub(crate) struct Grammars {
     codec: Arc<dyn TextCodec>,
     vocab_size: usize,
@@ -190,10 +191,24 @@ impl Grammars {
         if let Some(parser) = self.cached(&key) {
             return Ok(CompiledGrammar { parser, eos: compiler.eos });
         }
-        let parser = compiler.factory.create_parser(top).map_err(|e| Error::InvalidRequest {
-            field: grammar.field,
-            problem: format!("the grammar does not compile: {}", short(&e.to_string())),
-        })?;
+        // llguidance reports errors as values; a panic inside it on some
+        // input nobody foresaw must still be this request's 400, not a 500.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compiler.factory.create_parser(top)));
+        let parser = match built {
+            Ok(Ok(parser)) => parser,
+            Ok(Err(e)) => {
+                return Err(Error::InvalidRequest {
+                    field: grammar.field,
+                    problem: format!("the grammar does not compile: {}", short(&e.to_string())),
+                })
+            }
+            Err(_) => {
+                return Err(Error::InvalidRequest {
+                    field: grammar.field,
+                    problem: "the grammar could not be compiled".into(),
+                })
+            }
+        };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_ENTRIES {
                 cache.pop_back();
@@ -288,6 +303,8 @@ pub(crate) struct Constraint {
     eos: u32,
     /// The mask for the next token, once computed.
     mask: Option<SimpleVob>,
+    /// At the last [`Constraint::apply`]: the grammar may end here.
+    can_end: bool,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -302,7 +319,7 @@ fn runtime(e: impl std::fmt::Display) -> Error {
 
 impl Constraint {
     pub(crate) fn new(compiled: CompiledGrammar) -> Self {
-        Self { matcher: Matcher::new(Ok(compiled.parser)), eos: compiled.eos, mask: None }
+        Self { matcher: Matcher::new(Ok(compiled.parser)), eos: compiled.eos, mask: None, can_end: false }
     }
 
     /// Computes the next token's mask if it is not known yet. Cheap to call
@@ -324,8 +341,13 @@ impl Constraint {
         let Some(mask) = &self.mask else {
             return Err(runtime(self.matcher.get_error().unwrap_or_else(|| "the grammar failed".into())));
         };
-        let can_end = mask.is_allowed(self.eos);
-        // End tokens follow the grammar's end, not their own mask bits.
+        // "May end" is the grammar's accepting state, not the end token's
+        // mask bit: a client grammar can spell special tokens mid-way.
+        let can_end = self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false);
+        self.can_end = can_end;
+        // End tokens are allowed when the grammar may end; otherwise only
+        // as the mask says (a stop id may be ordinary text the grammar
+        // wants, and is then text, not an end).
         let ends: Vec<(usize, f32)> = stop_ids
             .iter()
             .chain([&self.eos])
@@ -333,13 +355,11 @@ impl Constraint {
             .collect();
         // 32 tokens per mask word: whole words allowed or forbidden at once.
         let words = mask.as_slice();
-        let mut any = false;
         for (w, chunk) in logits.chunks_mut(32).enumerate() {
             match words.get(w).copied().unwrap_or(0) {
-                u32::MAX => any = true,
+                u32::MAX => {}
                 0 => chunk.fill(f32::NEG_INFINITY),
                 bits => {
-                    any = true;
                     for (b, l) in chunk.iter_mut().enumerate() {
                         if bits >> b & 1 == 0 {
                             *l = f32::NEG_INFINITY;
@@ -348,19 +368,25 @@ impl Constraint {
                 }
             }
         }
-        for (id, l) in ends {
-            logits[id] = if can_end { l } else { f32::NEG_INFINITY };
+        if can_end {
+            for (id, l) in ends {
+                logits[id] = l;
+            }
         }
-        if any || can_end {
+        // Nothing finite left (the grammar allows nothing, or the model's
+        // allowed logits are not numbers): an error, never a guess that
+        // could be read as an end.
+        if logits.iter().any(|l| l.is_finite()) {
             Ok(())
         } else {
-            Err(Error::Grammar("the grammar allows no token here".into()))
+            Err(Error::Grammar("no token the grammar allows is possible here".into()))
         }
     }
 
-    /// Whether `token` ends the request as the grammar's end.
+    /// Whether `token` ends the request: an end token where the grammar may
+    /// end (elsewhere a stop id the grammar allowed is text).
     pub(crate) fn is_end(&self, token: u32, stop_ids: &[u32]) -> bool {
-        token == self.eos || stop_ids.contains(&token)
+        self.can_end && (token == self.eos || stop_ids.contains(&token))
     }
 
     /// Advances past `token` (not an end token).

@@ -132,7 +132,7 @@ fn auto_tool_choice_keeps_both_a_call_and_an_answer_open_until_the_model_picks()
         r.logit_bias = vec![(u32::from(first), 100.0)];
         let o = collect_blocking(engine.generate(r).unwrap());
         assert_eq!(o.reason, Some(FinishReason::Stop), "{o:?}");
-        match parse_reply(&o.text) {
+        match parse_reply(&o.text, false) {
             Some(Reply::Calls(calls)) if want_call => {
                 assert_eq!(calls[0].name, "get_weather");
                 let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).expect("arguments parse");
@@ -146,7 +146,7 @@ fn auto_tool_choice_keeps_both_a_call_and_an_answer_open_until_the_model_picks()
     let mut r = constrained("call!", tool_grammar(ToolChoice::Required), 80);
     r.logit_bias = vec![(u32::from(b'r'), 100.0)];
     let o = collect_blocking(engine.generate(r).unwrap());
-    assert!(matches!(parse_reply(&o.text), Some(Reply::Calls(_))), "{o:?}");
+    assert!(matches!(parse_reply(&o.text, false), Some(Reply::Calls(_))), "{o:?}");
 }
 
 /// The fake codec plus one two-byte token, `"xy"` (id 200, which the byte
@@ -232,4 +232,15 @@ fn an_agents_next_turn_keeps_the_tokens_it_generated_not_their_canonical_spellin
     // token.
     let computed = first.usage.prompt_tokens + first.usage.completion_tokens - 1;
     assert_eq!(second.usage.cached_tokens, computed, "{second:?}");
+}
+
+/// A stop id that is ordinary text the grammar needs is text there, not an
+/// end that would report an incomplete structure as complete.
+#[test]
+fn a_stop_id_the_grammar_needs_as_text_does_not_end_the_answer_early() {
+    let (engine, _) = fake_engine(16, 64, config());
+    let mut r = constrained("q", GrammarSpec::Regex("ab".into()), 10);
+    r.stop_token_ids = vec![u32::from(b'a'), u32::from(b'b')];
+    let o = collect_blocking(engine.generate(r).unwrap());
+    assert_eq!((o.text.as_str(), o.reason), ("ab", Some(FinishReason::Stop)), "{o:?}");
 }

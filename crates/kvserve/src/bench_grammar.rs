@@ -126,7 +126,7 @@ fn tool_request(salt: usize, constrained: bool) -> Result<Request> {
         Turn { role: "system".into(), content: format!("Session {salt}. You keep the register."), ..Turn::default() },
         Turn { role: "user".into(), content: "A ship brought 40 crates of tea from Ceylon.".into(), ..Turn::default() },
     ];
-    let messages = engine::tools::render_generic(&turns, std::slice::from_ref(&spec));
+    let messages = engine::tools::render_generic(&turns, std::slice::from_ref(&spec), false);
     let mut r = Request::new(Prompt::Chat(messages));
     r.sampling = SamplingParams::greedy();
     r.max_tokens = Some(1);

@@ -137,8 +137,10 @@ fn tools_text(tools: &[ToolSpec]) -> String {
 }
 
 /// The conversation as plain chat messages in the generic format (see the
-/// module doc).
-pub fn render_generic(turns: &[Turn], tools: &[ToolSpec]) -> Vec<Message> {
+/// module doc). `structured`: answers are JSON values (a `response_format`
+/// beside the tools), rendered as the JSON they are. Without tools, plain
+/// answers stay plain text (only calls and results need the format).
+pub fn render_generic(turns: &[Turn], tools: &[ToolSpec], structured: bool) -> Vec<Message> {
     let mut out = Vec::with_capacity(turns.len() + 1);
     let described = tools_text(tools);
     let mut rest = turns;
@@ -153,7 +155,12 @@ pub fn render_generic(turns: &[Turn], tools: &[ToolSpec]) -> Vec<Message> {
     for (i, t) in rest.iter().enumerate() {
         let message = match t.role.as_str() {
             "assistant" if !t.tool_calls.is_empty() => Message::new("assistant", calls_text(&t.tool_calls)),
-            "assistant" => Message::new("assistant", format!("{{\"response\": {}}}", json_string(&t.content))),
+            "assistant" if tools.is_empty() => Message::new("assistant", t.content.clone()),
+            "assistant" => {
+                let json = structured && serde_json::from_str::<serde_json::Value>(&t.content).is_ok();
+                let value = if json { t.content.clone() } else { json_string(&t.content) };
+                Message::new("assistant", format!("{{\"response\": {value}}}"))
+            }
             "tool" => {
                 let name = t
                     .tool_call_id
@@ -271,8 +278,9 @@ struct RawReply<'a> {
 }
 
 /// Reads a reply the grammar produced; `None` when `text` is not one (an
-/// output cut short by `max_tokens`).
-pub fn parse_reply(text: &str) -> Option<Reply> {
+/// output cut short by `max_tokens`). `structured`: the answer is a JSON
+/// value, returned as its JSON text (as without tools); otherwise a string.
+pub fn parse_reply(text: &str, structured: bool) -> Option<Reply> {
     let raw: RawReply<'_> = serde_json::from_str(text).ok()?;
     if let Some(calls) = raw.tool_calls {
         return Some(Reply::Calls(
@@ -284,8 +292,8 @@ pub fn parse_reply(text: &str) -> Option<Reply> {
     }
     let response = raw.response?;
     Some(Reply::Answer(match serde_json::from_str::<String>(response.get()) {
-        Ok(s) => s,
-        Err(_) => response.get().to_owned(),
+        Ok(s) if !structured => s,
+        _ => response.get().to_owned(),
     }))
 }
 
@@ -321,7 +329,7 @@ mod tests {
             },
             Turn { role: "assistant".into(), content: "It is 3°C.".into(), ..Turn::default() },
         ];
-        let m = render_generic(&turns, &[weather()]);
+        let m = render_generic(&turns, &[weather()], false);
         assert_eq!(m.len(), 5);
         assert!(m[0].content.starts_with("Be brief.\n\nYou can call these tools:\n{\"name\":\"get_weather\""));
         assert_eq!(
@@ -336,13 +344,20 @@ mod tests {
     #[test]
     fn a_reply_reads_back_with_its_arguments_verbatim() {
         let text = "{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]}";
-        let Some(Reply::Calls(calls)) = parse_reply(text) else { panic!("calls") };
+        let Some(Reply::Calls(calls)) = parse_reply(text, false) else { panic!("calls") };
         assert_eq!(calls[0].arguments, "{\"city\": \"Oslo\"}");
         // Rendered back, it is the same text: the next turn hits the cache.
         let turn = Turn { role: "assistant".into(), tool_calls: calls, ..Turn::default() };
-        assert_eq!(render_generic(&[turn], &[])[0].content, text);
-        assert_eq!(parse_reply("{\"response\": \"hi \\\"x\\\"\"}"), Some(Reply::Answer("hi \"x\"".into())));
-        assert_eq!(parse_reply("{\"tool_calls\": [{\"name\": \"get_w"), None);
+        assert_eq!(render_generic(&[turn], &[], false)[0].content, text);
+        assert_eq!(parse_reply("{\"response\": \"hi \\\"x\\\"\"}", false), Some(Reply::Answer("hi \"x\"".into())));
+        assert_eq!(parse_reply("{\"tool_calls\": [{\"name\": \"get_w", false), None);
+        // A structured answer comes back, and renders back, as its JSON.
+        let answer = "{\"response\": \"hello\"}";
+        assert_eq!(parse_reply(answer, true), Some(Reply::Answer("\"hello\"".into())));
+        let turn = Turn { role: "assistant".into(), content: "\"hello\"".into(), ..Turn::default() };
+        assert_eq!(render_generic(std::slice::from_ref(&turn), &[weather()], true)[1].content, answer);
+        // Without tools, a plain answer in a tool history stays plain.
+        assert_eq!(render_generic(&[turn], &[], false)[0].content, "\"hello\"");
     }
 
     #[test]

@@ -50,6 +50,8 @@ struct Meta {
     /// The reply is in the generic tool format: read back into
     /// `tool_calls` (`structured.rs`), streamed once complete.
     tool_reply: bool,
+    /// Its plain answers are JSON values.
+    structured_answer: bool,
 }
 
 fn header_agent(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -81,7 +83,12 @@ pub(crate) async fn chat(
         return Err(ApiError::invalid("top_logprobs", "needs logprobs: true"));
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
-    let shape = Shape { grammar: plan.grammar, tool_reply: plan.tool_reply, logprobs };
+    let shape = Shape {
+        grammar: plan.grammar,
+        tool_reply: plan.tool_reply,
+        structured_answer: plan.structured_answer,
+        logprobs,
+    };
     respond(&state, Kind::Chat, req.common, Prompt::Chat(plan.messages), tenant, &headers, shape).await
 }
 
@@ -89,6 +96,7 @@ pub(crate) async fn chat(
 struct Shape {
     grammar: Option<engine::Grammar>,
     tool_reply: bool,
+    structured_answer: bool,
     logprobs: Option<usize>,
 }
 
@@ -101,7 +109,7 @@ pub(crate) async fn completion(
 ) -> Result<Response, ApiError> {
     let prompt = req.prompt()?;
     let grammar = req.common.guided.grammar()?;
-    let shape = Shape { grammar, tool_reply: false, logprobs: None };
+    let shape = Shape { grammar, tool_reply: false, structured_answer: false, logprobs: None };
     respond(&state, Kind::Text, req.common, prompt, tenant, &headers, shape).await
 }
 
@@ -116,7 +124,7 @@ async fn respond(
     shape: Shape,
 ) -> Result<Response, ApiError> {
     let (stream, include_usage) = (common.stream, common.stream_options.as_ref().is_some_and(|o| o.include_usage));
-    let Shape { grammar, tool_reply, logprobs } = shape;
+    let Shape { grammar, tool_reply, structured_answer, logprobs } = shape;
     let mut request =
         common.into_request(prompt, grammar, &state.model_name, tenant, header_agent(headers)?, state.max_priority)?;
     request.sampling.logprobs = logprobs;
@@ -128,6 +136,7 @@ async fn respond(
         include_usage,
         logprobs,
         tool_reply,
+        structured_answer,
     };
     let mut events = state.engine.submit(validate(state, request).await.map_err(|e| for_kind(kind, e))?)?;
     // What can refuse the request on its way in (agent limit, quota) is
@@ -181,7 +190,7 @@ fn for_kind(kind: Kind, mut e: ApiError) -> ApiError {
 /// calls read back when the reply is in the tool format and complete.
 fn chat_message(meta: &Meta, text: String, reason: FinishReason) -> (serde_json::Value, &'static str) {
     if meta.tool_reply && reason == FinishReason::Stop {
-        match crate::structured::read_reply(&text) {
+        match crate::structured::read_reply(&text, meta.structured_answer) {
             Some(crate::structured::ToolReply::Calls(calls)) => {
                 let calls = crate::structured::calls_json(&calls, false);
                 return (json!({"role": "assistant", "content": null, "tool_calls": calls}), "tool_calls");
@@ -350,10 +359,14 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
             match phase {
                 Phase::Start(events) => {
                     let first = match meta.kind {
-                        Kind::Chat => meta.chunk(
-                            vec![json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
-                            None,
-                        ),
+                        Kind::Chat => {
+                            // A tool reply may have no content at all.
+                            let content = if meta.tool_reply { json!(null) } else { json!("") };
+                            meta.chunk(
+                                vec![json!({"index": 0, "delta": {"role": "assistant", "content": content}, "logprobs": null, "finish_reason": null})],
+                                None,
+                            )
+                        }
                         Kind::Text => meta.chunk(vec![meta.text_choice("", None, None)], None),
                     };
                     Some((Ok(first), Phase::Running(events, String::new())))

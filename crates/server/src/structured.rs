@@ -192,6 +192,8 @@ pub(crate) struct Plan {
     pub(crate) grammar: Option<Grammar>,
     /// The reply is in the generic tool format and must be read back.
     pub(crate) tool_reply: bool,
+    /// Its answers are JSON values (a `response_format` beside tools).
+    pub(crate) structured_answer: bool,
 }
 
 /// The fields of a chat request that shape its output.
@@ -217,7 +219,7 @@ pub(crate) fn plan(turns: Vec<Turn>, asked: Asked<'_>) -> Result<Plan, ApiError>
     let tool_history = turns.iter().any(|t| t.role == "tool" || !t.tool_calls.is_empty());
     let Some(choice) = choice else {
         let messages = if tool_history {
-            tools::render_generic(&turns, &[])
+            tools::render_generic(&turns, &[], false)
         } else {
             turns.into_iter().map(|t| engine::Message::new(t.role, t.content)).collect()
         };
@@ -226,7 +228,7 @@ pub(crate) fn plan(turns: Vec<Turn>, asked: Asked<'_>) -> Result<Plan, ApiError>
             Format::JsonObject => Some(Grammar::new(GrammarSpec::JsonObject, "response_format")),
             Format::Schema(s) => Some(Grammar::new(GrammarSpec::JsonSchema(s), "response_format")),
         };
-        return Ok(Plan { messages, grammar, tool_reply: false });
+        return Ok(Plan { messages, grammar, tool_reply: false, structured_answer: false });
     };
     let answer = match format {
         Format::Text => None,
@@ -237,9 +239,10 @@ pub(crate) fn plan(turns: Vec<Turn>, asked: Asked<'_>) -> Result<Plan, ApiError>
     let lark = tools::grammar(&specs, &choice, parallel, answer.as_ref(), &engine::json_layout())
         .map_err(|e| invalid("tool_choice", e))?;
     Ok(Plan {
-        messages: tools::render_generic(&turns, &specs),
+        messages: tools::render_generic(&turns, &specs, answer.is_some()),
         grammar: Some(Grammar::new(GrammarSpec::Lark(lark), "tools")),
         tool_reply: true,
+        structured_answer: answer.is_some(),
     })
 }
 
@@ -253,8 +256,8 @@ pub(crate) enum ToolReply {
 
 /// Reads back the reply text; `None` when it is incomplete (cut by
 /// `max_tokens`): the caller reports the raw text with `length`.
-pub(crate) fn read_reply(text: &str) -> Option<ToolReply> {
-    Some(match tools::parse_reply(text)? {
+pub(crate) fn read_reply(text: &str, structured: bool) -> Option<ToolReply> {
+    Some(match tools::parse_reply(text, structured)? {
         Reply::Calls(calls) => ToolReply::Calls(
             calls
                 .into_iter()
