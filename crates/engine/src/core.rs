@@ -401,15 +401,19 @@ impl EngineCore {
         let tiers = &mut self.tiers;
         let mut stash = |storage: &mut dyn kv::BlockStorage, evicted| tier_ops::stash(tiers, storage, evicted);
         // Constrained rows' masks depend only on the tokens generated so
-        // far: compute them all together while the forward pass runs.
+        // far: one helper thread computes them all while the forward pass
+        // runs (tens to hundreds of microseconds each; not through rayon,
+        // whose workers the forward pass keeps busy, so a mask job queued
+        // there would wait for them).
         let mut constrained: Vec<(usize, Constraint)> =
             plan.iter().filter_map(|&(i, _)| self.running[i].constraint.take().map(|c| (i, c))).collect();
         let (model, cache) = (self.model.as_mut(), &mut self.cache);
         let result = std::thread::scope(|scope| {
             let masks = (!constrained.is_empty()).then(|| {
                 scope.spawn(|| {
-                    use rayon::prelude::*;
-                    constrained.par_iter_mut().for_each(|(_, c)| c.prepare());
+                    for (_, c) in constrained.iter_mut() {
+                        c.prepare();
+                    }
                 })
             });
             let result = crate::txn::run_step(model, cache, &refs, &mut stash);

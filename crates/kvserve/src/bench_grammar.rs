@@ -4,7 +4,8 @@
 //!    concurrent streams (all eight constrained together). Constrained
 //!    answers end when their structure does, so the rate is taken from each
 //!    request's own decode time: tokens after the first over the time from
-//!    the first token to the last, summed over the streams that ran together.
+//!    the first token to the last, summed over the streams that ran together;
+//!    free and constrained rounds alternate, and the medians are reported.
 //! 2. Time to first token of a ~100-token chat prompt with a new tool of 10
 //!    properties (compiling its grammar included: every repetition names
 //!    other properties, so nothing comes from the grammar cache), against the
@@ -30,6 +31,10 @@ pub(crate) struct GrammarBenchArgs {
     /// reported).
     #[arg(long, default_value_t = 7)]
     reps: usize,
+    /// Alternated rounds of free and constrained decoding per batch size
+    /// (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 /// One request's first-token time and decode rate inputs.
@@ -158,10 +163,20 @@ pub(crate) fn bench_grammar(args: GrammarBenchArgs) -> Result<()> {
     println!("| streams | unconstrained tok/s | JSON-schema tok/s | ratio | tokens (free / constrained) |");
     println!("|---|---|---|---|---|");
     for n in [1, 8] {
-        let free = together(&engine, (0..n).map(|i| ask(100 + i, args.tokens, false)).collect())?;
-        let json = together(&engine, (0..n).map(|i| ask(200 + i, args.tokens, true)).collect())?;
-        let ((fr, ft), (jr, jt)) = (rate(&free), rate(&json));
-        println!("| {n} | {fr:.1} | {jr:.1} | {:.2} | {ft} / {jt} |", jr / fr.max(1e-9));
+        // Alternated rounds, medians: this machine's speed drifts by more
+        // than the difference being measured.
+        let (mut frs, mut jrs, mut counts) = (Vec::new(), Vec::new(), (0, 0));
+        for round in 0..args.rounds {
+            let salt = 100 + round * 20;
+            let free = together(&engine, (0..n).map(|i| ask(salt + i, args.tokens, false)).collect())?;
+            let json = together(&engine, (0..n).map(|i| ask(salt + 10 + i, args.tokens, true)).collect())?;
+            let ((fr, ft), (jr, jt)) = (rate(&free), rate(&json));
+            frs.push(fr);
+            jrs.push(jr);
+            counts = (counts.0 + ft, counts.1 + jt);
+        }
+        let (fr, jr) = (median(frs), median(jrs));
+        println!("| {n} | {fr:.1} | {jr:.1} | {:.2} | {} / {} |", jr / fr.max(1e-9), counts.0, counts.1);
     }
 
     let mut plain = Vec::new();
