@@ -14,7 +14,9 @@
 //! * **Speed** comes from SIMD for the integer dot (AVX2 `maddubs`/`madd`,
 //!   or AVX-512 VNNI `dpbusd` on 256-bit lanes), from computing eight output
 //!   columns at once, one per f32 lane (so each column's block-by-block float
-//!   sum needs no horizontal adds; see `tile_simd`), and from splitting
+//!   sum needs no horizontal adds; see `tile_simd`), from unpacking each
+//!   weight tile once for eight activation rows (prefill and batched
+//!   decode; each row's arithmetic unchanged), and from splitting
 //!   output columns over the one rayon pool. The instruction set is picked
 //!   at run time (`is_x86_feature_detected!`); a scalar path runs everywhere,
 //!   is the reference, and serves the last columns of a matrix whose width
@@ -34,6 +36,9 @@ pub const BLOCK: usize = 32;
 const ROWS: usize = 4;
 /// Output columns the tiled SIMD kernels compute together, one per f32 lane.
 const TILE: usize = 8;
+/// Activation rows the tiled SIMD kernels compute together, sharing each
+/// unpacked weight tile (prefill, batched decode).
+const ROW_TILE: usize = 8;
 /// Fewest output columns per parallel task (smaller tasks cost more in
 /// scheduling than they gain in balance).
 const MIN_COLS_PER_TASK: usize = 32;
@@ -517,7 +522,7 @@ fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{block_scale, Q4_1Matrix, Q8Acts, BLOCK, ROWS, TILE};
+    use super::{block_scale, Q4_1Matrix, Q8Acts, BLOCK, ROWS, ROW_TILE, TILE};
 
     /// [`super::quantize_block`] with AVX2, equal to it for finite inputs:
     /// the same products `x · (1/d)`, rounded half away from zero as
@@ -634,44 +639,57 @@ mod x86 {
             let codes = &w.codes[t * nb * TILE * 16..(t + 1) * nb * TILE * 16];
             let (scale, min) =
                 (&w.scale[t * nb * TILE..(t + 1) * nb * TILE], &w.min[t * nb * TILE..(t + 1) * nb * TILE]);
-            for r in 0..acts.m {
-                let (xrow, prow) = (r * acts.k, r * nb);
-                let mut acc = _mm256_setzero_ps();
-                let add_term = |acc: __m256, dots: __m256i, b: usize| {
-                    let t = _mm256_add_ps(
-                        _mm256_mul_ps(
-                            _mm256_mul_ps(_mm256_cvtepi32_ps(dots), load_f32(scale, b * TILE)),
-                            _mm256_set1_ps(acts.scale[prow + b]),
-                        ),
-                        _mm256_mul_ps(load_f32(min, b * TILE), _mm256_set1_ps(acts.sum[prow + b])),
-                    );
-                    _mm256_add_ps(acc, t)
-                };
+            let add_term = |acc: __m256, dots: __m256i, b: usize, prow: usize| {
+                let t = _mm256_add_ps(
+                    _mm256_mul_ps(
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(dots), load_f32(scale, b * TILE)),
+                        _mm256_set1_ps(acts.scale[prow + b]),
+                    ),
+                    _mm256_mul_ps(load_f32(min, b * TILE), _mm256_set1_ps(acts.sum[prow + b])),
+                );
+                _mm256_add_ps(acc, t)
+            };
+            // [`ROW_TILE`] activation rows share each unpacked pair of weight
+            // blocks; every row's arithmetic is the same as alone (its own
+            // accumulator, blocks in order), so the bits do not depend on
+            // how many rows are computed together.
+            for r0 in (0..acts.m).step_by(ROW_TILE) {
+                let rows = ROW_TILE.min(acts.m - r0);
+                let mut acc = [_mm256_setzero_ps(); ROW_TILE];
                 for p in 0..nb / 2 {
                     let wq = &codes[p * TILE * 32..(p + 1) * TILE * 32];
-                    let lo = load(xp, xrow + p * 2 * BLOCK);
-                    let hi = load(xp, xrow + p * 2 * BLOCK + BLOCK);
-                    let v: [__m256i; TILE] = std::array::from_fn(|c| $pair(unpack_pair(&wq[c * 32..]), lo, hi));
-                    // Lanes: [c0 c1 c2 c3 of the first block | the same of the second].
-                    let g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-                    let g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-                    acc = add_term(acc, _mm256_permute2x128_si256(g0, g1, 0x20), 2 * p);
-                    acc = add_term(acc, _mm256_permute2x128_si256(g0, g1, 0x31), 2 * p + 1);
+                    let wv: [(__m256i, __m256i); TILE] = std::array::from_fn(|c| unpack_pair(&wq[c * 32..]));
+                    for (i, acc) in acc.iter_mut().enumerate().take(rows) {
+                        let r = r0 + i;
+                        let (xrow, prow) = (r * acts.k, r * nb);
+                        let lo = load(xp, xrow + p * 2 * BLOCK);
+                        let hi = load(xp, xrow + p * 2 * BLOCK + BLOCK);
+                        let v: [__m256i; TILE] = std::array::from_fn(|c| $pair(wv[c], lo, hi));
+                        // Lanes: [c0 c1 c2 c3 of the first block | the same of the second].
+                        let g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                        let g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+                        *acc = add_term(*acc, _mm256_permute2x128_si256(g0, g1, 0x20), 2 * p, prow);
+                        *acc = add_term(*acc, _mm256_permute2x128_si256(g0, g1, 0x31), 2 * p + 1, prow);
+                    }
                 }
-                if nb % 2 == 1 {
-                    // An odd last block: 16 bytes per column; its activations
-                    // keep their natural order.
-                    let b = nb - 1;
-                    let wq = &codes[b * TILE * 16..];
-                    let a = load(&acts.codes, xrow + b * BLOCK);
-                    let v: [__m256i; TILE] = std::array::from_fn(|c| $dot(unpack(&wq[c * 16..]), a));
-                    acc = add_term(acc, sum8(&v), b);
-                }
-                let mut sums = [0f32; TILE];
-                // SAFETY: `sums` holds 8 f32, unaligned store.
-                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
-                for (c, v) in sums.into_iter().enumerate() {
-                    out[c * acts.m + r] = v;
+                for (i, acc) in acc.iter_mut().enumerate().take(rows) {
+                    let r = r0 + i;
+                    let (xrow, prow) = (r * acts.k, r * nb);
+                    if nb % 2 == 1 {
+                        // An odd last block: 16 bytes per column; its
+                        // activations keep their natural order.
+                        let b = nb - 1;
+                        let wq = &codes[b * TILE * 16..];
+                        let a = load(&acts.codes, xrow + b * BLOCK);
+                        let v: [__m256i; TILE] = std::array::from_fn(|c| $dot(unpack(&wq[c * 16..]), a));
+                        *acc = add_term(*acc, sum8(&v), b, prow);
+                    }
+                    let mut sums = [0f32; TILE];
+                    // SAFETY: `sums` holds 8 f32, unaligned store.
+                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), *acc) };
+                    for (c, v) in sums.into_iter().enumerate() {
+                        out[c * acts.m + r] = v;
+                    }
                 }
             }
         }};
@@ -781,7 +799,7 @@ mod tests {
             let q = QTensor::quantize(&wf, GgmlDType::Q4_1).unwrap();
             let ours = Q4_1Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
-            for m in [1, 2, 3, 4, 5, 7, 9] {
+            for m in [1, 2, 3, 4, 5, 7, 8, 9, 17, 70] {
                 let x = rand(m * k, (m * 1000 + k) as u64);
                 let expected: Vec<f32> = theirs
                     .forward(&Tensor::from_vec(x.clone(), (m, k), &dev).unwrap())
