@@ -1,12 +1,13 @@
 //! The engine over the default model (fetched on first use): multi-turn
-//! greedy output does not depend on the prefix cache, and an agent's next
-//! turn prefills only its new tokens.
+//! greedy output does not depend on the prefix cache nor on the other
+//! requests in the batch, and an agent's next turn prefills only its new
+//! tokens.
 //!
-//! The quantized kernels are pinned (`MatmulPath::Kernels`): their per-row
-//! results do not depend on how rows are batched, so a prompt prefilled
-//! whole and one prefilled on top of cached K/V give bit-identical logits.
-//! (The measured dispatch may pick a dense GEMM for a large prefill, whose
-//! rounding differs.)
+//! The quantized kernels (`MatmulPath::Kernels`, the default) compute each
+//! row the same whatever the batch, so a prompt prefilled whole, one
+//! prefilled on top of cached K/V and one decoded beside other requests
+//! give bit-identical logits. (The opt-in measured dispatch may pick a
+//! dense GEMM for a large prefill, whose rounding differs.)
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -120,4 +121,42 @@ async fn greedy_output_is_identical_from_the_pool_from_ram_from_disk_and_after_a
     for u in [u2, u3, u4] {
         assert!(u.cached_tokens + 16 + 20 >= u.prompt_tokens, "all but the partial block and the new message: {u:?}");
     }
+}
+
+/// Batch invariance through the engine: the same greedy request alone,
+/// beside seven others (their prompts of other lengths, arriving together
+/// so prefill chunks and decodes mix), and with its prefix cached.
+#[tokio::test]
+async fn greedy_output_is_identical_alone_in_a_busy_batch_and_from_the_cache() {
+    let ask = |text: &str| {
+        let mut r = Request::new(Prompt::Chat(vec![
+            Message::new("system", "You are a helpful assistant who answers in full sentences."),
+            Message::new("user", text),
+        ]));
+        r.sampling = SamplingParams::greedy();
+        r.max_tokens = Some(32);
+        r
+    };
+    let question = "Explain in two sentences why the sky is blue.";
+    let alone = collect(real_engine(false).generate(ask(question)).unwrap()).await;
+    let engine = real_engine(true);
+    let others = [
+        "Name three rivers in Europe.",
+        "What is 17 times 23?",
+        "Write a haiku about the sea, then explain it at length in plain words for a child.",
+        "Hi",
+        "List the planets of the solar system in order from the sun.",
+        "Why do cats purr?",
+        "Translate 'good morning' into French, Spanish and German.",
+    ];
+    let mut streams = vec![engine.generate(ask(question)).unwrap()];
+    streams.extend(others.iter().map(|o| engine.generate(ask(o)).unwrap()));
+    let mut busy = Vec::new();
+    for s in streams {
+        busy.push(collect(s).await);
+    }
+    let cached = collect(engine.generate(ask(question)).unwrap()).await;
+    assert!(cached.usage.cached_tokens > 0, "{:?}", cached.usage);
+    assert_eq!(alone.tokens, busy[0].tokens, "alone vs in a batch of eight");
+    assert_eq!(alone.tokens, cached.tokens, "cold vs prefix cached");
 }

@@ -32,9 +32,13 @@ pub enum MatmulPath {
     /// Measured dispatch (`dispatch.rs`): for Q4_1 weights, kvserve's
     /// kernels (with this instruction set) or a dense f32 GEMM over weights
     /// dequantized at load, whichever has measured cheaper for the shape and
-    /// batch; kvserve's kernels for Q8_0; candle for other types. The default.
+    /// batch; kvserve's kernels for Q8_0; candle for other types. Opt-in
+    /// (`KVSERVE_MATMUL=auto`): a row's bits then depend on its batch.
     Auto(Isa),
     /// kvserve's kernels for Q4_1 and Q8_0, always; candle for the rest.
+    /// The default: each output row is computed the same way whatever the
+    /// batch (batch-invariant greedy output), and no dense copy of the
+    /// weights is kept.
     Kernels(Isa),
     /// Dense f32 GEMM for Q4_1, always; candle for the rest.
     Dense,
@@ -43,17 +47,20 @@ pub enum MatmulPath {
 }
 
 impl MatmulPath {
-    /// Measured dispatch with the best kernels for this CPU, unless
-    /// `KVSERVE_MATMUL` overrides it: `auto`, `kernels`, `dense`, `candle`,
-    /// or an instruction set for the kernels (`scalar`, `avx2`, `avx512`).
+    /// kvserve's kernels with the best instruction set for this CPU
+    /// (chosen once; every instruction set gives the same bits), unless
+    /// `KVSERVE_MATMUL` overrides it: `auto` (the measured dispatch, which
+    /// may switch paths between batches and so is not batch-invariant),
+    /// `kernels`, `dense`, `candle`, or an instruction set for the kernels
+    /// (`scalar`, `avx2`, `avx512`).
     ///
     /// # Errors
     /// [`Error::InvalidBatch`] for an unknown value or an instruction set
     /// this CPU lacks.
     pub fn from_env() -> Result<Self> {
         let path = match std::env::var("KVSERVE_MATMUL").as_deref() {
-            Err(_) | Ok("" | "auto") => Self::Auto(Isa::detect()),
-            Ok("kernels") => Self::Kernels(Isa::detect()),
+            Err(_) | Ok("" | "kernels") => Self::Kernels(Isa::detect()),
+            Ok("auto") => Self::Auto(Isa::detect()),
             Ok("dense") => Self::Dense,
             Ok("candle") => Self::Candle,
             Ok("scalar") => Self::Kernels(Isa::Scalar),

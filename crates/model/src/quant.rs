@@ -822,6 +822,34 @@ mod tests {
         }
     }
 
+    /// Batch invariance: row `r` of an `m`-row product has the bits of the
+    /// same row computed alone, for every row count up to 64 and beyond a
+    /// row tile, on every instruction set.
+    #[test]
+    fn each_row_is_bit_identical_to_the_row_computed_alone() {
+        let (n, k) = (40, 192);
+        let wf = Tensor::from_vec(rand(n * k, 91), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&wf, GgmlDType::Q4_1).unwrap();
+        let w = Q4_1Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap();
+        let q8 = QTensor::quantize(&wf, GgmlDType::Q8_0).unwrap();
+        let w8 = Q8_0Matrix::from_ggml_bytes(&q8.data().unwrap(), n, k).unwrap();
+        let x = rand(67 * k, 17);
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
+            let alone: Vec<Vec<f32>> = (0..67).map(|r| matmul(&w, &x[r * k..(r + 1) * k], 1, isa).unwrap()).collect();
+            let alone8: Vec<Vec<f32>> =
+                (0..67).map(|r| matmul_q8_0(&w8, &x[r * k..(r + 1) * k], 1, isa).unwrap()).collect();
+            for m in (1..=64).chain([67]) {
+                let got = matmul(&w, &x[..m * k], m, isa).unwrap();
+                let got8 = matmul_q8_0(&w8, &x[..m * k], m, isa).unwrap();
+                for r in 0..m {
+                    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same(&got[r * n..(r + 1) * n], &alone[r]), "Q4_1 {isa:?} m={m} row {r}");
+                    assert!(same(&got8[r * n..(r + 1) * n], &alone8[r]), "Q8_0 {isa:?} m={m} row {r}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn q8_0_kernels_match_candle() {
         let dev = Device::Cpu;
