@@ -55,7 +55,7 @@ use model::{Model, TextCodec};
 use crate::agents::{AgentKey, Agents};
 use crate::engine::EventSender;
 use crate::error::{Error, Result};
-use crate::grammar::{Accepted, Constraint};
+use crate::grammar::{Accepted, Constraint, MaskWorker};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
 use crate::sampling::Sampler;
@@ -203,6 +203,9 @@ pub(crate) struct EngineCore {
     stats: EngineStats,
     rate: RateWindow,
     counter: u64,
+    /// Computes grammar masks beside the forward pass (started on the first
+    /// constrained step).
+    masks: Option<MaskWorker>,
 }
 
 impl EngineCore {
@@ -224,6 +227,7 @@ impl EngineCore {
             stats: EngineStats::default(),
             rate: RateWindow::default(),
             counter: 0,
+            masks: None,
         }
     }
 
@@ -401,28 +405,38 @@ impl EngineCore {
         let tiers = &mut self.tiers;
         let mut stash = |storage: &mut dyn kv::BlockStorage, evicted| tier_ops::stash(tiers, storage, evicted);
         // Constrained rows' masks depend only on the tokens generated so
-        // far: one helper thread computes them all while the forward pass
-        // runs (tens to hundreds of microseconds each; not through rayon,
-        // whose workers the forward pass keeps busy, so a mask job queued
-        // there would wait for them).
-        let mut constrained: Vec<(usize, Constraint)> =
+        // far: the mask worker computes them all while the forward pass runs
+        // (tens to hundreds of microseconds each; not through rayon, whose
+        // workers the forward pass keeps busy).
+        let constrained: Vec<(usize, Constraint)> =
             plan.iter().filter_map(|&(i, _)| self.running[i].constraint.take().map(|c| (i, c))).collect();
+        if !constrained.is_empty() && self.masks.is_none() {
+            self.masks = MaskWorker::start();
+        }
         let (model, cache) = (self.model.as_mut(), &mut self.cache);
-        let result = std::thread::scope(|scope| {
-            let masks = (!constrained.is_empty()).then(|| {
-                scope.spawn(|| {
-                    for (_, c) in constrained.iter_mut() {
-                        c.prepare();
-                    }
-                })
-            });
-            let result = crate::txn::run_step(model, cache, &refs, &mut stash);
-            if let Some(Err(_)) = masks.map(std::thread::ScopedJoinHandle::join) {
-                tracing::error!("computing grammar masks panicked");
+        let (handed, mut kept) = match (&self.masks, constrained.is_empty()) {
+            (Some(worker), false) => match worker.send(constrained) {
+                Ok(()) => (true, Vec::new()),
+                Err(back) => (false, back),
+            },
+            (_, _) => (false, constrained),
+        };
+        let result = crate::txn::run_step(model, cache, &refs, &mut stash);
+        if handed {
+            match self.masks.as_ref().and_then(MaskWorker::recv) {
+                Some(back) => kept = back,
+                None => {
+                    // Their constraints went with the worker: these rows
+                    // must not go on unconstrained.
+                    self.masks = None;
+                    let err = Error::Grammar("the mask worker stopped".into());
+                    tracing::error!("the grammar mask worker stopped");
+                    self.fail_planned(&plan, &err);
+                    return true;
+                }
             }
-            result
-        });
-        for (i, c) in constrained {
+        }
+        for (i, c) in kept {
             self.running[i].constraint = Some(c);
         }
         match result {

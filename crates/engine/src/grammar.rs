@@ -27,9 +27,9 @@
 //!   compiled parser, lexer caches included, instead of compiling again.
 //! - **Per request, a [`Constraint`]**: the matcher, and the mask for the
 //!   next token. The engine computes the masks of every constrained row of a
-//!   step together, on a helper thread, while the forward pass runs
-//!   (`core.rs`): a mask depends only on the tokens already generated, which
-//!   are known before the step starts.
+//!   step together, on one long-lived helper thread ([`MaskWorker`]), while
+//!   the forward pass runs (`core.rs`): a mask depends only on the tokens
+//!   already generated, which are known before the step starts.
 //! - **Sampling** (`sampling.rs`) applies the mask after `logit_bias` and the
 //!   penalties: forbidden tokens become `-inf`, so a bias never re-enables a
 //!   token the grammar forbids.
@@ -288,6 +288,58 @@ impl std::fmt::Debug for CompiledGrammar {
     }
 }
 
+/// Computes the masks of a step's constrained rows on a thread of its own
+/// while the engine thread runs the forward pass (started once, on first
+/// use; a thread per step would pay for a new stack every step).
+///
+/// # Concurrency
+/// The engine thread hands over the step's constraints and takes them back
+/// before it samples; between the two it does not touch them. A panic while
+/// computing one mask is caught and leaves that constraint without a mask,
+/// so its request fails with [`Error::Grammar`]; the thread goes on.
+pub(crate) struct MaskWorker {
+    jobs: std::sync::mpsc::Sender<Vec<(usize, Constraint)>>,
+    done: std::sync::mpsc::Receiver<Vec<(usize, Constraint)>>,
+}
+
+impl MaskWorker {
+    /// The worker, or `None` if no thread can be started (masks are then
+    /// computed on the engine thread).
+    pub(crate) fn start() -> Option<Self> {
+        let (jobs, inbox) = std::sync::mpsc::channel::<Vec<(usize, Constraint)>>();
+        let (outbox, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("kvserve-masks".into())
+            .spawn(move || {
+                for mut batch in inbox {
+                    for (_, c) in &mut batch {
+                        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.prepare())).is_ok();
+                        if !ok {
+                            c.mask = None;
+                            c.poisoned = true;
+                        }
+                    }
+                    if outbox.send(batch).is_err() {
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Self { jobs, done })
+    }
+
+    /// Hands `batch` over; gives it back if the worker is gone.
+    pub(crate) fn send(&self, batch: Vec<(usize, Constraint)>) -> Result<(), Vec<(usize, Constraint)>> {
+        self.jobs.send(batch).map_err(|e| e.0)
+    }
+
+    /// Takes the batch back, masks computed; `None` if the worker died
+    /// with it (never expected: its work is wrapped in `catch_unwind`).
+    pub(crate) fn recv(&self) -> Option<Vec<(usize, Constraint)>> {
+        self.done.recv().ok()
+    }
+}
+
 /// What accepting a token did to the grammar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Accepted {
@@ -305,6 +357,8 @@ pub(crate) struct Constraint {
     mask: Option<SimpleVob>,
     /// At the last [`Constraint::apply`]: the grammar may end here.
     can_end: bool,
+    /// Computing a mask panicked: the state cannot be trusted.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -319,13 +373,19 @@ fn runtime(e: impl std::fmt::Display) -> Error {
 
 impl Constraint {
     pub(crate) fn new(compiled: CompiledGrammar) -> Self {
-        Self { matcher: Matcher::new(Ok(compiled.parser)), eos: compiled.eos, mask: None, can_end: false }
+        Self {
+            matcher: Matcher::new(Ok(compiled.parser)),
+            eos: compiled.eos,
+            mask: None,
+            can_end: false,
+            poisoned: false,
+        }
     }
 
     /// Computes the next token's mask if it is not known yet. Cheap to call
     /// twice.
     pub(crate) fn prepare(&mut self) {
-        if self.mask.is_none() {
+        if self.mask.is_none() && !self.poisoned {
             self.mask = self.matcher.compute_mask_or_eos().ok();
         }
     }
