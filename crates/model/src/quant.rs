@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 /// Weights per block.
 pub const BLOCK: usize = 32;
 /// Activation rows that share each loaded weight block in the Q8_0 kernel.
-const ROWS: usize = 4;
+const ROWS: usize = 8;
 /// Output columns the tiled SIMD kernels compute together, one per f32 lane.
 const TILE: usize = 8;
 /// Activation rows the tiled SIMD kernels compute together, sharing each
