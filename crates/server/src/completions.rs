@@ -201,6 +201,13 @@ fn chat_message(meta: &Meta, text: String, reason: FinishReason) -> (serde_json:
             None => {}
         }
     }
+    // An answer cut short: its text so far, as the stream sent it.
+    if meta.tool_reply && !meta.structured_answer {
+        if let Some(body) = text.strip_prefix(crate::structured::ANSWER_PREFIX) {
+            let (answer, _, _) = crate::structured::decode_partial(body);
+            return (json!({"role": "assistant", "content": answer}), finish_reason(reason));
+        }
+    }
     (json!({"role": "assistant", "content": text}), finish_reason(reason))
 }
 
@@ -316,9 +323,32 @@ impl Meta {
     }
 }
 
+/// A tool-format reply so far: its text, and once it is known to be a
+/// plain answer, how much of the text has been streamed as content.
+#[derive(Default)]
+struct Held {
+    text: String,
+    streamed: Option<usize>,
+}
+
+impl Held {
+    /// Takes a piece of the reply; returns answer text ready to stream.
+    fn push(&mut self, piece: &str, meta: &Meta) -> String {
+        self.text.push_str(piece);
+        if self.streamed.is_none() && !meta.structured_answer && self.text.starts_with(crate::structured::ANSWER_PREFIX)
+        {
+            self.streamed = Some(crate::structured::ANSWER_PREFIX.len());
+        }
+        let Some(at) = self.streamed else { return String::new() };
+        let (out, used, _) = crate::structured::decode_partial(&self.text[at..]);
+        self.streamed = Some(at + used);
+        out
+    }
+}
+
 enum Phase {
     Start(EventStream),
-    Running(EventStream, String),
+    Running(EventStream, Held),
     /// Chunks still to send, then what follows them.
     Flush(std::collections::VecDeque<SseEvent>, Box<Phase>),
     Usage(Usage),
@@ -369,14 +399,20 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                         }
                         Kind::Text => meta.chunk(vec![meta.text_choice("", None, None)], None),
                     };
-                    Some((Ok(first), Phase::Running(events, String::new())))
+                    Some((Ok(first), Phase::Running(events, Held::default())))
                 }
                 Phase::Running(mut events, mut held) => match events.next().await {
-                    // A tool-format reply is held until complete: only then
-                    // is it known to be calls or an answer.
+                    // A tool-format reply is held until it is known to be
+                    // a plain answer (then its text streams as it comes)
+                    // or complete (calls).
                     Some(Event::Token { text, .. }) if meta.tool_reply => {
-                        held.push_str(&text);
-                        Some((Ok(SseEvent::default().comment("")), Phase::Running(events, held)))
+                        let ready = held.push(&text, &meta);
+                        let ev = if ready.is_empty() {
+                            SseEvent::default().comment("")
+                        } else {
+                            meta.chunk(vec![meta.text_choice(&ready, None, None)], None)
+                        };
+                        Some((Ok(ev), Phase::Running(events, held)))
                     }
                     Some(Event::Token { id, text, logprobs }) => {
                         let lp = logprobs.map(|lp| json!({"content": [token_logprobs(&state, id, &lp)]}));
@@ -384,8 +420,19 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                         Some((Ok(ev), Phase::Running(events, held)))
                     }
                     Some(Event::Finished { reason, text, usage }) if meta.tool_reply => {
-                        held.push_str(&text);
-                        let mut chunks = tool_reply_chunks(&meta, held, reason);
+                        let ready = held.push(&text, &meta);
+                        let mut chunks = match held.streamed {
+                            Some(_) => {
+                                let (_, finish) = chat_message(&meta, held.text, reason);
+                                let mut c = std::collections::VecDeque::new();
+                                if !ready.is_empty() {
+                                    c.push_back(meta.chunk(vec![meta.text_choice(&ready, None, None)], None));
+                                }
+                                c.push_back(meta.chunk(vec![meta.text_choice("", None, Some(finish))], None));
+                                c
+                            }
+                            None => tool_reply_chunks(&meta, held.text, reason),
+                        };
                         let next = if meta.include_usage { Phase::Usage(usage) } else { Phase::Done };
                         let first = chunks.pop_front().unwrap_or_else(|| SseEvent::default().comment(""));
                         Some((Ok(first), Phase::Flush(chunks, Box::new(next))))

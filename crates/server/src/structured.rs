@@ -287,3 +287,89 @@ pub(crate) fn calls_json(calls: &[ToolCall], with_index: bool) -> Vec<serde_json
         })
         .collect()
 }
+
+/// How a plain answer in the tool format starts: from here on its text is
+/// a JSON string the server can stream as it comes.
+pub(crate) const ANSWER_PREFIX: &str = "{\"response\": \"";
+
+/// Decodes the JSON string body at the start of `s` as far as it is
+/// complete: the text, the bytes of `s` it used, and whether the closing
+/// quote was reached. An escape cut by the end of `s` waits for more.
+pub(crate) fn decode_partial(s: &str) -> (String, usize, bool) {
+    let mut out = String::new();
+    let mut used = 0;
+    let bytes = s.as_bytes();
+    while used < s.len() {
+        let rest = &s[used..];
+        let Some(c) = rest.chars().next() else { break };
+        match c {
+            '"' => return (out, used + 1, true),
+            '\\' => {
+                let Some(&e) = bytes.get(used + 1) else { break };
+                let simple = match e {
+                    b'"' => Some('"'),
+                    b'\\' => Some('\\'),
+                    b'/' => Some('/'),
+                    b'b' => Some('\u{8}'),
+                    b'f' => Some('\u{c}'),
+                    b'n' => Some('\n'),
+                    b'r' => Some('\r'),
+                    b't' => Some('\t'),
+                    _ => None,
+                };
+                if let Some(ch) = simple {
+                    out.push(ch);
+                    used += 2;
+                    continue;
+                }
+                if e != b'u' {
+                    break; // not JSON: stop here
+                }
+                let hex = |at: usize| s.get(at..at + 4).and_then(|h| u32::from_str_radix(h, 16).ok());
+                let Some(hi) = hex(used + 2) else { break };
+                if (0xD800..0xDC00).contains(&hi) {
+                    // A surrogate pair: `\\uD8xx\\uDCxx`.
+                    if s.get(used + 6..used + 8) != Some("\\u") {
+                        break;
+                    }
+                    let Some(lo) = hex(used + 8) else { break };
+                    let code = 0x10000 + ((hi - 0xD800) << 10) + (lo.wrapping_sub(0xDC00) & 0x3FF);
+                    out.push(char::from_u32(code).unwrap_or('\u{FFFD}'));
+                    used += 12;
+                } else {
+                    out.push(char::from_u32(hi).unwrap_or('\u{FFFD}'));
+                    used += 6;
+                }
+            }
+            c => {
+                out.push(c);
+                used += c.len_utf8();
+            }
+        }
+    }
+    (out, used, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_string_decodes_piece_by_piece_as_it_arrives() {
+        let whole = "caf\\u00e9 \\\"ok\\\"\\n\\ud83d\\ude00 end\"}";
+        let expected = "café \"ok\"\n😀 end";
+        // Fed in every split: the decoded text is the same, never ahead of
+        // what is complete.
+        for cut in 0..whole.len() {
+            let Some(first) = whole.get(..cut) else { continue };
+            let (a, used, closed) = decode_partial(first);
+            if closed {
+                assert_eq!(a, expected, "cut {cut}");
+                continue;
+            }
+            let (b, _, closed) = decode_partial(&whole[used..]);
+            assert!(closed, "cut {cut}");
+            assert_eq!(format!("{a}{b}"), expected, "cut {cut}");
+        }
+    }
+}

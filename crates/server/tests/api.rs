@@ -535,3 +535,29 @@ async fn structured_outputs_parse_and_a_tool_history_renders_literally() {
     let choice = &r.json()["choices"][0];
     assert!(["tool_calls", "stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()), "{choice}");
 }
+
+#[tokio::test]
+async fn a_plain_answer_in_the_tool_format_streams_as_it_comes() {
+    let app = app();
+    // 'r' (114) pushed up: the fake model answers instead of calling.
+    let body = chat_body(
+        "weather?",
+        json!({"tools": weather_tool(), "tool_choice": "auto", "max_tokens": 30, "logit_bias": {"114": 100}}),
+    );
+    let whole = post(&app, "/v1/chat/completions", body.clone()).await.json();
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    assert!(!content.is_empty() && !content.contains('{'), "the answer's text, not the JSON: {whole}");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let r = post(&app, "/v1/chat/completions", streamed).await;
+    let pieces: Vec<String> = sse_data(&r.body)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_owned)
+        })
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert!(pieces.len() > 3, "streamed piece by piece: {pieces:?}");
+    assert_eq!(pieces.concat(), content);
+}
