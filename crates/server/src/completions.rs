@@ -7,6 +7,11 @@
 //! piece of text, a chunk with the finish reason, a usage chunk when
 //! `stream_options.include_usage`, then `data: [DONE]`.
 //!
+//! A reply in the tool format (`structured.rs`) is read back: calls become
+//! `message.tool_calls` (streamed once complete: per call a chunk with id
+//! and name, then one with the arguments), a plain answer becomes content
+//! (streamed as it comes, decoded from its JSON string).
+//!
 //! Cancellation needs no code: when a client goes away, axum drops the
 //! response (or the handler's future), which drops the engine's event
 //! stream, and the engine frees the request's blocks on its next iteration.
