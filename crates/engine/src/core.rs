@@ -642,25 +642,23 @@ impl EngineCore {
                 Some(t) => self.stats.inter_token.observe(now - t),
             }
             a.last_token = Some(now);
-            let grammar_done = match a.constraint.as_mut() {
-                Some(c) if c.is_end(token, &a.req.stop_ids) => {
-                    ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
-                    continue;
-                }
-                Some(c) => match c.accept(token) {
-                    Ok(step) => step == Accepted::Complete,
-                    Err(e) => {
-                        ended.push((i, End::Failed(e)));
-                        continue;
-                    }
-                },
-                None => false,
+            // With a grammar, a stop id ends only where the grammar may end.
+            let is_end = match &a.constraint {
+                Some(c) => c.is_end(token, &a.req.stop_ids),
+                None => a.req.stop_ids.contains(&token),
             };
-            // With a grammar, only the grammar's end ends (above).
-            if a.constraint.is_none() && a.req.stop_ids.contains(&token) {
+            if is_end {
                 ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
                 continue;
             }
+            let grammar_done = match a.constraint.as_mut().map(|c| c.accept(token)) {
+                Some(Ok(step)) => step == Accepted::Complete,
+                Some(Err(e)) => {
+                    ended.push((i, End::Failed(e)));
+                    continue;
+                }
+                None => false,
+            };
             let released = match a.text.push(self.codec.as_ref(), token) {
                 Ok(r) => r,
                 Err(e) => {

@@ -32,10 +32,12 @@ pub(crate) struct EngineBenchArgs {
     histories: Vec<usize>,
 }
 
-/// Time to the first token and to the end of one request.
 /// What one request measured.
 pub(crate) struct Timing {
+    /// From submission to the first token.
     pub(crate) ttft: Duration,
+    /// From the first token to the last (the decode phase).
+    pub(crate) decode: Duration,
     pub(crate) tokens: usize,
     pub(crate) cached: usize,
     pub(crate) prompt: usize,
@@ -45,17 +47,18 @@ pub(crate) struct Timing {
 pub(crate) fn run_one(engine: &EngineHandle, req: Request) -> Result<Timing> {
     let start = Instant::now();
     let mut stream = engine.generate(req)?;
-    let mut ttft = None;
-    let mut tokens = 0;
+    let (mut first, mut last, mut tokens) = (None, start, 0);
     while let Some(ev) = stream.blocking_next() {
         match ev {
             Event::Token { .. } => {
-                ttft.get_or_insert_with(|| start.elapsed());
+                last = Instant::now();
+                first.get_or_insert(last);
                 tokens += 1;
             }
             Event::Finished { usage, .. } => {
-                let ttft = ttft.unwrap_or_else(|| start.elapsed());
-                return Ok(Timing { ttft, tokens, cached: usage.cached_tokens, prompt: usage.prompt_tokens });
+                let first = first.unwrap_or_else(Instant::now);
+                let (ttft, decode) = (first - start, last.max(first) - first);
+                return Ok(Timing { ttft, decode, tokens, cached: usage.cached_tokens, prompt: usage.prompt_tokens });
             }
             Event::Error(e) => return Err(e.into()),
         }
@@ -148,7 +151,7 @@ pub(crate) fn bench_engine(args: EngineBenchArgs) -> Result<()> {
 }
 
 /// Submits all requests at once and waits for every one.
-fn concurrent(engine: &EngineHandle, reqs: Vec<Request>) -> Result<Vec<Timing>> {
+pub(crate) fn concurrent(engine: &EngineHandle, reqs: Vec<Request>) -> Result<Vec<Timing>> {
     let handles: Vec<_> = reqs
         .into_iter()
         .map(|r| {

@@ -12,12 +12,13 @@
 //!    same rendered prompt, tools described, without a constraint. Every
 //!    prompt starts with its own salt, so both are cold in the KV cache.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use engine::tools::{ToolChoice, ToolSpec, Turn};
-use engine::{EngineHandle, Event, Grammar, GrammarSpec, Message, Prompt, Request, SamplingParams};
+use engine::{Grammar, GrammarSpec, Message, Prompt, Request, SamplingParams};
 
+use crate::bench_engine::{concurrent, run_one, Timing};
 use crate::setup::{start_engine, EngineArgs};
 
 #[derive(clap::Args, Debug)]
@@ -35,45 +36,6 @@ pub(crate) struct GrammarBenchArgs {
     /// (the median is reported).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-}
-
-/// One request's first-token time and decode rate inputs.
-struct Run {
-    ttft: Duration,
-    tokens: usize,
-    decode: Duration,
-}
-
-fn run(engine: &EngineHandle, req: Request) -> Result<Run> {
-    let start = Instant::now();
-    let mut stream = engine.generate(req)?;
-    let (mut first, mut last, mut tokens) = (None, start, 0);
-    while let Some(ev) = stream.blocking_next() {
-        match ev {
-            Event::Token { .. } => {
-                last = Instant::now();
-                first.get_or_insert(last);
-                tokens += 1;
-            }
-            Event::Finished { .. } => {
-                let first = first.unwrap_or(last);
-                return Ok(Run { ttft: first - start, tokens, decode: last - first });
-            }
-            Event::Error(e) => return Err(e.into()),
-        }
-    }
-    bail!("the stream ended without finishing")
-}
-
-fn together(engine: &EngineHandle, reqs: Vec<Request>) -> Result<Vec<Run>> {
-    let handles: Vec<_> = reqs
-        .into_iter()
-        .map(|r| {
-            let engine = engine.clone();
-            std::thread::spawn(move || run(&engine, r))
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a bench thread panicked"))?).collect()
 }
 
 fn report_schema() -> serde_json::Value {
@@ -103,7 +65,7 @@ fn ask(i: usize, max_tokens: usize, constrained: bool) -> Request {
 }
 
 /// Decode tokens per second of streams that ran together.
-fn rate(runs: &[Run]) -> (f64, usize) {
+fn rate(runs: &[Timing]) -> (f64, usize) {
     let per_stream: f64 =
         runs.iter().filter(|r| r.tokens > 1).map(|r| (r.tokens - 1) as f64 / r.decode.as_secs_f64().max(1e-9)).sum();
     (per_stream, runs.iter().map(|r| r.tokens).sum())
@@ -157,7 +119,7 @@ pub(crate) fn bench_grammar(args: GrammarBenchArgs) -> Result<()> {
     engine.warm_grammars();
     println!("grammar compiler (token trie) built in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
     // Warm-up: dispatch timings for every shape, the schema compiled once.
-    together(&engine, (0..8).map(|i| ask(i, 8, i % 2 == 0)).collect())?;
+    concurrent(&engine, (0..8).map(|i| ask(i, 8, i % 2 == 0)).collect())?;
 
     println!();
     println!("| streams | unconstrained tok/s | JSON-schema tok/s | ratio | tokens (free / constrained) |");
@@ -168,8 +130,8 @@ pub(crate) fn bench_grammar(args: GrammarBenchArgs) -> Result<()> {
         let (mut frs, mut jrs, mut counts) = (Vec::new(), Vec::new(), (0, 0));
         for round in 0..args.rounds {
             let salt = 100 + round * 20;
-            let free = together(&engine, (0..n).map(|i| ask(salt + i, args.tokens, false)).collect())?;
-            let json = together(&engine, (0..n).map(|i| ask(salt + 10 + i, args.tokens, true)).collect())?;
+            let free = concurrent(&engine, (0..n).map(|i| ask(salt + i, args.tokens, false)).collect())?;
+            let json = concurrent(&engine, (0..n).map(|i| ask(salt + 10 + i, args.tokens, true)).collect())?;
             let ((fr, ft), (jr, jt)) = (rate(&free), rate(&json));
             frs.push(fr);
             jrs.push(jr);
@@ -183,8 +145,8 @@ pub(crate) fn bench_grammar(args: GrammarBenchArgs) -> Result<()> {
     let mut constrained = Vec::new();
     let mut prompt_tokens = 0;
     for rep in 0..args.reps {
-        let a = run(&engine, tool_request(1000 + rep, false)?)?;
-        let b = run(&engine, tool_request(2000 + rep, true)?)?;
+        let a = run_one(&engine, tool_request(1000 + rep, false)?)?;
+        let b = run_one(&engine, tool_request(2000 + rep, true)?)?;
         plain.push(a.ttft.as_secs_f64() * 1e3);
         constrained.push(b.ttft.as_secs_f64() * 1e3);
         prompt_tokens = engine.validate(tool_request(rep, false)?)?.prompt_tokens().len();

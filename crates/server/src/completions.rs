@@ -349,6 +349,39 @@ impl Held {
         self.streamed = Some(at + used);
         out
     }
+
+    /// The chunks that end the reply, its last `piece` included: per call
+    /// one chunk with its id and name and one with its arguments (what the
+    /// official clients accumulate), or the answer's text not streamed yet;
+    /// then the finish.
+    fn finish(mut self, piece: &str, meta: &Meta, reason: FinishReason) -> std::collections::VecDeque<SseEvent> {
+        let ready = self.push(piece, meta);
+        let streamed = self.streamed.is_some();
+        let mut out = std::collections::VecDeque::new();
+        let delta = |d: serde_json::Value, finish: Option<&str>| {
+            meta.chunk(vec![json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})], None)
+        };
+        let (message, finish) = chat_message(meta, self.text, reason);
+        match message.get("tool_calls").and_then(serde_json::Value::as_array) {
+            Some(calls) => {
+                for (i, c) in calls.iter().enumerate() {
+                    let head = json!({"index": i, "id": c["id"], "type": "function",
+                        "function": {"name": c["function"]["name"], "arguments": ""}});
+                    out.push_back(delta(json!({"tool_calls": [head]}), None));
+                    let args = json!({"index": i, "function": {"arguments": c["function"]["arguments"]}});
+                    out.push_back(delta(json!({"tool_calls": [args]}), None));
+                }
+            }
+            None if streamed => {
+                if !ready.is_empty() {
+                    out.push_back(delta(json!({"content": ready}), None));
+                }
+            }
+            None => out.push_back(delta(json!({"content": message["content"]}), None)),
+        }
+        out.push_back(delta(json!({}), Some(finish)));
+        out
+    }
 }
 
 enum Phase {
@@ -359,31 +392,6 @@ enum Phase {
     Usage(Usage),
     Done,
     End,
-}
-
-/// The chunks that deliver a finished tool-format reply: per call one
-/// chunk with its id and name and one with its arguments (what the
-/// official clients accumulate), or the answer as content; then the finish.
-fn tool_reply_chunks(meta: &Meta, text: String, reason: FinishReason) -> std::collections::VecDeque<SseEvent> {
-    let mut out = std::collections::VecDeque::new();
-    let delta = |d: serde_json::Value, finish: Option<&str>| {
-        meta.chunk(vec![json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})], None)
-    };
-    let (message, finish) = chat_message(meta, text, reason);
-    match message.get("tool_calls").and_then(serde_json::Value::as_array) {
-        Some(calls) => {
-            for (i, c) in calls.iter().enumerate() {
-                let head = json!({"index": i, "id": c["id"], "type": "function",
-                    "function": {"name": c["function"]["name"], "arguments": ""}});
-                out.push_back(delta(json!({"tool_calls": [head]}), None));
-                let args = json!({"index": i, "function": {"arguments": c["function"]["arguments"]}});
-                out.push_back(delta(json!({"tool_calls": [args]}), None));
-            }
-        }
-        None => out.push_back(delta(json!({"content": message["content"]}), None)),
-    }
-    out.push_back(delta(json!({}), Some(finish)));
-    out
 }
 
 /// The SSE body: see the module doc for the chunk sequence.
@@ -425,19 +433,7 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                         Some((Ok(ev), Phase::Running(events, held)))
                     }
                     Some(Event::Finished { reason, text, usage }) if meta.tool_reply => {
-                        let ready = held.push(&text, &meta);
-                        let mut chunks = match held.streamed {
-                            Some(_) => {
-                                let (_, finish) = chat_message(&meta, held.text, reason);
-                                let mut c = std::collections::VecDeque::new();
-                                if !ready.is_empty() {
-                                    c.push_back(meta.chunk(vec![meta.text_choice(&ready, None, None)], None));
-                                }
-                                c.push_back(meta.chunk(vec![meta.text_choice("", None, Some(finish))], None));
-                                c
-                            }
-                            None => tool_reply_chunks(&meta, held.text, reason),
-                        };
+                        let mut chunks = held.finish(&text, &meta, reason);
                         let next = if meta.include_usage { Phase::Usage(usage) } else { Phase::Done };
                         let first = chunks.pop_front().unwrap_or_else(|| SseEvent::default().comment(""));
                         Some((Ok(first), Phase::Flush(chunks, Box::new(next))))
