@@ -250,6 +250,17 @@ impl GgufFile {
         }
     }
 
+    /// A boolean value.
+    ///
+    /// # Errors
+    /// [`Error::Metadata`] if missing or not a boolean.
+    pub fn bool(&self, key: &str) -> Result<bool> {
+        match self.get(key)? {
+            Value::Bool(b) => Ok(*b),
+            _ => Err(self.meta_err(key, "not a boolean")),
+        }
+    }
+
     /// An array value.
     ///
     /// # Errors

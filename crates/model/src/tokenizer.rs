@@ -1,4 +1,10 @@
-//! The tokenizer, built from GGUF metadata with the `tokenizers` crate.
+//! The tokenizer a GGUF file describes, for either of its two families:
+//!
+//! * SentencePiece (`tokenizer.ggml.model = llama`: Gemma, Llama 2,
+//!   Mistral): scores, token types and byte fallback, tokenized exactly as
+//!   llama.cpp does (`spm.rs`). `tokenizer.ggml.add_bos_token` (default on)
+//!   says whether a prompt starts with BOS.
+//! * Byte-level BPE, built with the `tokenizers` crate, described below.
 //!
 //! Byte-level BPE (`tokenizer.ggml.model = gpt2`): the vocabulary from
 //! `tokenizer.ggml.tokens`, merges from `tokenizer.ggml.merges`, control and
@@ -34,20 +40,32 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// GGUF token types.
-const TOKEN_TYPE_CONTROL: i32 = 3;
-const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+use crate::spm::{token_type, Spm};
+
+const TOKEN_TYPE_CONTROL: i32 = token_type::CONTROL;
+const TOKEN_TYPE_USER_DEFINED: i32 = token_type::USER_DEFINED;
+
+/// The algorithm behind a [`Tokenizer`].
+#[derive(Clone)]
+enum Backend {
+    /// Byte-level BPE: the tokenizer with special tokens, and the same
+    /// matching none (for literal text).
+    Bpe { inner: Box<tokenizers::Tokenizer>, literal: Box<tokenizers::Tokenizer> },
+    /// SentencePiece.
+    Spm(Box<Spm>),
+}
 
 /// A tokenizer with the model's special tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    /// The same, but matching no special token: for literal text.
-    literal: tokenizers::Tokenizer,
+    backend: Backend,
     tokens: Vec<String>,
-    /// The markup of every special (control and user-defined) token.
+    /// The markup literal encoding never turns into a token: every special
+    /// (control and user-defined) token for BPE; the control tokens for
+    /// SentencePiece, whose user-defined tokens (`\n\n`, runs of spaces)
+    /// are text.
     specials: Vec<String>,
-    /// By id: a control or user-defined token.
+    /// By id: a token whose markup is not text (as `specials`).
     special_ids: Vec<bool>,
     /// The most bytes any one token stands for.
     max_token_bytes: usize,
@@ -57,6 +75,8 @@ pub struct Tokenizer {
     pub eos: Option<u32>,
     /// Ids that end generation (eos and end-of-turn markers).
     pub stop_ids: Vec<u32>,
+    /// Whether a prompt starts with [`Tokenizer::bos`].
+    pub add_bos: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -77,9 +97,10 @@ impl Tokenizer {
     /// unusable vocabulary data; [`Error::Metadata`] for missing keys.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let model = file.string("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(Error::Tokenizer(format!(
-                "{}: tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")",
+                "{}: tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" and SentencePiece \"llama\" \
+                 are)",
                 file.path().display()
             )));
         }
@@ -89,20 +110,6 @@ impl Tokenizer {
             .map(|v| v.to_string().cloned())
             .collect::<Result<_, _>>()
             .map_err(|_| file.meta_err("tokenizer.ggml.tokens", "holds a non-string"))?;
-        let merges: Vec<(String, String)> = if file.has("tokenizer.ggml.merges") {
-            file.array("tokenizer.ggml.merges")?
-                .iter()
-                .map(|v| {
-                    let s = v.to_string().map_err(|_| file.meta_err("tokenizer.ggml.merges", "holds a non-string"))?;
-                    let (a, b) = s
-                        .split_once(' ')
-                        .ok_or_else(|| file.meta_err("tokenizer.ggml.merges", format!("{s:?} is not a pair")))?;
-                    Ok((a.to_owned(), b.to_owned()))
-                })
-                .collect::<Result<_>>()?
-        } else {
-            Vec::new()
-        };
         let types: Vec<i32> = if file.has("tokenizer.ggml.token_type") {
             file.array("tokenizer.ggml.token_type")?
                 .iter()
@@ -113,7 +120,7 @@ impl Tokenizer {
                 })
                 .collect::<Result<_>>()?
         } else {
-            vec![1; tokens.len()]
+            vec![token_type::NORMAL; tokens.len()]
         };
         if types.len() != tokens.len() {
             return Err(file.meta_err("tokenizer.ggml.token_type", "length differs from tokenizer.ggml.tokens"));
@@ -122,26 +129,6 @@ impl Tokenizer {
             let problem = format!("{} entries: more than 32-bit token ids can name", tokens.len());
             return Err(file.meta_err("tokenizer.ggml.tokens", problem));
         }
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        if vocab.len() != tokens.len() {
-            return Err(file.meta_err("tokenizer.ggml.tokens", "has duplicate tokens"));
-        }
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = if file.has("tokenizer.ggml.pre") { file.string("tokenizer.ggml.pre")? } else { "default" };
-        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let specials: Vec<String> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
-            .map(|(tok, _)| tok.clone())
-            .collect();
-        let added: Vec<AddedToken> = specials.iter().map(|tok| AddedToken::from(tok.clone(), true)).collect();
-        inner.add_special_tokens(&added);
-        let mut literal = inner.clone();
-        literal.set_encode_special_tokens(true);
-
         let id = |key: &str| -> Result<Option<u32>> {
             if !file.has(key) {
                 return Ok(None);
@@ -151,8 +138,38 @@ impl Tokenizer {
                 .then_some(Some(v as u32))
                 .ok_or_else(|| file.meta_err(key, format!("{v} is outside the vocabulary")))
         };
+        let flag = |key: &str, default: bool| -> Result<bool> {
+            match file.has(key) {
+                false => Ok(default),
+                true => file.bool(key),
+            }
+        };
+        let spm = model == "llama";
+        let (backend, is_special): (Backend, Box<dyn Fn(i32) -> bool>) = if spm {
+            let scores: Vec<f32> = file
+                .array("tokenizer.ggml.scores")?
+                .iter()
+                .map(|v| match v {
+                    Value::F32(s) => Ok(*s),
+                    Value::F64(s) => Ok(*s as f32),
+                    _ => Err(file.meta_err("tokenizer.ggml.scores", "holds a non-float")),
+                })
+                .collect::<Result<_>>()?;
+            if scores.len() != tokens.len() {
+                return Err(file.meta_err("tokenizer.ggml.scores", "length differs from tokenizer.ggml.tokens"));
+            }
+            let unknown = id("tokenizer.ggml.unknown_token_id")?;
+            let prefix = flag("tokenizer.ggml.add_space_prefix", true)?;
+            let spm = Spm::new(tokens.clone(), scores, types.clone(), unknown, prefix)?;
+            (Backend::Spm(Box::new(spm)), Box::new(|t| t == TOKEN_TYPE_CONTROL))
+        } else {
+            (bpe(file, &tokens, &types)?, Box::new(|t| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED))
+        };
+        let specials: Vec<String> =
+            tokens.iter().zip(&types).filter(|(_, &t)| is_special(t)).map(|(tok, _)| tok.clone()).collect();
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
+        let add_bos = bos.is_some() && flag("tokenizer.ggml.add_bos_token", spm)?;
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
         for marker in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>"] {
             if let Some(i) = tokens.iter().position(|t| t == marker) {
@@ -161,8 +178,8 @@ impl Tokenizer {
                 }
             }
         }
-        let special_ids = types.iter().map(|&t| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).collect();
-        let mut t = Self { inner, literal, tokens, specials, special_ids, max_token_bytes: 0, bos, eos, stop_ids };
+        let special_ids = types.iter().map(|&t| is_special(t)).collect();
+        let mut t = Self { backend, tokens, specials, special_ids, max_token_bytes: 0, bos, eos, stop_ids, add_bos };
         t.max_token_bytes =
             (0..t.tokens.len() as u32).filter_map(|i| t.token_bytes(i)).map(|b| b.len()).max().unwrap_or(1);
         Ok(t)
@@ -174,7 +191,10 @@ impl Tokenizer {
     /// # Errors
     /// [`Error::Tokenizer`] if encoding fails.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+        match &self.backend {
+            Backend::Bpe { inner, .. } => Ok(inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec()),
+            Backend::Spm(spm) => Ok(spm.encode(text, true)),
+        }
     }
 
     /// Token ids of `text` as plain text: markup like `<|im_end|>` is
@@ -183,7 +203,10 @@ impl Tokenizer {
     /// # Errors
     /// [`Error::Tokenizer`] if encoding fails.
     pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.literal.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+        match &self.backend {
+            Backend::Bpe { literal, .. } => Ok(literal.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec()),
+            Backend::Spm(spm) => Ok(spm.encode(text, false)),
+        }
     }
 
     /// The markup of the special tokens (control and user-defined).
@@ -202,7 +225,10 @@ impl Tokenizer {
     /// # Errors
     /// [`Error::Tokenizer`] if decoding fails.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(tok_err)
+        match &self.backend {
+            Backend::Bpe { inner, .. } => inner.decode(ids, skip_special).map_err(tok_err),
+            Backend::Spm(spm) => spm.decode(ids, skip_special),
+        }
     }
 
     /// The token string of one id (as stored, byte-level encoded).
@@ -210,12 +236,16 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// The raw bytes one id stands for: its byte-level token string mapped
+    /// The raw bytes one id stands for. SentencePiece: the piece with `▁` as
+    /// a space, or the byte of a `<0xXX>` token. BPE: its byte-level token string mapped
     /// back through GPT-2's byte-to-character table (a token that is part of
     /// a multi-byte character decodes to an incomplete UTF-8 sequence, which
     /// `decode` would turn into U+FFFD). Characters outside the table
     /// (special tokens' markup never is) keep their UTF-8 bytes.
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        if let Backend::Spm(spm) = &self.backend {
+            return spm.token_bytes(id);
+        }
         let table = byte_of_char();
         let mut out = Vec::new();
         for c in self.token(id)?.chars() {
@@ -227,8 +257,8 @@ impl Tokenizer {
         Some(out)
     }
 
-    /// Whether `id` is a control or user-defined token (its markup is not
-    /// text).
+    /// Whether `id`'s markup is not text: a control token, or for BPE a
+    /// user-defined one.
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.get(id as usize).copied().unwrap_or(false)
     }
@@ -237,6 +267,44 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }
+}
+
+/// Byte-level BPE from the vocabulary and merges, with the special tokens
+/// added.
+fn bpe(file: &GgufFile, tokens: &[String], types: &[i32]) -> Result<Backend> {
+    let merges: Vec<(String, String)> = if file.has("tokenizer.ggml.merges") {
+        file.array("tokenizer.ggml.merges")?
+            .iter()
+            .map(|v| {
+                let s = v.to_string().map_err(|_| file.meta_err("tokenizer.ggml.merges", "holds a non-string"))?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| file.meta_err("tokenizer.ggml.merges", format!("{s:?} is not a pair")))?;
+                Ok((a.to_owned(), b.to_owned()))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    if vocab.len() != tokens.len() {
+        return Err(file.meta_err("tokenizer.ggml.tokens", "has duplicate tokens"));
+    }
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre = if file.has("tokenizer.ggml.pre") { file.string("tokenizer.ggml.pre")? } else { "default" };
+    inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+        .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+        .collect();
+    inner.add_special_tokens(&added);
+    let mut literal = inner.clone();
+    literal.set_encode_special_tokens(true);
+    Ok(Backend::Bpe { inner: Box::new(inner), literal: Box::new(literal) })
 }
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
