@@ -10,8 +10,6 @@ mod run;
 mod serve;
 mod setup;
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 
 /// kvserve: LLM inference over a paged, shared, durable KV cache.
@@ -34,14 +32,17 @@ enum Command {
     Run(run::RunArgs),
     /// Measure throughput and print a table.
     Bench(bench::BenchArgs),
+    /// List the models `--model NAME` fetches, and which are cached.
+    Models,
 }
 
 /// Options shared by every command that loads a model.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct ModelArgs {
-    /// A GGUF file to use instead of the default model (fetched on first use).
+    /// A known model's name (`kvserve models`: `smollm2-135m`, the default,
+    /// or `gemma3-270m`), fetched on first use, or the path of a GGUF file.
     #[arg(long, env = "KVSERVE_MODEL")]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// Worker threads for the model (default: all cores).
     #[arg(long, env = "KVSERVE_THREADS")]
     threads: Option<usize>,
@@ -60,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Models => setup::list_models(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

