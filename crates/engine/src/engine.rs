@@ -607,7 +607,7 @@ impl EngineHandle {
             return Err(Error::PromptTooLong { bytes: text_bytes, min_tokens, limit: limits.max_request_tokens() });
         }
         let prompt = match &req.prompt {
-            Prompt::Text(t) => codec.encode(t),
+            Prompt::Text(t) => codec.encode_prompt(t),
             Prompt::Chat(m) => codec.encode_chat(m),
             Prompt::Tokens(t) => Ok(t.clone()),
         }

@@ -13,6 +13,12 @@ use crate::tokenizer::Tokenizer;
 /// ChatML, the fallback for files without a template.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// Gemma's turn format, the fallback for Gemma files without a template
+/// (the base models ship none): a system message opens the first user
+/// turn, the assistant's role is `model`. Unlike Google's template it does
+/// not insist that roles alternate, so agents' tool turns render.
+pub const GEMMA: &str = "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] | trim + '\n\n' %}{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -43,12 +49,17 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The file's template, or ChatML if it has none.
+    /// The file's template; if it has none, Gemma's turns for a vocabulary
+    /// with `<start_of_turn>` and `<end_of_turn>`, else ChatML.
     ///
     /// # Errors
     /// [`Error::ChatTemplate`] if the template does not parse.
     pub fn from_gguf(file: &GgufFile, tokenizer: &Tokenizer) -> Result<Self> {
-        let source = file.string("tokenizer.chat_template").unwrap_or(CHATML);
+        let gemma = ["<start_of_turn>", "<end_of_turn>"].iter().all(|m| {
+            (0..tokenizer.vocab_size() as u32).any(|i| tokenizer.token(i) == Some(m) && tokenizer.is_special(i))
+        });
+        let fallback = if gemma { GEMMA } else { CHATML };
+        let source = file.string("tokenizer.chat_template").unwrap_or(fallback);
         let name = |id: Option<u32>| id.and_then(|i| tokenizer.token(i)).unwrap_or_default().to_owned();
         Self::new(source, name(tokenizer.bos), name(tokenizer.eos))
     }
@@ -96,6 +107,22 @@ mod tests {
         assert_eq!(
             s,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn gemma_fallback_opens_the_first_user_turn_with_the_system_text() {
+        let t = ChatTemplate::new(GEMMA, "<bos>".into(), "<eos>".into()).unwrap();
+        let messages = [
+            Message::new("system", "Be brief. "),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello."),
+            Message::new("tool", "{}"),
+        ];
+        assert_eq!(
+            t.render(&messages, true).unwrap(),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
         );
     }
 

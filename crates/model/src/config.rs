@@ -1,12 +1,11 @@
 //! Hyper-parameters read from GGUF metadata, and the KV cache layout they
 //! imply.
 //!
-//! Supported for the forward pass: `llama` (SmolLM2, Llama 2/3, Mistral-style
-//! files) and `qwen2` (q/k/v biases, NEOX-style RoPE). `gemma3` is understood
-//! far enough to lay out its cache (five sliding-window layers to one full
-//! layer, the pattern llama.cpp uses), so capacity planning works for it; its
-//! forward pass is not implemented and loading it for inference is a typed
-//! error. Anything else is [`Error::UnsupportedArchitecture`].
+//! Supported: `llama` (SmolLM2, Llama 2/3, Mistral-style files), `qwen2`
+//! (q/k/v biases, NEOX-style RoPE) and `gemma3` (five sliding-window layers
+//! to one full layer, the pattern llama.cpp uses; RoPE base 10,000 on the
+//! sliding layers and the file's base on the full ones). Anything else is
+//! [`Error::UnsupportedArchitecture`].
 
 use kv::{AttentionKind, CacheSpec, CacheSpecParams, KvDType};
 
@@ -20,12 +19,13 @@ pub enum Arch {
     Llama,
     /// Qwen2 (biases on q/k/v, NEOX RoPE).
     Qwen2,
-    /// Gemma 3 (cache layout only).
+    /// Gemma 3 (scaled embeddings, q/k norms, post-norms, GeGLU, hybrid
+    /// sliding-window attention).
     Gemma3,
 }
 
 impl Arch {
-    const SUPPORTED: &'static str = "llama, qwen2 (gemma3: cache layout only)";
+    const SUPPORTED: &'static str = "llama, qwen2, gemma3";
 
     fn parse(name: &str) -> Option<Self> {
         match name {
@@ -78,8 +78,12 @@ pub struct ModelConfig {
     pub context: usize,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
-    /// RoPE base frequency.
+    /// RoPE base frequency (of full-attention layers, for Gemma 3).
     pub rope_base: f32,
+    /// RoPE base of sliding-window layers (Gemma 3 trains them with 10,000
+    /// whatever the file's base; other families use `rope_base`). Their
+    /// positions are never scaled.
+    pub rope_base_local: f32,
     /// RoPE position scaling.
     pub rope_scaling: RopeScaling,
     /// NEOX-style (halves) rather than interleaved (pairs) rotation.
@@ -194,6 +198,7 @@ impl ModelConfig {
             context,
             rms_eps,
             rope_base,
+            rope_base_local: if arch == Arch::Gemma3 { 10_000.0 } else { rope_base },
             rope_scaling,
             rope_neox: arch != Arch::Llama,
             attention,

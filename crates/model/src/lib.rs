@@ -7,7 +7,8 @@
 //! |---|---|
 //! | memory-mapped, validated GGUF | `gguf.rs` |
 //! | hyper-parameters, cache spec | `config.rs` |
-//! | tokenizer (byte-level BPE from metadata) | `tokenizer.rs` |
+//! | tokenizer (byte-level BPE or SentencePiece, from metadata) | `tokenizer.rs` |
+//! | SentencePiece merging as llama.cpp does it | `spm.rs` |
 //! | chat template (minijinja) | `chat.rs` |
 //! | conversation to tokens, client text literal (render-then-encode) | `prompt.rs` |
 //! | K/V arenas indexed by block id | `kv_store.rs` |
@@ -31,6 +32,7 @@ pub mod llama;
 pub mod prompt;
 pub mod quant;
 pub mod runner;
+mod spm;
 pub mod tiny;
 pub mod tokenizer;
 pub mod tools;

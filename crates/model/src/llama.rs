@@ -1,4 +1,4 @@
-//! The llama-family forward pass (llama, qwen2) over a ragged batch, with
+//! The decoder forward pass (llama, qwen2, gemma3) over a ragged batch, with
 //! attention reading the paged K/V store.
 //!
 //! One call takes any mix of prefill chunks and single-token decodes, each
@@ -10,6 +10,21 @@
 //! token's slot, paged attention, output projection and residual, RMSNorm,
 //! SwiGLU feed-forward and residual. The final norm and the vocabulary
 //! projection run only on each sequence's last token.
+//!
+//! Gemma 3 adds, as llama.cpp's `gemma3` graph does: embeddings scaled by
+//! √hidden; RMS norms over each head of q and k (before RoPE); an RMS norm
+//! on the attention output and on the feed-forward output before each
+//! residual; GeGLU (tanh GELU) instead of SwiGLU; RoPE base 10,000 on the
+//! sliding-window layers (`ModelConfig::rope_base_local`); and sliding-window
+//! masks on those layers (the attention reads only the window). Its norm
+//! weights are stored with Gemma's `1 +` already folded in, so the RMS norm
+//! is the usual one. The output projection is tied to the embeddings.
+//!
+//! Embeddings stored as Q8_0 (both default models) are not dequantized
+//! whole: each step dequantizes only its tokens' rows from the same matrix
+//! the tied output projection multiplies by (Gemma's 262,144 × 640 table
+//! would be 671 MB as f32). RoPE's cos/sin are computed per step for the
+//! step's positions (the same f32 operations a table would hold).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -110,7 +125,7 @@ enum Linear {
     /// Q8_0 matrix of the default model is the vocabulary projection, run
     /// for a few rows at a time).
     Q8_0 {
-        w: Q8_0Matrix,
+        w: Arc<Q8_0Matrix>,
         isa: Isa,
     },
     Candle(QMatMul),
@@ -136,7 +151,7 @@ impl Linear {
         match parts.as_slice() {
             [t] if t.dtype() == GgmlDType::Q8_0 && path != MatmulPath::Dense => {
                 let (n, k) = t.shape().dims2()?;
-                return Ok(Self::Q8_0 { w: Q8_0Matrix::from_ggml_bytes(&t.data()?, n, k)?, isa });
+                return Ok(Self::Q8_0 { w: Arc::new(Q8_0Matrix::from_ggml_bytes(&t.data()?, n, k)?), isa });
             }
             _ if parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) => return Self::on_candle(parts),
             _ => {}
@@ -210,8 +225,46 @@ pub struct SeqStep<'a> {
     pub slots: &'a [Slot],
 }
 
+/// The token embedding table.
+enum Embedding {
+    /// Dequantized whole.
+    Dense(Tensor),
+    /// Q8_0 rows, dequantized per step (shared with a tied output).
+    Q8_0(Arc<Q8_0Matrix>),
+}
+
+impl Embedding {
+    /// `[ids.len(), hidden]` rows.
+    fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.index_select(&Tensor::new(ids, device)?, 0)?),
+            Self::Q8_0(w) => {
+                let k = w.cols();
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_exact_mut(k).zip(ids) {
+                    w.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), k), device)?)
+            }
+        }
+    }
+}
+
+/// Gemma 3's extra norms of one layer.
+struct GemmaNorms {
+    /// Over each query head (`[head_dim]`), before RoPE.
+    q: Tensor,
+    /// Over each key head.
+    k: Tensor,
+    /// On the attention output, before the residual.
+    post_attn: Tensor,
+    /// On the feed-forward output, before the residual.
+    post_ffn: Tensor,
+}
+
 struct Layer {
     attn_norm: Tensor,
+    gemma: Option<GemmaNorms>,
     /// q, k and v projections fused: outputs `[q | k | v]`.
     qkv: Linear,
     /// qwen2's biases, `[q | k | v]`.
@@ -227,14 +280,12 @@ struct Layer {
 pub struct LlamaModel {
     config: ModelConfig,
     device: Device,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     output: Linear,
     path: MatmulPath,
     perf: Arc<PerfTracker>,
-    cos: Tensor,
-    sin: Tensor,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -260,13 +311,6 @@ impl LlamaModel {
     /// As [`LlamaModel::load`].
     pub fn load_with(file: &GgufFile, device: &Device, path: MatmulPath) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
-        if config.arch == Arch::Gemma3 {
-            return Err(Error::UnsupportedArchitecture {
-                path: file.path().to_path_buf(),
-                arch: "gemma3".into(),
-                supported: "llama, qwen2 (the gemma3 forward pass is not implemented yet)",
-            });
-        }
         let c = &config;
         let (q_out, kv_out) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let shaped = |name: &str, dims: &[usize]| -> Result<candle_core::quantized::QTensor> {
@@ -289,11 +333,30 @@ impl LlamaModel {
         let vector = |name: &str, n: usize| -> Result<Tensor> { Ok(shaped(name, &[n])?.dequantize(device)?) };
 
         let embed_q = shaped("token_embd.weight", &[c.vocab, c.hidden])?;
-        let embed = embed_q.dequantize(device)?;
-        let output = if file.has_tensor("output.weight") {
-            matmul("output.weight", &[c.vocab, c.hidden])?
-        } else {
-            Linear::new(embed_q, path, &perf)? // tied embeddings
+        let tied = !file.has_tensor("output.weight");
+        let (embed, output) = match (embed_q.dtype(), tied) {
+            (GgmlDType::Q8_0, _) if path != MatmulPath::Dense && path != MatmulPath::Candle => {
+                let table = Arc::new(Q8_0Matrix::from_ggml_bytes(&embed_q.data()?, c.vocab, c.hidden)?);
+                let output = if tied {
+                    let isa = match path {
+                        MatmulPath::Auto(isa) | MatmulPath::Kernels(isa) => isa,
+                        MatmulPath::Dense | MatmulPath::Candle => Isa::Scalar,
+                    };
+                    Linear::Q8_0 { w: Arc::clone(&table), isa }
+                } else {
+                    matmul("output.weight", &[c.vocab, c.hidden])?
+                };
+                (Embedding::Q8_0(table), output)
+            }
+            _ => {
+                let embed = Embedding::Dense(embed_q.dequantize(device)?);
+                let output = if tied {
+                    Linear::new(embed_q, path, &perf)?
+                } else {
+                    matmul("output.weight", &[c.vocab, c.hidden])?
+                };
+                (embed, output)
+            }
         };
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
@@ -308,8 +371,19 @@ impl LlamaModel {
             } else {
                 None
             };
+            let gemma = if c.arch == Arch::Gemma3 {
+                Some(GemmaNorms {
+                    q: vector(&n("attn_q_norm.weight"), c.head_dim)?,
+                    k: vector(&n("attn_k_norm.weight"), c.head_dim)?,
+                    post_attn: vector(&n("post_attention_norm.weight"), c.hidden)?,
+                    post_ffn: vector(&n("post_ffw_norm.weight"), c.hidden)?,
+                })
+            } else {
+                None
+            };
             layers.push(Layer {
                 attn_norm: vector(&n("attn_norm.weight"), c.hidden)?,
+                gemma,
                 qkv: fused(&[
                     (n("attn_q.weight"), [q_out, c.hidden]),
                     (n("attn_k.weight"), [kv_out, c.hidden]),
@@ -323,8 +397,7 @@ impl LlamaModel {
             });
         }
         let norm = vector("output_norm.weight", c.hidden)?;
-        let (cos, sin) = rope_tables(c, device)?;
-        Ok(Self { config, device: device.clone(), embed, layers, norm, output, path, perf, cos, sin })
+        Ok(Self { config, device: device.clone(), embed, layers, norm, output, path, perf })
     }
 
     /// The matmul path it was loaded with.
@@ -399,23 +472,43 @@ impl LlamaModel {
             queries.push(SeqQueries { row, len: s.tokens.len(), start_pos: s.start_pos, table: s.table });
             row += s.tokens.len();
         }
-        let pos = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
+        let scale = match c.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear(f) => 1.0 / f,
+        };
+        let global = rope_angles(c.rope_base, scale, c.head_dim, &positions, &self.device)?;
+        let local = if c.rope_base_local == c.rope_base && scale == 1.0 {
+            None
+        } else {
+            Some(rope_angles(c.rope_base_local, 1.0, c.head_dim, &positions, &self.device)?)
+        };
 
-        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let mut x = self.embed.rows(&ids, &self.device)?;
+        if c.arch == Arch::Gemma3 {
+            x = (x * f64::from((c.hidden as f32).sqrt()))?;
+        }
         for (li, layer) in self.layers.iter().enumerate() {
+            let sliding = matches!(c.attention[li], kv::AttentionKind::SlidingWindow { .. });
+            let (cos, sin) = if sliding { local.as_ref().unwrap_or(&global) } else { &global };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let mut qkv = layer.qkv.forward(&h)?;
             if let Some(bias) = &layer.bias {
                 qkv = qkv.broadcast_add(bias)?;
             }
             let (q_out, kv_out) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-            let q = qkv.narrow(1, 0, q_out)?.contiguous()?;
-            let k = qkv.narrow(1, q_out, kv_out)?.contiguous()?;
+            let mut q = qkv.narrow(1, 0, q_out)?.contiguous()?;
+            let mut k = qkv.narrow(1, q_out, kv_out)?.contiguous()?;
             let v = qkv.narrow(1, q_out + kv_out, kv_out)?;
-            let q = self.rope(&q, c.heads, &cos, &sin)?;
-            let k = self.rope(&k, c.kv_heads, &cos, &sin)?;
+            if let Some(g) = &layer.gemma {
+                let per_head = |t: &Tensor, w: &Tensor, heads: usize| -> Result<Tensor> {
+                    let t = t.reshape((n * heads, c.head_dim))?;
+                    Ok(candle_nn::ops::rms_norm(&t, w, c.rms_eps)?.reshape((n, heads * c.head_dim))?)
+                };
+                q = per_head(&q, &g.q, c.heads)?;
+                k = per_head(&k, &g.k, c.kv_heads)?;
+            }
+            let q = self.rope(&q, c.heads, cos, sin)?;
+            let k = self.rope(&k, c.kv_heads, cos, sin)?;
             let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
             let row = c.kv_heads * c.head_dim;
             for (t, slot) in slots.iter().enumerate() {
@@ -428,12 +521,24 @@ impl LlamaModel {
             let dims = Dims { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim, window };
             let attn = paged_attention(&q, store, li, &queries, dims)?;
             let attn = Tensor::from_vec(attn, (n, c.heads * c.head_dim), &self.device)?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            let mut o = layer.wo.forward(&attn)?;
+            if let Some(g) = &layer.gemma {
+                o = candle_nn::ops::rms_norm(&o, &g.post_attn, c.rms_eps)?;
+            }
+            x = (x + o)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate_up = layer.gate_up.forward(&h)?;
             let gate = gate_up.narrow(1, 0, c.ffn)?;
-            let ff = (candle_nn::ops::silu(&gate)? * gate_up.narrow(1, c.ffn, c.ffn)?)?;
-            x = (x + layer.down.forward(&ff)?)?;
+            let up = gate_up.narrow(1, c.ffn, c.ffn)?;
+            let ff = match layer.gemma {
+                Some(_) => (gate.gelu()? * up)?, // tanh approximation, as Gemma trains
+                None => (candle_nn::ops::silu(&gate)? * up)?,
+            };
+            let mut f = layer.down.forward(&ff)?;
+            if let Some(g) = &layer.gemma {
+                f = candle_nn::ops::rms_norm(&f, &g.post_ffn, c.rms_eps)?;
+            }
+            x = (x + f)?;
         }
         let last: Vec<u32> = queries.iter().map(|q| (q.row + q.len - 1) as u32).collect();
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
@@ -455,16 +560,14 @@ impl LlamaModel {
     }
 }
 
-/// cos/sin of every position up to the context length, `[context, head_dim/2]`.
-fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = c.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / c.rope_base.powf(2.0 * i as f32 / c.head_dim as f32)).collect();
-    let scale = match c.rope_scaling {
-        RopeScaling::None => 1.0,
-        RopeScaling::Linear(f) => 1.0 / f,
-    };
-    let positions: Vec<f32> = (0..c.context).map(|p| p as f32 * scale).collect();
-    let pos = Tensor::from_vec(positions, (c.context, 1), device)?;
+/// cos/sin of each position for RoPE with `base`, positions scaled by
+/// `scale`: `[positions, head_dim/2]`. Each value depends only on its own
+/// position (the same whatever else the step holds).
+fn rope_angles(base: f32, scale: f32, head_dim: usize, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    let scaled: Vec<f32> = positions.iter().map(|&p| p as f32 * scale).collect();
+    let pos = Tensor::from_vec(scaled, (positions.len(), 1), device)?;
     let freqs = pos.broadcast_mul(&Tensor::from_vec(inv_freq, (1, half), device)?)?;
     Ok((freqs.cos()?, freqs.sin()?))
 }

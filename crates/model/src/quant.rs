@@ -433,6 +433,26 @@ impl Q8_0Matrix {
     pub fn rows(&self) -> usize {
         self.n
     }
+
+    /// Input size.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `r` as f32 (`scale × code`, what GGML's dequantization gives).
+    ///
+    /// # Panics
+    /// If `r` is not a row or `out` is not `cols()` long (callers check
+    /// token ids against the vocabulary first).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let codes = &self.codes[r * self.k..(r + 1) * self.k];
+        let scales = &self.scale[r * self.k / BLOCK..(r + 1) * self.k / BLOCK];
+        for ((o, c), s) in out.chunks_exact_mut(BLOCK).zip(codes.chunks_exact(BLOCK)).zip(scales) {
+            for (o, &c) in o.iter_mut().zip(c) {
+                *o = f32::from(c) * s;
+            }
+        }
+    }
 }
 
 /// `x[m, k] · Wᵀ` → `[m, n]` for Q8_0 weights. Bit-identical to candle's

@@ -67,6 +67,15 @@ pub trait TextCodec: Send + Sync {
     /// # Errors
     /// [`crate::Error::Tokenizer`] if the text cannot be encoded.
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// Tokens of a whole `/v1/completions` prompt: [`TextCodec::encode`]
+    /// with what the model expects in front of a sequence (BOS, where the
+    /// file asks for it).
+    ///
+    /// # Errors
+    /// As [`TextCodec::encode`].
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text)
+    }
     /// Tokens of a conversation rendered with the model's chat template,
     /// ending with the assistant's cue; only the template's own markup
     /// becomes control tokens, every message's text is literal
@@ -247,6 +256,17 @@ impl LlamaText {
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
+
+    /// BOS in front of a prompt that lacks it, where the file asks for one
+    /// (`tokenizer.ggml.add_bos_token`; a template that writes
+    /// `{{ bos_token }}` already has it).
+    fn with_bos(&self, ids: &mut Vec<u32>) {
+        if let (true, Some(bos)) = (self.tokenizer.add_bos, self.tokenizer.bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+    }
 }
 
 impl TextCodec for LlamaText {
@@ -254,8 +274,16 @@ impl TextCodec for LlamaText {
         self.tokenizer.encode_literal(text)
     }
 
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode_literal(text)?;
+        self.with_bos(&mut ids);
+        Ok(ids)
+    }
+
     fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        crate::prompt::encode_chat(&self.template, &self.tokenizer, &self.escaper, messages)
+        let mut ids = crate::prompt::encode_chat(&self.template, &self.tokenizer, &self.escaper, messages)?;
+        self.with_bos(&mut ids);
+        Ok(ids)
     }
 
     fn max_token_bytes(&self) -> usize {

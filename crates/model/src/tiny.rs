@@ -14,7 +14,8 @@ use crate::error::Result;
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct TinySpec {
-    /// `general.architecture`: "llama", "qwen2", or anything (to test errors).
+    /// `general.architecture`: "llama", "qwen2", "gemma3" (with its extra
+    /// norms; set `sliding_window`), or anything (to test errors).
     pub arch: String,
     /// Transformer blocks.
     pub layers: usize,
@@ -34,6 +35,8 @@ pub struct TinySpec {
     pub seed: u64,
     /// `{arch}.attention.sliding_window`, written when set.
     pub sliding_window: Option<u32>,
+    /// `{arch}.rope.freq_base`.
+    pub rope_base: f32,
     /// Scale of the attention and gate/up weights relative to
     /// `1/sqrt(hidden)`: the default 6 makes greedy decoding of random
     /// weights varied (and chaotic); smaller is tamer.
@@ -55,6 +58,7 @@ impl Default for TinySpec {
             dtype: GgmlDType::Q8_0,
             seed: 7,
             sliding_window: None,
+            rope_base: 10_000.0,
             weight_scale: 6.0,
             extra_metadata: Vec::new(),
         }
@@ -136,6 +140,16 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ));
         tensors.push((n("attn_norm.weight"), q((rand(&[spec.hidden], 0.1)? + 1.0)?, GgmlDType::F32)?));
         tensors.push((n("ffn_norm.weight"), q((rand(&[spec.hidden], 0.1)? + 1.0)?, GgmlDType::F32)?));
+        if spec.arch == "gemma3" {
+            for (name, len) in [
+                ("attn_q_norm.weight", head_dim),
+                ("attn_k_norm.weight", head_dim),
+                ("post_attention_norm.weight", spec.hidden),
+                ("post_ffw_norm.weight", spec.hidden),
+            ] {
+                tensors.push((n(name), q((rand(&[len], 0.3)? + 1.0)?, GgmlDType::F32)?));
+            }
+        }
         if spec.arch == "qwen2" {
             tensors.push((n("attn_q.bias"), q(rand(&[qo], 0.2)?, GgmlDType::F32)?));
             tensors.push((n("attn_k.bias"), q(rand(&[kvo], 0.2)?, GgmlDType::F32)?));
@@ -161,7 +175,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         (a("attention.head_count_kv"), u(spec.kv_heads)),
         (a("context_length"), u(spec.context)),
         (a("rope.dimension_count"), u(head_dim)),
-        (a("rope.freq_base"), Value::F32(10_000.0)),
+        (a("rope.freq_base"), Value::F32(spec.rope_base)),
         (a("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),

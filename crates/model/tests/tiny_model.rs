@@ -351,7 +351,7 @@ fn the_cache_spec_follows_the_model() {
     assert_eq!(kinds[5], AttentionKind::Full);
     assert_eq!(kinds[0], AttentionKind::SlidingWindow { window: 512 });
     assert_eq!(c.cache_spec(16, 10, KvDType::F16).unwrap().layer_groups().len(), 2);
-    assert!(matches!(LlamaModel::load(&file, &Device::Cpu), Err(Error::UnsupportedArchitecture { .. })));
+    assert_eq!((c.rope_base, c.rope_base_local), (10_000.0, 10_000.0));
 }
 
 #[test]
