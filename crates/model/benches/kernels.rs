@@ -9,7 +9,7 @@ use std::hint::black_box;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use model::quant::{matmul, matmul_q8_0, Isa, Q4_1Matrix, Q8_0Matrix};
+use model::quant::{matmul, matmul_q8, Isa, Q4_1Matrix, Q8Matrix};
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
@@ -64,7 +64,7 @@ fn q8_0(c: &mut Criterion) {
     let (n, k) = (49_152, 576);
     let w = Tensor::from_vec(data(n * k, 3), (n, k), &dev).expect("tensor");
     let q = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
-    let ours = Q8_0Matrix::from_ggml_bytes(&q.data().expect("bytes"), n, k).expect("layout");
+    let ours = Q8Matrix::from_ggml_bytes(&q.data().expect("bytes"), n, k).expect("layout");
     let theirs = QMatMul::from_qtensor(q).expect("qmatmul");
     for m in [1usize, 8] {
         let x = data(m * k, 4);
@@ -72,7 +72,7 @@ fn q8_0(c: &mut Criterion) {
         g.throughput(Throughput::Elements((m * n * k) as u64));
         let id = format!("{n}x{k}/m{m}");
         g.bench_with_input(BenchmarkId::new(Isa::detect().name(), &id), &x, |b, x| {
-            b.iter(|| black_box(matmul_q8_0(&ours, x, m, Isa::detect()).expect("matmul")))
+            b.iter(|| black_box(matmul_q8(&ours, x, m, Isa::detect()).expect("matmul")))
         });
         g.bench_with_input(BenchmarkId::new("candle", &id), &xt, |b, x| {
             b.iter(|| black_box(theirs.forward(x).expect("forward")))

@@ -15,6 +15,7 @@
 //! | paged attention | `attention.rs` |
 //! | the forward pass | `llama.rs` |
 //! | SIMD quantized matmul kernels | `quant.rs` |
+//! | GGML block formats (Q4_0 … Q6_K) unpacked for the 8-bit kernel | `kquant.rs` |
 //! | the interface the engine drives (`Model`, `TextCodec`) | `runner.rs` |
 //! | tool calling in the generic format (render, grammar, parse) | `tools.rs` |
 //! | fetching the default model | `fetch.rs` |
@@ -27,6 +28,7 @@ pub mod dispatch;
 mod error;
 pub mod fetch;
 pub mod gguf;
+mod kquant;
 pub mod kv_store;
 pub mod llama;
 pub mod prompt;

@@ -39,7 +39,7 @@ use crate::dispatch::{Path, PerfTracker, ShapeKey};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::kv_store::PagedKvStore;
-use crate::quant::{self, Isa, Q4_1Matrix, Q8_0Matrix};
+use crate::quant::{self, Isa, Q4_1Matrix, Q8Matrix};
 
 /// Which code multiplies by the quantized weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,11 +121,12 @@ enum Linear {
         dense: Option<Tensor>,
         mode: Mode,
     },
-    /// Q8_0 weights on kvserve's kernels (no dense alternative: the one
-    /// Q8_0 matrix of the default model is the vocabulary projection, run
-    /// for a few rows at a time).
-    Q8_0 {
-        w: Arc<Q8_0Matrix>,
+    /// 8-bit weights on kvserve's kernels: Q8_0, and Q4_0, Q5_0, Q4_K,
+    /// Q5_K and Q6_K converted exactly at load (`kquant.rs`). No dense
+    /// alternative: the default model's one such matrix is the vocabulary
+    /// projection, run for a few rows at a time.
+    Q8 {
+        w: Arc<Q8Matrix>,
         isa: Isa,
     },
     Candle(QMatMul),
@@ -148,11 +149,11 @@ impl Linear {
             MatmulPath::Kernels(isa) => (isa, Mode::Fixed(Path::Quantized), false),
             MatmulPath::Dense => (Isa::Scalar, Mode::Fixed(Path::DenseGemm), true),
         };
+        let eight_bit = parts.iter().all(|t| Q8Matrix::supports(t.dtype()));
         match parts.as_slice() {
-            [t] if t.dtype() == GgmlDType::Q8_0 && path != MatmulPath::Dense => {
-                let (n, k) = t.shape().dims2()?;
-                return Ok(Self::Q8_0 { w: Arc::new(Q8_0Matrix::from_ggml_bytes(&t.data()?, n, k)?), isa });
-            }
+            // Q8_0 alone is the one type the dense path leaves to the kernels.
+            [t] if t.dtype() == GgmlDType::Q8_0 && path != MatmulPath::Dense => return Self::q8(&parts, isa),
+            _ if eight_bit && path != MatmulPath::Dense => return Self::q8(&parts, isa),
             _ if parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) => return Self::on_candle(parts),
             _ => {}
         }
@@ -170,6 +171,18 @@ impl Linear {
         Ok(Self::Q4_1 { w: Q4_1Matrix::stack(matrices)?, isa, dense, mode })
     }
 
+    /// The 8-bit kernel over the parts stacked.
+    fn q8(parts: &[QTensor], isa: Isa) -> Result<Self> {
+        let matrices = parts
+            .iter()
+            .map(|t| {
+                let (n, k) = t.shape().dims2()?;
+                Q8Matrix::from_ggml(t.dtype(), &t.data()?, n, k)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::Q8 { w: Arc::new(Q8Matrix::stack(matrices)?), isa })
+    }
+
     /// Candle's quantized matmul for each part.
     fn on_candle(parts: Vec<QTensor>) -> Result<Self> {
         let mut linears =
@@ -181,10 +194,10 @@ impl Linear {
         let (w, isa, dense, mode) = match self {
             Self::Q4_1 { w, isa, dense, mode } => (w, isa, dense, mode),
             Self::Candle(m) => return Ok(m.forward(x)?),
-            Self::Q8_0 { w, isa } => {
+            Self::Q8 { w, isa } => {
                 let (m, _) = x.dims2()?;
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                return Ok(Tensor::from_vec(quant::matmul_q8_0(w, &xs, m, *isa)?, (m, w.rows()), x.device())?);
+                return Ok(Tensor::from_vec(quant::matmul_q8(w, &xs, m, *isa)?, (m, w.rows()), x.device())?);
             }
             Self::Stacked(parts) => {
                 let outs = parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
@@ -230,7 +243,7 @@ enum Embedding {
     /// Dequantized whole.
     Dense(Tensor),
     /// Q8_0 rows, dequantized per step (shared with a tied output).
-    Q8_0(Arc<Q8_0Matrix>),
+    Q8_0(Arc<Q8Matrix>),
 }
 
 impl Embedding {
@@ -336,13 +349,13 @@ impl LlamaModel {
         let tied = !file.has_tensor("output.weight");
         let (embed, output) = match (embed_q.dtype(), tied) {
             (GgmlDType::Q8_0, _) if path != MatmulPath::Dense && path != MatmulPath::Candle => {
-                let table = Arc::new(Q8_0Matrix::from_ggml_bytes(&embed_q.data()?, c.vocab, c.hidden)?);
+                let table = Arc::new(Q8Matrix::from_ggml_bytes(&embed_q.data()?, c.vocab, c.hidden)?);
                 let output = if tied {
                     let isa = match path {
                         MatmulPath::Auto(isa) | MatmulPath::Kernels(isa) => isa,
                         MatmulPath::Dense | MatmulPath::Candle => Isa::Scalar,
                     };
-                    Linear::Q8_0 { w: Arc::clone(&table), isa }
+                    Linear::Q8 { w: Arc::clone(&table), isa }
                 } else {
                     matmul("output.weight", &[c.vocab, c.hidden])?
                 };

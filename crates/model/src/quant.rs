@@ -1,4 +1,14 @@
-//! Quantized matmul kernels for Q4_1 weights (the default model's type).
+//! Quantized matmul kernels: one for Q4_1 weights (the default model's
+//! layers), one for 8-bit codes with float scales ([`Q8Matrix`]: Q8_0, and
+//! Q4_0, Q5_0, Q4_K, Q5_K and Q6_K unpacked to it exactly, `kquant.rs`).
+//! Both keep each output row's arithmetic independent of the other rows
+//! (batch invariance), and every instruction set gives the same bits.
+//!
+//! The 8-bit kernel is described at [`matmul_q8`]: eight f32 lanes of four
+//! weights per column, one FMA per block; an AVX2 column kernel (eight rows
+//! per weight load, used for up to 15 rows) and an AVX-512 VNNI tile of four
+//! columns by four rows (`vpdpbusd` on weights offset to unsigned bytes,
+//! for prefill). The rest of this doc is the Q4_1 kernel.
 //!
 //! `y[m, n] = x[m, k] · W[n, k]ᵀ` with `W` in GGUF's Q4_1 blocks (32 weights:
 //! f16 scale `d`, f16 minimum `m`, 16 bytes of 4-bit codes, `w = d·q + m`)
@@ -84,7 +94,9 @@ impl Isa {
             Self::Avx512Vnni => {
                 std::is_x86_feature_detected!("avx512vnni")
                     && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -268,6 +280,8 @@ pub struct Q8Acts {
     scale: Vec<f32>,
     /// The f16 `s = f16(Σq) · d` of each block, as f32.
     sum: Vec<f32>,
+    /// `d · Σq` of each block (the f32 product, `Σq` exact).
+    xsum: Vec<f32>,
 }
 
 impl Q8Acts {
@@ -281,6 +295,7 @@ impl Q8Acts {
         let mut codes = vec![0i8; m * k];
         let mut scale = Vec::with_capacity(blocks);
         let mut sum = Vec::with_capacity(blocks);
+        let mut xsum = Vec::with_capacity(blocks);
         #[cfg(target_arch = "x86_64")]
         let simd = std::is_x86_feature_detected!("avx2");
         for (xs, qs) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
@@ -292,8 +307,9 @@ impl Q8Acts {
             let d16 = half::f16::from_f32(d);
             scale.push(d16.to_f32());
             sum.push((half::f16::from_f32(total as f32) * d16).to_f32());
+            xsum.push(d16.to_f32() * total as f32);
         }
-        Self { m, k, codes, scale, sum }
+        Self { m, k, codes, scale, sum, xsum }
     }
 
     /// The codes with each pair of blocks interleaved the way the SIMD Q4_1
@@ -393,23 +409,28 @@ fn par_columns(n: usize, m: usize, columns: impl Fn(usize, &mut [f32]) + Sync) -
     out
 }
 
-/// A Q8_0 weight matrix `[n, k]` (32 weights per block: f16 scale, 32 i8
-/// codes), re-laid out for the kernels. The default model's token
-/// embedding, which is also its output projection, is Q8_0.
-pub struct Q8_0Matrix {
+/// An 8-bit weight matrix `[n, k]`: per block of 32 weights, i8 codes and
+/// an f32 scale, optionally a second scale for the block's last 16 weights
+/// and a minimum added to every weight (`w = scale · code + min`). Q8_0 is
+/// this layout directly; Q4_0, Q5_0, Q4_K, Q5_K and Q6_K convert to it
+/// exactly at load (`kquant.rs`). Both default models' token embedding,
+/// which is also their output projection, is Q8_0.
+pub struct Q8Matrix {
     n: usize,
     k: usize,
     codes: Vec<i8>,
     scale: Vec<f32>,
+    scale_hi: Option<Vec<f32>>,
+    min: Option<Vec<f32>>,
 }
 
-impl std::fmt::Debug for Q8_0Matrix {
+impl std::fmt::Debug for Q8Matrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Q8_0Matrix").field("n", &self.n).field("k", &self.k).finish_non_exhaustive()
+        f.debug_struct("Q8Matrix").field("n", &self.n).field("k", &self.k).finish_non_exhaustive()
     }
 }
 
-impl Q8_0Matrix {
+impl Q8Matrix {
     /// Parses GGUF Q8_0 block bytes (34 per block: f16 d, 32 codes) of an
     /// `[n, k]` matrix.
     ///
@@ -417,16 +438,54 @@ impl Q8_0Matrix {
     /// [`Error::InvalidBatch`] if `k` is not a multiple of 32 or the byte
     /// count does not match.
     pub fn from_ggml_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        if !k.is_multiple_of(BLOCK) || bytes.len() != n * (k / BLOCK) * 34 {
-            return Err(Error::InvalidBatch(format!("Q8_0 data of {} bytes does not fit [{n}, {k}]", bytes.len())));
+        Self::from_ggml(candle_core::quantized::GgmlDType::Q8_0, bytes, n, k)
+    }
+
+    /// Whether [`Q8Matrix::from_ggml`] takes this type.
+    pub fn supports(dtype: candle_core::quantized::GgmlDType) -> bool {
+        crate::kquant::supported(dtype)
+    }
+
+    /// Parses GGUF block bytes of an `[n, k]` matrix of a supported type.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] for another type, or a shape the bytes do not
+    /// fit.
+    pub fn from_ggml(dtype: candle_core::quantized::GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        let u = crate::kquant::unpack(dtype, bytes, n, k)?;
+        Ok(Self { n, k, codes: u.codes, scale: u.scale, scale_hi: u.scale_hi, min: u.min })
+    }
+
+    /// Stacks matrices with the same input size into one (outputs side by
+    /// side). Parts without second scales or minimums get copies of their
+    /// scale and zeros, which change none of their outputs.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] if the input sizes differ or nothing is given.
+    pub fn stack(parts: Vec<Self>) -> Result<Self> {
+        let k = parts.first().map(|p| p.k).ok_or_else(|| Error::InvalidBatch("nothing to stack".into()))?;
+        if parts.iter().any(|p| p.k != k) {
+            return Err(Error::InvalidBatch("stacked matrices must share their input size".into()));
         }
-        let mut codes = Vec::with_capacity(n * k);
-        let mut scale = Vec::with_capacity(n * k / BLOCK);
-        for b in bytes.chunks_exact(34) {
-            scale.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
-            codes.extend(b[2..34].iter().map(|&c| c as i8));
+        let split = parts.iter().any(|p| p.scale_hi.is_some());
+        let offset = parts.iter().any(|p| p.min.is_some());
+        let mut all = Self { n: 0, k, codes: Vec::new(), scale: Vec::new(), scale_hi: None, min: None };
+        let (mut hi, mut min) = (Vec::new(), Vec::new());
+        for p in parts {
+            all.n += p.n;
+            all.codes.extend(p.codes);
+            if split {
+                hi.extend(p.scale_hi.unwrap_or_else(|| p.scale.clone()));
+            }
+            if offset {
+                let blocks = p.scale.len();
+                min.extend(p.min.unwrap_or_else(|| vec![0.0; blocks]));
+            }
+            all.scale.extend(p.scale);
         }
-        Ok(Self { n, k, codes, scale })
+        all.scale_hi = split.then_some(hi);
+        all.min = offset.then_some(min);
+        Ok(all)
     }
 
     /// Output size.
@@ -439,64 +498,171 @@ impl Q8_0Matrix {
         self.k
     }
 
-    /// Row `r` as f32 (`scale × code`, what GGML's dequantization gives).
+    /// Row `r` as f32 (`scale × code + min`, what GGML's dequantization
+    /// gives).
     ///
     /// # Panics
     /// If `r` is not a row or `out` is not `cols()` long (callers check
     /// token ids against the vocabulary first).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let nb = self.k / BLOCK;
         let codes = &self.codes[r * self.k..(r + 1) * self.k];
-        let scales = &self.scale[r * self.k / BLOCK..(r + 1) * self.k / BLOCK];
-        for ((o, c), s) in out.chunks_exact_mut(BLOCK).zip(codes.chunks_exact(BLOCK)).zip(scales) {
-            for (o, &c) in o.iter_mut().zip(c) {
-                *o = f32::from(c) * s;
+        for (b, (o, c)) in out.chunks_exact_mut(BLOCK).zip(codes.chunks_exact(BLOCK)).enumerate() {
+            let at = r * nb + b;
+            let lo = self.scale[at];
+            let hi = self.scale_hi.as_ref().map_or(lo, |h| h[at]);
+            let min = self.min.as_ref().map(|m| m[at]);
+            for (i, (o, &c)) in o.iter_mut().zip(c).enumerate() {
+                let v = f32::from(c) * if i < 16 { lo } else { hi };
+                *o = min.map_or(v, |m| v + m);
             }
         }
     }
 }
 
-/// `x[m, k] · Wᵀ` → `[m, n]` for Q8_0 weights. Bit-identical to candle's
-/// Q8_0 matmul on the same instruction-set class: the AVX2 and VNNI kernels
-/// follow candle's AVX2 path (per-lane fused multiply-add across blocks,
-/// then its horizontal sum), the scalar kernel its portable path.
+/// `x[m, k] · Wᵀ` → `[m, n]` for 8-bit weights (Q8_0 and everything that
+/// converts to it). Per column and row, as eight f32 lanes of four weights
+/// each: `lane += (scale · d_x) × Σ₄ code·q_x` block by block (fused
+/// multiply-add), then the lanes summed pairwise (`(l0+l4)+(l2+l6)` plus
+/// `(l1+l5)+(l3+l7)`), then the minimums' `Σ min · d_x · Σq_x` added
+/// (eight lanes of blocks, summed the same way; [`min_terms`]). The SIMD kernels do exactly this and the scalar one emulates it,
+/// so every instruction set gives the same bits; for Q8_0 that is also
+/// candle's AVX2 path bit for bit.
 ///
 /// # Errors
 /// As [`matmul`].
-pub fn matmul_q8_0(w: &Q8_0Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
+pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
     check_call(x, m, w.k, isa)?;
     let acts = Q8Acts::quantize(x, m, w.k);
+    #[cfg(target_arch = "x86_64")]
+    // Bit-identical either way; the tile pays off only with many rows (on
+    // this 2-core EPYC: prefill of 512 tokens 208 -> 258 tok/s, while at
+    // 1 to 8 rows the column kernel is faster).
+    if isa == Isa::Avx512Vnni && m >= VNNI_MIN_ROWS {
+        let corr = vnni_corrections(&acts);
+        return Ok(par_columns(w.n, m, |j0, cols| {
+            let whole = cols.len() / m / Q8_COLS * Q8_COLS;
+            let (tiled, rest) = cols.split_at_mut(whole * m);
+            for (t, run) in tiled.chunks_exact_mut(Q8_COLS * m).enumerate() {
+                let j = j0 + t * Q8_COLS;
+                let columns: [Q8Column<'_>; Q8_COLS] = std::array::from_fn(|c| w.column(j + c));
+                // SAFETY: `check_call` checked `isa.available()`: AVX2, FMA,
+                // AVX-512 VNNI and VL.
+                #[allow(unsafe_code)]
+                unsafe {
+                    x86::tile_q8_vnni(&columns, &acts, &corr, run);
+                }
+            }
+            for (c, col) in rest.chunks_exact_mut(m).enumerate() {
+                column_q8(w, j0 + whole + c, &acts, isa, col);
+            }
+        }));
+    }
     Ok(par_columns(w.n, m, |j0, cols| {
         for (c, col) in cols.chunks_exact_mut(m).enumerate() {
-            column_q8_0(w, j0 + c, &acts, isa, col);
+            column_q8(w, j0 + c, &acts, isa, col);
         }
     }))
 }
 
+/// Fewest activation rows for which the VNNI tile runs.
+const VNNI_MIN_ROWS: usize = 16;
+/// Output columns the VNNI 8-bit kernel computes together.
+const Q8_COLS: usize = 4;
+/// Activation rows it computes together.
+const Q8_ROWS: usize = 4;
+
+/// For the VNNI kernel, which multiplies weights offset to unsigned bytes
+/// (`code + 128`): per row, block and lane, `−128 · Σ` of the lane's four
+/// activation codes, the accumulator each lane starts from so that its
+/// integer sum is exactly `Σ code · q_x` again.
+#[cfg(target_arch = "x86_64")]
+fn vnni_corrections(acts: &Q8Acts) -> Vec<i32> {
+    acts.codes.chunks_exact(4).map(|q| -128 * q.iter().map(|&v| i32::from(v)).sum::<i32>()).collect()
+}
+
+/// Column `j`'s slices of a [`Q8Matrix`].
+struct Q8Column<'a> {
+    codes: &'a [i8],
+    scale: &'a [f32],
+    scale_hi: Option<&'a [f32]>,
+    min: Option<&'a [f32]>,
+}
+
+impl Q8Matrix {
+    fn column(&self, j: usize) -> Q8Column<'_> {
+        let nb = self.k / BLOCK;
+        let blocks = j * nb..(j + 1) * nb;
+        Q8Column {
+            codes: &self.codes[j * self.k..(j + 1) * self.k],
+            scale: &self.scale[blocks.clone()],
+            scale_hi: self.scale_hi.as_ref().map(|h| &h[blocks.clone()]),
+            min: self.min.as_ref().map(|m| &m[blocks]),
+        }
+    }
+}
+
 #[allow(unsafe_code)] // dispatch into the SIMD kernels below
-fn column_q8_0(w: &Q8_0Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
+fn column_q8(w: &Q8Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
     let nb = w.k / BLOCK;
-    let (codes, scale) = (&w.codes[j * w.k..(j + 1) * w.k], &w.scale[j * nb..(j + 1) * nb]);
+    let col = w.column(j);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `matmul_q8_0` checked `isa.available()` (AVX2; FMA is
+        // SAFETY: `matmul_q8` checked `isa.available()` (AVX2; FMA is
         // implied on every CPU with AVX-512 VNNI and checked for AVX2).
         Isa::Avx2 | Isa::Avx512Vnni if std::is_x86_feature_detected!("fma") => unsafe {
-            x86::dots_q8_0_avx2(codes, scale, acts, out);
+            x86::dots_q8_avx2(&col, acts, out);
         },
         _ => {
             for (r, o) in out.iter_mut().enumerate() {
                 let x = &acts.codes[r * acts.k..(r + 1) * acts.k];
                 let xs = &acts.scale[r * nb..(r + 1) * nb];
-                *o = (0..nb)
-                    .map(|b| {
-                        let sumi: i32 =
-                            (0..BLOCK).map(|i| i32::from(codes[b * BLOCK + i]) * i32::from(x[b * BLOCK + i])).sum();
-                        (b, sumi)
-                    })
-                    .fold(0f32, |acc, (b, sumi)| acc + sumi as f32 * (scale[b] * xs[b]));
+                let mut lanes = [0f32; 8];
+                for b in 0..nb {
+                    let lo = col.scale[b] * xs[b];
+                    let hi = col.scale_hi.map_or(lo, |h| h[b] * xs[b]);
+                    for (l, lane) in lanes.iter_mut().enumerate() {
+                        let at = b * BLOCK + 4 * l;
+                        let dot: i32 = (at..at + 4).map(|i| i32::from(col.codes[i]) * i32::from(x[i])).sum();
+                        *lane = (if l < 4 { lo } else { hi }).mul_add(dot as f32, *lane);
+                    }
+                }
+                let l = lanes;
+                *o = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+                if let Some(min) = col.min {
+                    *o += min_terms(min, acts, r);
+                }
             }
         }
     }
+}
+
+/// `Σ_b min_b · (d_x,b · Σq_x,b)` for row `r`: block `b` into lane
+/// `b mod 8` (fused multiply-add, block order), then the lanes summed as the
+/// kernels sum theirs. K-quants, the only formats with minimums, have a
+/// multiple of eight blocks per row; any tail is added last, in order.
+fn min_terms(min: &[f32], acts: &Q8Acts, r: usize) -> f32 {
+    let nb = min.len();
+    let xsum = &acts.xsum[r * nb..(r + 1) * nb];
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX2 and FMA detected just above.
+        return unsafe { x86::min_terms_avx2(min, xsum) };
+    }
+    let mut lanes = [0f32; 8];
+    let whole = nb / 8 * 8;
+    for (m8, s8) in min[..whole].chunks_exact(8).zip(xsum[..whole].chunks_exact(8)) {
+        for ((lane, m), s) in lanes.iter_mut().zip(m8).zip(s8) {
+            *lane = m.mul_add(*s, *lane);
+        }
+    }
+    let l = lanes;
+    let mut total = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    for (m, s) in min[whole..].iter().zip(&xsum[whole..]) {
+        total += m * s;
+    }
+    total
 }
 
 /// The [`TILE`] output columns of tile `t` for every activation row, column
@@ -542,7 +708,7 @@ fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{block_scale, Q4_1Matrix, Q8Acts, BLOCK, ROWS, ROW_TILE, TILE};
+    use super::{block_scale, Q4_1Matrix, Q8Acts, Q8Column, BLOCK, Q8_COLS, Q8_ROWS, ROWS, ROW_TILE, TILE};
 
     /// [`super::quantize_block`] with AVX2, equal to it for finite inputs:
     /// the same products `x · (1/d)`, rounded half away from zero as
@@ -753,26 +919,32 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.0, lo), w.1, hi)
     }
 
-    /// One Q8_0 weight row's dot products with every activation row,
-    /// each exactly as candle's AVX2 kernel computes it: per block
-    /// `acc = fma(d_w·d_x, lanes, acc)` over eight lanes of
-    /// `madd(maddubs(|w|, sign(x, w)))`, then candle's horizontal sum. Up to
-    /// four rows share each weight block's load and absolute value.
+    /// [`super::matmul_q8`] for one column and every row: per block, the
+    /// weight codes' absolute values meet the activations signed by the
+    /// weights (`maddubs`, no overflow: |codes| ≤ 127), pairs of i16 sums
+    /// become eight i32 lanes of four weights (lanes 0–3 the block's first
+    /// 16 weights, 4–7 its last 16), and each lane is scaled and accumulated
+    /// with one FMA. Eight rows share each weight block's load.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots_q8_0_avx2(w: &[i8], ws: &[f32], acts: &Q8Acts, out: &mut [f32]) {
-        let nb = ws.len();
+    pub(super) unsafe fn dots_q8_avx2(col: &Q8Column<'_>, acts: &Q8Acts, out: &mut [f32]) {
+        let nb = col.scale.len();
         let ones = _mm256_set1_epi16(1);
         for r0 in (0..out.len()).step_by(ROWS) {
             let rows = ROWS.min(out.len() - r0);
             let mut acc = [_mm256_setzero_ps(); ROWS];
-            for (b, &wd) in ws.iter().enumerate() {
-                let bw = load(w, b * BLOCK);
+            for (b, &wd) in col.scale.iter().enumerate() {
+                let bw = load(col.codes, b * BLOCK);
                 let aw = _mm256_sign_epi8(bw, bw);
+                let hi = col.scale_hi.map(|h| h[b]);
                 for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                    let d = _mm256_set1_ps(wd * acts.scale[(r0 + r) * nb + b]);
+                    let dx = acts.scale[(r0 + r) * nb + b];
+                    let d = match hi {
+                        None => _mm256_set1_ps(wd * dx),
+                        Some(h) => _mm256_set_m128(_mm_set1_ps(h * dx), _mm_set1_ps(wd * dx)),
+                    };
                     let bx = load(&acts.codes, (r0 + r) * acts.k + b * BLOCK);
                     let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bx, bw)));
                     *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), *acc);
@@ -783,6 +955,146 @@ mod x86 {
                 let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
                 let res = _mm_add_ss(res, _mm_movehdup_ps(res));
                 out[r0 + r] = _mm_cvtss_f32(res);
+                if let Some(min) = col.min {
+                    out[r0 + r] += super::min_terms(min, acts, r0 + r);
+                }
+            }
+        }
+    }
+
+    /// [`super::min_terms`] with eight blocks per FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn min_terms_avx2(min: &[f32], xsum: &[f32]) -> f32 {
+        assert_eq!(min.len(), xsum.len());
+        let whole = min.len() / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        for at in (0..whole).step_by(8) {
+            // SAFETY: at + 8 <= whole <= len of both, unaligned loads.
+            let (m, s) = unsafe { (_mm256_loadu_ps(min.as_ptr().add(at)), _mm256_loadu_ps(xsum.as_ptr().add(at))) };
+            acc = _mm256_fmadd_ps(m, s, acc);
+        }
+        let res = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        let mut total = _mm_cvtss_f32(res);
+        for (m, s) in min[whole..].iter().zip(&xsum[whole..]) {
+            total += m * s;
+        }
+        total
+    }
+
+    /// [`super::matmul_q8`] for [`Q8_COLS`] columns and every row, with
+    /// AVX-512 VNNI: per block, each column's codes offset to unsigned bytes
+    /// (`xor 0x80`) meet each row's activation codes in one `vpdpbusd`
+    /// whose accumulator starts at the row's correction (so the eight lane
+    /// sums are exactly those of [`dots_q8_avx2`]), and the lanes are scaled
+    /// by `scale · d_x` and accumulated with one FMA. [`Q8_ROWS`] rows ×
+    /// [`Q8_COLS`] columns of accumulators stay in registers, so every
+    /// weight and activation load serves four products. Bit-identical to
+    /// the other kernels.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, AVX-512 VNNI and AVX-512 VL.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
+    pub(super) unsafe fn tile_q8_vnni(cols: &[Q8Column<'_>; Q8_COLS], acts: &Q8Acts, corr: &[i32], out: &mut [f32]) {
+        let m = acts.m;
+        let split = cols[0].scale_hi.is_some();
+        let mut r0 = 0;
+        while r0 < m {
+            match (m - r0, split) {
+                (1, false) => rows_q8_vnni::<1, false>(cols, acts, corr, r0, out),
+                (2, false) => rows_q8_vnni::<2, false>(cols, acts, corr, r0, out),
+                (3, false) => rows_q8_vnni::<3, false>(cols, acts, corr, r0, out),
+                (_, false) => rows_q8_vnni::<Q8_ROWS, false>(cols, acts, corr, r0, out),
+                (1, true) => rows_q8_vnni::<1, true>(cols, acts, corr, r0, out),
+                (2, true) => rows_q8_vnni::<2, true>(cols, acts, corr, r0, out),
+                (3, true) => rows_q8_vnni::<3, true>(cols, acts, corr, r0, out),
+                (_, true) => rows_q8_vnni::<Q8_ROWS, true>(cols, acts, corr, r0, out),
+            }
+            r0 += Q8_ROWS;
+        }
+    }
+
+    /// `R` rows from `r0` of [`tile_q8_vnni`]; `SPLIT` when the columns
+    /// carry second-half scales (a matrix's columns all do or all don't).
+    /// Every bound is checked once up front, so the loop is loads and
+    /// arithmetic only and the `R × Q8_COLS` accumulators stay in registers.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // constant-bound index loops unroll into registers
+    fn rows_q8_vnni<const R: usize, const SPLIT: bool>(
+        cols: &[Q8Column<'_>; Q8_COLS],
+        acts: &Q8Acts,
+        corr: &[i32],
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let (m, k) = (acts.m, acts.k);
+        let nb = k / BLOCK;
+        assert!(r0 + R <= m && out.len() == Q8_COLS * m);
+        assert!(corr.len() == m * nb * 8 && acts.codes.len() == m * k && acts.scale.len() == m * nb);
+        let mut wp = [std::ptr::null::<i8>(); Q8_COLS];
+        let mut lo = [std::ptr::null::<f32>(); Q8_COLS];
+        let mut hi = [std::ptr::null::<f32>(); Q8_COLS];
+        for c in 0..Q8_COLS {
+            let col = &cols[c];
+            assert!(col.codes.len() == k && col.scale.len() == nb);
+            wp[c] = col.codes.as_ptr();
+            lo[c] = col.scale.as_ptr();
+            hi[c] = match (SPLIT, col.scale_hi) {
+                (true, Some(h)) if h.len() == nb => h.as_ptr(),
+                (false, None) => col.scale.as_ptr(),
+                _ => panic!("the columns of one matrix disagree on second-half scales"),
+            };
+        }
+        let flip = _mm256_set1_epi8(-128);
+        let mut acc = [[_mm256_setzero_ps(); Q8_COLS]; R];
+        for b in 0..nb {
+            let mut w = [_mm256_setzero_si256(); Q8_COLS];
+            let mut dw = [_mm256_setzero_ps(); Q8_COLS];
+            for c in 0..Q8_COLS {
+                // SAFETY: b < nb, so bytes b·32..b·32+32 of a k-long column
+                // and scale b of an nb-long vector are in bounds (asserted).
+                unsafe {
+                    w[c] = _mm256_xor_si256(_mm256_loadu_si256(wp[c].add(b * BLOCK).cast()), flip);
+                    dw[c] = if SPLIT {
+                        _mm256_set_m128(_mm_set1_ps(*hi[c].add(b)), _mm_set1_ps(*lo[c].add(b)))
+                    } else {
+                        _mm256_set1_ps(*lo[c].add(b))
+                    };
+                }
+            }
+            for r in 0..R {
+                let row = r0 + r;
+                // SAFETY: row < m and b < nb: the activation block, its
+                // eight corrections and its scale are in bounds (asserted).
+                let (x, start, dx) = unsafe {
+                    (
+                        _mm256_loadu_si256(acts.codes.as_ptr().add(row * k + b * BLOCK).cast()),
+                        _mm256_loadu_si256(corr.as_ptr().add((row * nb + b) * 8).cast()),
+                        _mm256_set1_ps(*acts.scale.as_ptr().add(row * nb + b)),
+                    )
+                };
+                for c in 0..Q8_COLS {
+                    let lanes = _mm256_dpbusd_epi32(start, w[c], x);
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[c], dx), _mm256_cvtepi32_ps(lanes), acc[r][c]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row = r0 + r;
+            for (c, acc) in acc.iter().enumerate() {
+                let res = _mm_add_ps(_mm256_extractf128_ps(*acc, 1), _mm256_castps256_ps128(*acc));
+                let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+                let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+                let mut v = _mm_cvtss_f32(res);
+                if let Some(min) = cols[c].min {
+                    v += super::min_terms(min, acts, row);
+                }
+                out[c * m + row] = v;
             }
         }
     }
@@ -852,15 +1164,15 @@ mod tests {
         let q = QTensor::quantize(&wf, GgmlDType::Q4_1).unwrap();
         let w = Q4_1Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap();
         let q8 = QTensor::quantize(&wf, GgmlDType::Q8_0).unwrap();
-        let w8 = Q8_0Matrix::from_ggml_bytes(&q8.data().unwrap(), n, k).unwrap();
+        let w8 = Q8Matrix::from_ggml_bytes(&q8.data().unwrap(), n, k).unwrap();
         let x = rand(67 * k, 17);
         for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
             let alone: Vec<Vec<f32>> = (0..67).map(|r| matmul(&w, &x[r * k..(r + 1) * k], 1, isa).unwrap()).collect();
             let alone8: Vec<Vec<f32>> =
-                (0..67).map(|r| matmul_q8_0(&w8, &x[r * k..(r + 1) * k], 1, isa).unwrap()).collect();
+                (0..67).map(|r| matmul_q8(&w8, &x[r * k..(r + 1) * k], 1, isa).unwrap()).collect();
             for m in (1..=64).chain([67]) {
                 let got = matmul(&w, &x[..m * k], m, isa).unwrap();
-                let got8 = matmul_q8_0(&w8, &x[..m * k], m, isa).unwrap();
+                let got8 = matmul_q8(&w8, &x[..m * k], m, isa).unwrap();
                 for r in 0..m {
                     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same(&got[r * n..(r + 1) * n], &alone[r]), "Q4_1 {isa:?} m={m} row {r}");
@@ -876,7 +1188,7 @@ mod tests {
         for (n, k) in [(1, 64), (37, 96), (70, 576)] {
             let wf = Tensor::from_vec(rand(n * k, (n * k) as u64 + 3), (n, k), &dev).unwrap();
             let q = QTensor::quantize(&wf, GgmlDType::Q8_0).unwrap();
-            let ours = Q8_0Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap();
+            let ours = Q8Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
             for m in [1, 3, 6] {
                 let x = rand(m * k, (m * 77 + k) as u64);
@@ -888,7 +1200,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
-                    let got = matmul_q8_0(&ours, &x, m, isa).unwrap();
+                    let got = matmul_q8(&ours, &x, m, isa).unwrap();
                     for (a, b) in got.iter().zip(&expected) {
                         // The SIMD kernels follow candle's AVX2 path bit for
                         // bit; the scalar one its portable path, which sums in
@@ -971,5 +1283,100 @@ mod tests {
         assert!(Q4_1Matrix::from_ggml_bytes(&[0; 19], 1, 32).is_err());
         let w = Q4_1Matrix::from_ggml_bytes(&[0; 20], 1, 32).unwrap();
         assert!(matmul(&w, &[0.0; 31], 1, Isa::Scalar).is_err());
+    }
+
+    /// Every type the 8-bit kernel takes, with a shape it fits.
+    const FORMATS: [(GgmlDType, usize); 6] = [
+        (GgmlDType::Q8_0, 96),
+        (GgmlDType::Q4_0, 96),
+        (GgmlDType::Q5_0, 160),
+        (GgmlDType::Q4K, 512),
+        (GgmlDType::Q5K, 256),
+        (GgmlDType::Q6K, 768),
+    ];
+
+    fn q8_of(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Q8Matrix, QTensor) {
+        let wf = Tensor::from_vec(rand(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&wf, dtype).unwrap();
+        (Q8Matrix::from_ggml(dtype, &q.data().unwrap(), n, k).unwrap(), q)
+    }
+
+    #[test]
+    fn every_format_unpacks_to_ggml_values_bit_for_bit() {
+        for (dtype, k) in FORMATS {
+            let n = 5;
+            let (ours, q) = q8_of(dtype, n, k, k as u64 + 1);
+            let theirs: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+            let mut row = vec![0f32; k];
+            for (r, want) in theirs.iter().enumerate() {
+                ours.dequantize_row(r, &mut row);
+                let same = row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+                assert!(same, "{dtype:?} row {r}: {:?} vs {:?}", &row[..8], &want[..8]);
+            }
+        }
+    }
+
+    /// Awkward shapes for every format: every instruction set gives the
+    /// scalar reference's bits, each row's bits are its bits alone, and the
+    /// result is the dequantized matmul up to the activations' rounding.
+    #[test]
+    fn eight_bit_kernels_equal_the_reference_and_rows_are_batch_invariant() {
+        for (dtype, k) in FORMATS {
+            for n in [1, 9, 17] {
+                let (w, q) = q8_of(dtype, n, k, (n * 13 + k) as u64);
+                let dense: Vec<Vec<f32>> = q.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+                let x = rand(19 * k, (n + k) as u64);
+                let alone: Vec<Vec<f32>> =
+                    (0..19).map(|r| matmul_q8(&w, &x[r * k..(r + 1) * k], 1, Isa::Scalar).unwrap()).collect();
+                for m in [1, 2, 3, 7, 8, 9, 19] {
+                    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
+                        let got = matmul_q8(&w, &x[..m * k], m, isa).unwrap();
+                        for r in 0..m {
+                            let row = &got[r * n..(r + 1) * n];
+                            let same = row.iter().zip(&alone[r]).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{dtype:?} {isa:?} n={n} m={m} row {r}: {row:?} vs {:?}", alone[r]);
+                        }
+                    }
+                }
+                for (r, want) in alone.iter().enumerate().take(3) {
+                    for (j, &got) in want.iter().enumerate() {
+                        let exact: f32 = dense[j].iter().zip(&x[r * k..(r + 1) * k]).map(|(a, b)| a * b).sum();
+                        let scale: f32 = dense[j].iter().map(|v| v.abs()).sum::<f32>() / 64.0;
+                        assert!((got - exact).abs() <= scale, "{dtype:?} row {r} col {j}: {got} vs {exact}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_eight_bit_formats_changes_no_output() {
+        let k = 256;
+        let parts = [GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::Q4K];
+        let x = rand(3 * k, 9);
+        let mut apart = Vec::new();
+        let mut matrices = Vec::new();
+        for (i, dtype) in parts.into_iter().enumerate() {
+            let (w, _) = q8_of(dtype, 8 + i, k, i as u64);
+            apart.push(matmul_q8(&w, &x, 3, Isa::detect()).unwrap());
+            matrices.push(w);
+        }
+        let both = Q8Matrix::stack(matrices).unwrap();
+        let y = matmul_q8(&both, &x, 3, Isa::detect()).unwrap();
+        let n = both.rows();
+        for r in 0..3 {
+            let mut at = 0;
+            for (i, a) in apart.iter().enumerate() {
+                let w = 8 + i;
+                let same = y[r * n + at..r * n + at + w]
+                    .iter()
+                    .zip(&a[r * w..(r + 1) * w])
+                    .all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "part {i} row {r}");
+                at += w;
+            }
+        }
+        assert!(Q8Matrix::from_ggml(GgmlDType::Q4K, &[0; 144], 1, 128).is_err(), "K-quants need rows of 256");
+        assert!(Q8Matrix::from_ggml(GgmlDType::Q5_1, &[0; 24], 1, 32).is_err());
     }
 }
