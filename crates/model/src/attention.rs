@@ -282,7 +282,7 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)] // AVX2/FMA intrinsics; every function is entered only after detection
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -463,7 +463,7 @@ mod x86 {
     /// Inputs below -87.3 (where the result would be subnormal), `-inf`
     /// included, give 0.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp256(x: __m256) -> __m256 {
+    pub(crate) fn exp256(x: __m256) -> __m256 {
         let live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.336_54), _CMP_GE_OQ);
         let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_54)), _mm256_set1_ps(88.376_26));
         let n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
