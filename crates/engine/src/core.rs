@@ -414,6 +414,14 @@ impl EngineCore {
             self.masks = MaskWorker::start();
         }
         let (model, cache) = (self.model.as_mut(), &mut self.cache);
+        if model.tracks_windows() {
+            // Every live sequence's window (the admitted ones included), so
+            // this step's copies and page allocations reclaim none of it.
+            let ids = cache.sequence_ids();
+            let live: Vec<(&kv::BlockTable, usize)> =
+                ids.iter().filter_map(|&id| Some((cache.block_table(id).ok()?, cache.computed(id).ok()?))).collect();
+            model.keep_windows(&live);
+        }
         let (handed, mut kept) = match (&self.masks, constrained.is_empty()) {
             (Some(worker), false) => match worker.send(constrained) {
                 Ok(()) => (true, Vec::new()),

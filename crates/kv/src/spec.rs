@@ -18,16 +18,16 @@
 //!   wholly before the widest window are released ([`CacheSpec::window`] is
 //!   `Some`), so a sequence holds at most `ceil(W / block_size) + 1` blocks
 //!   however long it grows. The accounting in `KvCache` follows that.
-//! * Mixed (Gemma-3: five sliding layers to one full): a block id names the K/V
-//!   of *every* layer in its pool, so one pool for all layers could release
-//!   nothing. Instead the model keeps one pool per layer group
-//!   ([`CacheSpec::layer_groups`] splits the spec; each group is a spec of its
-//!   own and gets its own `KvCache`): the full group behaves as above, the
-//!   sliding group releases out-of-window blocks, each pool sizes its blocks
-//!   by its own layer count. A prefix hit is then the shortest hit over the
-//!   groups (vLLM's hybrid KV cache manager does the same). Until the model
-//!   runtime builds per-group caches, a mixed spec used whole is correct but
-//!   conservative: it holds full-history blocks for every layer.
+//! * Mixed (Gemma-3: five sliding layers to one full): a block id names the
+//!   K/V of the *full* layers; this crate's pool, prefix index, eviction and
+//!   tiers govern those. The model keeps the sliding layers' K/V apart, in
+//!   pages mapped from block ids while a live window covers them and kept
+//!   afterwards until reclaimed least recently used first (the model
+//!   crate's `kv_store.rs`); the engine asks it how much of a cached prefix
+//!   is usable (the sliding layers must still hold the window before the
+//!   cut) and shortens adoptions to that. [`CacheSpec::window`] is `None`
+//!   for a mixed spec (nothing in the full layers is ever released early);
+//!   [`CacheSpec::layer_groups`] splits the layers by kind.
 
 use serde::{Deserialize, Serialize};
 

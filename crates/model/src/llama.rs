@@ -473,6 +473,7 @@ impl LlamaModel {
     /// then), [`Error::Candle`] if a tensor operation fails.
     pub fn forward(&self, batch: &[SeqStep<'_>], store: &mut PagedKvStore) -> Result<Tensor> {
         self.validate(batch, store.block_size())?;
+        store.prepare(batch)?;
         let c = &self.config;
         let ids: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let positions: Vec<u32> =

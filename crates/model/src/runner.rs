@@ -49,6 +49,25 @@ pub trait Model: Send {
     fn forward(&mut self, batch: Batch<'_>) -> Result<Vec<Vec<f32>>>;
     /// The K/V storage, for block export and import (tiers).
     fn storage(&mut self) -> &mut dyn BlockStorage;
+    /// Whether the model keeps sliding-window K/V apart from its blocks
+    /// (hybrid models: see `kv_store.rs`), and so needs
+    /// [`Model::keep_windows`] before each step and
+    /// [`Model::usable_prefix`] at each adoption.
+    fn tracks_windows(&self) -> bool {
+        false
+    }
+    /// The longest prefix of a sequence's first `len` tokens (its block
+    /// table) that a continuation can start from: `len` unless the model
+    /// dropped the sliding-window K/V the continuation would read.
+    fn usable_prefix(&self, table: &kv::BlockTable, len: usize) -> usize {
+        let _ = table;
+        len
+    }
+    /// The windows live sequences will read from (block table, computed
+    /// tokens), reported before each step: their sliding-window K/V is kept.
+    fn keep_windows(&mut self, live: &[(&kv::BlockTable, usize)]) {
+        let _ = live;
+    }
 }
 
 /// One step's work as the engine prepared it (its copy-on-writes already
@@ -148,8 +167,7 @@ impl PagedLlama {
     /// [`crate::Error::Kv`] if the layout is invalid (zero blocks, a block
     /// size the cache rejects).
     pub fn new(model: LlamaModel, file: &GgufFile, block_size: u32, num_blocks: u32, dtype: KvDType) -> Result<Self> {
-        let spec = model.config().cache_spec(block_size, num_blocks, dtype)?;
-        let store = PagedKvStore::new(&spec);
+        let (spec, store) = storage(model.config(), block_size, num_blocks, dtype)?;
         Ok(Self { model: std::sync::Arc::new(model), store, spec, fingerprint: fingerprint(file) })
     }
 
@@ -161,8 +179,7 @@ impl PagedLlama {
     /// [`crate::Error::Kv`] for an invalid block count.
     pub fn sibling(&self, num_blocks: u32) -> Result<Self> {
         let p = self.spec.params();
-        let spec = self.model.config().cache_spec(p.block_size, num_blocks, p.dtype)?;
-        let store = PagedKvStore::new(&spec);
+        let (spec, store) = storage(self.model.config(), p.block_size, num_blocks, p.dtype)?;
         Ok(Self { model: std::sync::Arc::clone(&self.model), store, spec, fingerprint: self.fingerprint.clone() })
     }
 
@@ -194,6 +211,35 @@ impl PagedLlama {
     pub fn store(&self) -> &PagedKvStore {
         &self.store
     }
+}
+
+/// The cache layout and the K/V arenas for the memory of `num_blocks`
+/// blocks of every layer. A model mixing full and sliding-window layers
+/// (Gemma 3) gets a hybrid store (`kv_store.rs`): half that memory for the
+/// full layers' blocks (so several times as many blocks, a longer history
+/// per byte), half for sliding-window pages. Anything else: `num_blocks`
+/// blocks of every layer.
+fn storage(
+    config: &crate::ModelConfig,
+    block_size: u32,
+    num_blocks: u32,
+    dtype: KvDType,
+) -> Result<(CacheSpec, PagedKvStore)> {
+    let whole = config.cache_spec(block_size, num_blocks, dtype)?;
+    let memory = whole.bytes_per_block() * u64::from(num_blocks);
+    let one = config.cache_spec(block_size, 1, dtype)?;
+    let probe = PagedKvStore::hybrid(&one, 1);
+    if let Some(probe) = probe {
+        let (full, page) = (probe.bytes_per_block() as u64, probe.page_bytes() as u64);
+        let pages = (memory / 2 / page).max(1);
+        let blocks = ((memory - pages * page) / full).clamp(1, u64::from(u32::MAX - 1));
+        let spec = config.cache_spec(block_size, blocks as u32, dtype)?;
+        if let Some(store) = PagedKvStore::hybrid(&spec, pages as usize) {
+            return Ok((spec, store));
+        }
+    }
+    let store = PagedKvStore::new(&whole);
+    Ok((whole, store))
 }
 
 /// The content identity of a model file: xxh3-128 over every byte of it
@@ -229,6 +275,18 @@ impl Model for PagedLlama {
 
     fn storage(&mut self) -> &mut dyn BlockStorage {
         &mut self.store
+    }
+
+    fn tracks_windows(&self) -> bool {
+        self.store.pages().is_some()
+    }
+
+    fn usable_prefix(&self, table: &kv::BlockTable, len: usize) -> usize {
+        self.store.usable_prefix(table, len)
+    }
+
+    fn keep_windows(&mut self, live: &[(&kv::BlockTable, usize)]) {
+        self.store.keep_windows(live.iter().copied());
     }
 }
 

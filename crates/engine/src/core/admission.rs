@@ -170,6 +170,13 @@ impl EngineCore {
                 }
             }
         }
+        // A hybrid model may have dropped the sliding-window K/V the cut
+        // needs: continue from where it still has it.
+        let usable = self.cut_to_usable(seq, reused);
+        if usable < reused {
+            a.tier_hits.pool = a.tier_hits.pool.min(usable);
+            reused = usable;
+        }
         // In-flight prefix sharing: the next block is being computed by a
         // running request (or loaded): wait for it rather than compute it
         // twice.
@@ -285,6 +292,25 @@ impl EngineCore {
 
     /// A fork of `seq` cut to its first `len` tokens (nothing left behind
     /// if the cut fails).
+    /// Shortens `seq` (holding `len` computed tokens) to the longest prefix
+    /// the model can continue from ([`model::Model::usable_prefix`]);
+    /// returns its length.
+    pub(super) fn cut_to_usable(&mut self, seq: SeqId, len: usize) -> usize {
+        if !self.model.tracks_windows() || len == 0 {
+            return len;
+        }
+        let usable = match self.cache.block_table(seq) {
+            Ok(table) => self.model.usable_prefix(table, len),
+            Err(_) => return len,
+        };
+        if usable < len && self.cache.truncate(seq, usable).is_err() {
+            // Cannot cut (never expected): start the sequence over.
+            let _ = self.cache.truncate(seq, 0);
+            return 0;
+        }
+        usable
+    }
+
     fn fork_to(&mut self, seq: SeqId, len: usize) -> kv::Result<(SeqId, usize)> {
         let fork = self.cache.fork(seq)?;
         if let Err(e) = self.cache.truncate(fork, len) {

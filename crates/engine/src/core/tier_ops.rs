@@ -352,6 +352,7 @@ impl EngineCore {
         let upto = load.base + imported * bs;
         let _ = self.cache.mark_computed(load.seq, upto);
         let _ = self.cache.truncate(load.seq, upto);
+        let upto = self.cut_to_usable(load.seq, upto);
         let took = load.started.elapsed();
         a.tier_hits.disk += (imported * bs).min(a.req.prompt.len().saturating_sub(load.base));
         let c = &mut self.tiers.counters;

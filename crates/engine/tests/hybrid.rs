@@ -1,0 +1,88 @@
+//! A hybrid model (a tiny random Gemma 3: five sliding-window layers to one
+//! full layer, window 8, blocks of 4) under page pressure: the sliding
+//! layers keep only a few pages, so a cached prefix can outlive the window
+//! K/V it needs. The engine must then continue from where that K/V still
+//! exists (here: from scratch) and give exactly the tokens a cold engine
+//! gives; with the pages still there it must reuse the prefix.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{collect, greedy};
+use engine::{EngineConfig, EngineHandle};
+use kv::KvDType;
+use model::tiny::{write_tiny_gguf, TinySpec};
+use model::{MatmulPath, PagedLlama};
+
+/// An engine over the tiny hybrid model with the memory of `blocks`
+/// whole-model blocks (a third of it becomes sliding-window pages).
+fn engine(path: &std::path::Path, blocks: u32) -> EngineHandle {
+    let (paged, text) = PagedLlama::open(path, 4, blocks, KvDType::F16, MatmulPath::from_env().unwrap()).unwrap();
+    assert!(paged.store().pages().is_some(), "a hybrid store");
+    let config = EngineConfig {
+        default_timeout: Some(Duration::from_secs(60)),
+        max_batch_tokens: 64,
+        ..EngineConfig::default()
+    };
+    engine::start(Box::new(paged), Arc::new(text), config).unwrap()
+}
+
+fn tiny_gemma(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("tiny-gemma.gguf");
+    let spec = TinySpec {
+        arch: "gemma3".into(),
+        layers: 6,
+        hidden: 64,
+        heads: 2,
+        kv_heads: 1,
+        ffn: 96,
+        sliding_window: Some(8),
+        rope_base: 1_000_000.0,
+        weight_scale: 2.0,
+        ..TinySpec::default()
+    };
+    write_tiny_gguf(&path, &spec).unwrap();
+    path
+}
+
+/// 40 letters; each seed starts with another letter.
+fn prompt(seed: usize) -> String {
+    (0..40).map(|i| char::from(b'a' + ((i * 7 + seed * 11 + i * seed) % 26) as u8)).collect()
+}
+
+#[tokio::test]
+async fn a_prefix_whose_window_pages_were_reclaimed_is_recomputed_and_answers_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_gemma(dir.path());
+    let question = format!("{}{}", prompt(0), "the end");
+
+    // Cold: a fresh engine answers the question.
+    let cold = collect(engine(&path, 24).generate(greedy(&question, 12)).unwrap()).await;
+    assert_eq!(cold.error, None);
+
+    // Warm: the prompt's prefix ran just before; its pages are still there.
+    let warm_engine = engine(&path, 24);
+    let first = collect(warm_engine.generate(greedy(&prompt(0), 4)).unwrap()).await;
+    assert_eq!(first.error, None);
+    let warm = collect(warm_engine.generate(greedy(&question, 12)).unwrap()).await;
+    assert_eq!(warm.tokens, cold.tokens, "the same tokens from cached K/V");
+    assert!(warm.usage.cached_tokens >= 36, "the prefix was reused: {:?}", warm.usage);
+
+    // Pressure: other prompts run in between and take every page, while the
+    // full layers' blocks of the first prompt stay cached.
+    let busy = engine(&path, 24);
+    let first = collect(busy.generate(greedy(&prompt(0), 4)).unwrap()).await;
+    assert_eq!(first.error, None);
+    for seed in 1..6 {
+        let o = collect(busy.generate(greedy(&prompt(seed), 4)).unwrap()).await;
+        assert_eq!(o.error, None, "seed {seed}");
+    }
+    let after = collect(busy.generate(greedy(&question, 12)).unwrap()).await;
+    assert_eq!(after.error, None);
+    assert_eq!(after.tokens, cold.tokens, "the same tokens, recomputed where the window K/V was gone");
+    assert!(after.usage.cached_tokens < 36, "the adoption was cut back: {:?}", after.usage);
+}
