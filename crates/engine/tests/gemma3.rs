@@ -22,7 +22,12 @@ use model::{MatmulPath, Message, PagedLlama};
 
 fn gemma_engine(prefix_cache: bool) -> EngineHandle {
     let path = model::fetch::ensure_model(&model::fetch::GEMMA3_270M, &mut |_| {}).unwrap();
-    let (model, text) = PagedLlama::open(&path, 16, 640, KvDType::F16, MatmulPath::Kernels(Isa::detect())).unwrap();
+    let (model, text) = PagedLlama::open(
+        &path,
+        model::KvSizing { live_windows: 4, ..model::KvSizing::new(16, 640, KvDType::F16) },
+        MatmulPath::Kernels(Isa::detect()),
+    )
+    .unwrap();
     let config = EngineConfig {
         prefix_cache,
         default_timeout: Some(Duration::from_secs(600)),

@@ -21,7 +21,12 @@ use model::{MatmulPath, PagedLlama};
 /// An engine over the tiny hybrid model with the memory of `blocks`
 /// whole-model blocks (a third of it becomes sliding-window pages).
 fn engine(path: &std::path::Path, blocks: u32) -> EngineHandle {
-    let (paged, text) = PagedLlama::open(path, 4, blocks, KvDType::F16, MatmulPath::from_env().unwrap()).unwrap();
+    let (paged, text) = PagedLlama::open(
+        path,
+        model::KvSizing { live_windows: 2, ..model::KvSizing::new(4, blocks, KvDType::F16) },
+        MatmulPath::from_env().unwrap(),
+    )
+    .unwrap();
     assert!(paged.store().pages().is_some(), "a hybrid store");
     let config = EngineConfig {
         default_timeout: Some(Duration::from_secs(60)),

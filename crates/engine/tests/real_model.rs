@@ -24,7 +24,9 @@ use model::{MatmulPath, Message, PagedLlama};
 
 fn real_engine(prefix_cache: bool) -> EngineHandle {
     let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
-    let (model, text) = PagedLlama::open(&path, 16, 256, KvDType::F16, MatmulPath::Kernels(Isa::detect())).unwrap();
+    let (model, text) =
+        PagedLlama::open(&path, model::KvSizing::new(16, 256, KvDType::F16), MatmulPath::Kernels(Isa::detect()))
+            .unwrap();
     let config = EngineConfig {
         prefix_cache,
         default_timeout: Some(Duration::from_secs(300)),
@@ -63,7 +65,9 @@ async fn multi_turn_greedy_output_is_identical_with_the_prefix_cache_on_and_off(
 
 fn tiered_engine(dir: &std::path::Path) -> EngineHandle {
     let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
-    let (model, text) = PagedLlama::open(&path, 16, 256, KvDType::F16, MatmulPath::Kernels(Isa::detect())).unwrap();
+    let (model, text) =
+        PagedLlama::open(&path, model::KvSizing::new(16, 256, KvDType::F16), MatmulPath::Kernels(Isa::detect()))
+            .unwrap();
     let tiers = engine::TierConfig {
         ram_bytes: 256 << 20,
         disk: Some(engine::DiskConfig::new(dir, 1 << 30)),

@@ -68,7 +68,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;
-    let (base, _) = PagedLlama::open(&path, 16, 4, KvDType::F16, MatmulPath::from_env()?)?;
+    let (base, _) = PagedLlama::open(&path, model::KvSizing::new(16, 4, KvDType::F16), MatmulPath::from_env()?)?;
     let model = &base;
     let threads = rayon::current_num_threads();
     println!("model: {} | threads: {threads} | matmul: {}", path.display(), model.model().matmul_path().name());

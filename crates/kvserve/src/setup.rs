@@ -284,7 +284,11 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
     let text = LlamaText::from_gguf(&file)?;
     let llama =
         LlamaModel::load_with(&file, &Device::Cpu, matmul).with_context(|| format!("loading {}", path.display()))?;
-    let model = PagedLlama::new(llama, &file, args.block_size, blocks, args.kv_dtype)?;
+    let sizing = model::KvSizing {
+        live_windows: args.max_running,
+        ..model::KvSizing::new(args.block_size, blocks, args.kv_dtype)
+    };
+    let model = PagedLlama::new(llama, &file, sizing)?;
     let model_name = path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     // A hybrid model (Gemma 3) turned the memory into more full-layer
     // blocks plus sliding-window pages.

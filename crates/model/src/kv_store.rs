@@ -356,7 +356,8 @@ impl PagedKvStore {
     /// # Errors
     /// [`Error::InvalidBatch`] if a window the step reads lost its page (the
     /// engine's adoption check, [`PagedKvStore::usable_prefix`], prevents
-    /// this) or no page can be had.
+    /// this); [`kv::Error::Exhausted`] if no page can be had (every page is
+    /// in a live window or in this step).
     pub fn prepare(&mut self, batch: &[crate::llama::SeqStep<'_>]) -> Result<()> {
         let bs = self.block_size;
         let Some(sp) = self.sliding.as_mut() else { return Ok(()) };
@@ -378,7 +379,10 @@ impl PagedKvStore {
         for s in batch {
             for slot in s.slots {
                 if sp.ensure(slot.block).is_none() {
-                    return Err(Error::InvalidBatch("every sliding-window page is in use".into()));
+                    // Like a pool out of blocks: the engine preempts a
+                    // sequence (its window becomes reclaimable) and retries.
+                    let (pages, free) = (sp.block_of.len(), sp.free.len());
+                    return Err(Error::Kv(kv::Error::Exhausted { requested: 1, available: free.min(pages) }));
                 }
             }
         }

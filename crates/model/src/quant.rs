@@ -398,12 +398,29 @@ fn par_columns(n: usize, m: usize, columns: impl Fn(usize, &mut [f32]) + Sync) -
     let per_task =
         n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK).next_multiple_of(TILE);
     out_t.par_chunks_mut(per_task * m).enumerate().for_each(|(task, chunk)| columns(task * per_task, chunk));
-    // Row by row: sequential writes, short-stride reads (a column-by-column
-    // loop writes `n` floats apart, a page apart for the vocabulary).
+    transpose(&out_t, n, m)
+}
+
+/// `[n, m]` column-major results to row-major `[m, n]`, in strips of
+/// columns: within a strip, each row reads one value from each of the
+/// strip's columns, and the next row the next value of the same cache
+/// lines, so the strip's lines stay in L1 (a plain row-by-row loop reads
+/// `m` floats apart, a fresh line per value: for a 512-row prefill that
+/// was most of the time outside the kernels).
+fn transpose(out_t: &[f32], n: usize, m: usize) -> Vec<f32> {
+    const STRIP: usize = 64;
     let mut out = vec![0f32; m * n];
-    for (r, row) in out.chunks_exact_mut(n).enumerate() {
-        for (o, v) in row.iter_mut().zip(out_t[r..].iter().step_by(m)) {
-            *o = *v;
+    if m == 1 {
+        out.copy_from_slice(out_t);
+        return out;
+    }
+    for c0 in (0..n).step_by(STRIP) {
+        let cols = STRIP.min(n - c0);
+        for r in 0..m {
+            let row = &mut out[r * n + c0..r * n + c0 + cols];
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = out_t[(c0 + c) * m + r];
+            }
         }
     }
     out

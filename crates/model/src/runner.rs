@@ -151,6 +151,7 @@ pub struct PagedLlama {
     model: std::sync::Arc<LlamaModel>,
     store: PagedKvStore,
     spec: CacheSpec,
+    sizing: KvSizing,
     fingerprint: Vec<u8>,
 }
 
@@ -160,15 +161,38 @@ impl std::fmt::Debug for PagedLlama {
     }
 }
 
+/// How much K/V memory a [`PagedLlama`] gets, and in what blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSizing {
+    /// Tokens per block.
+    pub block_size: u32,
+    /// The memory of this many blocks of every layer.
+    pub num_blocks: u32,
+    /// Element type.
+    pub dtype: KvDType,
+    /// For a hybrid model: how many sequences' sliding windows the pages
+    /// must hold at once (the engine's `max_running`); below that memory
+    /// the store keeps every layer per block instead.
+    pub live_windows: usize,
+}
+
+impl KvSizing {
+    /// `num_blocks` blocks of `block_size` tokens, room for 64 live windows.
+    pub fn new(block_size: u32, num_blocks: u32, dtype: KvDType) -> Self {
+        Self { block_size, num_blocks, dtype, live_windows: 64 }
+    }
+}
+
 impl PagedLlama {
-    /// Sizes the arenas for `num_blocks` blocks of `block_size` tokens.
+    /// Sizes the arenas (`storage` below says how a hybrid model splits
+    /// the memory).
     ///
     /// # Errors
     /// [`crate::Error::Kv`] if the layout is invalid (zero blocks, a block
     /// size the cache rejects).
-    pub fn new(model: LlamaModel, file: &GgufFile, block_size: u32, num_blocks: u32, dtype: KvDType) -> Result<Self> {
-        let (spec, store) = storage(model.config(), block_size, num_blocks, dtype)?;
-        Ok(Self { model: std::sync::Arc::new(model), store, spec, fingerprint: fingerprint(file) })
+    pub fn new(model: LlamaModel, file: &GgufFile, sizing: KvSizing) -> Result<Self> {
+        let (spec, store) = storage(model.config(), sizing)?;
+        Ok(Self { model: std::sync::Arc::new(model), store, spec, sizing, fingerprint: fingerprint(file) })
     }
 
     /// The same weights with fresh arenas of `num_blocks` blocks (same
@@ -178,28 +202,23 @@ impl PagedLlama {
     /// # Errors
     /// [`crate::Error::Kv`] for an invalid block count.
     pub fn sibling(&self, num_blocks: u32) -> Result<Self> {
-        let p = self.spec.params();
-        let (spec, store) = storage(self.model.config(), p.block_size, num_blocks, p.dtype)?;
-        Ok(Self { model: std::sync::Arc::clone(&self.model), store, spec, fingerprint: self.fingerprint.clone() })
+        let sizing = KvSizing { num_blocks, ..self.sizing };
+        let (spec, store) = storage(self.model.config(), sizing)?;
+        let fingerprint = self.fingerprint.clone();
+        Ok(Self { model: std::sync::Arc::clone(&self.model), store, spec, sizing, fingerprint })
     }
 
-    /// Opens a GGUF file and loads its model (arenas for `num_blocks` blocks
-    /// of `block_size` tokens) and its text side.
+    /// Opens a GGUF file and loads its model (arenas as `sizing` says) and
+    /// its text side.
     ///
     /// # Errors
     /// As [`GgufFile::open`], [`LlamaModel::load_with`],
     /// [`LlamaText::from_gguf`] and [`PagedLlama::new`].
-    pub fn open(
-        path: &std::path::Path,
-        block_size: u32,
-        num_blocks: u32,
-        dtype: KvDType,
-        matmul: MatmulPath,
-    ) -> Result<(Self, LlamaText)> {
+    pub fn open(path: &std::path::Path, sizing: KvSizing, matmul: MatmulPath) -> Result<(Self, LlamaText)> {
         let file = GgufFile::open(path)?;
         let text = LlamaText::from_gguf(&file)?;
         let model = LlamaModel::load_with(&file, &candle_core::Device::Cpu, matmul)?;
-        Ok((Self::new(model, &file, block_size, num_blocks, dtype)?, text))
+        Ok((Self::new(model, &file, sizing)?, text))
     }
 
     /// The model inside.
@@ -215,27 +234,38 @@ impl PagedLlama {
 
 /// The cache layout and the K/V arenas for the memory of `num_blocks`
 /// blocks of every layer. A model mixing full and sliding-window layers
-/// (Gemma 3) gets a hybrid store (`kv_store.rs`): half that memory for the
-/// full layers' blocks (so several times as many blocks, a longer history
-/// per byte), half for sliding-window pages. Anything else: `num_blocks`
-/// blocks of every layer.
-fn storage(
-    config: &crate::ModelConfig,
-    block_size: u32,
-    num_blocks: u32,
-    dtype: KvDType,
-) -> Result<(CacheSpec, PagedKvStore)> {
+/// (Gemma 3) gets a hybrid store (`kv_store.rs`) when that memory holds the
+/// pages of `live_windows` windows plus a prefill chunk of two windows:
+/// half the memory (at least that many pages) for sliding-window pages, the
+/// rest for the full layers' blocks (so several times as many blocks, a
+/// longer history per byte). With less memory, or any other model,
+/// `num_blocks` blocks of every layer: a plain store never runs out of
+/// pages.
+fn storage(config: &crate::ModelConfig, sizing: KvSizing) -> Result<(CacheSpec, PagedKvStore)> {
+    let KvSizing { block_size, num_blocks, dtype, live_windows } = sizing;
     let whole = config.cache_spec(block_size, num_blocks, dtype)?;
     let memory = whole.bytes_per_block() * u64::from(num_blocks);
     let one = config.cache_spec(block_size, 1, dtype)?;
-    let probe = PagedKvStore::hybrid(&one, 1);
-    if let Some(probe) = probe {
+    let window = config
+        .attention
+        .iter()
+        .find_map(|k| match k {
+            kv::AttentionKind::SlidingWindow { window } => Some(u64::from(*window)),
+            kv::AttentionKind::Full => None,
+        })
+        .unwrap_or(0);
+    if let Some(probe) = PagedKvStore::hybrid(&one, 1) {
         let (full, page) = (probe.bytes_per_block() as u64, probe.page_bytes() as u64);
-        let pages = (memory / 2 / page).max(1);
-        let blocks = ((memory - pages * page) / full).clamp(1, u64::from(u32::MAX - 1));
-        let spec = config.cache_spec(block_size, blocks as u32, dtype)?;
-        if let Some(store) = PagedKvStore::hybrid(&spec, pages as usize) {
-            return Ok((spec, store));
+        let per_window = window.div_ceil(u64::from(block_size)) + 2;
+        let least = live_windows as u64 * per_window + 2 * per_window;
+        let pages = (memory / 2 / page).max(least);
+        // Room for the pages and at least as many full-layer blocks.
+        if pages * (page + full) <= memory {
+            let blocks = ((memory - pages * page) / full).min(u64::from(u32::MAX - 1));
+            let spec = config.cache_spec(block_size, blocks as u32, dtype)?;
+            if let Some(store) = PagedKvStore::hybrid(&spec, pages as usize) {
+                return Ok((spec, store));
+            }
         }
     }
     let store = PagedKvStore::new(&whole);

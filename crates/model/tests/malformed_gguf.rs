@@ -26,7 +26,7 @@ fn tiny(dir: &Path, spec: &TinySpec) -> PathBuf {
 
 /// Everything the server does with a model file before serving it.
 fn load(path: &Path) -> model::Result<()> {
-    PagedLlama::open(path, 16, 8, KvDType::F16, MatmulPath::Candle).map(drop)
+    PagedLlama::open(path, model::KvSizing::new(16, 8, KvDType::F16), MatmulPath::Candle).map(drop)
 }
 
 /// The offset just after `needle`'s first occurrence.

@@ -27,7 +27,7 @@ async fn start() -> Started {
 async fn start_with<T: Send + 'static>(inspect: impl FnOnce(&model::LlamaText) -> T + Send + 'static) -> (Started, T) {
     let (model, text) = tokio::task::spawn_blocking(|| {
         let path = model::fetch::ensure_default_model(&mut |_| {}).unwrap();
-        PagedLlama::open(&path, 16, 1024, KvDType::F16, MatmulPath::from_env().unwrap()).unwrap()
+        PagedLlama::open(&path, model::KvSizing::new(16, 1024, KvDType::F16), MatmulPath::from_env().unwrap()).unwrap()
     })
     .await
     .unwrap();
