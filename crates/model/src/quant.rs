@@ -556,7 +556,6 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>
     // this 2-core EPYC: prefill of 512 tokens 208 -> 258 tok/s, while at
     // 1 to 8 rows the column kernel is faster).
     if isa == Isa::Avx512Vnni && m >= VNNI_MIN_ROWS {
-        let corr = vnni_corrections(&acts);
         return Ok(par_columns(w.n, m, |j0, cols| {
             let whole = cols.len() / m / Q8_COLS * Q8_COLS;
             let (tiled, rest) = cols.split_at_mut(whole * m);
@@ -567,7 +566,7 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>
                 // AVX-512 VNNI and VL.
                 #[allow(unsafe_code)]
                 unsafe {
-                    x86::tile_q8_vnni(&columns, &acts, &corr, run);
+                    x86::tile_q8_vnni(&columns, &acts, run);
                 }
             }
             for (c, col) in rest.chunks_exact_mut(m).enumerate() {
@@ -588,15 +587,6 @@ const VNNI_MIN_ROWS: usize = 16;
 const Q8_COLS: usize = 4;
 /// Activation rows it computes together.
 const Q8_ROWS: usize = 4;
-
-/// For the VNNI kernel, which multiplies weights offset to unsigned bytes
-/// (`code + 128`): per row, block and lane, `−128 · Σ` of the lane's four
-/// activation codes, the accumulator each lane starts from so that its
-/// integer sum is exactly `Σ code · q_x` again.
-#[cfg(target_arch = "x86_64")]
-fn vnni_corrections(acts: &Q8Acts) -> Vec<i32> {
-    acts.codes.chunks_exact(4).map(|q| -128 * q.iter().map(|&v| i32::from(v)).sum::<i32>()).collect()
-}
 
 /// Column `j`'s slices of a [`Q8Matrix`].
 struct Q8Column<'a> {
@@ -1006,8 +996,9 @@ mod x86 {
     /// [`super::matmul_q8`] for [`Q8_COLS`] columns and every row, with
     /// AVX-512 VNNI: per block, each column's codes offset to unsigned bytes
     /// (`xor 0x80`) meet each row's activation codes in one `vpdpbusd`
-    /// whose accumulator starts at the row's correction (so the eight lane
-    /// sums are exactly those of [`dots_q8_avx2`]), and the lanes are scaled
+    /// whose accumulator starts at the row's correction, `−128·Σ` of each
+    /// lane's four activation codes (so the eight lane sums are exactly
+    /// those of [`dots_q8_avx2`]), and the lanes are scaled
     /// by `scale · d_x` and accumulated with one FMA. [`Q8_ROWS`] rows ×
     /// [`Q8_COLS`] columns of accumulators stay in registers, so every
     /// weight and activation load serves four products. Bit-identical to
@@ -1016,20 +1007,20 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2, FMA, AVX-512 VNNI and AVX-512 VL.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
-    pub(super) unsafe fn tile_q8_vnni(cols: &[Q8Column<'_>; Q8_COLS], acts: &Q8Acts, corr: &[i32], out: &mut [f32]) {
+    pub(super) unsafe fn tile_q8_vnni(cols: &[Q8Column<'_>; Q8_COLS], acts: &Q8Acts, out: &mut [f32]) {
         let m = acts.m;
         let split = cols[0].scale_hi.is_some();
         let mut r0 = 0;
         while r0 < m {
             match (m - r0, split) {
-                (1, false) => rows_q8_vnni::<1, false>(cols, acts, corr, r0, out),
-                (2, false) => rows_q8_vnni::<2, false>(cols, acts, corr, r0, out),
-                (3, false) => rows_q8_vnni::<3, false>(cols, acts, corr, r0, out),
-                (_, false) => rows_q8_vnni::<Q8_ROWS, false>(cols, acts, corr, r0, out),
-                (1, true) => rows_q8_vnni::<1, true>(cols, acts, corr, r0, out),
-                (2, true) => rows_q8_vnni::<2, true>(cols, acts, corr, r0, out),
-                (3, true) => rows_q8_vnni::<3, true>(cols, acts, corr, r0, out),
-                (_, true) => rows_q8_vnni::<Q8_ROWS, true>(cols, acts, corr, r0, out),
+                (1, false) => rows_q8_vnni::<1, false>(cols, acts, r0, out),
+                (2, false) => rows_q8_vnni::<2, false>(cols, acts, r0, out),
+                (3, false) => rows_q8_vnni::<3, false>(cols, acts, r0, out),
+                (_, false) => rows_q8_vnni::<Q8_ROWS, false>(cols, acts, r0, out),
+                (1, true) => rows_q8_vnni::<1, true>(cols, acts, r0, out),
+                (2, true) => rows_q8_vnni::<2, true>(cols, acts, r0, out),
+                (3, true) => rows_q8_vnni::<3, true>(cols, acts, r0, out),
+                (_, true) => rows_q8_vnni::<Q8_ROWS, true>(cols, acts, r0, out),
             }
             r0 += Q8_ROWS;
         }
@@ -1045,14 +1036,13 @@ mod x86 {
     fn rows_q8_vnni<const R: usize, const SPLIT: bool>(
         cols: &[Q8Column<'_>; Q8_COLS],
         acts: &Q8Acts,
-        corr: &[i32],
         r0: usize,
         out: &mut [f32],
     ) {
         let (m, k) = (acts.m, acts.k);
         let nb = k / BLOCK;
         assert!(r0 + R <= m && out.len() == Q8_COLS * m);
-        assert!(corr.len() == m * nb * 8 && acts.codes.len() == m * k && acts.scale.len() == m * nb);
+        assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
         let mut wp = [std::ptr::null::<i8>(); Q8_COLS];
         let mut lo = [std::ptr::null::<f32>(); Q8_COLS];
         let mut hi = [std::ptr::null::<f32>(); Q8_COLS];
@@ -1068,6 +1058,7 @@ mod x86 {
             };
         }
         let flip = _mm256_set1_epi8(-128);
+        let (zero, offset) = (_mm256_setzero_si256(), _mm256_set1_epi8(-128)); // 0x80: 128 as an unsigned byte
         let mut acc = [[_mm256_setzero_ps(); Q8_COLS]; R];
         for b in 0..nb {
             let mut w = [_mm256_setzero_si256(); Q8_COLS];
@@ -1086,15 +1077,18 @@ mod x86 {
             }
             for r in 0..R {
                 let row = r0 + r;
-                // SAFETY: row < m and b < nb: the activation block, its
-                // eight corrections and its scale are in bounds (asserted).
-                let (x, start, dx) = unsafe {
+                // SAFETY: row < m and b < nb: the activation block and its
+                // scale are in bounds (asserted).
+                let (x, dx) = unsafe {
                     (
                         _mm256_loadu_si256(acts.codes.as_ptr().add(row * k + b * BLOCK).cast()),
-                        _mm256_loadu_si256(corr.as_ptr().add((row * nb + b) * 8).cast()),
                         _mm256_set1_ps(*acts.scale.as_ptr().add(row * nb + b)),
                     )
                 };
+                // The correction, −128·Σ of each lane's four codes, from
+                // the codes themselves (one `vpdpbusd` with 128s) rather
+                // than a second stream from memory.
+                let start = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(zero, offset, x));
                 for c in 0..Q8_COLS {
                     let lanes = _mm256_dpbusd_epi32(start, w[c], x);
                     acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[c], dx), _mm256_cvtepi32_ps(lanes), acc[r][c]);
