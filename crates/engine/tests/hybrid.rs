@@ -91,3 +91,57 @@ async fn a_prefix_whose_window_pages_were_reclaimed_is_recomputed_and_answers_th
     assert_eq!(after.tokens, cold.tokens, "the same tokens, recomputed where the window K/V was gone");
     assert!(after.usage.cached_tokens < 36, "the adoption was cut back: {:?}", after.usage);
 }
+
+fn tiered(path: &std::path::Path, dir: &std::path::Path) -> EngineHandle {
+    let sizing = model::KvSizing { live_windows: 2, ..model::KvSizing::new(4, 64, KvDType::F16) };
+    let (paged, text) = PagedLlama::open(path, sizing, MatmulPath::from_env().unwrap()).unwrap();
+    assert!(paged.store().pages().is_some(), "a hybrid store");
+    let tiers = engine::TierConfig {
+        ram_bytes: 1 << 20,
+        disk: Some(engine::DiskConfig::new(dir, 64 << 20)),
+        // A tiny model recomputes faster than the disk loads: load anyway.
+        load: engine::LoadPolicy::Always { deadline: Duration::from_secs(30) },
+    };
+    let config = EngineConfig {
+        default_timeout: Some(Duration::from_secs(60)),
+        max_batch_tokens: 64,
+        tiers,
+        ..EngineConfig::default()
+    };
+    engine::start(Box::new(paged), Arc::new(text), config).unwrap()
+}
+
+/// A hybrid model's agent goes to disk and comes back after a restart: its
+/// blocks carry the sliding-window runs (where they had them), and the next
+/// turn gives the tokens an engine that never stored anything gives.
+#[tokio::test]
+async fn a_hybrid_agent_survives_disk_and_a_restart_with_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_gemma(dir.path());
+    let kv_dir = dir.path().join("kv");
+    let agent = engine::AgentId::new("gem").unwrap();
+    let turn = |text: String| {
+        let mut r = greedy(&text, 8);
+        r.agent = Some(agent.clone());
+        r
+    };
+    let first = prompt(3);
+    let reference = {
+        let e = engine(&path, 64);
+        let a = collect(e.generate(turn(first.clone())).unwrap()).await;
+        let second = format!("{first}{} and more", a.text);
+        collect(e.generate(turn(second)).unwrap()).await
+    };
+    let e = tiered(&path, &kv_dir);
+    let a = collect(e.generate(turn(first.clone())).unwrap()).await;
+    assert_eq!(a.error, None);
+    e.flush_tiers(Duration::from_secs(30)).await.unwrap();
+    e.shutdown(Duration::from_secs(30)).await.unwrap();
+    let e = tiered(&path, &kv_dir);
+    let second = format!("{first}{} and more", a.text);
+    let b = collect(e.generate(turn(second)).unwrap()).await;
+    assert_eq!(b.error, None);
+    assert_eq!(b.tokens, reference.tokens, "the same tokens after a restart");
+    eprintln!("after a restart: {:?}", b.usage);
+    assert!(b.usage.cached_tokens >= 40, "the history came back from disk: {:?}", b.usage);
+}
