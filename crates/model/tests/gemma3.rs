@@ -165,3 +165,53 @@ fn first_logits(model: &LlamaModel, prompt: &[u32]) -> Vec<f32> {
     let seq = cache.create_sequence(&OwnerId::new("t").unwrap(), Namespace::new(b"gemma3", b""));
     common::forward(model, &mut cache, &mut store, &[(seq, prompt)]).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
 }
+
+mod fuzz {
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn tokenizer() -> &'static Tokenizer {
+        static T: OnceLock<Tokenizer> = OnceLock::new();
+        T.get_or_init(|| Tokenizer::from_gguf(&GgufFile::open(gemma()).unwrap()).unwrap())
+    }
+
+    /// Text made of pieces that stress the partition and the merges:
+    /// markup (whole and cut), whitespace runs, bytes without a piece,
+    /// combining marks and astral characters.
+    fn text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("<start_of_turn>".to_owned()),
+            Just("<end_of_turn".to_owned()),
+            Just("<bos>".to_owned()),
+            Just("<table>".to_owned()),
+            Just("\n\n\n".to_owned()),
+            Just("    ".to_owned()),
+            Just("\t\t".to_owned()),
+            Just("e\u{301}".to_owned()),
+            Just("\u{1F600}".to_owned()),
+            Just("\u{0}\u{1}".to_owned()),
+            "[a-zA-Z0-9 .,!?]{0,12}",
+            any::<char>().prop_map(String::from),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Any text comes back byte for byte, and its literal encoding
+        /// never holds a control token.
+        #[test]
+        fn any_text_round_trips_and_stays_literal(s in text()) {
+            let tok = tokenizer();
+            let literal = tok.encode_literal(&s).unwrap();
+            prop_assert!(literal.iter().all(|&t| !tok.is_special(t)), "{s:?} -> {literal:?}");
+            prop_assert_eq!(tok.decode(&literal, true).unwrap(), s.clone());
+            let parsed = tok.encode(&s).unwrap();
+            prop_assert_eq!(tok.decode(&parsed, false).unwrap(), s);
+        }
+    }
+}
