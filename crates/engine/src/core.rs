@@ -763,6 +763,7 @@ impl EngineCore {
         s.agents = self.agents.len();
         s.tokens_per_second = self.rate.rate(now);
         s.tiers = self.tier_stats();
+        s.sliding_pages = self.model.pages();
         s
     }
 }

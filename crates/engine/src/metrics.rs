@@ -85,6 +85,9 @@ pub struct EngineStats {
     pub tokens_per_second: f64,
     /// The tiers below the pool.
     pub tiers: crate::tiering::TierStats,
+    /// A hybrid model's sliding-window pages: in all, and holding a
+    /// block's K/V (`None` for other models).
+    pub sliding_pages: Option<(usize, usize)>,
 }
 
 /// Finished requests by outcome.

@@ -86,6 +86,8 @@ async fn a_prefix_whose_window_pages_were_reclaimed_is_recomputed_and_answers_th
         let o = collect(busy.generate(greedy(&prompt(seed), 4)).unwrap()).await;
         assert_eq!(o.error, None, "seed {seed}");
     }
+    let pages = busy.stats().sliding_pages;
+    assert!(pages.is_some_and(|(total, held)| held > 0 && held <= total), "{pages:?}");
     let after = collect(busy.generate(greedy(&question, 12)).unwrap()).await;
     assert_eq!(after.error, None);
     assert_eq!(after.tokens, cold.tokens, "the same tokens, recomputed where the window K/V was gone");

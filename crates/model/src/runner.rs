@@ -68,6 +68,10 @@ pub trait Model: Send {
     fn keep_windows(&mut self, live: &[(&kv::BlockTable, usize)]) {
         let _ = live;
     }
+    /// Sliding-window pages (hybrid models): in all, and holding a block.
+    fn pages(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// One step's work as the engine prepared it (its copy-on-writes already
@@ -317,6 +321,10 @@ impl Model for PagedLlama {
 
     fn keep_windows(&mut self, live: &[(&kv::BlockTable, usize)]) {
         self.store.keep_windows(live.iter().copied());
+    }
+
+    fn pages(&self) -> Option<(usize, usize)> {
+        self.store.pages()
     }
 }
 

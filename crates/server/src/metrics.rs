@@ -32,6 +32,12 @@ pub fn render(s: &EngineStats) -> String {
     gauge(&mut o, "kvserve_kv_blocks_total", "Blocks in the KV pool.", "gauge", c.total_blocks as f64);
     gauge(&mut o, "kvserve_kv_blocks_free", "Blocks on the free list.", "gauge", c.free_blocks as f64);
     gauge(&mut o, "kvserve_kv_blocks_used", "Blocks referenced by sequences.", "gauge", c.used_blocks as f64);
+    if let Some((pages, held)) = s.sliding_pages {
+        let help = "Sliding-window pages of a hybrid model (its sliding layers' K/V).";
+        gauge(&mut o, "kvserve_kv_sliding_pages_total", help, "gauge", pages as f64);
+        let help = "Sliding-window pages holding a block's K/V (live windows and reclaimable cache).";
+        gauge(&mut o, "kvserve_kv_sliding_pages_held", help, "gauge", held as f64);
+    }
     gauge(
         &mut o,
         "kvserve_kv_blocks_cached",
