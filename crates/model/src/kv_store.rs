@@ -62,7 +62,6 @@ use crate::error::{Error, Result};
 
 /// Element types an arena can hold.
 trait Element: Copy + Send + Sync + 'static {
-    const ZERO: Self;
     const BYTES: usize;
     fn store(src: &[f32], dst: &mut [Self]);
     fn load(src: &[Self], dst: &mut [f32]);
@@ -70,12 +69,11 @@ trait Element: Copy + Send + Sync + 'static {
     fn from_le(src: &[u8], out: &mut [Self]);
 }
 
-/// One element type: its zero, size, f32 conversions (`half`'s slice
+/// One element type: its size, f32 conversions (`half`'s slice
 /// conversions, vectorised where the CPU allows) and little-endian bytes.
 macro_rules! element {
-    ($t:ty, $zero:expr, $bytes:literal, $store:expr, $load:expr) => {
+    ($t:ty, $bytes:literal, $store:expr, $load:expr) => {
         impl Element for $t {
-            const ZERO: Self = $zero;
             const BYTES: usize = $bytes;
             fn store(src: &[f32], dst: &mut [Self]) {
                 $store(src, dst)
@@ -99,10 +97,10 @@ macro_rules! element {
     };
 }
 
-element!(f32, 0.0, 4, |s: &[f32], d: &mut [f32]| d.copy_from_slice(s), |s: &[f32], d: &mut [f32]| d.copy_from_slice(s));
-element!(f16, f16::ZERO, 2, |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s), |s: &[f16], d: &mut [f32]| s
+element!(f32, 4, |s: &[f32], d: &mut [f32]| d.copy_from_slice(s), |s: &[f32], d: &mut [f32]| d.copy_from_slice(s));
+element!(f16, 2, |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s), |s: &[f16], d: &mut [f32]| s
     .convert_to_f32_slice(d));
-element!(bf16, bf16::ZERO, 2, |s: &[f32], d: &mut [bf16]| d.convert_from_f32_slice(s), |s: &[bf16], d: &mut [f32]| s
+element!(bf16, 2, |s: &[f32], d: &mut [bf16]| d.convert_from_f32_slice(s), |s: &[bf16], d: &mut [f32]| s
     .convert_to_f32_slice(d));
 
 enum Arena {
@@ -112,11 +110,17 @@ enum Arena {
 }
 
 impl Arena {
+    /// A zeroed arena. Built from zero bits (`vec![0u16; n]`, `vec![0.0;
+    /// n]`), which the allocator hands out as untouched zero pages: the
+    /// arena becomes resident as blocks are written, not all at start-up
+    /// (`vec![f16::ZERO; n]` writes every element, so a 1 GiB pool was
+    /// 1 GiB resident at once).
     fn new(dtype: KvDType, len: usize) -> Self {
+        use half::vec::HalfBitsVecExt;
         match dtype {
-            KvDType::F32 => Self::F32(vec![f32::ZERO; len]),
-            KvDType::F16 => Self::F16(vec![f16::ZERO; len]),
-            KvDType::BF16 => Self::BF16(vec![bf16::ZERO; len]),
+            KvDType::F32 => Self::F32(vec![0.0; len]),
+            KvDType::F16 => Self::F16(vec![0u16; len].reinterpret_into()),
+            KvDType::BF16 => Self::BF16(vec![0u16; len].reinterpret_into()),
         }
     }
 
