@@ -81,12 +81,11 @@ pub(crate) fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Resu
         return Err(Error::InvalidBatch(format!("{dtype:?} data of {} bytes does not fit [{n}, {k}]", bytes.len())));
     }
     let blocks = n * k / BLOCK;
-    let mut out = Unpacked {
-        codes: Vec::with_capacity(n * k),
-        scale: Vec::with_capacity(blocks),
-        scale_hi: (dtype == GgmlDType::Q6K).then(|| Vec::with_capacity(blocks)),
-        min: matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K).then(|| Vec::with_capacity(blocks)),
-    };
+    let mut out =
+        Unpacked { codes: Vec::with_capacity(n * k), scale: Vec::with_capacity(blocks), scale_hi: None, min: None };
+    // Filled only by the formats that have them (Q6_K, and the K-quants
+    // with minimums), kept below only for those.
+    let (mut hi, mut min) = (Vec::new(), Vec::new());
     for b in bytes.chunks_exact(block_bytes) {
         match dtype {
             GgmlDType::Q8_0 => {
@@ -109,11 +108,13 @@ pub(crate) fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Resu
                 }
                 out.codes.extend_from_slice(&block);
             }
-            GgmlDType::Q4K | GgmlDType::Q5K => unpack_k_with_min(dtype, b, &mut out),
-            GgmlDType::Q6K => unpack_q6k(b, &mut out),
+            GgmlDType::Q4K | GgmlDType::Q5K => unpack_k_with_min(dtype, b, &mut out, &mut min),
+            GgmlDType::Q6K => unpack_q6k(b, &mut out, &mut hi),
             _ => unreachable!("geometry() admitted only the types above"),
         }
     }
+    out.scale_hi = (dtype == GgmlDType::Q6K).then_some(hi);
+    out.min = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K).then_some(min);
     Ok(out)
 }
 
@@ -128,11 +129,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 /// Q4_K (144 bytes: d, dmin, 12 scale bytes, 128 code bytes) and Q5_K (176
 /// bytes: the same plus 32 bytes of fifth bits before the codes).
-fn unpack_k_with_min(dtype: GgmlDType, b: &[u8], out: &mut Unpacked) {
+fn unpack_k_with_min(dtype: GgmlDType, b: &[u8], out: &mut Unpacked, min: &mut Vec<f32>) {
     let (d, dmin) = (f16(b, 0), f16(b, 2));
     let scales = &b[4..16];
     let (qh, ql) = if dtype == GgmlDType::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
-    let min = out.min.as_mut().expect("K-quants with minimums carry a min vector");
     for chunk in 0..4 {
         let q = &ql[chunk * 32..(chunk + 1) * 32];
         for half in 0..2 {
@@ -153,7 +153,7 @@ fn unpack_k_with_min(dtype: GgmlDType, b: &[u8], out: &mut Unpacked) {
 
 /// Q6_K (210 bytes: 128 bytes of low nibbles, 64 of high bit pairs, 16 i8
 /// scales, f16 d).
-fn unpack_q6k(b: &[u8], out: &mut Unpacked) {
+fn unpack_q6k(b: &[u8], out: &mut Unpacked, hi: &mut Vec<f32>) {
     let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16(b, 208));
     let mut codes = [0i8; QK_K];
     for half in 0..2 {
@@ -171,7 +171,6 @@ fn unpack_q6k(b: &[u8], out: &mut Unpacked) {
     }
     out.codes.extend_from_slice(&codes);
     // Scale j covers weights 16j..16j+16: blocks of 32 take two each.
-    let hi = out.scale_hi.as_mut().expect("Q6_K carries second-half scales");
     for pair in sc.chunks_exact(2) {
         out.scale.push(d * f32::from(pair[0] as i8));
         hi.push(d * f32::from(pair[1] as i8));

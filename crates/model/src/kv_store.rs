@@ -236,6 +236,11 @@ impl SlidingPages {
         Some(p)
     }
 
+    /// `table`'s block at logical index `lb` (through [`kv::BlockTable::slot`]).
+    fn block_at(table: &kv::BlockTable, lb: usize, bs: usize) -> Option<BlockId> {
+        table.slot(lb * bs, bs).map(|s| s.block)
+    }
+
     /// Logical blocks holding positions `lo..hi`.
     fn blocks(lo: usize, hi: usize, bs: usize) -> std::ops::Range<usize> {
         if lo >= hi {
@@ -275,14 +280,19 @@ impl PagedKvStore {
         let layers = (0..p.layers.len())
             .map(|_| LayerKv { k: Arena::new(p.dtype, len), v: Arena::new(p.dtype, len), paged: false })
             .collect();
+        Self::assemble(spec, layers, None)
+    }
+
+    fn assemble(spec: &CacheSpec, layers: Vec<LayerKv>, sliding: Option<SlidingPages>) -> Self {
+        let p = spec.params();
         Self {
             layers,
             num_blocks: spec.num_blocks(),
             block_size: spec.block_size(),
-            kv_heads,
-            head_dim,
+            kv_heads: p.kv_heads as usize,
+            head_dim: p.head_dim as usize,
             dtype: p.dtype,
-            sliding: None,
+            sliding,
         }
     }
 
@@ -324,15 +334,7 @@ impl PagedKvStore {
             step: 1,
             round: 1,
         };
-        Some(Self {
-            layers,
-            num_blocks: spec.num_blocks(),
-            block_size: spec.block_size(),
-            kv_heads,
-            head_dim,
-            dtype: p.dtype,
-            sliding: Some(sliding),
-        })
+        Some(Self::assemble(spec, layers, Some(sliding)))
     }
 
     /// Sliding-window pages (hybrid stores): how many in all, how many hold
@@ -369,8 +371,7 @@ impl PagedKvStore {
         for s in batch {
             let lo = (s.start_pos + 1).saturating_sub(sp.window);
             for lb in SlidingPages::blocks(lo, s.start_pos, bs) {
-                let block = lb.checked_sub(s.table.first_block()).and_then(|i| s.table.blocks().get(i));
-                match block.and_then(|&b| sp.page(b)) {
+                match SlidingPages::block_at(s.table, lb, bs).and_then(|b| sp.page(b)) {
                     Some(p) => sp.used[p] = sp.step,
                     None => {
                         return Err(Error::InvalidBatch(format!(
@@ -404,8 +405,7 @@ impl PagedKvStore {
         for (table, computed) in live {
             let lo = (computed + 1).saturating_sub(sp.window);
             for lb in SlidingPages::blocks(lo, computed, bs) {
-                let block = lb.checked_sub(table.first_block()).and_then(|i| table.blocks().get(i));
-                if let Some(p) = block.and_then(|&b| sp.page(b)) {
+                if let Some(p) = SlidingPages::block_at(table, lb, bs).and_then(|b| sp.page(b)) {
                     sp.live[p] = sp.round;
                 }
             }
@@ -420,12 +420,8 @@ impl PagedKvStore {
         let Some(sp) = self.sliding.as_ref() else { return len };
         let bs = self.block_size;
         let held = |lo: usize, hi: usize| {
-            SlidingPages::blocks(lo, hi, bs).all(|lb| {
-                lb.checked_sub(table.first_block())
-                    .and_then(|i| table.blocks().get(i))
-                    .and_then(|&b| sp.page(b))
-                    .is_some()
-            })
+            SlidingPages::blocks(lo, hi, bs)
+                .all(|lb| SlidingPages::block_at(table, lb, bs).and_then(|b| sp.page(b)).is_some())
         };
         let mut cut = len;
         loop {
@@ -626,19 +622,6 @@ impl BlockStorage for PagedKvStore {
 }
 
 impl PagedKvStore {
-    #[cfg(test)]
-    fn spec_for_tests(&self) -> CacheSpec {
-        let mut p = kv::CacheSpecParams::uniform(
-            self.layers.len(),
-            kv::AttentionKind::Full,
-            self.kv_heads as u32,
-            self.head_dim as u32,
-            self.num_blocks as u32,
-        );
-        p.block_size = self.block_size as u32;
-        CacheSpec::new(p).expect("a store's own layout is valid")
-    }
-
     fn sliding_layers(&self) -> Vec<usize> {
         self.layers.iter().enumerate().filter(|(_, l)| l.paged).map(|(i, _)| i).collect()
     }
@@ -649,11 +632,15 @@ mod tests {
     use super::*;
     use kv::{AttentionKind, CacheSpecParams};
 
-    fn store(dtype: KvDType) -> PagedKvStore {
+    fn full_spec(dtype: KvDType) -> CacheSpec {
         let mut p = CacheSpecParams::uniform(3, AttentionKind::Full, 2, 4, 5);
         p.block_size = 4;
         p.dtype = dtype;
-        PagedKvStore::new(&CacheSpec::new(p).expect("valid"))
+        CacheSpec::new(p).expect("valid")
+    }
+
+    fn store(dtype: KvDType) -> PagedKvStore {
+        PagedKvStore::new(&full_spec(dtype))
     }
 
     fn fill(s: &mut PagedKvStore, block: u32) {
@@ -732,7 +719,7 @@ mod tests {
 
     #[test]
     fn a_hybrid_store_pages_sliding_layers_and_keeps_live_windows() {
-        assert!(PagedKvStore::hybrid(&store(KvDType::F16).spec_for_tests(), 4).is_none(), "all full: no pages");
+        assert!(PagedKvStore::hybrid(&full_spec(KvDType::F16), 4).is_none(), "all full: no pages");
         let spec = hybrid_spec(32);
         let mut s = PagedKvStore::hybrid(&spec, 5).expect("mixed layers");
         assert_eq!(s.pages(), Some((5, 0)));

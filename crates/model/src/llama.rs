@@ -149,13 +149,11 @@ impl Linear {
             MatmulPath::Kernels(isa) => (isa, Mode::Fixed(Path::Quantized), false),
             MatmulPath::Dense => (Isa::Scalar, Mode::Fixed(Path::DenseGemm), true),
         };
-        let eight_bit = parts.iter().all(|t| Q8Matrix::supports(t.dtype()));
-        match parts.as_slice() {
-            // Q8_0 alone is the one type the dense path leaves to the kernels.
-            [t] if t.dtype() == GgmlDType::Q8_0 && path != MatmulPath::Dense => return Self::q8(&parts, isa),
-            _ if eight_bit && path != MatmulPath::Dense => return Self::q8(&parts, isa),
-            _ if parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) => return Self::on_candle(parts),
-            _ => {}
+        if path != MatmulPath::Dense && parts.iter().all(|t| Q8Matrix::supports(t.dtype())) {
+            return Self::q8(&parts, isa);
+        }
+        if parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) {
+            return Self::on_candle(parts);
         }
         let mut matrices = Vec::with_capacity(parts.len());
         for t in &parts {
@@ -586,10 +584,12 @@ impl LlamaModel {
 /// 8% of a Gemma prefill). Each element depends only on its own inputs.
 fn geglu(gate_up: &[f32], ffn: usize) -> Vec<f32> {
     let mut out = vec![0f32; gate_up.len() / 2];
+    #[cfg(target_arch = "x86_64")]
+    let simd = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
     for (o, row) in out.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
         let (gate, up) = row.split_at(ffn);
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if simd {
             #[allow(unsafe_code)]
             // SAFETY: AVX2 and FMA detected just above.
             unsafe {

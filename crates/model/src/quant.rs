@@ -312,6 +312,11 @@ impl Q8Acts {
         Self { m, k, codes, scale, sum, xsum }
     }
 
+    /// Row `r`'s `d · Σq` per block (`nb` blocks per row).
+    fn xsum_of(&self, r: usize, nb: usize) -> &[f32] {
+        &self.xsum[r * nb..(r + 1) * nb]
+    }
+
     /// The codes with each pair of blocks interleaved the way the SIMD Q4_1
     /// kernels read them: for blocks `a` and `b`, `a[0..16] b[0..16]
     /// a[16..32] b[16..32]`, so one 32-byte load of two weight blocks'
@@ -650,7 +655,7 @@ fn column_q8(w: &Q8Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
 /// multiple of eight blocks per row; any tail is added last, in order.
 fn min_terms(min: &[f32], acts: &Q8Acts, r: usize) -> f32 {
     let nb = min.len();
-    let xsum = &acts.xsum[r * nb..(r + 1) * nb];
+    let xsum = acts.xsum_of(r, nb);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
@@ -963,18 +968,16 @@ mod x86 {
                 let res = _mm_add_ss(res, _mm_movehdup_ps(res));
                 out[r0 + r] = _mm_cvtss_f32(res);
                 if let Some(min) = col.min {
-                    out[r0 + r] += super::min_terms(min, acts, r0 + r);
+                    out[r0 + r] += min_terms_avx2(min, acts.xsum_of(r0 + r, nb));
                 }
             }
         }
     }
 
-    /// [`super::min_terms`] with eight blocks per FMA.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
+    /// [`super::min_terms`] with eight blocks per FMA: called directly from
+    /// the AVX2 kernels, from elsewhere in `unsafe` after detection.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn min_terms_avx2(min: &[f32], xsum: &[f32]) -> f32 {
+    pub(super) fn min_terms_avx2(min: &[f32], xsum: &[f32]) -> f32 {
         assert_eq!(min.len(), xsum.len());
         let whole = min.len() / 8 * 8;
         let mut acc = _mm256_setzero_ps();
@@ -1051,10 +1054,11 @@ mod x86 {
             assert!(col.codes.len() == k && col.scale.len() == nb);
             wp[c] = col.codes.as_ptr();
             lo[c] = col.scale.as_ptr();
-            hi[c] = match (SPLIT, col.scale_hi) {
-                (true, Some(h)) if h.len() == nb => h.as_ptr(),
-                (false, None) => col.scale.as_ptr(),
-                _ => panic!("the columns of one matrix disagree on second-half scales"),
+            // Without second-half scales a block's halves share its scale
+            // (what `Q8Matrix::stack` gives such parts).
+            hi[c] = match col.scale_hi {
+                Some(h) if SPLIT && h.len() == nb => h.as_ptr(),
+                _ => col.scale.as_ptr(),
             };
         }
         let flip = _mm256_set1_epi8(-128);
@@ -1103,7 +1107,7 @@ mod x86 {
                 let res = _mm_add_ss(res, _mm_movehdup_ps(res));
                 let mut v = _mm_cvtss_f32(res);
                 if let Some(min) = cols[c].min {
-                    v += super::min_terms(min, acts, row);
+                    v += min_terms_avx2(min, acts.xsum_of(row, nb));
                 }
                 out[c * m + row] = v;
             }

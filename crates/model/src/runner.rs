@@ -255,26 +255,22 @@ fn storage(config: &crate::ModelConfig, sizing: KvSizing) -> Result<(CacheSpec, 
     let KvSizing { block_size, num_blocks, dtype, live_windows } = sizing;
     let whole = config.cache_spec(block_size, num_blocks, dtype)?;
     let memory = whole.bytes_per_block() * u64::from(num_blocks);
-    let one = config.cache_spec(block_size, 1, dtype)?;
-    let window = config
-        .attention
-        .iter()
-        .find_map(|k| match k {
-            kv::AttentionKind::SlidingWindow { window } => Some(u64::from(*window)),
-            kv::AttentionKind::Full => None,
-        })
-        .unwrap_or(0);
-    if let Some(probe) = PagedKvStore::hybrid(&one, 1) {
-        let (full, page) = (probe.bytes_per_block() as u64, probe.page_bytes() as u64);
-        let per_window = window.div_ceil(u64::from(block_size)) + 2;
-        let least = live_windows as u64 * per_window + 2 * per_window;
-        let pages = (memory / 2 / page).max(least);
-        // Room for the pages and at least as many full-layer blocks.
-        if pages * (page + full) <= memory {
-            let blocks = ((memory - pages * page) / full).min(u64::from(u32::MAX - 1));
-            let spec = config.cache_spec(block_size, blocks as u32, dtype)?;
-            if let Some(store) = PagedKvStore::hybrid(&spec, pages as usize) {
-                return Ok((spec, store));
+    // One full group and one sliding group: a block of the first is what a
+    // hybrid store keeps per block id, one of the second is a page.
+    if let [a, b] = whole.layer_groups().as_slice() {
+        let (full, sliding) = if a.kind == kv::AttentionKind::Full { (a, b) } else { (b, a) };
+        if let (kv::AttentionKind::Full, kv::AttentionKind::SlidingWindow { window }) = (full.kind, sliding.kind) {
+            let (full, page) = (full.spec.bytes_per_block(), sliding.spec.bytes_per_block());
+            let per_window = u64::from(window).div_ceil(u64::from(block_size)) + 2;
+            let least = live_windows as u64 * per_window + 2 * per_window;
+            let pages = (memory / 2 / page).max(least);
+            // Room for the pages and at least as many full-layer blocks.
+            if pages * (page + full) <= memory {
+                let blocks = ((memory - pages * page) / full).min(u64::from(u32::MAX - 1));
+                let spec = config.cache_spec(block_size, blocks as u32, dtype)?;
+                if let Some(store) = PagedKvStore::hybrid(&spec, pages as usize) {
+                    return Ok((spec, store));
+                }
             }
         }
     }
