@@ -14,8 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::collect;
-use engine::{AgentId, EngineConfig, EngineHandle, Prompt, Request, SamplingParams, Usage};
+use engine::{EngineConfig, EngineHandle, Usage};
 use kv::KvDType;
 use model::quant::Isa;
 use model::{MatmulPath, Message, PagedLlama};
@@ -56,14 +55,7 @@ fn document() -> String {
 }
 
 async fn turn(engine: &EngineHandle, history: &mut Vec<Message>, user: &str) -> (Vec<u32>, Usage) {
-    history.push(Message::new("user", user));
-    let mut r = Request::new(Prompt::Chat(history.clone()));
-    r.sampling = SamplingParams::greedy();
-    r.max_tokens = Some(12);
-    r.agent = Some(AgentId::new("reader").unwrap());
-    let o = collect(engine.generate(r).unwrap()).await;
-    assert_eq!(o.error, None);
-    history.push(Message::new("assistant", o.text.clone()));
+    let o = common::agent_turn(engine, history, user, "reader", 12).await;
     (o.tokens, o.usage)
 }
 

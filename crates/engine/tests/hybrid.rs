@@ -38,19 +38,7 @@ fn engine(path: &std::path::Path, blocks: u32) -> EngineHandle {
 
 fn tiny_gemma(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("tiny-gemma.gguf");
-    let spec = TinySpec {
-        arch: "gemma3".into(),
-        layers: 6,
-        hidden: 64,
-        heads: 2,
-        kv_heads: 1,
-        ffn: 96,
-        sliding_window: Some(8),
-        rope_base: 1_000_000.0,
-        weight_scale: 2.0,
-        ..TinySpec::default()
-    };
-    write_tiny_gguf(&path, &spec).unwrap();
+    write_tiny_gguf(&path, &TinySpec::gemma3()).unwrap();
     path
 }
 

@@ -83,14 +83,7 @@ fn tiered_engine(dir: &std::path::Path) -> EngineHandle {
 }
 
 async fn say(engine: &EngineHandle, history: &mut Vec<Message>, user: &str) -> (String, Usage) {
-    history.push(Message::new("user", user));
-    let mut r = Request::new(Prompt::Chat(history.clone()));
-    r.sampling = SamplingParams::greedy();
-    r.max_tokens = Some(24);
-    r.agent = Some(AgentId::new("tester").unwrap());
-    let o = collect(engine.generate(r).unwrap()).await;
-    assert_eq!(o.error, None);
-    history.push(Message::new("assistant", o.text.clone()));
+    let o = common::agent_turn(engine, history, user, "tester", 24).await;
     (o.text, o.usage)
 }
 

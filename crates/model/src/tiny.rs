@@ -65,6 +65,26 @@ impl Default for TinySpec {
     }
 }
 
+impl TinySpec {
+    /// A tiny Gemma 3: six layers (five sliding with a window of 8 tokens,
+    /// then one full), hidden 64, two query heads sharing one K/V head,
+    /// feed-forward 96, RoPE base 1e6 on the full layer.
+    pub fn gemma3() -> Self {
+        Self {
+            arch: "gemma3".into(),
+            layers: 6,
+            hidden: 64,
+            heads: 2,
+            kv_heads: 1,
+            ffn: 96,
+            sliding_window: Some(8),
+            rope_base: 1_000_000.0,
+            weight_scale: 2.0,
+            ..Self::default()
+        }
+    }
+}
+
 /// Specials after the 256 byte tokens.
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 

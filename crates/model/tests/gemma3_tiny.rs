@@ -15,23 +15,8 @@ use kv::{AttentionKind, KvCache, KvDType, Namespace, OwnerId};
 use model::tiny::{write_tiny_gguf, TinySpec};
 use model::{GgufFile, LlamaModel, ModelConfig, PagedKvStore};
 
-const WINDOW: usize = 8;
-
 fn spec() -> TinySpec {
-    TinySpec {
-        arch: "gemma3".into(),
-        layers: 6,
-        hidden: 64,
-        heads: 2,
-        kv_heads: 1,
-        ffn: 96,
-        dtype: GgmlDType::F32,
-        sliding_window: Some(WINDOW as u32),
-        rope_base: 1_000_000.0,
-        weight_scale: 2.0,
-        seed: 11,
-        ..TinySpec::default()
-    }
+    TinySpec { dtype: GgmlDType::F32, seed: 11, ..TinySpec::gemma3() }
 }
 
 struct Weights {

@@ -17,6 +17,26 @@ pub fn fake_engine(block_size: u32, blocks: u32, config: EngineConfig) -> (Engin
     (engine, control)
 }
 
+/// One turn of agent `agent`'s chat: `user` joins `history`, the greedy
+/// answer (at most `max_tokens`) is generated without error and joins it too.
+pub async fn agent_turn(
+    engine: &EngineHandle,
+    history: &mut Vec<model::Message>,
+    user: &str,
+    agent: &str,
+    max_tokens: usize,
+) -> Outcome {
+    history.push(model::Message::new("user", user));
+    let mut r = Request::new(Prompt::Chat(history.clone()));
+    r.sampling = SamplingParams::greedy();
+    r.max_tokens = Some(max_tokens);
+    r.agent = Some(engine::AgentId::new(agent).unwrap());
+    let o = collect(engine.generate(r).unwrap()).await;
+    assert_eq!(o.error, None);
+    history.push(model::Message::new("assistant", o.text.clone()));
+    o
+}
+
 /// A greedy request for `text`, at most `max_tokens`.
 pub fn greedy(text: &str, max_tokens: usize) -> Request {
     let mut r = Request::new(Prompt::Text(text.into()));
