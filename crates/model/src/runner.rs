@@ -306,7 +306,13 @@ impl Model for PagedLlama {
     }
 
     fn forward(&mut self, batch: Batch<'_>) -> Result<Vec<Vec<f32>>> {
-        Ok(self.model.forward(batch.seqs, &mut self.store)?.to_vec2()?)
+        let (model, store) = (&self.model, &mut self.store);
+        // The whole step runs on a pool worker, so each matmul's parallel
+        // region starts from inside the pool (its tasks go on the worker's
+        // own queue) instead of being injected from the engine's thread,
+        // which then blocked and was woken once per matmul.
+        let logits = rayon::scope(|_| model.forward(batch.seqs, store))?;
+        Ok(logits.to_vec2()?)
     }
 
     fn storage(&mut self) -> &mut dyn BlockStorage {
