@@ -574,16 +574,10 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>
                     x86::tile_q8_vnni(&columns, &acts, run);
                 }
             }
-            for (c, col) in rest.chunks_exact_mut(m).enumerate() {
-                column_q8(w, j0 + whole + c, &acts, isa, col);
-            }
+            columns_q8(w, j0 + whole, &acts, isa, rest);
         }));
     }
-    Ok(par_columns(w.n, m, |j0, cols| {
-        for (c, col) in cols.chunks_exact_mut(m).enumerate() {
-            column_q8(w, j0 + c, &acts, isa, col);
-        }
-    }))
+    Ok(par_columns(w.n, m, |j0, cols| columns_q8(w, j0, &acts, isa, cols)))
 }
 
 /// Fewest activation rows for which the VNNI tile runs.
@@ -614,35 +608,39 @@ impl Q8Matrix {
     }
 }
 
+/// The run of columns from `j0` that `out` holds (`m` outputs per column,
+/// column after column), every row.
 #[allow(unsafe_code)] // dispatch into the SIMD kernels below
-fn column_q8(w: &Q8Matrix, j: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
+fn columns_q8(w: &Q8Matrix, j0: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
     let nb = w.k / BLOCK;
-    let col = w.column(j);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul_q8` checked `isa.available()` (AVX2; FMA is
         // implied on every CPU with AVX-512 VNNI and checked for AVX2).
         Isa::Avx2 | Isa::Avx512Vnni if std::is_x86_feature_detected!("fma") => unsafe {
-            x86::dots_q8_avx2(&col, acts, out);
+            x86::columns_q8_avx2(w, j0, acts, out);
         },
         _ => {
-            for (r, o) in out.iter_mut().enumerate() {
-                let x = &acts.codes[r * acts.k..(r + 1) * acts.k];
-                let xs = &acts.scale[r * nb..(r + 1) * nb];
-                let mut lanes = [0f32; 8];
-                for b in 0..nb {
-                    let lo = col.scale[b] * xs[b];
-                    let hi = col.scale_hi.map_or(lo, |h| h[b] * xs[b]);
-                    for (l, lane) in lanes.iter_mut().enumerate() {
-                        let at = b * BLOCK + 4 * l;
-                        let dot: i32 = (at..at + 4).map(|i| i32::from(col.codes[i]) * i32::from(x[i])).sum();
-                        *lane = (if l < 4 { lo } else { hi }).mul_add(dot as f32, *lane);
+            for (c, out) in out.chunks_exact_mut(acts.m).enumerate() {
+                let col = w.column(j0 + c);
+                for (r, o) in out.iter_mut().enumerate() {
+                    let x = &acts.codes[r * acts.k..(r + 1) * acts.k];
+                    let xs = &acts.scale[r * nb..(r + 1) * nb];
+                    let mut lanes = [0f32; 8];
+                    for b in 0..nb {
+                        let lo = col.scale[b] * xs[b];
+                        let hi = col.scale_hi.map_or(lo, |h| h[b] * xs[b]);
+                        for (l, lane) in lanes.iter_mut().enumerate() {
+                            let at = b * BLOCK + 4 * l;
+                            let dot: i32 = (at..at + 4).map(|i| i32::from(col.codes[i]) * i32::from(x[i])).sum();
+                            *lane = (if l < 4 { lo } else { hi }).mul_add(dot as f32, *lane);
+                        }
                     }
-                }
-                let l = lanes;
-                *o = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-                if let Some(min) = col.min {
-                    *o += min_terms(min, acts, r);
+                    let l = lanes;
+                    *o = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+                    if let Some(min) = col.min {
+                        *o += min_terms(min, acts, r);
+                    }
                 }
             }
         }
@@ -720,7 +718,7 @@ fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{block_scale, Q4_1Matrix, Q8Acts, Q8Column, BLOCK, Q8_COLS, Q8_ROWS, ROWS, ROW_TILE, TILE};
+    use super::{block_scale, Q4_1Matrix, Q8Acts, Q8Column, Q8Matrix, BLOCK, Q8_COLS, Q8_ROWS, ROWS, ROW_TILE, TILE};
 
     /// [`super::quantize_block`] with AVX2, equal to it for finite inputs:
     /// the same products `x · (1/d)`, rounded half away from zero as
@@ -931,7 +929,8 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.0, lo), w.1, hi)
     }
 
-    /// [`super::matmul_q8`] for one column and every row: per block, the
+    /// [`super::matmul_q8`] for a run of columns from `j0` (`out` holds `m`
+    /// outputs per column), every row. Per column and block, the
     /// weight codes' absolute values meet the activations signed by the
     /// weights (`maddubs`, no overflow: |codes| ≤ 127), pairs of i16 sums
     /// become eight i32 lanes of four weights (lanes 0–3 the block's first
@@ -941,33 +940,49 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots_q8_avx2(col: &Q8Column<'_>, acts: &Q8Acts, out: &mut [f32]) {
-        let mut r0 = 0;
-        while r0 < out.len() {
-            let split = col.scale_hi.is_some();
-            match (out.len() - r0, split) {
-                (1, false) => rows_col_avx2::<1, false>(col, acts, r0, out),
-                (2, false) => rows_col_avx2::<2, false>(col, acts, r0, out),
-                (3, false) => rows_col_avx2::<3, false>(col, acts, r0, out),
-                (4, false) => rows_col_avx2::<4, false>(col, acts, r0, out),
-                (5, false) => rows_col_avx2::<5, false>(col, acts, r0, out),
-                (6, false) => rows_col_avx2::<6, false>(col, acts, r0, out),
-                (7, false) => rows_col_avx2::<7, false>(col, acts, r0, out),
-                (_, false) => rows_col_avx2::<ROWS, false>(col, acts, r0, out),
-                (1, true) => rows_col_avx2::<1, true>(col, acts, r0, out),
-                (2, true) => rows_col_avx2::<2, true>(col, acts, r0, out),
-                (3, true) => rows_col_avx2::<3, true>(col, acts, r0, out),
-                (4, true) => rows_col_avx2::<4, true>(col, acts, r0, out),
-                (5, true) => rows_col_avx2::<5, true>(col, acts, r0, out),
-                (6, true) => rows_col_avx2::<6, true>(col, acts, r0, out),
-                (7, true) => rows_col_avx2::<7, true>(col, acts, r0, out),
-                (_, true) => rows_col_avx2::<ROWS, true>(col, acts, r0, out),
+    pub(super) unsafe fn columns_q8_avx2(w: &Q8Matrix, j0: usize, acts: &Q8Acts, out: &mut [f32]) {
+        let (m, k) = (acts.m, w.k);
+        let nb = k / BLOCK;
+        let cols = out.len() / m;
+        // The run's slices once; each column's below come from exact
+        // chunks, without a range check per column.
+        let blocks = j0 * nb..(j0 + cols) * nb;
+        let codes = &w.codes[j0 * k..(j0 + cols) * k];
+        let scale = &w.scale[blocks.clone()];
+        let hi = w.scale_hi.as_ref().map(|h| &h[blocks.clone()]);
+        let min = w.min.as_ref().map(|h| &h[blocks]);
+        let split = hi.is_some();
+        for (c, (out, (codes, scale))) in
+            out.chunks_exact_mut(m).zip(codes.chunks_exact(k).zip(scale.chunks_exact(nb))).enumerate()
+        {
+            let at = c * nb..(c + 1) * nb;
+            let col = Q8Column { codes, scale, scale_hi: hi.map(|h| &h[at.clone()]), min: min.map(|h| &h[at]) };
+            let mut r0 = 0;
+            while r0 < m {
+                match (m - r0, split) {
+                    (1, false) => rows_col_avx2::<1, false>(&col, acts, r0, out),
+                    (2, false) => rows_col_avx2::<2, false>(&col, acts, r0, out),
+                    (3, false) => rows_col_avx2::<3, false>(&col, acts, r0, out),
+                    (4, false) => rows_col_avx2::<4, false>(&col, acts, r0, out),
+                    (5, false) => rows_col_avx2::<5, false>(&col, acts, r0, out),
+                    (6, false) => rows_col_avx2::<6, false>(&col, acts, r0, out),
+                    (7, false) => rows_col_avx2::<7, false>(&col, acts, r0, out),
+                    (_, false) => rows_col_avx2::<ROWS, false>(&col, acts, r0, out),
+                    (1, true) => rows_col_avx2::<1, true>(&col, acts, r0, out),
+                    (2, true) => rows_col_avx2::<2, true>(&col, acts, r0, out),
+                    (3, true) => rows_col_avx2::<3, true>(&col, acts, r0, out),
+                    (4, true) => rows_col_avx2::<4, true>(&col, acts, r0, out),
+                    (5, true) => rows_col_avx2::<5, true>(&col, acts, r0, out),
+                    (6, true) => rows_col_avx2::<6, true>(&col, acts, r0, out),
+                    (7, true) => rows_col_avx2::<7, true>(&col, acts, r0, out),
+                    (_, true) => rows_col_avx2::<ROWS, true>(&col, acts, r0, out),
+                }
+                r0 += ROWS;
             }
-            r0 += ROWS;
         }
     }
 
-    /// `R` rows from `r0` of [`dots_q8_avx2`]; `SPLIT` when the column
+    /// `R` rows from `r0` of one column of [`columns_q8_avx2`]; `SPLIT` when the column
     /// carries second-half scales. With `R` a constant the accumulators
     /// live in registers: with a run-time row count they lived on the
     /// stack, and every block's FMA waited for a store and a reload (decode
@@ -1047,7 +1062,7 @@ mod x86 {
     /// (`xor 0x80`) meet each row's activation codes in one `vpdpbusd`
     /// whose accumulator starts at the row's correction, `−128·Σ` of each
     /// lane's four activation codes (so the eight lane sums are exactly
-    /// those of [`dots_q8_avx2`]), and the lanes are scaled
+    /// those of [`columns_q8_avx2`]), and the lanes are scaled
     /// by `scale · d_x` and accumulated with one FMA. [`Q8_ROWS`] rows ×
     /// [`Q8_COLS`] columns of accumulators stay in registers, so every
     /// weight and activation load serves four products. Bit-identical to
