@@ -2,7 +2,9 @@
 //! runtime, printed as a table with the matmul path that ran.
 //!
 //! Prefill: one sequence, the whole prompt in one forward call, for each
-//! prompt length. Decode: `B` sequences with 32-token prompts, then 32
+//! prompt length. Decode: `B` sequences with `--context`-token prompts
+//! (32 by default, like `llama-bench`'s empty-context tg; ~730 is an agent
+//! turn), then `--steps`
 //! greedy steps in which every step is one ragged batch of `B` single-token
 //! decodes; the rate is aggregate tokens per second. A short warm-up runs
 //! first so the measured dispatch has timings for every shape it will meet;
@@ -55,6 +57,9 @@ struct ModelBenchArgs {
     /// Decode steps per batch size.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// Tokens each decoding sequence holds before its first measured step.
+    #[arg(long, default_value_t = 32)]
+    context: usize,
 }
 
 #[allow(clippy::print_stdout)] // the table on stdout is this command's output
@@ -80,7 +85,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             prefill_rate(model, len)?;
         }
         for &b in &args.batches {
-            decode_rate(model, b, 4)?;
+            decode_rate(model, b, 4, args.context)?;
         }
     }
 
@@ -92,7 +97,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         println!("| prefill | {len} tokens | {rate:.1} | {} |", choice(model, len));
     }
     for &b in &args.batches {
-        let rate = decode_rate(model, b, args.steps)?;
+        let rate = decode_rate(model, b, args.steps, args.context)?;
         println!("| decode | batch {b} | {rate:.1} | {} |", choice(model, b));
     }
 
@@ -146,12 +151,11 @@ fn prefill_rate(model: &PagedLlama, len: usize) -> Result<f64> {
     Ok(len as f64 / start.elapsed().as_secs_f64())
 }
 
-fn decode_rate(model: &PagedLlama, batch: usize, steps: usize) -> Result<f64> {
-    const PROMPT: usize = 32;
-    let (mut cache, mut m) = fresh(model, batch * (PROMPT + steps + 16))?;
+fn decode_rate(model: &PagedLlama, batch: usize, steps: usize, context: usize) -> Result<f64> {
+    let (mut cache, mut m) = fresh(model, batch * (context.max(1) + steps + 16))?;
     let owner = OwnerId::new("bench")?;
     let seqs: Vec<SeqId> = (0..batch).map(|_| cache.create_sequence(&owner, Namespace::new(b"bench", b""))).collect();
-    let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(PROMPT, i)).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(context.max(1), i)).collect();
     let mut next = run_batch(&mut cache, &mut m, &seqs, &prompts)?;
     let start = Instant::now();
     for _ in 0..steps {

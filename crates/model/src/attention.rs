@@ -139,11 +139,7 @@ fn attend_chunk(
         let valid = bs.min(hi_pos + 1 - base);
         store.load(layer, block, g, &mut kbuf[..valid * d], &mut vbuf[..valid * d])?;
         if !kt.is_empty() {
-            for (j, key) in kbuf[..valid * d].chunks_exact(d).enumerate() {
-                for (k, &x) in key.iter().enumerate() {
-                    kt[k * stride + j] = x;
-                }
-            }
+            transpose_keys(&kbuf[..valid * d], d, &mut kt, stride);
         }
         let keys = KeyBlock { rows: &kbuf[..valid * d], transposed: &kt, stride, values: &vbuf[..valid * d] };
         for i in 0..n {
@@ -167,6 +163,27 @@ fn attend_chunk(
         acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
     }
     Ok(acc)
+}
+
+/// Keys `[key][dim]` to `kt` `[dim][key]` (`stride` keys per dim): 8×8
+/// tiles in registers where the CPU has AVX, element by element elsewhere
+/// and for the last keys short of a tile. A plain copy, so exact.
+#[allow(unsafe_code)] // dispatch into the AVX transpose after detection
+fn transpose_keys(rows: &[f32], d: usize, kt: &mut [f32], stride: usize) {
+    let keys = rows.len() / d;
+    assert!(keys <= stride && kt.len() >= d * stride, "key transpose shapes");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && std::is_x86_feature_detected!("avx") {
+        done = keys / 8 * 8;
+        // SAFETY: AVX detected; shapes asserted above.
+        unsafe { x86::transpose_tiles(&rows[..done * d], d, kt, stride) };
+    }
+    for (j, key) in rows.chunks_exact(d).enumerate().skip(done) {
+        for (k, &x) in key.iter().enumerate() {
+            kt[k * stride + j] = x;
+        }
+    }
 }
 
 /// One (query, head) row's online-softmax state.
@@ -444,6 +461,55 @@ pub(crate) mod x86 {
         }
     }
 
+    /// [`super::transpose_keys`] for whole tiles: `rows` holds a multiple
+    /// of eight keys of `d` (a multiple of eight) dimensions.
+    ///
+    /// # Safety
+    /// The CPU must have AVX.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn transpose_tiles(rows: &[f32], d: usize, kt: &mut [f32], stride: usize) {
+        let keys = rows.len() / d;
+        assert!(keys.is_multiple_of(8) && d.is_multiple_of(8) && keys <= stride && kt.len() >= d * stride);
+        for j0 in (0..keys).step_by(8) {
+            for k0 in (0..d).step_by(8) {
+                // SAFETY: keys j0..j0 + 8 and dims k0..k0 + 8 are in bounds
+                // of both (asserted); unaligned loads and stores.
+                unsafe {
+                    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows.as_ptr().add((j0 + i) * d + k0)));
+                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let out = [
+                        _mm256_permute2f128_ps::<0x20>(u0, u4),
+                        _mm256_permute2f128_ps::<0x20>(u1, u5),
+                        _mm256_permute2f128_ps::<0x20>(u2, u6),
+                        _mm256_permute2f128_ps::<0x20>(u3, u7),
+                        _mm256_permute2f128_ps::<0x31>(u0, u4),
+                        _mm256_permute2f128_ps::<0x31>(u1, u5),
+                        _mm256_permute2f128_ps::<0x31>(u2, u6),
+                        _mm256_permute2f128_ps::<0x31>(u3, u7),
+                    ];
+                    for (i, o) in out.iter().enumerate() {
+                        _mm256_storeu_ps(kt.as_mut_ptr().add((k0 + i) * stride + j0), *o);
+                    }
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     fn hmax(v: __m256) -> f32 {
         let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -517,6 +583,27 @@ mod tests {
         // SAFETY: AVX2 and FMA checked above; both arrays are 8 floats.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x86::exp256(_mm256_loadu_ps(low.as_ptr()))) };
         assert_eq!(out[..4], [0.0; 4], "far below the range is exactly 0");
+    }
+
+    #[test]
+    fn key_transpose_is_exact_for_awkward_shapes() {
+        for d in [5, 8, 64, 72, 256] {
+            for keys in [1_usize, 7, 8, 9, 16, 23] {
+                let stride = keys.div_ceil(8) * 8;
+                let rows: Vec<f32> = (0..keys * d).map(|i| i as f32 * 0.37 - 11.0).collect();
+                let mut kt = vec![f32::NAN; d * stride];
+                transpose_keys(&rows, d, &mut kt, stride);
+                for j in 0..keys {
+                    for k in 0..d {
+                        assert_eq!(
+                            kt[k * stride + j].to_bits(),
+                            rows[j * d + k].to_bits(),
+                            "d={d} keys={keys} ({j}, {k})"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A tiny deterministic generator, so the test needs no crate.
