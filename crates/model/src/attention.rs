@@ -137,6 +137,10 @@ fn attend_chunk(
         let block = sq.table.blocks()[lb - sq.table.first_block()];
         let base = lb * bs;
         let valid = bs.min(hi_pos + 1 - base);
+        if lb < last_block {
+            let next = sq.table.blocks()[lb + 1 - sq.table.first_block()];
+            store.prefetch(layer, next, g, bs.min(hi_pos - base - bs + 1));
+        }
         store.load(layer, block, g, &mut kbuf[..valid * d], &mut vbuf[..valid * d])?;
         if !kt.is_empty() {
             transpose_keys(&kbuf[..valid * d], d, &mut kt, stride);

@@ -139,6 +139,20 @@ unsafe fn f16_to_f32_f16c(src: &[f16], dst: &mut [f32]) {
     }
 }
 
+/// A hint that the cache line at `p` will be read soon.
+#[allow(unsafe_code)] // the prefetch intrinsic
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and reads nothing architecturally;
+    // callers pass addresses inside an arena anyway. SSE is baseline on
+    // x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 enum Arena {
     F32(Vec<f32>),
     F16(Vec<f16>),
@@ -175,6 +189,19 @@ impl Arena {
             Self::F32(a) => f32::load(&a[at..end], dst),
             Self::F16(a) => f16::load(&a[at..end], dst),
             Self::BF16(a) => bf16::load(&a[at..end], dst),
+        }
+    }
+
+    /// Prefetch hints for elements `at..at + n` (clamped to the arena).
+    fn prefetch(&self, at: usize, n: usize) {
+        let (ptr, len, size) = match self {
+            Self::F32(a) => (a.as_ptr().cast::<u8>(), a.len(), 4),
+            Self::F16(a) => (a.as_ptr().cast::<u8>(), a.len(), 2),
+            Self::BF16(a) => (a.as_ptr().cast::<u8>(), a.len(), 2),
+        };
+        let end = (at + n).min(len);
+        for byte in (at.min(end) * size..end * size).step_by(64) {
+            prefetch_line(ptr.wrapping_add(byte));
         }
     }
 
@@ -535,6 +562,22 @@ impl PagedKvStore {
         self.layers[layer].k.load(at, k);
         self.layers[layer].v.load(at, v);
         Ok(())
+    }
+}
+
+impl PagedKvStore {
+    /// Asks the CPU to start fetching the first `tokens` K and V of `head`
+    /// in `block` of `layer` into cache, so attention's read of it (the
+    /// next block it walks) does not wait for memory: blocks are scattered,
+    /// and each run is too short for the hardware prefetcher to ramp up.
+    /// A hint only: nothing happens for a block without K/V here.
+    pub(crate) fn prefetch(&self, layer: usize, block: BlockId, head: usize, tokens: usize) {
+        if let Some(page) = self.page_index(layer, block) {
+            let at = self.offset(page, head, 0);
+            let n = tokens.min(self.block_size) * self.head_dim;
+            self.layers[layer].k.prefetch(at, n);
+            self.layers[layer].v.prefetch(at, n);
+        }
     }
 }
 
