@@ -188,7 +188,12 @@ pub(crate) fn bench_agents(args: AgentBenchArgs) -> Result<()> {
 async fn run(args: AgentBenchArgs) -> Result<()> {
     let shape = args.shape();
     let base = args.url.trim_end_matches('/').to_owned();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(args.timeout)).build()?;
+    // A fresh connection per request (loopback: a fraction of a millisecond).
+    // Reusing one failed against llama-server, which closes a streamed
+    // response's connection on its own schedule: the next turn written onto
+    // it died with "connection closed before message completed".
+    let client =
+        reqwest::Client::builder().timeout(Duration::from_secs(args.timeout)).pool_max_idle_per_host(0).build()?;
     let auth = |r: reqwest::RequestBuilder| match &args.api_key {
         Some(k) => r.bearer_auth(k),
         None => r,

@@ -42,8 +42,6 @@ use crate::error::{Error, Result};
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
-/// Activation rows that share each loaded weight block in the Q8_0 kernel.
-const ROWS: usize = 8;
 /// Output columns the tiled SIMD kernels compute together, one per f32 lane.
 const TILE: usize = 8;
 /// Activation rows the tiled SIMD kernels compute together, sharing each
@@ -461,6 +459,17 @@ impl SharedOut {
 /// this layout directly; Q4_0, Q5_0, Q4_K, Q5_K and Q6_K convert to it
 /// exactly at load (`kquant.rs`). Both default models' token embedding,
 /// which is also their output projection, is Q8_0.
+///
+/// Columns (output rows of the GGUF tensor) are stored in groups of
+/// [`Q8_COLS`]: block `b` of the group's four columns lies side by side
+/// (`codes[group][block][column][32]`, and the scales likewise
+/// `[group][block][column]`), so a kernel computing a group's four columns
+/// reads one contiguous stream. Four columns a block apart, as row-major
+/// storage puts them, are four streams the hardware prefetcher follows
+/// badly: a one-row kernel over them ran at half the speed of one over the
+/// grouped layout on this EPYC. A last partial group is padded with zero
+/// codes and scales (outputs nobody reads). Minimums stay per column
+/// (`[column][block]`, padded likewise): they are read once per column.
 pub struct Q8Matrix {
     n: usize,
     k: usize,
@@ -498,8 +507,59 @@ impl Q8Matrix {
     /// [`Error::InvalidBatch`] for another type, or a shape the bytes do not
     /// fit.
     pub fn from_ggml(dtype: candle_core::quantized::GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        let u = crate::kquant::unpack(dtype, bytes, n, k)?;
-        Ok(Self { n, k, codes: u.codes, scale: u.scale, scale_hi: u.scale_hi, min: u.min })
+        Ok(Self::grouped(n, k, crate::kquant::unpack(dtype, bytes, n, k)?))
+    }
+
+    /// Groups a row-major unpacked `[n, k]` matrix (see the type's doc).
+    fn grouped(n: usize, k: usize, u: crate::kquant::Unpacked) -> Self {
+        let nb = k / BLOCK;
+        let groups = n.div_ceil(Q8_COLS);
+        let mut codes = vec![0i8; groups * Q8_COLS * k];
+        let mut scale = vec![0f32; groups * Q8_COLS * nb];
+        let mut hi = u.scale_hi.as_ref().map(|_| vec![0f32; groups * Q8_COLS * nb]);
+        for j in 0..n {
+            let (g, c) = (j / Q8_COLS, j % Q8_COLS);
+            for b in 0..nb {
+                let dst = ((g * nb + b) * Q8_COLS + c) * BLOCK;
+                codes[dst..dst + BLOCK].copy_from_slice(&u.codes[j * k + b * BLOCK..][..BLOCK]);
+                let at = (g * nb + b) * Q8_COLS + c;
+                scale[at] = u.scale[j * nb + b];
+                if let (Some(hi), Some(src)) = (hi.as_mut(), u.scale_hi.as_ref()) {
+                    hi[at] = src[j * nb + b];
+                }
+            }
+        }
+        let min = u.min.map(|mut m| {
+            m.resize(groups * Q8_COLS * nb, 0.0);
+            m
+        });
+        Self { n, k, codes, scale, scale_hi: hi, min }
+    }
+
+    /// The row-major unpacked form back (what [`Q8Matrix::grouped`] took).
+    fn ungrouped(self) -> crate::kquant::Unpacked {
+        let (n, k, nb) = (self.n, self.k, self.k / BLOCK);
+        let mut u = crate::kquant::Unpacked {
+            codes: Vec::with_capacity(n * k),
+            scale: Vec::with_capacity(n * nb),
+            scale_hi: self.scale_hi.as_ref().map(|_| Vec::with_capacity(n * nb)),
+            min: self.min.map(|mut m| {
+                m.truncate(n * nb);
+                m
+            }),
+        };
+        for j in 0..n {
+            let (g, c) = (j / Q8_COLS, j % Q8_COLS);
+            for b in 0..nb {
+                let at = (g * nb + b) * Q8_COLS + c;
+                u.codes.extend_from_slice(&self.codes[at * BLOCK..][..BLOCK]);
+                u.scale.push(self.scale[at]);
+                if let (Some(dst), Some(src)) = (u.scale_hi.as_mut(), self.scale_hi.as_ref()) {
+                    dst.push(src[at]);
+                }
+            }
+        }
+        u
     }
 
     /// Stacks matrices with the same input size into one (outputs side by
@@ -515,10 +575,12 @@ impl Q8Matrix {
         }
         let split = parts.iter().any(|p| p.scale_hi.is_some());
         let offset = parts.iter().any(|p| p.min.is_some());
-        let mut all = Self { n: 0, k, codes: Vec::new(), scale: Vec::new(), scale_hi: None, min: None };
+        let mut n = 0;
+        let mut all = crate::kquant::Unpacked { codes: Vec::new(), scale: Vec::new(), scale_hi: None, min: None };
         let (mut hi, mut min) = (Vec::new(), Vec::new());
         for p in parts {
-            all.n += p.n;
+            n += p.n;
+            let p = p.ungrouped();
             all.codes.extend(p.codes);
             if split {
                 hi.extend(p.scale_hi.unwrap_or_else(|| p.scale.clone()));
@@ -531,7 +593,7 @@ impl Q8Matrix {
         }
         all.scale_hi = split.then_some(hi);
         all.min = offset.then_some(min);
-        Ok(all)
+        Ok(Self::grouped(n, k, all))
     }
 
     /// Output size.
@@ -552,12 +614,14 @@ impl Q8Matrix {
     /// token ids against the vocabulary first).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let nb = self.k / BLOCK;
-        let codes = &self.codes[r * self.k..(r + 1) * self.k];
-        for (b, (o, c)) in out.chunks_exact_mut(BLOCK).zip(codes.chunks_exact(BLOCK)).enumerate() {
-            let at = r * nb + b;
+        assert!(r < self.n, "row {r} of a {}-row matrix", self.n);
+        let (g, col) = (r / Q8_COLS, r % Q8_COLS);
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate().take(nb) {
+            let at = (g * nb + b) * Q8_COLS + col;
+            let c = &self.codes[at * BLOCK..][..BLOCK];
             let lo = self.scale[at];
             let hi = self.scale_hi.as_ref().map_or(lo, |h| h[at]);
-            let min = self.min.as_ref().map(|m| m[at]);
+            let min = self.min.as_ref().map(|m| m[r * nb + b]);
             for (i, (o, &c)) in o.iter_mut().zip(c).enumerate() {
                 let v = f32::from(c) * if i < 16 { lo } else { hi };
                 *o = min.map_or(v, |m| v + m);
@@ -586,19 +650,16 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>
     // 1 to 8 rows the column kernel is faster).
     if isa == Isa::Avx512Vnni && m >= VNNI_MIN_ROWS {
         return Ok(par_columns(w.n, m, |j0, cols| {
-            let whole = cols.len() / m / Q8_COLS * Q8_COLS;
-            let (tiled, rest) = cols.split_at_mut(whole * m);
-            for (t, run) in tiled.chunks_exact_mut(Q8_COLS * m).enumerate() {
-                let j = j0 + t * Q8_COLS;
-                let columns: [Q8Column<'_>; Q8_COLS] = std::array::from_fn(|c| w.column(j + c));
+            // Runs start on a TILE boundary, so on a group's first column;
+            // only the last run can end inside a group.
+            for (t, run) in cols.chunks_mut(Q8_COLS * m).enumerate() {
                 // SAFETY: `check_call` checked `isa.available()`: AVX2, FMA,
                 // AVX-512 VNNI and VL.
                 #[allow(unsafe_code)]
                 unsafe {
-                    x86::tile_q8_vnni(&columns, &acts, run);
+                    x86::tile_q8_vnni(&w.group(j0 / Q8_COLS + t), &acts, run);
                 }
             }
-            columns_q8(w, j0 + whole, &acts, isa, rest);
         }));
     }
     Ok(par_columns(w.n, m, |j0, cols| columns_q8(w, j0, &acts, isa, cols)))
@@ -611,7 +672,9 @@ const Q8_COLS: usize = 4;
 /// Activation rows it computes together.
 const Q8_ROWS: usize = 4;
 
-/// Column `j`'s slices of a [`Q8Matrix`].
+/// Column `j`'s slices of a [`Q8Matrix`], each from the column's first
+/// block: block `b`'s codes start at `b · Q8_COLS · BLOCK` and its scales
+/// are at `b · Q8_COLS` (the grouped layout); its minimums are contiguous.
 struct Q8Column<'a> {
     codes: &'a [i8],
     scale: &'a [f32],
@@ -620,15 +683,23 @@ struct Q8Column<'a> {
 }
 
 impl Q8Matrix {
+    /// Column `j`, padding columns of the last group included.
     fn column(&self, j: usize) -> Q8Column<'_> {
         let nb = self.k / BLOCK;
-        let blocks = j * nb..(j + 1) * nb;
+        let (g, c) = (j / Q8_COLS, j % Q8_COLS);
+        let first = g * Q8_COLS * nb + c;
+        let blocks = first..first + (nb - 1) * Q8_COLS + 1;
         Q8Column {
-            codes: &self.codes[j * self.k..(j + 1) * self.k],
+            codes: &self.codes[first * BLOCK..][..((nb - 1) * Q8_COLS + 1) * BLOCK],
             scale: &self.scale[blocks.clone()],
-            scale_hi: self.scale_hi.as_ref().map(|h| &h[blocks.clone()]),
-            min: self.min.as_ref().map(|m| &m[blocks]),
+            scale_hi: self.scale_hi.as_ref().map(|h| &h[blocks]),
+            min: self.min.as_ref().map(|m| &m[j * nb..(j + 1) * nb]),
         }
+    }
+
+    /// The four columns of group `g`.
+    fn group(&self, g: usize) -> [Q8Column<'_>; Q8_COLS] {
+        std::array::from_fn(|c| self.column(g * Q8_COLS + c))
     }
 }
 
@@ -652,11 +723,11 @@ fn columns_q8(w: &Q8Matrix, j0: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32])
                     let xs = &acts.scale[r * nb..(r + 1) * nb];
                     let mut lanes = [0f32; 8];
                     for b in 0..nb {
-                        let lo = col.scale[b] * xs[b];
-                        let hi = col.scale_hi.map_or(lo, |h| h[b] * xs[b]);
+                        let lo = col.scale[b * Q8_COLS] * xs[b];
+                        let hi = col.scale_hi.map_or(lo, |h| h[b * Q8_COLS] * xs[b]);
                         for (l, lane) in lanes.iter_mut().enumerate() {
-                            let at = b * BLOCK + 4 * l;
-                            let dot: i32 = (at..at + 4).map(|i| i32::from(col.codes[i]) * i32::from(x[i])).sum();
+                            let (wa, xa) = (b * Q8_COLS * BLOCK + 4 * l, b * BLOCK + 4 * l);
+                            let dot: i32 = (0..4).map(|i| i32::from(col.codes[wa + i]) * i32::from(x[xa + i])).sum();
                             *lane = (if l < 4 { lo } else { hi }).mul_add(dot as f32, *lane);
                         }
                     }
@@ -742,7 +813,7 @@ fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{block_scale, Q4_1Matrix, Q8Acts, Q8Column, Q8Matrix, BLOCK, Q8_COLS, Q8_ROWS, ROWS, ROW_TILE, TILE};
+    use super::{block_scale, Q4_1Matrix, Q8Acts, Q8Column, Q8Matrix, BLOCK, Q8_COLS, Q8_ROWS, ROW_TILE, TILE};
 
     /// [`super::quantize_block`] with AVX2, equal to it for finite inputs:
     /// the same products `x · (1/d)`, rounded half away from zero as
@@ -953,109 +1024,121 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.0, lo), w.1, hi)
     }
 
-    /// [`super::matmul_q8`] for a run of columns from `j0` (`out` holds `m`
-    /// outputs per column), every row. Per column and block, the
-    /// weight codes' absolute values meet the activations signed by the
-    /// weights (`maddubs`, no overflow: |codes| ≤ 127), pairs of i16 sums
-    /// become eight i32 lanes of four weights (lanes 0–3 the block's first
-    /// 16 weights, 4–7 its last 16), and each lane is scaled and accumulated
-    /// with one FMA. Eight rows share each weight block's load.
+    /// [`super::matmul_q8`] for a run of columns from `j0` (a group's first
+    /// column; `out` holds `m` outputs per column), every row, a group of
+    /// four columns at a time (one contiguous stream of weights). Per
+    /// column and block, the weight codes' absolute values meet the
+    /// activations signed by the weights (`maddubs`, no overflow: |codes| ≤
+    /// 127), pairs of i16 sums become eight i32 lanes of four weights (lanes
+    /// 0–3 the block's first 16 weights, 4–7 its last 16), and each lane is
+    /// scaled and accumulated with one FMA.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn columns_q8_avx2(w: &Q8Matrix, j0: usize, acts: &Q8Acts, out: &mut [f32]) {
-        let (m, k) = (acts.m, w.k);
-        let nb = k / BLOCK;
-        let cols = out.len() / m;
-        // The run's slices once; each column's below come from exact
-        // chunks, without a range check per column.
-        let blocks = j0 * nb..(j0 + cols) * nb;
-        let codes = &w.codes[j0 * k..(j0 + cols) * k];
-        let scale = &w.scale[blocks.clone()];
-        let hi = w.scale_hi.as_ref().map(|h| &h[blocks.clone()]);
-        let min = w.min.as_ref().map(|h| &h[blocks]);
-        let split = hi.is_some();
-        for (c, (out, (codes, scale))) in
-            out.chunks_exact_mut(m).zip(codes.chunks_exact(k).zip(scale.chunks_exact(nb))).enumerate()
-        {
-            let at = c * nb..(c + 1) * nb;
-            let col = Q8Column { codes, scale, scale_hi: hi.map(|h| &h[at.clone()]), min: min.map(|h| &h[at]) };
+        let m = acts.m;
+        assert!(j0.is_multiple_of(Q8_COLS), "runs start on a group");
+        let split = w.scale_hi.is_some();
+        for (t, run) in out.chunks_mut(Q8_COLS * m).enumerate() {
+            let group = w.group(j0 / Q8_COLS + t);
             let mut r0 = 0;
             while r0 < m {
                 match (m - r0, split) {
-                    (1, false) => rows_col_avx2::<1, false>(&col, acts, r0, out),
-                    (2, false) => rows_col_avx2::<2, false>(&col, acts, r0, out),
-                    (3, false) => rows_col_avx2::<3, false>(&col, acts, r0, out),
-                    (4, false) => rows_col_avx2::<4, false>(&col, acts, r0, out),
-                    (5, false) => rows_col_avx2::<5, false>(&col, acts, r0, out),
-                    (6, false) => rows_col_avx2::<6, false>(&col, acts, r0, out),
-                    (7, false) => rows_col_avx2::<7, false>(&col, acts, r0, out),
-                    (_, false) => rows_col_avx2::<ROWS, false>(&col, acts, r0, out),
-                    (1, true) => rows_col_avx2::<1, true>(&col, acts, r0, out),
-                    (2, true) => rows_col_avx2::<2, true>(&col, acts, r0, out),
-                    (3, true) => rows_col_avx2::<3, true>(&col, acts, r0, out),
-                    (4, true) => rows_col_avx2::<4, true>(&col, acts, r0, out),
-                    (5, true) => rows_col_avx2::<5, true>(&col, acts, r0, out),
-                    (6, true) => rows_col_avx2::<6, true>(&col, acts, r0, out),
-                    (7, true) => rows_col_avx2::<7, true>(&col, acts, r0, out),
-                    (_, true) => rows_col_avx2::<ROWS, true>(&col, acts, r0, out),
+                    (1, false) => rows_group_avx2::<1, false>(&group, acts, r0, run),
+                    (_, false) => rows_group_avx2::<2, false>(&group, acts, r0, run),
+                    (1, true) => rows_group_avx2::<1, true>(&group, acts, r0, run),
+                    (_, true) => rows_group_avx2::<2, true>(&group, acts, r0, run),
                 }
-                r0 += ROWS;
+                r0 += 2;
             }
         }
     }
 
-    /// `R` rows from `r0` of one column of [`columns_q8_avx2`]; `SPLIT` when the column
-    /// carries second-half scales. With `R` a constant the accumulators
-    /// live in registers: with a run-time row count they lived on the
-    /// stack, and every block's FMA waited for a store and a reload (decode
-    /// of one row ran at about half the memory's speed).
+    /// `R` rows from `r0` of one group of [`columns_q8_avx2`]; `SPLIT` when
+    /// the columns carry second-half scales. `out` holds the group's live
+    /// columns (`out.len() / m` of them; padding columns are computed and
+    /// dropped). With `R` a constant the `R × 4` accumulators live in
+    /// registers (a run-time row count kept them on the stack, and every
+    /// block's FMA waited for a store and a reload).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::needless_range_loop)] // constant-bound index loops unroll into registers
-    fn rows_col_avx2<const R: usize, const SPLIT: bool>(col: &Q8Column<'_>, acts: &Q8Acts, r0: usize, out: &mut [f32]) {
-        let (k, nb) = (acts.k, col.scale.len());
-        assert!(r0 + R <= out.len() && out.len() <= acts.m);
-        assert!(col.codes.len() == k && nb * BLOCK == k && acts.scale.len() == acts.m * nb);
-        assert!(acts.codes.len() == acts.m * k);
-        // Without second-half scales a block's halves share its scale.
-        let hi = match col.scale_hi {
-            Some(h) if SPLIT && h.len() == nb => h,
-            _ => col.scale,
-        };
+    fn rows_group_avx2<const R: usize, const SPLIT: bool>(
+        cols: &[Q8Column<'_>; Q8_COLS],
+        acts: &Q8Acts,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let (m, k) = (acts.m, acts.k);
+        let nb = k / BLOCK;
+        let live = out.len() / m;
+        assert!(r0 + R <= m && live <= Q8_COLS && out.len() == live * m && nb * BLOCK == k);
+        assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
+        let last = (nb - 1) * Q8_COLS;
+        let mut wp = [std::ptr::null::<i8>(); Q8_COLS];
+        let mut lo = [std::ptr::null::<f32>(); Q8_COLS];
+        let mut hi = [std::ptr::null::<f32>(); Q8_COLS];
+        for c in 0..Q8_COLS {
+            let col = &cols[c];
+            assert!(col.codes.len() > last * BLOCK + BLOCK - 1 && col.scale.len() > last);
+            wp[c] = col.codes.as_ptr();
+            lo[c] = col.scale.as_ptr();
+            // Without second-half scales a block's halves share its scale.
+            hi[c] = match col.scale_hi {
+                Some(h) if SPLIT && h.len() > last => h.as_ptr(),
+                _ => col.scale.as_ptr(),
+            };
+        }
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc = [[_mm256_setzero_ps(); Q8_COLS]; R];
         for b in 0..nb {
-            // SAFETY: b < nb and rows below m: every block read is in
-            // bounds (asserted above); unaligned loads.
-            unsafe {
-                let bw = _mm256_loadu_si256(col.codes.as_ptr().add(b * BLOCK).cast());
+            // SAFETY: b < nb and rows below m: every activation block and
+            // scale read is in bounds (asserted above); unaligned loads.
+            let (bx, dx): ([__m256i; R], [f32; R]) = unsafe {
+                (
+                    std::array::from_fn(|r| {
+                        _mm256_loadu_si256(acts.codes.as_ptr().add((r0 + r) * k + b * BLOCK).cast())
+                    }),
+                    std::array::from_fn(|r| *acts.scale.as_ptr().add((r0 + r) * nb + b)),
+                )
+            };
+            for c in 0..Q8_COLS {
+                // SAFETY: block b of a column starts at b·Q8_COLS·BLOCK of
+                // its codes and b·Q8_COLS of its scales, both in bounds
+                // (asserted: b·Q8_COLS <= last).
+                let (bw, wd, wh) = unsafe {
+                    (
+                        _mm256_loadu_si256(wp[c].add(b * Q8_COLS * BLOCK).cast()),
+                        *lo[c].add(b * Q8_COLS),
+                        *hi[c].add(b * Q8_COLS),
+                    )
+                };
                 let aw = _mm256_sign_epi8(bw, bw);
-                let (wd, wh) = (*col.scale.get_unchecked(b), *hi.get_unchecked(b));
                 for r in 0..R {
-                    let row = r0 + r;
-                    let dx = *acts.scale.get_unchecked(row * nb + b);
                     let d = if SPLIT {
-                        _mm256_set_m128(_mm_set1_ps(wh * dx), _mm_set1_ps(wd * dx))
+                        _mm256_set_m128(_mm_set1_ps(wh * dx[r]), _mm_set1_ps(wd * dx[r]))
                     } else {
-                        _mm256_set1_ps(wd * dx)
+                        _mm256_set1_ps(wd * dx[r])
                     };
-                    let bx = _mm256_loadu_si256(acts.codes.as_ptr().add(row * k + b * BLOCK).cast());
-                    let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bx, bw)));
-                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r]);
+                    let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bx[r], bw)));
+                    acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][c]);
                 }
             }
         }
         for r in 0..R {
-            let res = _mm_add_ps(_mm256_extractf128_ps(acc[r], 1), _mm256_castps256_ps128(acc[r]));
-            let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-            let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-            let mut v = _mm_cvtss_f32(res);
-            if let Some(min) = col.min {
-                v += min_terms_avx2(min, acts.xsum_of(r0 + r, nb));
+            let row = r0 + r;
+            for c in 0..live {
+                let a = acc[r][c];
+                let res = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+                let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+                let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+                let mut v = _mm_cvtss_f32(res);
+                if let Some(min) = cols[c].min {
+                    v += min_terms_avx2(min, acts.xsum_of(row, nb));
+                }
+                out[c * m + row] = v;
             }
-            out[r0 + r] = v;
         }
     }
 
@@ -1096,6 +1179,8 @@ mod x86 {
     /// The CPU must support AVX2, FMA, AVX-512 VNNI and AVX-512 VL.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
     pub(super) unsafe fn tile_q8_vnni(cols: &[Q8Column<'_>; Q8_COLS], acts: &Q8Acts, out: &mut [f32]) {
+        // `out` holds the group's live columns: all four but in a last,
+        // padded group.
         let m = acts.m;
         let split = cols[0].scale_hi.is_some();
         let mut r0 = 0;
@@ -1129,20 +1214,22 @@ mod x86 {
     ) {
         let (m, k) = (acts.m, acts.k);
         let nb = k / BLOCK;
-        assert!(r0 + R <= m && out.len() == Q8_COLS * m);
+        let live = out.len() / m;
+        assert!(r0 + R <= m && live <= Q8_COLS && out.len() == live * m && nb * BLOCK == k);
         assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
+        let last = (nb - 1) * Q8_COLS;
         let mut wp = [std::ptr::null::<i8>(); Q8_COLS];
         let mut lo = [std::ptr::null::<f32>(); Q8_COLS];
         let mut hi = [std::ptr::null::<f32>(); Q8_COLS];
         for c in 0..Q8_COLS {
             let col = &cols[c];
-            assert!(col.codes.len() == k && col.scale.len() == nb);
+            assert!(col.codes.len() > last * BLOCK + BLOCK - 1 && col.scale.len() > last);
             wp[c] = col.codes.as_ptr();
             lo[c] = col.scale.as_ptr();
             // Without second-half scales a block's halves share its scale
             // (what `Q8Matrix::stack` gives such parts).
             hi[c] = match col.scale_hi {
-                Some(h) if SPLIT && h.len() == nb => h.as_ptr(),
+                Some(h) if SPLIT && h.len() > last => h.as_ptr(),
                 _ => col.scale.as_ptr(),
             };
         }
@@ -1153,14 +1240,16 @@ mod x86 {
             let mut w = [_mm256_setzero_si256(); Q8_COLS];
             let mut dw = [_mm256_setzero_ps(); Q8_COLS];
             for c in 0..Q8_COLS {
-                // SAFETY: b < nb, so bytes b·32..b·32+32 of a k-long column
-                // and scale b of an nb-long vector are in bounds (asserted).
+                // SAFETY: block b of a column starts at b·Q8_COLS·BLOCK of
+                // its codes and b·Q8_COLS of its scales, both in bounds
+                // (asserted: b·Q8_COLS <= last).
                 unsafe {
-                    w[c] = _mm256_xor_si256(_mm256_loadu_si256(wp[c].add(b * BLOCK).cast()), flip);
+                    let at = b * Q8_COLS;
+                    w[c] = _mm256_xor_si256(_mm256_loadu_si256(wp[c].add(at * BLOCK).cast()), flip);
                     dw[c] = if SPLIT {
-                        _mm256_set_m128(_mm_set1_ps(*hi[c].add(b)), _mm_set1_ps(*lo[c].add(b)))
+                        _mm256_set_m128(_mm_set1_ps(*hi[c].add(at)), _mm_set1_ps(*lo[c].add(at)))
                     } else {
-                        _mm256_set1_ps(*lo[c].add(b))
+                        _mm256_set1_ps(*lo[c].add(at))
                     };
                 }
             }
@@ -1186,7 +1275,7 @@ mod x86 {
         }
         for (r, acc) in acc.iter().enumerate() {
             let row = r0 + r;
-            for (c, acc) in acc.iter().enumerate() {
+            for (c, acc) in acc.iter().enumerate().take(live) {
                 let res = _mm_add_ps(_mm256_extractf128_ps(*acc, 1), _mm256_castps256_ps128(*acc));
                 let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
                 let res = _mm_add_ss(res, _mm_movehdup_ps(res));
