@@ -5,10 +5,13 @@
 //! (batch invariance), and every instruction set gives the same bits.
 //!
 //! The 8-bit kernel is described at [`matmul_q8`]: eight f32 lanes of four
-//! weights per column, one FMA per block; an AVX2 column kernel (eight rows
-//! per weight load, used for up to 15 rows) and an AVX-512 VNNI tile of four
-//! columns by four rows (`vpdpbusd` on weights offset to unsigned bytes,
-//! for prefill). The rest of this doc is the Q4_1 kernel.
+//! weights per column, one FMA per block. Its matrices keep columns in
+//! groups of four, block by block side by side ([`Q8Matrix`]), so both
+//! kernels read one stream per group: an AVX2 kernel (a group's four
+//! columns by one or two rows in registers, used for up to 15 rows) and an
+//! AVX-512 VNNI tile of four columns by four rows (`vpdpbusd` on weights
+//! offset to unsigned bytes, for prefill) that writes the row-major result
+//! directly. The rest of this doc is the Q4_1 kernel.
 //!
 //! `y[m, n] = x[m, k] · W[n, k]ᵀ` with `W` in GGUF's Q4_1 blocks (32 weights:
 //! f16 scale `d`, f16 minimum `m`, 16 bytes of 4-bit codes, `w = d·q + m`)
@@ -702,8 +705,8 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>
     let acts = Q8Acts::quantize(x, m, w.k);
     #[cfg(target_arch = "x86_64")]
     // Bit-identical either way; the tile pays off only with many rows (on
-    // this 2-core EPYC: prefill of 512 tokens 208 -> 258 tok/s, while at
-    // 1 to 8 rows the column kernel is faster).
+    // this 2-core EPYC: prefill of 512 tokens 208 -> 258 tok/s when it came,
+    // while at 1 to 8 rows the AVX2 kernel is faster).
     if isa == Isa::Avx512Vnni && m >= VNNI_MIN_ROWS {
         return Ok(par_columns_into(w.n, m, |j0, mut run| {
             // Runs start on a TILE boundary, so on a group's first column;
