@@ -366,19 +366,20 @@ pub fn matmul(w: &Q4_1Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>>
     check_call(x, m, w.k, isa)?;
     let acts = Q8Acts::quantize(x, m, w.k);
     let paired = if isa == Isa::Scalar { Vec::new() } else { acts.interleave_pairs() };
-    Ok(par_columns(w.n, m, |j0, cols| {
-        let mut j = j0;
-        for run in cols.chunks_mut(TILE * m) {
+    Ok(par_columns(w.n, m, |j0, mut run| {
+        // Runs start on a TILE boundary.
+        for c0 in (0..run.cols()).step_by(TILE) {
+            let (j, width) = (j0 + c0, TILE.min(run.cols() - c0));
+            let mut out = run.narrow(c0, width);
             if j + TILE <= w.tiled {
-                tile(w, j / TILE, &acts, &paired, isa, run);
+                tile(w, j / TILE, &acts, &paired, isa, &mut out);
             } else {
                 // Fewer than a tile of columns left (no default-model
                 // matrix has any): the reference kernel.
-                for (c, col) in run.chunks_exact_mut(m).enumerate() {
-                    column_scalar(w, j + c, &acts, col);
+                for c in 0..width {
+                    column_scalar(w, j + c, &acts, &mut out, c);
                 }
             }
-            j += run.len() / m;
         }
     }))
 }
@@ -394,54 +395,14 @@ fn check_call(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<()> {
     Ok(())
 }
 
-/// Runs `columns(j0, out)` over runs of output columns on the one rayon
-/// pool; `out` holds the `m` outputs of each column of the run, column after
-/// column, and every run but the last starts and ends on a [`TILE`]
-/// boundary. Returns the row-major `[m, n]` result: each task turns its own
-/// run row-major while the values are still in cache, in parallel (one
-/// serial transpose after the region had been 5% of a Gemma-3 prefill).
-#[allow(unsafe_code)] // tasks write disjoint column ranges of one output
-fn par_columns(n: usize, m: usize, columns: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let per_task =
-        n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK).next_multiple_of(TILE);
-    let mut out = vec![0f32; n * m];
-    if m == 1 {
-        // One row: column-major is row-major.
-        out.par_chunks_mut(per_task).enumerate().for_each(|(task, chunk)| columns(task * per_task, chunk));
-        return out;
-    }
-    let shared = SharedOut(out.as_mut_ptr());
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let j0 = task * per_task;
-        let cols = per_task.min(n - j0);
-        let mut run = vec![0f32; cols * m];
-        columns(j0, &mut run);
-        // In strips of columns: within a strip, each row reads one value
-        // from each of the strip's columns, and the next row the next value
-        // of the same cache lines, so the strip's lines stay in L1.
-        const STRIP: usize = 64;
-        for c0 in (0..cols).step_by(STRIP) {
-            let width = STRIP.min(cols - c0);
-            for r in 0..m {
-                // SAFETY: `out` has `m * n` elements and outlives the
-                // region; this task alone writes columns `j0..j0 + cols` of
-                // every row (runs of different tasks are disjoint), and
-                // nothing reads `out` until the region ends.
-                let row = unsafe { std::slice::from_raw_parts_mut(shared.at(r * n + j0 + c0), width) };
-                for (c, o) in row.iter_mut().enumerate() {
-                    *o = run[(c0 + c) * m + r];
-                }
-            }
-        }
-    });
-    out
-}
-
-/// [`par_columns`] for kernels that write the row-major result directly
-/// through an [`OutColumns`] view of their run (no run buffer, no
-/// transpose: for the prefill tile that copy was 7% of a Gemma-3 prefill).
+/// Runs `columns(j0, view)` over runs of output columns on the one rayon
+/// pool and returns the row-major `[m, n]` result, which the kernels write
+/// directly through their run's [`OutColumns`] view. Every run but the last
+/// starts and ends on a [`TILE`] boundary. (Kernels used to fill a
+/// column-major buffer per run that was then transposed: that copy was 10%
+/// of a SmolLM2 prefill and 7% of a Gemma-3 one.)
 #[allow(unsafe_code)] // the views of different tasks are disjoint
-fn par_columns_into(n: usize, m: usize, columns: impl Fn(usize, OutColumns<'_>) + Sync) -> Vec<f32> {
+fn par_columns(n: usize, m: usize, columns: impl Fn(usize, OutColumns<'_>) + Sync) -> Vec<f32> {
     let per_task =
         n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK).next_multiple_of(TILE);
     let mut out = vec![0f32; n * m];
@@ -455,7 +416,7 @@ fn par_columns_into(n: usize, m: usize, columns: impl Fn(usize, OutColumns<'_>) 
 }
 
 /// Columns `j0..j0 + cols` of every row of a row-major `[m, n]` output:
-/// one task's run in [`par_columns_into`], or part of one. Views of
+/// one task's run in [`par_columns`], or part of one. Views of
 /// different tasks never overlap, and a narrower view borrows its parent.
 struct OutColumns<'a> {
     out: SharedOut,
@@ -482,8 +443,22 @@ impl OutColumns<'_> {
         assert!(row < self.m && col < self.cols, "outside the output view");
         // SAFETY: in bounds of the `[m, n]` output (row < m, j0 + col <
         // n), which outlives the region; only this view writes these
-        // columns while it lives (see `par_columns_into`).
+        // columns while it lives (see `par_columns`).
         unsafe { *self.out.at(row * self.n + self.j0 + col) = v };
+    }
+
+    /// Row `row`'s columns of the view, contiguous.
+    ///
+    /// # Panics
+    /// Outside the view.
+    #[inline]
+    #[allow(unsafe_code)]
+    fn row(&mut self, row: usize) -> &mut [f32] {
+        assert!(row < self.m, "outside the output view");
+        // SAFETY: as in `put`: `cols` elements from `(row, j0)` are in
+        // bounds and only this view (borrowed mutably for the slice's life)
+        // writes them.
+        unsafe { std::slice::from_raw_parts_mut(self.out.at(row * self.n + self.j0), self.cols) }
     }
 
     /// The view's columns `c0..c0 + cols`.
@@ -493,8 +468,8 @@ impl OutColumns<'_> {
     }
 }
 
-/// The output of [`par_columns`], written by its tasks in disjoint column
-/// ranges.
+/// The output of [`par_columns`], written by its tasks' views in disjoint
+/// column ranges.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
@@ -708,7 +683,7 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>
     // this 2-core EPYC: prefill of 512 tokens 208 -> 258 tok/s when it came,
     // while at 1 to 8 rows the AVX2 kernel is faster).
     if isa == Isa::Avx512Vnni && m >= VNNI_MIN_ROWS {
-        return Ok(par_columns_into(w.n, m, |j0, mut run| {
+        return Ok(par_columns(w.n, m, |j0, mut run| {
             // Runs start on a TILE boundary, so on a group's first column;
             // only the last run can end inside a group.
             for t in 0..run.cols().div_ceil(Q8_COLS) {
@@ -722,7 +697,7 @@ pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>
             }
         }));
     }
-    Ok(par_columns(w.n, m, |j0, cols| columns_q8(w, j0, &acts, isa, cols)))
+    Ok(par_columns(w.n, m, |j0, mut run| columns_q8(w, j0, &acts, isa, &mut run)))
 }
 
 /// Fewest activation rows for which the VNNI tile runs.
@@ -763,10 +738,9 @@ impl Q8Matrix {
     }
 }
 
-/// The run of columns from `j0` that `out` holds (`m` outputs per column,
-/// column after column), every row.
+/// The run of columns from `j0` that `out` views, every row.
 #[allow(unsafe_code)] // dispatch into the SIMD kernels below
-fn columns_q8(w: &Q8Matrix, j0: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32]) {
+fn columns_q8(w: &Q8Matrix, j0: usize, acts: &Q8Acts, isa: Isa, out: &mut OutColumns<'_>) {
     let nb = w.k / BLOCK;
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -776,9 +750,9 @@ fn columns_q8(w: &Q8Matrix, j0: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32])
             x86::columns_q8_avx2(w, j0, acts, out);
         },
         _ => {
-            for (c, out) in out.chunks_exact_mut(acts.m).enumerate() {
+            for c in 0..out.cols() {
                 let col = w.column(j0 + c);
-                for (r, o) in out.iter_mut().enumerate() {
+                for r in 0..acts.m {
                     let x = &acts.codes[r * acts.k..(r + 1) * acts.k];
                     let xs = &acts.scale[r * nb..(r + 1) * nb];
                     let mut lanes = [0f32; 8];
@@ -792,10 +766,11 @@ fn columns_q8(w: &Q8Matrix, j0: usize, acts: &Q8Acts, isa: Isa, out: &mut [f32])
                         }
                     }
                     let l = lanes;
-                    *o = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+                    let mut o = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
                     if let Some(min) = col.min {
-                        *o += min_terms(min, acts, r);
+                        o += min_terms(min, acts, r);
                     }
+                    out.put(r, c, o);
                 }
             }
         }
@@ -830,10 +805,10 @@ fn min_terms(min: &[f32], acts: &Q8Acts, r: usize) -> f32 {
     total
 }
 
-/// The [`TILE`] output columns of tile `t` for every activation row, column
-/// after column.
+/// The [`TILE`] output columns of tile `t` for every activation row, into
+/// `out` (a view of exactly those columns).
 #[allow(unsafe_code)] // dispatch into the SIMD kernels below
-fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &mut [f32]) {
+fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &mut OutColumns<'_>) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul` checked `isa.available()`, so the CPU has AVX2.
@@ -842,8 +817,8 @@ fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &
         // SAFETY: as above, for AVX2, AVX-512 VNNI and AVX-512 VL.
         Isa::Avx512Vnni => unsafe { x86::tile_vnni(w, t, acts, paired, out) },
         _ => {
-            for (c, col) in out.chunks_exact_mut(acts.m).enumerate() {
-                column_scalar(w, t * TILE + c, acts, col);
+            for c in 0..TILE {
+                column_scalar(w, t * TILE + c, acts, out, c);
             }
         }
     }
@@ -851,9 +826,10 @@ fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &
 
 /// The reference: candle's `vec_dot` for one column, block by block: the
 /// exact integer dot, then `sumf += Σq·d_w·d_x + m_w·s_x` in block order.
-fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
+/// Writes column `j` to column `c` of `out`.
+fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut OutColumns<'_>, c: usize) {
     let nb = w.blocks();
-    for (r, o) in out.iter_mut().enumerate() {
+    for r in 0..acts.m {
         let mut sumf = 0f32;
         for b in 0..nb {
             let wq = &w.codes[w.code_offset(j, b)..][..16];
@@ -864,7 +840,7 @@ fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut [f32]) {
             let (p, ab) = (w.param_index(j, b), r * nb + b);
             sumf += sumi as f32 * w.scale[p] * acts.scale[ab] + w.min[p] * acts.sum[ab];
         }
-        *o = sumf;
+        out.put(r, c, sumf);
     }
 }
 
@@ -986,7 +962,7 @@ mod x86 {
     /// arithmetic, eight columns at a time, with no horizontal float sums.
     macro_rules! tile_simd {
         ($w:expr, $t:expr, $acts:expr, $paired:expr, $out:expr, $pair:ident, $dot:ident) => {{
-            let (w, t, acts, xp, out): (&Q4_1Matrix, usize, &Q8Acts, &[i8], &mut [f32]) =
+            let (w, t, acts, xp, out): (&Q4_1Matrix, usize, &Q8Acts, &[i8], &mut OutColumns<'_>) =
                 ($w, $t, $acts, $paired, $out);
             let nb = w.k / BLOCK;
             let codes = &w.codes[t * nb * TILE * 16..(t + 1) * nb * TILE * 16];
@@ -1037,12 +1013,12 @@ mod x86 {
                         let v: [__m256i; TILE] = std::array::from_fn(|c| $dot(unpack(&wq[c * 16..]), a));
                         *acc = add_term(*acc, sum8(&v), b, prow);
                     }
-                    let mut sums = [0f32; TILE];
-                    // SAFETY: `sums` holds 8 f32, unaligned store.
-                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), *acc) };
-                    for (c, v) in sums.into_iter().enumerate() {
-                        out[c * acts.m + r] = v;
-                    }
+                    // The tile's eight columns of row r are contiguous in
+                    // the row-major output: one store.
+                    let dst = out.row(r);
+                    assert!(dst.len() == TILE, "a tile's view is TILE columns");
+                    // SAFETY: `dst` holds 8 f32, unaligned store.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), *acc) };
                 }
             }
         }};
@@ -1051,14 +1027,14 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn tile_avx2(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
+    pub(super) unsafe fn tile_avx2(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut OutColumns<'_>) {
         tile_simd!(w, t, acts, paired, out, pair_avx2, dot_avx2)
     }
 
     /// # Safety
     /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
     #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    pub(super) unsafe fn tile_vnni(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut [f32]) {
+    pub(super) unsafe fn tile_vnni(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut OutColumns<'_>) {
         tile_simd!(w, t, acts, paired, out, pair_vnni, dot_vnni)
     }
 
@@ -1087,7 +1063,7 @@ mod x86 {
     }
 
     /// [`super::matmul_q8`] for a run of columns from `j0` (a group's first
-    /// column; `out` holds `m` outputs per column), every row, a group of
+    /// column; `out` views the run), every row, a group of
     /// four columns at a time (one contiguous stream of weights). Per
     /// column and block, the weight codes' absolute values meet the
     /// activations signed by the weights (`maddubs`, no overflow: |codes| ≤
@@ -1098,11 +1074,13 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn columns_q8_avx2(w: &Q8Matrix, j0: usize, acts: &Q8Acts, out: &mut [f32]) {
+    pub(super) unsafe fn columns_q8_avx2(w: &Q8Matrix, j0: usize, acts: &Q8Acts, out: &mut OutColumns<'_>) {
         let m = acts.m;
         assert!(j0.is_multiple_of(Q8_COLS), "runs start on a group");
         let split = w.scale_hi.is_some();
-        for (t, run) in out.chunks_mut(Q8_COLS * m).enumerate() {
+        for t in 0..out.cols().div_ceil(Q8_COLS) {
+            let live = Q8_COLS.min(out.cols() - t * Q8_COLS);
+            let run = &mut out.narrow(t * Q8_COLS, live);
             let group = w.group(j0 / Q8_COLS + t);
             let mut r0 = 0;
             while r0 < m {
@@ -1118,9 +1096,8 @@ mod x86 {
     }
 
     /// `R` rows from `r0` of one group of [`columns_q8_avx2`]; `SPLIT` when
-    /// the columns carry second-half scales. `out` holds the group's live
-    /// columns (`out.len() / m` of them; padding columns are computed and
-    /// dropped). With `R` a constant the `R × 4` accumulators live in
+    /// the columns carry second-half scales. `out` views the group's live
+    /// columns (padding columns are computed and dropped). With `R` a constant the `R × 4` accumulators live in
     /// registers (a run-time row count kept them on the stack, and every
     /// block's FMA waited for a store and a reload).
     #[target_feature(enable = "avx2,fma")]
@@ -1130,12 +1107,12 @@ mod x86 {
         cols: &[Q8Column<'_>; Q8_COLS],
         acts: &Q8Acts,
         r0: usize,
-        out: &mut [f32],
+        out: &mut OutColumns<'_>,
     ) {
         let (m, k) = (acts.m, acts.k);
         let nb = k / BLOCK;
-        let live = out.len() / m;
-        assert!(r0 + R <= m && live <= Q8_COLS && out.len() == live * m && nb * BLOCK == k);
+        let live = out.cols();
+        assert!(r0 + R <= m && live <= Q8_COLS && nb * BLOCK == k);
         assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
         let last = (nb - 1) * Q8_COLS;
         let mut wp = [std::ptr::null::<i8>(); Q8_COLS];
@@ -1199,7 +1176,7 @@ mod x86 {
                 if let Some(min) = cols[c].min {
                     v += min_terms_avx2(min, acts.xsum_of(row, nb));
                 }
-                out[c * m + row] = v;
+                out.put(row, c, v);
             }
         }
     }
