@@ -1383,6 +1383,34 @@ mod tests {
         }
     }
 
+    /// Many parallel runs, a last run shorter than the others, a last
+    /// partial group (8-bit) and a last partial tile (Q4_1): every kernel
+    /// writes exactly its columns of the row-major result, and the bits
+    /// equal the scalar reference's.
+    #[test]
+    fn runs_of_columns_land_in_their_place_in_the_row_major_result() {
+        let (n, k) = (1001, 64);
+        let wf = Tensor::from_vec(rand(n * k, 5), (n, k), &Device::Cpu).unwrap();
+        let q4 = QTensor::quantize(&wf, GgmlDType::Q4_1).unwrap();
+        let w4 = Q4_1Matrix::from_ggml_bytes(&q4.data().unwrap(), n, k).unwrap();
+        let q8 = QTensor::quantize(&wf, GgmlDType::Q8_0).unwrap();
+        let w8 = Q8Matrix::from_ggml_bytes(&q8.data().unwrap(), n, k).unwrap();
+        for m in [1, 2, 5, 17] {
+            let x = rand(m * k, m as u64);
+            let (want4, want8) =
+                (matmul(&w4, &x, m, Isa::Scalar).unwrap(), matmul_q8(&w8, &x, m, Isa::Scalar).unwrap());
+            assert_eq!(want8.len(), m * n);
+            for isa in [Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
+                let got4 = matmul(&w4, &x, m, isa).unwrap();
+                let got8 = matmul_q8(&w8, &x, m, isa).unwrap();
+                for (name, got, want) in [("q4_1", &got4, &want4), ("q8_0", &got8, &want8)] {
+                    let bad = got.iter().zip(want.iter()).position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(bad.is_none(), "{name} {isa:?} m={m}: first difference at {bad:?}");
+                }
+            }
+        }
+    }
+
     /// Batch invariance: row `r` of an `m`-row product has the bits of the
     /// same row computed alone, for every row count up to 64 and beyond a
     /// row tile, on every instruction set.
