@@ -1110,26 +1110,9 @@ mod x86 {
         r0: usize,
         out: &mut OutColumns<'_>,
     ) {
-        let (m, k) = (acts.m, acts.k);
+        let k = acts.k;
         let nb = k / BLOCK;
-        let live = out.cols();
-        assert!(r0 + R <= m && live <= Q8_COLS && nb * BLOCK == k);
-        assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
-        let last = (nb - 1) * Q8_COLS;
-        let mut wp = [std::ptr::null::<i8>(); Q8_COLS];
-        let mut lo = [std::ptr::null::<f32>(); Q8_COLS];
-        let mut hi = [std::ptr::null::<f32>(); Q8_COLS];
-        for c in 0..Q8_COLS {
-            let col = &cols[c];
-            assert!(col.codes.len() > last * BLOCK + BLOCK - 1 && col.scale.len() > last);
-            wp[c] = col.codes.as_ptr();
-            lo[c] = col.scale.as_ptr();
-            // Without second-half scales a block's halves share its scale.
-            hi[c] = match col.scale_hi {
-                Some(h) if SPLIT && h.len() > last => h.as_ptr(),
-                _ => col.scale.as_ptr(),
-            };
-        }
+        let GroupPtrs { codes: wp, lo, hi } = group_ptrs::<SPLIT>(cols, acts, r0 + R, out);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); Q8_COLS]; R];
         for b in 0..nb {
@@ -1166,20 +1149,83 @@ mod x86 {
                 }
             }
         }
-        for r in 0..R {
+        store_group(&acc, cols, acts, r0, out);
+    }
+
+    /// One group's column pointers for the 8-bit kernels (block `b` of
+    /// column `c` at `codes[c] + b·Q8_COLS·BLOCK`, its scales at
+    /// `lo[c]`/`hi[c] + b·Q8_COLS`), after checking once every bound the
+    /// kernels' unchecked loads rely on: rows below `rows_end`, every block
+    /// of every column. Without second-half scales (or `SPLIT` false) `hi`
+    /// is `lo`: a block's halves share its scale (what `Q8Matrix::stack`
+    /// gives such parts).
+    struct GroupPtrs {
+        codes: [*const i8; Q8_COLS],
+        lo: [*const f32; Q8_COLS],
+        hi: [*const f32; Q8_COLS],
+    }
+
+    fn group_ptrs<const SPLIT: bool>(
+        cols: &[Q8Column<'_>; Q8_COLS],
+        acts: &Q8Acts,
+        rows_end: usize,
+        out: &OutColumns<'_>,
+    ) -> GroupPtrs {
+        let (m, k) = (acts.m, acts.k);
+        let nb = k / BLOCK;
+        assert!(rows_end <= m && out.cols() <= Q8_COLS && nb * BLOCK == k && nb > 0);
+        assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
+        let last = (nb - 1) * Q8_COLS;
+        let mut p = GroupPtrs {
+            codes: [std::ptr::null(); Q8_COLS],
+            lo: [std::ptr::null(); Q8_COLS],
+            hi: [std::ptr::null(); Q8_COLS],
+        };
+        for (c, col) in cols.iter().enumerate() {
+            assert!(col.codes.len() > last * BLOCK + BLOCK - 1 && col.scale.len() > last);
+            p.codes[c] = col.codes.as_ptr();
+            p.lo[c] = col.scale.as_ptr();
+            p.hi[c] = match col.scale_hi {
+                Some(h) if SPLIT && h.len() > last => h.as_ptr(),
+                _ => col.scale.as_ptr(),
+            };
+        }
+        p
+    }
+
+    /// Finishes rows `r0..r0 + R` of a group: each live column's lanes
+    /// summed ([`lane_sum`]), its minimum terms added, the value stored.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn store_group<const R: usize>(
+        acc: &[[__m256; Q8_COLS]; R],
+        cols: &[Q8Column<'_>; Q8_COLS],
+        acts: &Q8Acts,
+        r0: usize,
+        out: &mut OutColumns<'_>,
+    ) {
+        let nb = acts.k / BLOCK;
+        for (r, acc) in acc.iter().enumerate() {
             let row = r0 + r;
-            for c in 0..live {
-                let a = acc[r][c];
-                let res = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-                let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-                let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-                let mut v = _mm_cvtss_f32(res);
+            for (c, acc) in acc.iter().enumerate().take(out.cols()) {
+                let mut v = lane_sum(*acc);
                 if let Some(min) = cols[c].min {
                     v += min_terms_avx2(min, acts.xsum_of(row, nb));
                 }
                 out.put(row, c, v);
             }
         }
+    }
+
+    /// The eight lanes summed in the kernels' fixed order:
+    /// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn lane_sum(v: __m256) -> f32 {
+        let res = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        _mm_cvtss_f32(res)
     }
 
     /// [`super::min_terms`] with eight blocks per FMA: called directly from
@@ -1194,10 +1240,7 @@ mod x86 {
             let (m, s) = unsafe { (_mm256_loadu_ps(min.as_ptr().add(at)), _mm256_loadu_ps(xsum.as_ptr().add(at))) };
             acc = _mm256_fmadd_ps(m, s, acc);
         }
-        let res = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-        let mut total = _mm_cvtss_f32(res);
+        let mut total = lane_sum(acc);
         for (m, s) in min[whole..].iter().zip(&xsum[whole..]) {
             total += m * s;
         }
@@ -1252,27 +1295,9 @@ mod x86 {
         r0: usize,
         out: &mut OutColumns<'_>,
     ) {
-        let (m, k) = (acts.m, acts.k);
+        let k = acts.k;
         let nb = k / BLOCK;
-        let live = out.cols();
-        assert!(r0 + R <= m && live <= Q8_COLS && nb * BLOCK == k);
-        assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
-        let last = (nb - 1) * Q8_COLS;
-        let mut wp = [std::ptr::null::<i8>(); Q8_COLS];
-        let mut lo = [std::ptr::null::<f32>(); Q8_COLS];
-        let mut hi = [std::ptr::null::<f32>(); Q8_COLS];
-        for c in 0..Q8_COLS {
-            let col = &cols[c];
-            assert!(col.codes.len() > last * BLOCK + BLOCK - 1 && col.scale.len() > last);
-            wp[c] = col.codes.as_ptr();
-            lo[c] = col.scale.as_ptr();
-            // Without second-half scales a block's halves share its scale
-            // (what `Q8Matrix::stack` gives such parts).
-            hi[c] = match col.scale_hi {
-                Some(h) if SPLIT && h.len() > last => h.as_ptr(),
-                _ => col.scale.as_ptr(),
-            };
-        }
+        let GroupPtrs { codes: wp, lo, hi } = group_ptrs::<SPLIT>(cols, acts, r0 + R, out);
         let flip = _mm256_set1_epi8(-128);
         let (zero, offset) = (_mm256_setzero_si256(), _mm256_set1_epi8(-128)); // 0x80: 128 as an unsigned byte
         let mut acc = [[_mm256_setzero_ps(); Q8_COLS]; R];
@@ -1313,19 +1338,7 @@ mod x86 {
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let row = r0 + r;
-            for (c, acc) in acc.iter().enumerate().take(live) {
-                let res = _mm_add_ps(_mm256_extractf128_ps(*acc, 1), _mm256_castps256_ps128(*acc));
-                let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-                let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-                let mut v = _mm_cvtss_f32(res);
-                if let Some(min) = cols[c].min {
-                    v += min_terms_avx2(min, acts.xsum_of(row, nb));
-                }
-                out.put(row, c, v);
-            }
-        }
+        store_group(&acc, cols, acts, r0, out);
     }
 }
 
