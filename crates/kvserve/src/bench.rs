@@ -152,10 +152,11 @@ fn prefill_rate(model: &PagedLlama, len: usize) -> Result<f64> {
 }
 
 fn decode_rate(model: &PagedLlama, batch: usize, steps: usize, context: usize) -> Result<f64> {
-    let (mut cache, mut m) = fresh(model, batch * (context.max(1) + steps + 16))?;
+    let context = context.max(1); // a first step needs a token to decode from
+    let (mut cache, mut m) = fresh(model, batch * (context + steps + 16))?;
     let owner = OwnerId::new("bench")?;
     let seqs: Vec<SeqId> = (0..batch).map(|_| cache.create_sequence(&owner, Namespace::new(b"bench", b""))).collect();
-    let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(context.max(1), i)).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt(context, i)).collect();
     let mut next = run_batch(&mut cache, &mut m, &seqs, &prompts)?;
     let start = Instant::now();
     for _ in 0..steps {

@@ -563,9 +563,7 @@ impl PagedKvStore {
         self.layers[layer].v.load(at, v);
         Ok(())
     }
-}
 
-impl PagedKvStore {
     /// Asks the CPU to start fetching the first `tokens` K and V of `head`
     /// in `block` of `layer` into cache, so attention's read of it (the
     /// next block it walks) does not wait for memory: blocks are scattered,
