@@ -70,7 +70,8 @@ trait Element: Copy + Send + Sync + 'static {
 }
 
 /// One element type: its size, f32 conversions (`half`'s slice
-/// conversions, vectorised where the CPU allows) and little-endian bytes.
+/// conversions, vectorised where the CPU allows; f16 loads through
+/// [`f16_to_f32`]) and little-endian bytes.
 macro_rules! element {
     ($t:ty, $bytes:literal, $store:expr, $load:expr) => {
         impl Element for $t {
