@@ -495,7 +495,7 @@ impl SharedOut {
 /// which is also their output projection, is Q8_0.
 ///
 /// Columns (output rows of the GGUF tensor) are stored in groups of
-/// [`Q8_COLS`]: block `b` of the group's four columns lies side by side
+/// four (`Q8_COLS`): block `b` of the group's four columns lies side by side
 /// (`codes[group][block][column][32]`, and the scales likewise
 /// `[group][block][column]`), so a kernel computing a group's four columns
 /// reads one contiguous stream. Four columns a block apart, as row-major
