@@ -26,10 +26,13 @@
 //!   the tests compare against candle with `==` on the bits.
 //! * **Speed** comes from SIMD for the integer dot (AVX2 `maddubs`/`madd`,
 //!   or AVX-512 VNNI `dpbusd` on 256-bit lanes), from computing eight output
-//!   columns at once, one per f32 lane (so each column's block-by-block float
-//!   sum needs no horizontal adds; see `tile_simd`), from unpacking each
-//!   weight tile once for eight activation rows (prefill and batched
-//!   decode; each row's arithmetic unchanged), and from splitting
+//!   columns at once, one per 32-bit lane: the codes are column-interleaved
+//!   ([`Q4_1Matrix`]), so four broadcast activations meet eight columns'
+//!   four weights in one instruction and neither the integer dots nor the
+//!   block-by-block float sums need horizontal adds (see `tile_kernel`),
+//!   from unpacking each weight block once for four activation rows
+//!   (prefill and batched decode; each row's arithmetic unchanged), and
+//!   from splitting
 //!   output columns over the one rayon pool. The instruction set is picked
 //!   at run time (`is_x86_feature_detected!`); a scalar path runs everywhere,
 //!   is the reference, and serves the last columns of a matrix whose width
@@ -48,8 +51,10 @@ pub const BLOCK: usize = 32;
 /// Output columns the tiled SIMD kernels compute together, one per f32 lane.
 const TILE: usize = 8;
 /// Activation rows the tiled SIMD kernels compute together, sharing each
-/// unpacked weight tile (prefill, batched decode).
-const ROW_TILE: usize = 8;
+/// unpacked weight block (prefill, batched decode). Four and eight measured
+/// the same; four keeps the accumulators and the eight weight vectors in
+/// registers.
+const ROW_TILE: usize = 4;
 /// Fewest output columns per parallel task (smaller tasks cost more in
 /// scheduling than they gain in balance).
 const MIN_COLS_PER_TASK: usize = 32;
@@ -117,12 +122,17 @@ impl Isa {
 /// A Q4_1 weight matrix `[n, k]`, re-laid out for the kernels.
 ///
 /// Columns `0..tiled` (whole tiles of [`TILE`] columns) are stored tile by
-/// tile so that the SIMD kernels read one stream: within a tile, for each
-/// pair of blocks, each column's two blocks (32 code bytes); an odd last
-/// block follows as 16 bytes per column. Scales and minimums of a tile are
-/// `[block][column]`, so one vector load gives a block's values for the
-/// whole tile. Columns from `tiled` on (fewer than a tile) are stored column
-/// by column, block by block.
+/// tile so that the SIMD kernels read one stream, and column-interleaved
+/// within a block so that one 32-bit lane holds one column: a tile's block
+/// is 128 bytes, four 32-byte vectors `P_e` (`e` in 0..4) whose byte
+/// `4c + i` holds column `c`'s weight `4e + i` in its low nibble and weight
+/// `16 + 4e + i` in its high nibble. A kernel masks (or shifts) a vector and
+/// meets eight columns' four weights with four broadcast activations in one
+/// `vpdpbusd`: each column's dot lands in its own lane, no horizontal adds.
+/// Scales and minimums of a tile are `[block][column]`, so one vector load
+/// gives a block's values for the whole tile. Columns from `tiled` on (fewer
+/// than a tile) are stored column by column, block by block, as GGUF has
+/// them.
 pub struct Q4_1Matrix {
     n: usize,
     k: usize,
@@ -211,18 +221,15 @@ impl Q4_1Matrix {
         }
     }
 
-    /// Offset of the 16 code bytes of column `j`'s block `b`.
-    fn code_offset(&self, j: usize, b: usize) -> usize {
+    /// Where GGUF code byte `i` (0..16: weight `i` low, `i + 16` high) of
+    /// column `j`'s block `b` lives in `codes`.
+    fn code_index(&self, j: usize, b: usize, i: usize) -> usize {
         let nb = self.blocks();
         if j < self.tiled {
             let (tile, c) = (j / TILE * nb * TILE * 16, j % TILE);
-            if b < nb / 2 * 2 {
-                tile + b / 2 * TILE * 32 + c * 32 + b % 2 * 16
-            } else {
-                tile + b * TILE * 16 + c * 16
-            }
+            tile + b * TILE * 16 + i / 4 * 32 + c * 4 + i % 4
         } else {
-            (j * nb + b) * 16
+            (j * nb + b) * 16 + i
         }
     }
 
@@ -234,8 +241,11 @@ impl Q4_1Matrix {
         let nb = k / BLOCK;
         for j in 0..n {
             for b in 0..nb {
-                let (src, dst) = (j * nb + b, out.code_offset(j, b));
-                out.codes[dst..dst + 16].copy_from_slice(&plain.codes[src * 16..(src + 1) * 16]);
+                let src = j * nb + b;
+                for i in 0..16 {
+                    let dst = out.code_index(j, b, i);
+                    out.codes[dst] = plain.codes[src * 16 + i];
+                }
                 let p = out.param_index(j, b);
                 out.scale[p] = plain.scale[src];
                 out.min[p] = plain.min[src];
@@ -254,8 +264,7 @@ impl Q4_1Matrix {
         };
         for j in 0..self.n {
             for b in 0..nb {
-                let at = self.code_offset(j, b);
-                plain.codes.extend_from_slice(&self.codes[at..at + 16]);
+                plain.codes.extend((0..16).map(|i| self.codes[self.code_index(j, b, i)]));
                 let p = self.param_index(j, b);
                 plain.scale.push(self.scale[p]);
                 plain.min.push(self.min[p]);
@@ -317,25 +326,6 @@ impl Q8Acts {
     fn xsum_of(&self, r: usize, nb: usize) -> &[f32] {
         &self.xsum[r * nb..(r + 1) * nb]
     }
-
-    /// The codes with each pair of blocks interleaved the way the SIMD Q4_1
-    /// kernels read them: for blocks `a` and `b`, `a[0..16] b[0..16]
-    /// a[16..32] b[16..32]`, so one 32-byte load of two weight blocks'
-    /// low nibbles meets one 32-byte load of activations. An odd last block
-    /// of a row stays as it is.
-    fn interleave_pairs(&self) -> Vec<i8> {
-        let mut out = self.codes.clone();
-        if self.k == 0 {
-            return out;
-        }
-        for (src, dst) in self.codes.chunks_exact(self.k).zip(out.chunks_exact_mut(self.k)) {
-            for (s, d) in src.chunks_exact(2 * BLOCK).zip(dst.chunks_exact_mut(2 * BLOCK)) {
-                d[16..32].copy_from_slice(&s[32..48]);
-                d[32..48].copy_from_slice(&s[16..32]);
-            }
-        }
-        out
-    }
 }
 
 /// One block of activations to 8 bits: codes `round(x / d)` (half away
@@ -365,14 +355,13 @@ fn block_scale(amax: f32) -> (f32, f32) {
 pub fn matmul(w: &Q4_1Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
     check_call(x, m, w.k, isa)?;
     let acts = Q8Acts::quantize(x, m, w.k);
-    let paired = if isa == Isa::Scalar { Vec::new() } else { acts.interleave_pairs() };
     Ok(par_columns(w.n, m, |j0, mut run| {
         // Runs start on a TILE boundary.
         for c0 in (0..run.cols()).step_by(TILE) {
             let (j, width) = (j0 + c0, TILE.min(run.cols() - c0));
             let mut out = run.narrow(c0, width);
             if j + TILE <= w.tiled {
-                tile(w, j / TILE, &acts, &paired, isa, &mut out);
+                tile(w, j / TILE, &acts, isa, &mut out);
             } else {
                 // Fewer than a tile of columns left (no default-model
                 // matrix has any): the reference kernel.
@@ -809,14 +798,14 @@ fn min_terms(min: &[f32], acts: &Q8Acts, r: usize) -> f32 {
 /// The [`TILE`] output columns of tile `t` for every activation row, into
 /// `out` (a view of exactly those columns).
 #[allow(unsafe_code)] // dispatch into the SIMD kernels below
-fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], isa: Isa, out: &mut OutColumns<'_>) {
+fn tile(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, isa: Isa, out: &mut OutColumns<'_>) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul` checked `isa.available()`, so the CPU has AVX2.
-        Isa::Avx2 => unsafe { x86::tile_avx2(w, t, acts, paired, out) },
+        Isa::Avx2 => unsafe { x86::tile_avx2(w, t, acts, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2, AVX-512 VNNI and AVX-512 VL.
-        Isa::Avx512Vnni => unsafe { x86::tile_vnni(w, t, acts, paired, out) },
+        Isa::Avx512Vnni => unsafe { x86::tile_vnni(w, t, acts, out) },
         _ => {
             for c in 0..TILE {
                 column_scalar(w, t * TILE + c, acts, out, c);
@@ -833,10 +822,12 @@ fn column_scalar(w: &Q4_1Matrix, j: usize, acts: &Q8Acts, out: &mut OutColumns<'
     for r in 0..acts.m {
         let mut sumf = 0f32;
         for b in 0..nb {
-            let wq = &w.codes[w.code_offset(j, b)..][..16];
             let x = &acts.codes[r * acts.k + b * BLOCK..][..BLOCK];
             let sumi: i32 = (0..16)
-                .map(|i| i32::from(wq[i] & 0x0f) * i32::from(x[i]) + i32::from(wq[i] >> 4) * i32::from(x[i + 16]))
+                .map(|i| {
+                    let q = w.codes[w.code_index(j, b, i)];
+                    i32::from(q & 0x0f) * i32::from(x[i]) + i32::from(q >> 4) * i32::from(x[i + 16])
+                })
                 .sum();
             let (p, ab) = (w.param_index(j, b), r * nb + b);
             sumf += sumi as f32 * w.scale[p] * acts.scale[ab] + w.min[p] * acts.sum[ab];
@@ -893,151 +884,157 @@ mod x86 {
         (d, _mm_cvtsi128_si32(total))
     }
 
-    /// The 32 weight codes of a block as unsigned bytes in element order.
+    /// A tile's block (128 bytes, see [`Q4_1Matrix`]) as eight vectors of
+    /// unsigned codes: vector `e` holds every column's weights `4e..4e + 4`,
+    /// one column per 32-bit lane.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn unpack(wq: &[u8]) -> __m256i {
-        assert!(wq.len() >= 16);
-        // SAFETY: 16 readable bytes (checked above), unaligned load.
-        let packed = unsafe { _mm_loadu_si128(wq.as_ptr().cast()) };
-        let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(packed, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-        _mm256_set_m128i(hi, lo)
-    }
-
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn load(x: &[i8], at: usize) -> __m256i {
-        assert!(at + BLOCK <= x.len());
-        // SAFETY: 32 readable bytes (checked above), unaligned load.
-        unsafe { _mm256_loadu_si256(x.as_ptr().add(at).cast()) }
-    }
-
-    /// Two weight blocks (32 code bytes) as unsigned bytes: the low nibbles
-    /// (`a[0..16] b[0..16]`) and the high ones (`a[16..32] b[16..32]`).
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn unpack_pair(wq: &[u8]) -> (__m256i, __m256i) {
-        assert!(wq.len() >= 32);
-        // SAFETY: 32 readable bytes (checked above), unaligned load.
-        let packed = unsafe { _mm256_loadu_si256(wq.as_ptr().cast()) };
+    fn unpack_tile_block(wq: &[u8]) -> [__m256i; 8] {
+        assert!(wq.len() >= TILE * 16);
         let mask = _mm256_set1_epi8(0x0f);
-        (_mm256_and_si256(packed, mask), _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask))
+        // SAFETY: 128 readable bytes (checked above), unaligned loads.
+        let packed: [__m256i; 4] =
+            std::array::from_fn(|e| unsafe { _mm256_loadu_si256(wq.as_ptr().add(e * 32).cast()) });
+        std::array::from_fn(|e| {
+            if e < 4 {
+                _mm256_and_si256(packed[e], mask)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16(packed[e - 4], 4), mask)
+            }
+        })
     }
 
-    /// Sums of the eight i32 lanes of each of eight vectors, as one vector
-    /// (`[Σv0, …, Σv7]`); integer sums, so exact in any order.
+    /// One block's exact integer dots for the tile's eight columns, one
+    /// per lane, with AVX2: activations `4e..4e + 4` broadcast to every
+    /// lane meet weight vector `e`; pairs of bytes by `maddubs` (i16, at
+    /// most 2·15·127 each), four of those summed in i16 (at most 15,240, no
+    /// saturation), widened by `madd` against ones.
+    ///
+    /// # Safety
+    /// `x` must point to 32 readable bytes (the row's block of codes).
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn sum8(v: &[__m256i; 8]) -> __m256i {
-        let h01 = _mm256_hadd_epi32(v[0], v[1]);
-        let h23 = _mm256_hadd_epi32(v[2], v[3]);
-        let h45 = _mm256_hadd_epi32(v[4], v[5]);
-        let h67 = _mm256_hadd_epi32(v[6], v[7]);
-        let g0 = _mm256_hadd_epi32(h01, h23); // [v0..v3 low halves | v0..v3 high halves]
-        let g1 = _mm256_hadd_epi32(h45, h67);
-        _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31))
+    unsafe fn block_dots_avx2(w: &[__m256i; 8], x: *const i8) -> __m256i {
+        // SAFETY: 32 readable bytes (the caller's contract), 4-byte
+        // unaligned loads.
+        let xq: [__m256i; 8] =
+            std::array::from_fn(|e| unsafe { _mm256_set1_epi32(x.add(4 * e).cast::<i32>().read_unaligned()) });
+        let ones = _mm256_set1_epi16(1);
+        let half = |h: usize| {
+            let p = |e: usize| _mm256_maddubs_epi16(w[e], xq[e]);
+            let s = _mm256_add_epi16(_mm256_add_epi16(p(h), p(h + 1)), _mm256_add_epi16(p(h + 2), p(h + 3)));
+            _mm256_madd_epi16(s, ones)
+        };
+        _mm256_add_epi32(half(0), half(4))
     }
 
-    /// One weight block's dot with its activations, spread over eight lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn dot_avx2(w: __m256i, a: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
-    }
-
+    /// [`block_dots_avx2`] with `vpdpbusd`, in two chains, each reading
+    /// its four activation bytes by an embedded broadcast (`{1to8}`: a
+    /// plain load). Written in `asm!` because LLVM turns the broadcast into
+    /// a `vmovd` and a shuffle, which made the kernel slower than one with
+    /// horizontal adds.
+    ///
+    /// # Safety
+    /// `x` must point to 32 readable bytes; the CPU must have AVX-512 VNNI
+    /// and VL.
     #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
     #[inline]
-    fn dot_vnni(w: __m256i, a: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+    unsafe fn block_dots_vnni(w: &[__m256i; 8], x: *const i8) -> __m256i {
+        let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for e in (0..8).step_by(2) {
+            // SAFETY: reads 4 bytes at `x + 4e` and `x + 4e + 4`, inside
+            // the caller's 32; VNNI and VL are enabled on this function.
+            unsafe {
+                std::arch::asm!(
+                    "vpdpbusd {a}, {wa}, dword ptr [{p}]{{1to8}}",
+                    "vpdpbusd {b}, {wb}, dword ptr [{p} + 4]{{1to8}}",
+                    a = inout(ymm_reg) a,
+                    b = inout(ymm_reg) b,
+                    wa = in(ymm_reg) w[e],
+                    wb = in(ymm_reg) w[e + 1],
+                    p = in(reg) x.add(4 * e),
+                    options(pure, readonly, nostack, preserves_flags),
+                );
+            }
+        }
+        _mm256_add_epi32(a, b)
     }
 
     /// The tiled kernel: the [`TILE`] columns of a tile, one per f32 lane.
-    /// Per pair of blocks, each column's partial dots (`$pair`) are reduced
-    /// by a tree of horizontal adds to two vectors, the first block's eight
-    /// exact integer dots and the second's, one lane per column. Each
-    /// block's float term is computed lane-wise with candle's operations
+    /// Per block, the column-interleaved codes meet four broadcast
+    /// activations at a time, so each column's exact integer dot builds up
+    /// in its own 32-bit lane (`$dots`; no horizontal adds). Each block's
+    /// float term is computed lane-wise with candle's operations
     /// (`(Σq·d_w)·d_x + m_w·s_x`, no fused multiply-add) and added to the
     /// lane's running sum in block order: exactly candle's per-column
-    /// arithmetic, eight columns at a time, with no horizontal float sums.
-    macro_rules! tile_simd {
-        ($w:expr, $t:expr, $acts:expr, $paired:expr, $out:expr, $pair:ident, $dot:ident) => {{
-            let (w, t, acts, xp, out): (&Q4_1Matrix, usize, &Q8Acts, &[i8], &mut OutColumns<'_>) =
-                ($w, $t, $acts, $paired, $out);
-            let nb = w.k / BLOCK;
-            let codes = &w.codes[t * nb * TILE * 16..(t + 1) * nb * TILE * 16];
-            let (scale, min) =
-                (&w.scale[t * nb * TILE..(t + 1) * nb * TILE], &w.min[t * nb * TILE..(t + 1) * nb * TILE]);
-            let add_term = |acc: __m256, dots: __m256i, b: usize, prow: usize| {
-                let t = _mm256_add_ps(
-                    _mm256_mul_ps(
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(dots), load_f32(scale, b * TILE)),
-                        _mm256_set1_ps(acts.scale[prow + b]),
-                    ),
-                    _mm256_mul_ps(load_f32(min, b * TILE), _mm256_set1_ps(acts.sum[prow + b])),
-                );
-                _mm256_add_ps(acc, t)
-            };
-            // [`ROW_TILE`] activation rows share each unpacked pair of weight
-            // blocks; every row's arithmetic is the same as alone (its own
-            // accumulator, blocks in order), so the bits do not depend on
-            // how many rows are computed together.
-            for r0 in (0..acts.m).step_by(ROW_TILE) {
-                let rows = ROW_TILE.min(acts.m - r0);
-                let mut acc = [_mm256_setzero_ps(); ROW_TILE];
-                for p in 0..nb / 2 {
-                    let wq = &codes[p * TILE * 32..(p + 1) * TILE * 32];
-                    let wv: [(__m256i, __m256i); TILE] = std::array::from_fn(|c| unpack_pair(&wq[c * 32..]));
-                    for (i, acc) in acc.iter_mut().enumerate().take(rows) {
-                        let r = r0 + i;
-                        let (xrow, prow) = (r * acts.k, r * nb);
-                        let lo = load(xp, xrow + p * 2 * BLOCK);
-                        let hi = load(xp, xrow + p * 2 * BLOCK + BLOCK);
-                        let v: [__m256i; TILE] = std::array::from_fn(|c| $pair(wv[c], lo, hi));
-                        // Lanes: [c0 c1 c2 c3 of the first block | the same of the second].
-                        let g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-                        let g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-                        *acc = add_term(*acc, _mm256_permute2x128_si256(g0, g1, 0x20), 2 * p, prow);
-                        *acc = add_term(*acc, _mm256_permute2x128_si256(g0, g1, 0x31), 2 * p + 1, prow);
+    /// arithmetic, eight columns at a time.
+    ///
+    /// Up to [`ROW_TILE`] activation rows share each unpacked weight block
+    /// (`$rows::<R>`, `R` a constant so the accumulators stay in
+    /// registers); every row's arithmetic is the same as alone (its own
+    /// accumulator, blocks in order), so the bits do not depend on how many
+    /// rows are computed together.
+    macro_rules! tile_kernel {
+        ($(#[$doc:meta])* $name:ident, $rows:ident, $features:literal, $dots:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, out: &mut OutColumns<'_>) {
+                for r0 in (0..acts.m).step_by(ROW_TILE) {
+                    match acts.m - r0 {
+                        1 => $rows::<1>(w, t, acts, r0, out),
+                        2 => $rows::<2>(w, t, acts, r0, out),
+                        3 => $rows::<3>(w, t, acts, r0, out),
+                        _ => $rows::<ROW_TILE>(w, t, acts, r0, out),
                     }
                 }
-                for (i, acc) in acc.iter_mut().enumerate().take(rows) {
-                    let r = r0 + i;
-                    let (xrow, prow) = (r * acts.k, r * nb);
-                    if nb % 2 == 1 {
-                        // An odd last block: 16 bytes per column; its
-                        // activations keep their natural order.
-                        let b = nb - 1;
-                        let wq = &codes[b * TILE * 16..];
-                        let a = load(&acts.codes, xrow + b * BLOCK);
-                        let v: [__m256i; TILE] = std::array::from_fn(|c| $dot(unpack(&wq[c * 16..]), a));
-                        *acc = add_term(*acc, sum8(&v), b, prow);
+            }
+
+            #[target_feature(enable = $features)]
+            fn $rows<const R: usize>(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, r0: usize, out: &mut OutColumns<'_>) {
+                let nb = w.k / BLOCK;
+                let codes = &w.codes[t * nb * TILE * 16..(t + 1) * nb * TILE * 16];
+                let (scale, min) =
+                    (&w.scale[t * nb * TILE..(t + 1) * nb * TILE], &w.min[t * nb * TILE..(t + 1) * nb * TILE]);
+                let rows = r0..r0 + R;
+                // Each row's codes (`k` bytes), scales and sums (`nb` each).
+                let x: [&[i8]; R] = std::array::from_fn(|i| &acts.codes[(r0 + i) * acts.k..][..nb * BLOCK]);
+                let (xs, xm) = (&acts.scale[rows.start * nb..rows.end * nb], &acts.sum[rows.start * nb..rows.end * nb]);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let wv = unpack_tile_block(&codes[b * TILE * 16..]);
+                    let (ws, wm) = (load_f32(scale, b * TILE), load_f32(min, b * TILE));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: `x[i]` holds `nb` blocks of 32 codes.
+                        let dots = unsafe { $dots(&wv, x[i].as_ptr().add(b * BLOCK)) };
+                        let term = _mm256_add_ps(
+                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dots), ws), _mm256_set1_ps(xs[i * nb + b])),
+                            _mm256_mul_ps(wm, _mm256_set1_ps(xm[i * nb + b])),
+                        );
+                        *acc = _mm256_add_ps(*acc, term);
                     }
-                    // The tile's eight columns of row r are contiguous in
-                    // the row-major output: one store.
-                    let dst = out.row(r);
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    // The tile's eight columns of a row are contiguous in the
+                    // row-major output: one store.
+                    let dst = out.row(r0 + i);
                     assert!(dst.len() == TILE, "a tile's view is TILE columns");
                     // SAFETY: `dst` holds 8 f32, unaligned store.
                     unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), *acc) };
                 }
             }
-        }};
+        };
     }
 
-    /// # Safety
-    /// The CPU must support AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn tile_avx2(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut OutColumns<'_>) {
-        tile_simd!(w, t, acts, paired, out, pair_avx2, dot_avx2)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    pub(super) unsafe fn tile_vnni(w: &Q4_1Matrix, t: usize, acts: &Q8Acts, paired: &[i8], out: &mut OutColumns<'_>) {
-        tile_simd!(w, t, acts, paired, out, pair_vnni, dot_vnni)
-    }
+    tile_kernel!(
+        /// # Safety
+        /// The CPU must support AVX2.
+        tile_avx2, tile_rows_avx2, "avx2", block_dots_avx2
+    );
+    tile_kernel!(
+        /// # Safety
+        /// The CPU must support AVX2, AVX-512 VNNI and AVX-512 VL.
+        tile_vnni, tile_rows_vnni, "avx2,avx512vnni,avx512vl", block_dots_vnni
+    );
 
     #[target_feature(enable = "avx2")]
     #[inline]
@@ -1045,22 +1042,6 @@ mod x86 {
         assert!(at + 8 <= x.len());
         // SAFETY: 8 readable f32 (checked above), unaligned load.
         unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) }
-    }
-
-    /// Partial dots of two weight blocks with their activations: lanes 0–3
-    /// sum to the first block's dot, lanes 4–7 to the second's. The i16
-    /// sums cannot saturate: each is at most 4·15·127.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn pair_avx2(w: (__m256i, __m256i), lo: __m256i, hi: __m256i) -> __m256i {
-        let p = _mm256_add_epi16(_mm256_maddubs_epi16(w.0, lo), _mm256_maddubs_epi16(w.1, hi));
-        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
-    }
-
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    #[inline]
-    fn pair_vnni(w: (__m256i, __m256i), lo: __m256i, hi: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w.0, lo), w.1, hi)
     }
 
     /// [`super::matmul_q8`] for a run of columns from `j0` (a group's first
