@@ -10,7 +10,7 @@
 //! What candle does not check is checked around it, since a model file may
 //! come from anyone:
 //!
-//! * before it parses, [`prescan`] walks the metadata and refuses a
+//! * before it parses, `prescan` walks the metadata and refuses a
 //!   `general.alignment` that is zero (candle divides by it), not a power of
 //!   two, or not an integer, naming the field;
 //! * after, every tensor's shape is multiplied out with checked arithmetic

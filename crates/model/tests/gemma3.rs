@@ -138,7 +138,12 @@ fn log_probabilities_and_greedy_continuations_agree_with_llama_cpp() {
         let want = ids(&case["tokens"]);
         let got = greedy(&model, &prompt, want.len());
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        assert!(same >= 1, "{:?}: the first greedy token differs", case["prompt"]);
+        // The first token is llama.cpp's, or a numeric tie here: llama.cpp's
+        // choice within 0.01 nats of ours. (On "Water boils ..." our top two
+        // are 0.0002 nats apart; changing the 8-bit kernels' summation
+        // order flipped that tie.)
+        let tie = row[want[0] as usize] >= row[got[0] as usize] - 0.01;
+        assert!(same >= 1 || tie, "{:?}: the first greedy token differs", case["prompt"]);
         agree_16 += usize::from(same >= 16);
         report.push(format!(
             "{:?}: first {same} of {} tokens agree\n  ours  {:?}\n  llama {:?}",
