@@ -281,10 +281,14 @@ fn storage(config: &crate::ModelConfig, sizing: KvSizing) -> Result<(CacheSpec, 
 /// The content identity of a model file: xxh3-128 over every byte of it
 /// (header, metadata with the tokenizer and template, and all tensor data),
 /// so a retrained file with the same shapes and metadata is another model.
-/// About 10 ms per 100 MB, once at load.
+/// About 10 ms per 100 MB, once at load. The tag names the numerics too:
+/// it changes whenever a kernel change moves any K/V bit, so blocks stored
+/// by an older build are recomputed rather than mixed with new ones (a
+/// greedy answer must not depend on whether its prefix came from disk). v3:
+/// the 8-bit kernels' summation order (Gemma-3's K/V).
 fn fingerprint(file: &GgufFile) -> Vec<u8> {
     let mut tagged = xxh3_128(file.bytes()).to_le_bytes().to_vec();
-    tagged.extend_from_slice(b"kvserve-model-v2");
+    tagged.extend_from_slice(b"kvserve-model-v3");
     xxh3_128(&tagged).to_le_bytes().to_vec()
 }
 
