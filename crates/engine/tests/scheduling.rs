@@ -48,6 +48,33 @@ fn chunked_prefill_stays_within_the_budget_and_decodes_go_first() {
     assert!(mixed >= 3, "prefill chunks rode along with decodes: {batches:?}");
 }
 
+/// Prompts arriving together are prefilled one after another once a step
+/// holds 64 prefill rows, so each answers as soon as its own prefill is
+/// done; short prompts still share steps.
+#[test]
+fn prompts_arriving_together_finish_one_after_another_and_short_ones_share_steps() {
+    let cfg = EngineConfig { max_batch_tokens: 512, max_running: 16, ..config() };
+    let (engine, control) = fake_engine(16, 512, cfg);
+    control.step_delay_ms.store(40, Ordering::SeqCst);
+    // A decoding request keeps the engine in a step while the others
+    // arrive, so they all wait for the same admission.
+    let busy = engine.generate(greedy("hi", 12)).unwrap();
+    wait_for(&engine, "the first request decoding", |s| s.generated_tokens >= 1);
+    let long: Vec<_> = (0..3).map(|i| engine.generate(greedy(&format!("{i}{}", "y".repeat(99)), 2)).unwrap()).collect();
+    let short: Vec<_> = (0..6).map(|i| engine.generate(greedy(&format!("s{i}"), 2)).unwrap()).collect();
+    for o in long.into_iter().chain(short).chain([busy]).map(collect_blocking) {
+        assert_eq!(o.error, None);
+    }
+    let batches = control.batches.lock().unwrap().clone();
+    let prefills = |b: &Vec<usize>| b.iter().filter(|&&n| n > 1).count();
+    let long_steps: Vec<&Vec<usize>> = batches.iter().filter(|b| b.iter().any(|&n| n >= 64)).collect();
+    assert_eq!(long_steps.len(), 3, "each 100-token prompt had a step: {batches:?}");
+    assert!(long_steps.iter().all(|b| prefills(b) == 1), "one long prefill per step: {batches:?}");
+    assert!(batches.iter().any(|b| prefills(b) >= 2), "short prompts shared a step: {batches:?}");
+    assert!(batches.iter().all(|b| b.iter().filter(|&&n| n > 1).sum::<usize>() <= 512), "{batches:?}");
+    assert_pool_full(&engine);
+}
+
 #[test]
 fn preemption_under_block_pressure_finishes_everything_with_the_same_text() {
     // Alone, each request needs 40 + 40 = 80 tokens = 20 blocks of 4; the

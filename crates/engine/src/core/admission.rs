@@ -3,7 +3,7 @@
 //! split out because several features meet here.
 //!
 //! For each waiting request, in priority then arrival order, while the step
-//! has budget and sequence slots:
+//! has budget, sequence slots and room for prefill rows (`core.rs`):
 //!
 //! 1. **Skip** it if its agent is mid-turn, or if it waits for blocks a
 //!    producer is bringing into the pool (`tiering.rs`, pending blocks).
@@ -80,7 +80,7 @@ impl EngineCore {
 
     pub(super) fn admit(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize) {
         let mut skipped = Vec::new();
-        while *budget > 0 && self.admitted_count() < self.config.max_running {
+        while *budget > 0 && self.admitted_count() < self.config.max_running && Self::takes_more_prefill(plan) {
             let Some(key) = self.next_waiting() else { break };
             let Some(mut a) = self.waiting.remove(&key) else { break };
             let busy =
