@@ -325,11 +325,11 @@ impl Q8Acts {
         Self { m, k, codes, scale, sum, xsum }
     }
 
-    /// Per block, the sums of its first and last 16 codes (`[lo, hi]`
-    /// flattened): the VNNI 8-bit kernel's correction for weights offset
-    /// to unsigned bytes.
+    /// Per block, `−128 ·` the sums of its first and last 16 codes (`[lo,
+    /// hi]` flattened): the VNNI 8-bit kernel's correction for weights
+    /// offset to unsigned bytes, ready to broadcast from memory.
     fn half_sums(&self) -> Vec<i32> {
-        self.codes.chunks_exact(16).map(|h| h.iter().map(|&q| i32::from(q)).sum()).collect()
+        self.codes.chunks_exact(16).map(|h| -128 * h.iter().map(|&q| i32::from(q)).sum::<i32>()).collect()
     }
 
     /// Row `r`'s `d · Σq` per block (`nb` blocks per row).
@@ -1185,7 +1185,7 @@ mod x86 {
     /// AVX-512 VNNI: per block, the eight weight vectors offset to unsigned
     /// bytes (`xor 0x80`) are shared by [`Q8_ROWS`] rows; each row's two
     /// chains of four `vpdpbusd` (the block's halves) start at the row's
-    /// correction `−128 · Σ codes` of the half (`sums`) and read the
+    /// correction `−128 · Σ codes` of the half (`sums`, precomputed) and read the
     /// activations by embedded broadcast, so the integer dots equal
     /// [`tile_q8_avx2`]'s exactly.
     ///
@@ -1234,8 +1234,8 @@ mod x86 {
             };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let ab = (r0 + r) * nb + b;
-                let mut l = _mm256_set1_epi32(-128 * sums[2 * ab]);
-                let mut h = _mm256_set1_epi32(-128 * sums[2 * ab + 1]);
+                let mut l = _mm256_set1_epi32(sums[2 * ab]);
+                let mut h = _mm256_set1_epi32(sums[2 * ab + 1]);
                 // SAFETY: row r0 + r < m and block b < nb (checked by
                 // `tile_ptrs`): the 32 bytes at `xp` are the row's block;
                 // VNNI and VL are enabled on this function.
