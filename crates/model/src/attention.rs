@@ -16,8 +16,12 @@
 //! unrolled: eight independent FMA chains); the max and the `exp`
 //! (Cephes-style polynomial) run on whole vectors with out-of-range lanes
 //! set to `-inf`; values are folded with one FMA chain per eight dimensions
-//! (eight chains for a 64-wide head), keys in the inner loop. The scalar
-//! update is the reference and the fallback; they agree to ~1e-5 relative.
+//! (eight chains for a 64-wide head), keys in the inner loop. The query
+//! heads of one position read the same keys, so they are updated two at a
+//! time, sharing every key and value load; each head's operations and their
+//! order are those of the head alone (tested bit for bit), so the pairing
+//! never makes a row depend on another. The scalar update is the reference
+//! and the fallback; they agree to ~1e-5 relative.
 //!
 //! Causality and sliding windows are positional: query at position `p` reads
 //! keys `max(0, p + 1 - W) ..= p` (`W` infinite for full attention).
@@ -132,7 +136,8 @@ fn attend_chunk(
     // SIMD kernel scores eight keys per instruction without horizontal sums.
     let stride = bs.div_ceil(8) * 8;
     let mut kt = vec![0f32; if kernel.wants_transposed() { d * stride } else { 0 }];
-    let mut scores = vec![0f32; stride];
+    // Two rows' scores (a pair of heads, see below).
+    let mut scores = vec![0f32; 2 * stride];
     for lb in first_block..=last_block {
         let block = sq.table.blocks()[lb - sq.table.first_block()];
         let base = lb * bs;
@@ -153,12 +158,32 @@ fn attend_chunk(
                 continue;
             }
             let (j0, j1) = (lo - base, (pos + 1 - base).min(valid));
-            for hh in 0..group {
-                let h = g * group + hh;
-                let qrow = &q[((sq.row + first + i) * heads + h) * d..][..d];
-                let r = i * group + hh;
-                let state = RowState { max: &mut max[r], sum: &mut sum[r], acc: &mut acc[r * d..(r + 1) * d] };
-                kernel.update(qrow, &keys, j0..j1, scale, &mut scores, state);
+            // The query heads of one position read the same keys: two at a
+            // time share every key and value load. Which heads pair up
+            // depends only on the group size, never on the batch, so a
+            // head's arithmetic is the same in decode and in any chunk.
+            let qrow = |hh: usize| &q[((sq.row + first + i) * heads + g * group + hh) * d..][..d];
+            let r0 = i * group;
+            let (row_max, row_sum) = (&mut max[r0..r0 + group], &mut sum[r0..r0 + group]);
+            let row_acc = &mut acc[r0 * d..(r0 + group) * d];
+            let (mut maxes, mut sums, mut accs) = (row_max.iter_mut(), row_sum.iter_mut(), row_acc.chunks_exact_mut(d));
+            let mut state = || -> Option<RowState<'_>> {
+                Some(RowState { max: maxes.next()?, sum: sums.next()?, acc: accs.next()? })
+            };
+            let mut hh = 0;
+            while hh < group {
+                let (Some(a), b) = (state(), if hh + 1 < group { state() } else { None }) else { break };
+                match b {
+                    Some(b) => {
+                        let (sa, sb) = scores.split_at_mut(stride);
+                        kernel.update_pair([qrow(hh), qrow(hh + 1)], &keys, j0..j1, scale, [sa, sb], [a, b]);
+                        hh += 2;
+                    }
+                    None => {
+                        kernel.update(qrow(hh), &keys, j0..j1, scale, &mut scores[..stride], a);
+                        hh += 1;
+                    }
+                }
             }
         }
     }
@@ -253,6 +278,34 @@ impl RowKernel {
     }
 }
 
+impl RowKernel {
+    /// [`RowKernel::update`] for two rows over the same keys, each row's
+    /// arithmetic exactly as alone; the SIMD kernel shares the key and
+    /// value loads between them.
+    #[allow(unsafe_code)] // dispatch into the SIMD update below
+    fn update_pair(
+        self,
+        q: [&[f32]; 2],
+        keys: &KeyBlock<'_>,
+        range: std::ops::Range<usize>,
+        scale: f32,
+        scores: [&mut [f32]; 2],
+        state: [RowState<'_>; 2],
+    ) {
+        match self {
+            Self::Scalar => {
+                let [sa, sb] = scores;
+                let [a, b] = state;
+                update_scalar(q[0], keys, range.clone(), scale, sa, a);
+                update_scalar(q[1], keys, range, scale, sb, b);
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` chose this only where AVX2 and FMA exist.
+            Self::Avx2Fma => unsafe { x86::update_rows_avx2(q, keys, range, scale, scores, state) },
+        }
+    }
+}
+
 fn update_scalar(
     q: &[f32],
     keys: &KeyBlock<'_>,
@@ -324,141 +377,212 @@ pub(crate) mod x86 {
         scores: &mut [f32],
         st: RowState<'_>,
     ) {
-        let d = q.len();
+        update_rows_avx2::<1>([q], keys, range, scale, [scores], [st]);
+    }
+
+    /// [`update_avx2`] for `R` rows over the same keys: the scores and the
+    /// value fold read each key and value vector once for all rows; every
+    /// row's own operations and their order are those of one row alone.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn update_rows_avx2<const R: usize>(
+        q: [&[f32]; R],
+        keys: &KeyBlock<'_>,
+        range: Range<usize>,
+        scale: f32,
+        mut scores: [&mut [f32]; R],
+        st: [RowState<'_>; R],
+    ) {
+        let d = q[0].len();
         let (j0, j1) = (range.start, range.end);
         let stride = keys.stride;
         assert!(
             stride.is_multiple_of(8)
-                && scores.len() >= stride
                 && j1 <= stride
                 && keys.transposed.len() >= d * stride
                 && keys.values.len() >= j1 * d
-                && st.acc.len() == d,
+                && q.iter().all(|q| q.len() == d)
+                && scores.iter().all(|s| s.len() >= stride)
+                && st.iter().all(|s| s.acc.len() == d),
             "attention kernel shapes"
         );
         let groups = j0 / 8..j1.div_ceil(8);
-        score_groups(q, keys.transposed, stride, groups.clone(), scale, scores);
-        // Lanes of the first and last group outside the range take no part.
-        scores[groups.start * 8..j0].fill(f32::NEG_INFINITY);
-        scores[j1..groups.end * 8].fill(f32::NEG_INFINITY);
-        let lanes = &mut scores[groups.start * 8..groups.end * 8];
-        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
-        for c in lanes.chunks_exact(8) {
-            // SAFETY: `c` is 8 floats.
-            vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(c.as_ptr()) });
-        }
-        let m_new = st.max.max(hmax(vmax));
-        // Usually the running max stands: skip a libm call.
-        let alpha = if *st.max == m_new { 1.0 } else { (*st.max - m_new).exp() };
-        let shift = _mm256_set1_ps(m_new);
-        let mut vsum = _mm256_setzero_ps();
-        for c in lanes.chunks_exact_mut(8) {
-            // SAFETY: `c` is 8 floats.
-            unsafe {
-                let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), shift));
-                _mm256_storeu_ps(c.as_mut_ptr(), e);
-                vsum = _mm256_add_ps(vsum, e);
+        score_groups(q, keys.transposed, stride, groups.clone(), scale, &mut scores);
+        let mut alphas = [1f32; R];
+        let mut st = st;
+        for ((scores, st), alpha) in scores.iter_mut().zip(st.iter_mut()).zip(alphas.iter_mut()) {
+            // Lanes of the first and last group outside the range take no part.
+            scores[groups.start * 8..j0].fill(f32::NEG_INFINITY);
+            scores[j1..groups.end * 8].fill(f32::NEG_INFINITY);
+            let lanes = &mut scores[groups.start * 8..groups.end * 8];
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in lanes.chunks_exact(8) {
+                // SAFETY: `c` is 8 floats.
+                vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(c.as_ptr()) });
             }
+            let m_new = st.max.max(hmax(vmax));
+            // Usually the running max stands: skip a libm call.
+            *alpha = if *st.max == m_new { 1.0 } else { (*st.max - m_new).exp() };
+            let shift = _mm256_set1_ps(m_new);
+            let mut vsum = _mm256_setzero_ps();
+            for c in lanes.chunks_exact_mut(8) {
+                // SAFETY: `c` is 8 floats.
+                unsafe {
+                    let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), shift));
+                    _mm256_storeu_ps(c.as_mut_ptr(), e);
+                    vsum = _mm256_add_ps(vsum, e);
+                }
+            }
+            *st.sum = *st.sum * *alpha + hsum(vsum);
+            *st.max = m_new;
         }
-        *st.sum = *st.sum * alpha + hsum(vsum);
-        let probs = &scores[j0..j1];
+        let probs: [&[f32]; R] = std::array::from_fn(|r| &scores[r][j0..j1]);
         let values = &keys.values[j0 * d..j1 * d];
+        let mut accs: [&mut [f32]; R] = st.map(|s| s.acc);
         let chunks = d / 8;
         let mut c = 0;
-        while c + 8 <= chunks {
-            fold::<8>(st.acc, values, d, probs, alpha, c);
+        while c + 8 <= chunks && R == 1 {
+            fold::<8, R>(&mut accs, values, d, probs, alphas, c);
             c += 8;
         }
         while c + 4 <= chunks {
-            fold::<4>(st.acc, values, d, probs, alpha, c);
+            fold::<4, R>(&mut accs, values, d, probs, alphas, c);
             c += 4;
         }
         while c < chunks {
-            fold::<1>(st.acc, values, d, probs, alpha, c);
+            fold::<1, R>(&mut accs, values, d, probs, alphas, c);
             c += 1;
         }
-        for k in chunks * 8..d {
-            let mut x = st.acc[k] * alpha;
-            for (j, &p) in probs.iter().enumerate() {
-                x += p * values[j * d + k];
+        for (acc, (probs, alpha)) in accs.iter_mut().zip(probs.iter().zip(alphas)) {
+            for k in chunks * 8..d {
+                let mut x = acc[k] * alpha;
+                for (j, &p) in probs.iter().enumerate() {
+                    x += p * values[j * d + k];
+                }
+                acc[k] = x;
             }
-            st.acc[k] = x;
         }
-        *st.max = m_new;
     }
 
     /// `acc[8c..8(c + N)] = alpha * acc[..] + Σ_j probs[j] * values[j][..]`
-    /// with `N` independent FMA chains (one per 8 dimensions), keys in the
-    /// inner loop.
+    /// for each of `R` rows, with `N` independent FMA chains per row (one
+    /// per 8 dimensions), keys in the inner loop; each value vector is
+    /// loaded once for all rows.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn fold<const N: usize>(acc: &mut [f32], values: &[f32], d: usize, probs: &[f32], alpha: f32, c: usize) {
-        assert!((c + N) * 8 <= d && acc.len() >= d && values.len() >= probs.len() * d, "fold shapes");
-        let va = _mm256_set1_ps(alpha);
+    #[allow(clippy::needless_range_loop)] // constant-bound index loops unroll into registers
+    fn fold<const N: usize, const R: usize>(
+        acc: &mut [&mut [f32]; R],
+        values: &[f32],
+        d: usize,
+        probs: [&[f32]; R],
+        alpha: [f32; R],
+        c: usize,
+    ) {
+        let keys = probs[0].len();
+        assert!(
+            (c + N) * 8 <= d
+                && acc.iter().all(|a| a.len() >= d)
+                && probs.iter().all(|p| p.len() == keys)
+                && values.len() >= keys * d,
+            "fold shapes"
+        );
         // SAFETY: the assert bounds every access: dimensions `8c..8(c + N)`
-        // of `acc` and of each of the `probs.len()` value rows.
+        // of each row's `acc` and of each of the `keys` value rows.
         unsafe {
-            let at = acc.as_mut_ptr().add(c * 8);
-            let mut x = [_mm256_setzero_ps(); N];
-            for (u, xu) in x.iter_mut().enumerate() {
-                *xu = _mm256_mul_ps(_mm256_loadu_ps(at.add(u * 8)), va);
-            }
-            for (j, &p) in probs.iter().enumerate() {
-                let vp = _mm256_set1_ps(p);
-                let row = values.as_ptr().add(j * d + c * 8);
-                for (u, xu) in x.iter_mut().enumerate() {
-                    *xu = _mm256_fmadd_ps(vp, _mm256_loadu_ps(row.add(u * 8)), *xu);
+            let mut x = [[_mm256_setzero_ps(); N]; R];
+            for r in 0..R {
+                let (at, va) = (acc[r].as_ptr().add(c * 8), _mm256_set1_ps(alpha[r]));
+                for (u, xu) in x[r].iter_mut().enumerate() {
+                    *xu = _mm256_mul_ps(_mm256_loadu_ps(at.add(u * 8)), va);
                 }
             }
-            for (u, xu) in x.iter().enumerate() {
-                _mm256_storeu_ps(at.add(u * 8), *xu);
+            for j in 0..keys {
+                let row = values.as_ptr().add(j * d + c * 8);
+                let vp: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*probs[r].get_unchecked(j)));
+                for u in 0..N {
+                    let v = _mm256_loadu_ps(row.add(u * 8));
+                    for r in 0..R {
+                        x[r][u] = _mm256_fmadd_ps(vp[r], v, x[r][u]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let at = acc[r].as_mut_ptr().add(c * 8);
+                for (u, xu) in x[r].iter().enumerate() {
+                    _mm256_storeu_ps(at.add(u * 8), *xu);
+                }
             }
         }
     }
 
-    /// `scores[8g..8g + 8] = scale * q · kt[.., 8g..8g + 8]` for each group
-    /// `g`: two groups at a time, the dimension loop unrolled four ways so
-    /// eight independent FMA chains keep both FMA ports busy.
+    /// `scores[r][8g..8g + 8] = scale * q[r] · kt[.., 8g..8g + 8]` for each
+    /// group `g` and row `r`: one group at a time for two rows (two groups
+    /// at a time for one), the dimension loop unrolled four ways, so each
+    /// row has four independent FMA chains per group and every key vector
+    /// is loaded once for all rows. A row's chains and their order do not
+    /// depend on `R`: chain `u` takes dimensions `≡ u (mod 4)` below
+    /// `d / 4 · 4` in order, chain 0 the rest, then `(a0 + a1) + (a2 + a3)`.
     #[target_feature(enable = "avx2,fma")]
-    fn score_groups(q: &[f32], kt: &[f32], stride: usize, groups: Range<usize>, scale: f32, scores: &mut [f32]) {
-        let d = q.len();
+    fn score_groups<const R: usize>(
+        q: [&[f32]; R],
+        kt: &[f32],
+        stride: usize,
+        groups: Range<usize>,
+        scale: f32,
+        scores: &mut [&mut [f32]; R],
+    ) {
+        let d = q[0].len();
         let sc = _mm256_set1_ps(scale);
         let d4 = d / 4 * 4;
         let mut g = groups.start;
         while g < groups.end {
-            let pair = g + 1 < groups.end;
+            // One row scores two groups at a time (eight chains in flight);
+            // two rows one group each (eight chains likewise).
+            let pair = R == 1 && g + 1 < groups.end;
             let col = g * 8;
-            let mut a = [_mm256_setzero_ps(); 4];
+            let mut a = [[_mm256_setzero_ps(); 4]; R];
             let mut b = [_mm256_setzero_ps(); 4];
             // SAFETY: `kt` holds `d * stride` floats and `col + 16 <= stride`
-            // when `pair` (else `col + 8 <= stride`), checked by the caller.
+            // when `pair` (else `col + 8 <= stride`), checked by the caller;
+            // each `q[r]` holds `d` floats and `scores[r]` `stride`.
             unsafe {
                 let base = kt.as_ptr().add(col);
                 let mut k = 0;
                 while k < d4 {
                     for u in 0..4 {
-                        let qk = _mm256_set1_ps(*q.get_unchecked(k + u));
                         let row = base.add((k + u) * stride);
-                        a[u] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row), a[u]);
-                        if pair {
-                            b[u] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[u]);
+                        let kv = _mm256_loadu_ps(row);
+                        for r in 0..R {
+                            let qk = _mm256_set1_ps(*q[r].get_unchecked(k + u));
+                            a[r][u] = _mm256_fmadd_ps(qk, kv, a[r][u]);
+                            if pair {
+                                b[u] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[u]);
+                            }
                         }
                     }
                     k += 4;
                 }
-                for (k, &qv) in q.iter().enumerate().skip(d4) {
-                    let qk = _mm256_set1_ps(qv);
+                for k in d4..d {
                     let row = base.add(k * stride);
-                    a[0] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row), a[0]);
-                    if pair {
-                        b[0] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[0]);
+                    let kv = _mm256_loadu_ps(row);
+                    for r in 0..R {
+                        let qk = _mm256_set1_ps(*q[r].get_unchecked(k));
+                        a[r][0] = _mm256_fmadd_ps(qk, kv, a[r][0]);
+                        if pair {
+                            b[0] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[0]);
+                        }
                     }
                 }
-                let sa = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-                _mm256_storeu_ps(scores.as_mut_ptr().add(col), _mm256_mul_ps(sa, sc));
+                for r in 0..R {
+                    let s = _mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3]));
+                    _mm256_storeu_ps(scores[r].as_mut_ptr().add(col), _mm256_mul_ps(s, sc));
+                }
                 if pair {
-                    let sb = _mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3]));
-                    _mm256_storeu_ps(scores.as_mut_ptr().add(col + 8), _mm256_mul_ps(sb, sc));
+                    let s = _mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3]));
+                    _mm256_storeu_ps(scores[0].as_mut_ptr().add(col + 8), _mm256_mul_ps(s, sc));
                 }
             }
             g += if pair { 2 } else { 1 };
@@ -614,6 +738,57 @@ mod tests {
     fn noise(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Two heads updated together give each head's bits alone, so pairing
+    /// heads can never make a row depend on its neighbour.
+    #[test]
+    fn a_pair_of_rows_updates_bit_for_bit_as_each_alone() {
+        let kernel = RowKernel::detect();
+        let mut seed = 11;
+        for d in [8, 24, 64, 72, 256] {
+            for m in [1_usize, 9, 16, 23] {
+                for range in [0..m, m / 3..m, 0..m.div_ceil(2)] {
+                    let mut gen = |n: usize| (0..n).map(|_| noise(&mut seed) * 3.0).collect::<Vec<f32>>();
+                    let (q0, q1, rows, values) = (gen(d), gen(d), gen(m * d), gen(m * d));
+                    let stride = m.div_ceil(8) * 8;
+                    let mut transposed = vec![0.0; d * stride];
+                    transpose_keys(&rows, d, &mut transposed, stride);
+                    let keys = KeyBlock { rows: &rows, transposed: &transposed, stride, values: &values };
+                    let start = |seed: &mut u64| (0.25, 1.5, (0..d).map(|_| noise(seed)).collect::<Vec<f32>>());
+                    let (s0, s1) = (start(&mut seed), start(&mut seed));
+                    let alone = |q: &[f32], s: &(f32, f32, Vec<f32>)| {
+                        let (mut max, mut sum, mut acc) = s.clone();
+                        let mut scores = vec![0.0; stride];
+                        let st = RowState { max: &mut max, sum: &mut sum, acc: &mut acc };
+                        kernel.update(q, &keys, range.clone(), 0.125, &mut scores, st);
+                        (max, sum, acc)
+                    };
+                    let (want0, want1) = (alone(&q0, &s0), alone(&q1, &s1));
+                    let (mut a, mut b) = (s0.clone(), s1.clone());
+                    let (mut sa, mut sb) = (vec![0.0; stride], vec![0.0; stride]);
+                    kernel.update_pair(
+                        [&q0, &q1],
+                        &keys,
+                        range.clone(),
+                        0.125,
+                        [&mut sa, &mut sb],
+                        [
+                            RowState { max: &mut a.0, sum: &mut a.1, acc: &mut a.2 },
+                            RowState { max: &mut b.0, sum: &mut b.1, acc: &mut b.2 },
+                        ],
+                    );
+                    let bits = |x: &(f32, f32, Vec<f32>)| {
+                        [x.0.to_bits(), x.1.to_bits()]
+                            .into_iter()
+                            .chain(x.2.iter().map(|v| v.to_bits()))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(&a), bits(&want0), "d={d} m={m} {range:?} first row");
+                    assert_eq!(bits(&b), bits(&want1), "d={d} m={m} {range:?} second row");
+                }
+            }
+        }
     }
 
     #[test]
