@@ -485,10 +485,9 @@ impl EngineCore {
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| (remaining(&self.running[i]) > 1, self.running[i].admission));
         let mut plan = Vec::new();
-        let mut prefill_rows = 0;
         for i in order {
             let left = remaining(&self.running[i]);
-            if left > 1 && prefill_rows >= PREFILL_STEP_ROWS {
+            if left > 1 && !Self::takes_more_prefill(&plan) {
                 continue;
             }
             let n = left.min(*budget);
@@ -497,9 +496,6 @@ impl EngineCore {
             }
             plan.push((i, n));
             *budget -= n;
-            if left > 1 {
-                prefill_rows += n;
-            }
         }
         plan
     }
