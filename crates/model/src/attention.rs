@@ -164,25 +164,20 @@ fn attend_chunk(
             // head's arithmetic is the same in decode and in any chunk.
             let qrow = |hh: usize| &q[((sq.row + first + i) * heads + g * group + hh) * d..][..d];
             let r0 = i * group;
-            let (row_max, row_sum) = (&mut max[r0..r0 + group], &mut sum[r0..r0 + group]);
-            let row_acc = &mut acc[r0 * d..(r0 + group) * d];
-            let (mut maxes, mut sums, mut accs) = (row_max.iter_mut(), row_sum.iter_mut(), row_acc.chunks_exact_mut(d));
-            let mut state = || -> Option<RowState<'_>> {
-                Some(RowState { max: maxes.next()?, sum: sums.next()?, acc: accs.next()? })
-            };
+            let mut rows = max[r0..r0 + group]
+                .iter_mut()
+                .zip(&mut sum[r0..r0 + group])
+                .zip(acc[r0 * d..(r0 + group) * d].chunks_exact_mut(d))
+                .map(|((max, sum), acc)| RowState { max, sum, acc });
             let mut hh = 0;
-            while hh < group {
-                let (Some(a), b) = (state(), if hh + 1 < group { state() } else { None }) else { break };
-                match b {
-                    Some(b) => {
-                        let (sa, sb) = scores.split_at_mut(stride);
-                        kernel.update_pair([qrow(hh), qrow(hh + 1)], &keys, j0..j1, scale, [sa, sb], [a, b]);
-                        hh += 2;
-                    }
-                    None => {
-                        kernel.update(qrow(hh), &keys, j0..j1, scale, &mut scores[..stride], a);
-                        hh += 1;
-                    }
+            while let Some(a) = rows.next() {
+                if let Some(b) = rows.next() {
+                    let (sa, sb) = scores.split_at_mut(stride);
+                    kernel.update_pair([qrow(hh), qrow(hh + 1)], &keys, j0..j1, scale, [sa, sb], [a, b]);
+                    hh += 2;
+                } else {
+                    kernel.update(qrow(hh), &keys, j0..j1, scale, &mut scores[..stride], a);
+                    hh += 1;
                 }
             }
         }
@@ -273,7 +268,7 @@ impl RowKernel {
             Self::Scalar => update_scalar(q, keys, range, scale, scores, state),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` chose this only where AVX2 and FMA exist.
-            Self::Avx2Fma => unsafe { x86::update_avx2(q, keys, range, scale, scores, state) },
+            Self::Avx2Fma => unsafe { x86::update_rows_avx2::<1>([q], keys, range, scale, [scores], [state]) },
         }
     }
 }
@@ -362,27 +357,12 @@ pub(crate) mod x86 {
 
     use super::{KeyBlock, RowState};
 
-    /// `update_scalar` with eight keys scored per FMA from the transposed
-    /// keys, a vector `exp`, and the values folded in eight dimensions at a
-    /// time over the keys.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn update_avx2(
-        q: &[f32],
-        keys: &KeyBlock<'_>,
-        range: Range<usize>,
-        scale: f32,
-        scores: &mut [f32],
-        st: RowState<'_>,
-    ) {
-        update_rows_avx2::<1>([q], keys, range, scale, [scores], [st]);
-    }
-
-    /// [`update_avx2`] for `R` rows over the same keys: the scores and the
-    /// value fold read each key and value vector once for all rows; every
-    /// row's own operations and their order are those of one row alone.
+    /// `update_scalar` for `R` rows over the same keys: eight keys scored
+    /// per FMA from the transposed keys, a vector `exp`, and the values
+    /// folded in eight dimensions at a time over the keys. The scores and
+    /// the value fold read each key and value vector once for all rows;
+    /// every row's own operations and their order are those of one row
+    /// alone.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
