@@ -1069,19 +1069,20 @@ mod x86 {
 
     /// A tile's pointers for the 8-bit kernels (block `b`'s vector `e` at
     /// `codes + (8b + e)·32`, its scales at `lo`/`hi + 8b`), after checking
-    /// once every bound the kernels' unchecked loads rely on: rows below
-    /// `rows_end`, every block of the tile. Without second-half scales `hi`
-    /// is `lo`.
+    /// once per tile every bound the kernels' unchecked loads rely on: every
+    /// row, every block of the tile. Without second-half scales `hi` is
+    /// `lo`.
+    #[derive(Clone, Copy)]
     struct TilePtrs {
         codes: *const i8,
         lo: *const f32,
         hi: *const f32,
     }
 
-    fn tile_ptrs(w: &Q8Matrix, t: usize, acts: &Q8Acts, rows_end: usize, out: &OutColumns<'_>) -> TilePtrs {
+    fn tile_ptrs(w: &Q8Matrix, t: usize, acts: &Q8Acts, out: &OutColumns<'_>) -> TilePtrs {
         let (m, k) = (acts.m, acts.k);
         let nb = k / BLOCK;
-        assert!(w.k == k && rows_end <= m && out.cols() <= TILE && nb * BLOCK == k && nb > 0);
+        assert!(w.k == k && out.cols() <= TILE && nb * BLOCK == k && nb > 0);
         assert!(acts.codes.len() == m * k && acts.scale.len() == m * nb);
         let (codes, params) = ((t + 1) * nb * TILE * BLOCK, (t + 1) * nb * TILE);
         assert!(w.codes.len() >= codes && w.scale.len() >= params);
@@ -1150,20 +1151,23 @@ mod x86 {
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_q8_avx2(w: &Q8Matrix, t: usize, acts: &Q8Acts, out: &mut OutColumns<'_>) {
+        let ptrs = tile_ptrs(w, t, acts, out);
         for r in 0..acts.m {
-            row_q8_avx2(w, t, acts, r, out);
+            row_q8_avx2(w, t, ptrs, acts, r, out);
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn row_q8_avx2(w: &Q8Matrix, t: usize, acts: &Q8Acts, row: usize, out: &mut OutColumns<'_>) {
+    fn row_q8_avx2(w: &Q8Matrix, t: usize, ptrs: TilePtrs, acts: &Q8Acts, row: usize, out: &mut OutColumns<'_>) {
         let (k, nb) = (acts.k, acts.k / BLOCK);
-        let TilePtrs { codes, lo, hi } = tile_ptrs(w, t, acts, row + 1, out);
+        let TilePtrs { codes, lo, hi } = ptrs;
+        assert!(row < acts.m);
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         for b in 0..nb {
-            // SAFETY: block b < nb of the tile and of row `row` < m, checked
-            // by `tile_ptrs`; unaligned loads.
+            // SAFETY: block b < nb of the tile and of row `row` < m (the
+            // activations' and tile's sizes checked by `tile_ptrs`, the row
+            // above); unaligned loads.
             let (dots, ws, dx) = unsafe {
                 let xp = acts.codes.as_ptr().add(row * k + b * BLOCK);
                 let dots: [__m256i; 8] = std::array::from_fn(|e| {
@@ -1194,13 +1198,15 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni,avx512vl")]
     pub(super) unsafe fn tile_q8_vnni(w: &Q8Matrix, t: usize, acts: &Q8Acts, sums: &[i32], out: &mut OutColumns<'_>) {
         let m = acts.m;
+        let ptrs = tile_ptrs(w, t, acts, out);
+        assert!(sums.len() == 2 * m * (acts.k / BLOCK));
         let mut r0 = 0;
         while r0 < m {
             match m - r0 {
-                1 => rows_q8_vnni::<1>(w, t, acts, sums, r0, out),
-                2 => rows_q8_vnni::<2>(w, t, acts, sums, r0, out),
-                3 => rows_q8_vnni::<3>(w, t, acts, sums, r0, out),
-                _ => rows_q8_vnni::<Q8_ROWS>(w, t, acts, sums, r0, out),
+                1 => rows_q8_vnni::<1>(w, t, ptrs, acts, sums, r0, out),
+                2 => rows_q8_vnni::<2>(w, t, ptrs, acts, sums, r0, out),
+                3 => rows_q8_vnni::<3>(w, t, ptrs, acts, sums, r0, out),
+                _ => rows_q8_vnni::<Q8_ROWS>(w, t, ptrs, acts, sums, r0, out),
             }
             r0 += Q8_ROWS;
         }
@@ -1211,14 +1217,15 @@ mod x86 {
     fn rows_q8_vnni<const R: usize>(
         w: &Q8Matrix,
         t: usize,
+        ptrs: TilePtrs,
         acts: &Q8Acts,
         sums: &[i32],
         r0: usize,
         out: &mut OutColumns<'_>,
     ) {
         let (k, nb) = (acts.k, acts.k / BLOCK);
-        let TilePtrs { codes, lo, hi } = tile_ptrs(w, t, acts, r0 + R, out);
-        assert!(sums.len() == 2 * acts.m * nb);
+        let TilePtrs { codes, lo, hi } = ptrs;
+        assert!(r0 + R <= acts.m && sums.len() == 2 * acts.m * nb);
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
@@ -1236,8 +1243,8 @@ mod x86 {
                 let ab = (r0 + r) * nb + b;
                 let mut l = _mm256_set1_epi32(sums[2 * ab]);
                 let mut h = _mm256_set1_epi32(sums[2 * ab + 1]);
-                // SAFETY: row r0 + r < m and block b < nb (checked by
-                // `tile_ptrs`): the 32 bytes at `xp` are the row's block;
+                // SAFETY: row r0 + r < m (asserted above) and block b < nb
+                // (sizes checked by `tile_ptrs`): the 32 bytes at `xp` are the row's block;
                 // VNNI and VL are enabled on this function.
                 let dx = unsafe {
                     let xp = acts.codes.as_ptr().add((r0 + r) * k + b * BLOCK);
