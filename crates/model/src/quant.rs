@@ -225,7 +225,8 @@ impl Q4_1Matrix {
     }
 
     /// Where GGUF code byte `i` (0..16: weight `i` low, `i + 16` high) of
-    /// column `j`'s block `b` lives in `codes`.
+    /// column `j`'s block `b` lives in `codes`. Bytes `4e..4e + 4` are
+    /// contiguous in every layout (the conversions copy them four at a time).
     fn code_index(&self, j: usize, b: usize, i: usize) -> usize {
         let nb = self.blocks();
         if j < self.tiled {
@@ -245,9 +246,9 @@ impl Q4_1Matrix {
         for j in 0..n {
             for b in 0..nb {
                 let src = j * nb + b;
-                for i in 0..16 {
-                    let dst = out.code_index(j, b, i);
-                    out.codes[dst] = plain.codes[src * 16 + i];
+                for i in (0..16).step_by(4) {
+                    let (dst, from) = (out.code_index(j, b, i), src * 16 + i);
+                    out.codes[dst..dst + 4].copy_from_slice(&plain.codes[from..from + 4]);
                 }
                 let p = out.param_index(j, b);
                 out.scale[p] = plain.scale[src];
@@ -267,7 +268,10 @@ impl Q4_1Matrix {
         };
         for j in 0..self.n {
             for b in 0..nb {
-                plain.codes.extend((0..16).map(|i| self.codes[self.code_index(j, b, i)]));
+                for i in (0..16).step_by(4) {
+                    let at = self.code_index(j, b, i);
+                    plain.codes.extend_from_slice(&self.codes[at..at + 4]);
+                }
                 let p = self.param_index(j, b);
                 plain.scale.push(self.scale[p]);
                 plain.min.push(self.min[p]);
@@ -550,6 +554,8 @@ impl Q8Matrix {
     }
 
     /// Where weight `i` (0..32) of column `j`'s block `b` lives in `codes`.
+    /// Weights `4e..4e + 4` are contiguous (the conversions copy them four
+    /// at a time).
     fn code_index(&self, j: usize, b: usize, i: usize) -> usize {
         let (t, c) = (j / TILE, j % TILE);
         (t * self.blocks() + b) * TILE * BLOCK + i / 4 * TILE * 4 + c * 4 + i % 4
@@ -577,9 +583,10 @@ impl Q8Matrix {
         };
         for j in 0..n {
             for b in 0..nb {
-                for i in 0..BLOCK {
+                let src = j * k + b * BLOCK;
+                for i in (0..BLOCK).step_by(4) {
                     let at = w.code_index(j, b, i);
-                    w.codes[at] = u.codes[j * k + b * BLOCK + i];
+                    w.codes[at..at + 4].copy_from_slice(&u.codes[src + i..src + i + 4]);
                 }
                 let at = w.param_index(j, b);
                 w.scale[at] = u.scale[j * nb + b];
@@ -602,7 +609,10 @@ impl Q8Matrix {
         };
         for j in 0..n {
             for b in 0..nb {
-                u.codes.extend((0..BLOCK).map(|i| self.codes[self.code_index(j, b, i)]));
+                for i in (0..BLOCK).step_by(4) {
+                    let at = self.code_index(j, b, i);
+                    u.codes.extend_from_slice(&self.codes[at..at + 4]);
+                }
                 let at = self.param_index(j, b);
                 u.scale.push(self.scale[at]);
                 if let (Some(dst), Some(src)) = (u.scale_hi.as_mut(), self.scale_hi.as_ref()) {
