@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 
 /// Weights per block of the kernel.
 pub(crate) const BLOCK: usize = 32;
-const QK_K: usize = 256;
+pub(crate) const QK_K: usize = 256;
 
 /// A matrix unpacked to codes and per-block parameters, row by row.
 pub(crate) struct Unpacked {
@@ -42,6 +42,19 @@ pub(crate) struct Unpacked {
     pub(crate) scale_hi: Option<Vec<f32>>,
     /// Per block, added to every weight of it (K-quants with minimums).
     pub(crate) min: Option<Vec<f32>>,
+}
+
+/// The activation block GGML quantizes inputs in for `dtype`'s dot
+/// products (its `vec_dot_type`): Q8_K, one f32 scale per 256 values, for
+/// the K-quants; Q8_0, one f16 scale per 32, for the rest. The 8-bit kernel
+/// quantizes a matrix's activations the same way, so its rounding is
+/// llama.cpp's (see `quant::Q8Acts::quantize_k`).
+pub(crate) fn activation_block(dtype: GgmlDType) -> usize {
+    if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
+        QK_K
+    } else {
+        BLOCK
+    }
 }
 
 /// Whether `dtype` converts (see the module doc).

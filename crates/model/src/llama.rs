@@ -150,7 +150,12 @@ impl Linear {
             MatmulPath::Dense => (Isa::Scalar, Mode::Fixed(Path::DenseGemm), true),
         };
         if path != MatmulPath::Dense && parts.iter().all(|t| Q8Matrix::supports(t.dtype())) {
-            return Self::q8(&parts, isa);
+            let dtypes: Vec<GgmlDType> = parts.iter().map(|t| t.dtype()).collect();
+            if Q8Matrix::stackable(&dtypes) {
+                return Self::q8(&parts, isa);
+            }
+            let separate = parts.into_iter().map(|t| Self::q8(&[t], isa)).collect::<Result<Vec<_>>>()?;
+            return Ok(Self::Stacked(separate));
         }
         if parts.iter().any(|t| t.dtype() != GgmlDType::Q4_1) {
             return Self::on_candle(parts);

@@ -288,7 +288,9 @@ struct Plain {
     min: Vec<f32>,
 }
 
-/// Activations quantized to Q8_1, `[m, k]`.
+/// Activations quantized to 8 bits, `[m, k]`: as Q8_1 (per 32, f16 scale;
+/// [`Q8Acts::quantize`]) or as Q8_K (per 256, f32 scale, stored per block
+/// of 32 all the same; [`Q8Acts::quantize_k`]).
 pub struct Q8Acts {
     m: usize,
     k: usize,
@@ -327,6 +329,50 @@ impl Q8Acts {
             xsum.push(d16.to_f32() * total as f32);
         }
         Self { m, k, codes, scale, sum, xsum }
+    }
+
+    /// Quantizes `x` (`[m, k]`, `k` a multiple of 256) as GGML's Q8_K
+    /// (`quantize_row_q8_K_ref`), the activations llama.cpp pairs with
+    /// K-quant weights: per 256 values, `iscale = −127 / v` for the value `v`
+    /// of largest magnitude (the first such), codes
+    /// `min(127, round_half_even(iscale · x))`, scale `1 / iscale` (f32, not
+    /// rounded to f16; negative when `v` is positive). Each block of 32 gets
+    /// its group's scale, so the kernels are unchanged.
+    pub fn quantize_k(x: &[f32], m: usize, k: usize) -> Self {
+        debug_assert!(x.len() == m * k && k.is_multiple_of(crate::kquant::QK_K));
+        let mut codes = vec![0i8; m * k];
+        let blocks = m * k / BLOCK;
+        let (mut scale, mut xsum) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        for (xs, qs) in x.chunks_exact(crate::kquant::QK_K).zip(codes.chunks_exact_mut(crate::kquant::QK_K)) {
+            // Written so the compiler vectorizes it: eight running maxima,
+            // and GGML's `nearest_int` (adding 1.5·2²³ leaves the rounded
+            // integer in the mantissa; round half to even, as the FPU
+            // rounds) instead of a libm call per value.
+            let mut lanes = [0f32; 8];
+            for c in xs.chunks_exact(8) {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    *l = if v.abs() > *l { v.abs() } else { *l };
+                }
+            }
+            let amax = lanes.iter().fold(0f32, |a, &l| if l > a { l } else { a });
+            let d = match xs.iter().find(|v| v.abs() == amax) {
+                Some(&v) if amax > 0.0 => {
+                    let iscale = -127.0 / v;
+                    for (q, x) in qs.iter_mut().zip(xs) {
+                        let rounded = ((iscale * x + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000;
+                        *q = rounded.min(127) as i8;
+                    }
+                    1.0 / iscale
+                }
+                // All zero: codes and scale 0.
+                _ => 0.0,
+            };
+            for q in qs.chunks_exact(BLOCK) {
+                scale.push(d);
+                xsum.push(d * q.iter().map(|&q| i32::from(q)).sum::<i32>() as f32);
+            }
+        }
+        Self { m, k, codes, scale, sum: xsum.clone(), xsum }
     }
 
     /// Per block, `−128 ·` the sums of its first and last 16 codes (`[lo,
@@ -516,6 +562,9 @@ pub struct Q8Matrix {
     scale: Vec<f32>,
     scale_hi: Option<Vec<f32>>,
     min: Option<Vec<f32>>,
+    /// Values per activation scale: 32, or 256 for K-quants (see
+    /// [`matmul_q8`]).
+    act_block: usize,
 }
 
 impl std::fmt::Debug for Q8Matrix {
@@ -546,7 +595,15 @@ impl Q8Matrix {
     /// [`Error::InvalidBatch`] for another type, or a shape the bytes do not
     /// fit.
     pub fn from_ggml(dtype: candle_core::quantized::GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        Ok(Self::tiled(n, k, crate::kquant::unpack(dtype, bytes, n, k)?))
+        let mut w = Self::tiled(n, k, crate::kquant::unpack(dtype, bytes, n, k)?);
+        w.act_block = crate::kquant::activation_block(dtype);
+        Ok(w)
+    }
+
+    /// Whether [`Q8Matrix::stack`] can stack matrices of these types: their
+    /// activations must be quantized alike.
+    pub fn stackable(dtypes: &[candle_core::quantized::GgmlDType]) -> bool {
+        dtypes.windows(2).all(|p| crate::kquant::activation_block(p[0]) == crate::kquant::activation_block(p[1]))
     }
 
     fn blocks(&self) -> usize {
@@ -580,6 +637,7 @@ impl Q8Matrix {
                 m.resize(padded * nb, 0.0);
                 m
             }),
+            act_block: BLOCK,
         };
         for j in 0..n {
             for b in 0..nb {
@@ -633,11 +691,16 @@ impl Q8Matrix {
     /// always scale a block's halves separately, see [`matmul_q8`]).
     ///
     /// # Errors
-    /// [`Error::InvalidBatch`] if the input sizes differ or nothing is given.
+    /// [`Error::InvalidBatch`] if the input sizes or activation blocks
+    /// differ, or nothing is given.
     pub fn stack(parts: Vec<Self>) -> Result<Self> {
         let k = parts.first().map(|p| p.k).ok_or_else(|| Error::InvalidBatch("nothing to stack".into()))?;
         if parts.iter().any(|p| p.k != k) {
             return Err(Error::InvalidBatch("stacked matrices must share their input size".into()));
+        }
+        let act_block = parts[0].act_block;
+        if parts.iter().any(|p| p.act_block != act_block) {
+            return Err(Error::InvalidBatch("stacked matrices must quantize their activations alike".into()));
         }
         let split = parts.iter().any(|p| p.scale_hi.is_some());
         let offset = parts.iter().any(|p| p.min.is_some());
@@ -659,7 +722,9 @@ impl Q8Matrix {
         }
         all.scale_hi = split.then_some(hi);
         all.min = offset.then_some(min);
-        Ok(Self::tiled(n, k, all))
+        let mut w = Self::tiled(n, k, all);
+        w.act_block = act_block;
+        Ok(w)
     }
 
     /// Output size.
@@ -712,7 +777,7 @@ impl Q8Matrix {
 /// As [`matmul`].
 pub fn matmul_q8(w: &Q8Matrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
     check_call(x, m, w.k, isa)?;
-    let acts = Q8Acts::quantize(x, m, w.k);
+    let acts = if w.act_block == BLOCK { Q8Acts::quantize(x, m, w.k) } else { Q8Acts::quantize_k(x, m, w.k) };
     let sums = if isa == Isa::Avx512Vnni { acts.half_sums() } else { Vec::new() };
     Ok(par_columns(w.n, m, |j0, mut run| {
         // Runs start on a tile boundary; only the last can end inside one.
@@ -1399,13 +1464,28 @@ mod tests {
         }
     }
 
+    /// Every 8-bit format against candle's quantized matmul, which
+    /// quantizes activations as GGML does: Q8_0 per 32 for Q8_0, Q4_0 and
+    /// Q5_0, Q8_K per 256 for the K-quants. Only the summation order
+    /// differs, so the results agree to float rounding (with activations
+    /// quantized per 32 for a K-quant they would not: ~1e-2).
     #[test]
-    fn q8_0_kernels_match_candle() {
+    fn eight_bit_kernels_match_candle() {
         let dev = Device::Cpu;
-        for (n, k) in [(1, 64), (37, 96), (70, 576)] {
+        let cases = [
+            (GgmlDType::Q8_0, 1, 64),
+            (GgmlDType::Q8_0, 37, 96),
+            (GgmlDType::Q8_0, 70, 576),
+            (GgmlDType::Q4_0, 19, 128),
+            (GgmlDType::Q5_0, 19, 128),
+            (GgmlDType::Q4K, 17, 512),
+            (GgmlDType::Q5K, 9, 256),
+            (GgmlDType::Q6K, 17, 768),
+        ];
+        for (dtype, n, k) in cases {
             let wf = Tensor::from_vec(rand(n * k, (n * k) as u64 + 3), (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&wf, GgmlDType::Q8_0).unwrap();
-            let ours = Q8Matrix::from_ggml_bytes(&q.data().unwrap(), n, k).unwrap();
+            let q = QTensor::quantize(&wf, dtype).unwrap();
+            let ours = Q8Matrix::from_ggml(dtype, &q.data().unwrap(), n, k).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
             for m in [1, 3, 6] {
                 let x = rand(m * k, (m * 77 + k) as u64);
@@ -1424,7 +1504,10 @@ mod tests {
                         // four in candle): equal within rounding. Bit
                         // equality across instruction sets is checked
                         // against the scalar reference elsewhere.
-                        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{isa:?} n={n} k={k} m={m}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                            "{dtype:?} {isa:?} n={n} k={k} m={m}: {a} vs {b}"
+                        );
                     }
                 }
             }
@@ -1564,33 +1647,44 @@ mod tests {
         }
     }
 
+    /// Matrices whose activations are quantized alike stack (q, k and v of
+    /// Gemma-3 are Q5_0 and Q8_0); a K-quant beside a 32-block format does
+    /// not (its activations are Q8_K), and the model keeps those apart.
     #[test]
     fn stacking_eight_bit_formats_changes_no_output() {
         let k = 256;
-        let parts = [GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::Q4K];
+        let groups =
+            [[GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4_0], [GgmlDType::Q6K, GgmlDType::Q4K, GgmlDType::Q5K]];
         let x = rand(3 * k, 9);
-        let mut apart = Vec::new();
-        let mut matrices = Vec::new();
-        for (i, dtype) in parts.into_iter().enumerate() {
-            let (w, _) = q8_of(dtype, 8 + i, k, i as u64);
-            apart.push(matmul_q8(&w, &x, 3, Isa::detect()).unwrap());
-            matrices.push(w);
-        }
-        let both = Q8Matrix::stack(matrices).unwrap();
-        let y = matmul_q8(&both, &x, 3, Isa::detect()).unwrap();
-        let n = both.rows();
-        for r in 0..3 {
-            let mut at = 0;
-            for (i, a) in apart.iter().enumerate() {
-                let w = 8 + i;
-                let same = y[r * n + at..r * n + at + w]
-                    .iter()
-                    .zip(&a[r * w..(r + 1) * w])
-                    .all(|(p, q)| p.to_bits() == q.to_bits());
-                assert!(same, "part {i} row {r}");
-                at += w;
+        for parts in groups {
+            let mut apart = Vec::new();
+            let mut matrices = Vec::new();
+            for (i, dtype) in parts.into_iter().enumerate() {
+                let (w, _) = q8_of(dtype, 8 + i, k, i as u64);
+                apart.push(matmul_q8(&w, &x, 3, Isa::detect()).unwrap());
+                matrices.push(w);
+            }
+            assert!(Q8Matrix::stackable(&parts));
+            let both = Q8Matrix::stack(matrices).unwrap();
+            let y = matmul_q8(&both, &x, 3, Isa::detect()).unwrap();
+            let n = both.rows();
+            for r in 0..3 {
+                let mut at = 0;
+                for (i, a) in apart.iter().enumerate() {
+                    let w = 8 + i;
+                    let same = y[r * n + at..r * n + at + w]
+                        .iter()
+                        .zip(&a[r * w..(r + 1) * w])
+                        .all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{parts:?} part {i} row {r}");
+                    at += w;
+                }
             }
         }
+        let mixed = [GgmlDType::Q8_0, GgmlDType::Q4K];
+        assert!(!Q8Matrix::stackable(&mixed));
+        let matrices = mixed.into_iter().map(|d| q8_of(d, 8, k, 1).0).collect();
+        assert!(Q8Matrix::stack(matrices).is_err(), "a K-quant and Q8_0 quantize activations differently");
         assert!(Q8Matrix::from_ggml(GgmlDType::Q4K, &[0; 144], 1, 128).is_err(), "K-quants need rows of 256");
         assert!(Q8Matrix::from_ggml(GgmlDType::Q5_1, &[0; 24], 1, 32).is_err());
     }

@@ -285,10 +285,11 @@ fn storage(config: &crate::ModelConfig, sizing: KvSizing) -> Result<(CacheSpec, 
 /// it changes whenever a kernel change moves any K/V bit, so blocks stored
 /// by an older build are recomputed rather than mixed with new ones (a
 /// greedy answer must not depend on whether its prefix came from disk). v3:
-/// the 8-bit kernels' summation order (Gemma-3's K/V).
+/// the 8-bit kernels' summation order (Gemma-3's K/V); v4: K-quant
+/// activations quantized per 256 (Q8_K), as llama.cpp does.
 fn fingerprint(file: &GgufFile) -> Vec<u8> {
     let mut tagged = xxh3_128(file.bytes()).to_le_bytes().to_vec();
-    tagged.extend_from_slice(b"kvserve-model-v3");
+    tagged.extend_from_slice(b"kvserve-model-v4");
     xxh3_128(&tagged).to_le_bytes().to_vec()
 }
 

@@ -103,14 +103,17 @@ fn greedy(model: &LlamaModel, prompt: &[u32], n: usize) -> Vec<u32> {
 /// What the test data records, and why the bar is where it is: llama.cpp
 /// (flash attention off, `-fa off`) rounds queries and attention weights to
 /// f16 and evaluates GELU through an f16 table; kvserve keeps those in f32.
-/// On this base model many next tokens are near-ties, so the two greedy
-/// paths part after a few tokens on some prompts, as llama.cpp's own two
-/// attention paths do (with flash attention on, llama.cpp's answers differ
-/// from these at token 4 of the first prompt and token 2 of the fourth). The
-/// log-probabilities of the first generated token are the sharper check
-/// (the rounding alone moves them by tenths: storing K/V as f32 instead of
-/// f16 moves them by up to 0.26 here); a wrong norm, RoPE base, scale or
-/// activation moves them by whole nats.
+/// Its matmuls quantize activations as kvserve's do (Q8_0 per 32, Q8_K per
+/// 256 for K-quants). On this base model many next tokens are near-ties, and
+/// a rounding difference of 1e-3 moves log-probabilities by tenths of a nat:
+/// llama.cpp's own flash-attention path differs from these by a mean of
+/// 0.075 nats (at most 0.17) and agrees on 16 tokens for 3 of the 5 prompts
+/// (it parts at token 4 of the first and token 2 of the fourth). kvserve
+/// differs by about as much, and is held to the same 3 of 5. Copying the
+/// f16 roundings as well was tried: it moves which prompts agree, not how
+/// many. The log-probabilities of the first generated token are the
+/// sharper check: a wrong norm, RoPE base, scale or activation moves them
+/// by whole nats.
 #[test]
 fn log_probabilities_and_greedy_continuations_agree_with_llama_cpp() {
     let path = gemma();
@@ -160,7 +163,7 @@ fn log_probabilities_and_greedy_continuations_agree_with_llama_cpp() {
     );
     // Storing K/V as f32 instead of f16 alone moves these by up to 0.26.
     assert!(mean < 0.12 && worst < 0.5, "log-probabilities differ from llama.cpp's: mean {mean}, largest {worst}");
-    assert!(agree_16 >= 2, "{agree_16} of {} prompts agree on 16 tokens:\n{}", cases.len(), report.join("\n"));
+    assert!(agree_16 >= 3, "{agree_16} of {} prompts agree on 16 tokens:\n{}", cases.len(), report.join("\n"));
 }
 
 fn first_logits(model: &LlamaModel, prompt: &[u32]) -> Vec<f32> {
