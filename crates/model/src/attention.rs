@@ -12,16 +12,23 @@
 //! The per-row update over one block (scores, rescale, `exp`, value
 //! accumulation) runs in AVX2/FMA where the CPU has them, chosen at run
 //! time. Each task transposes a block's keys once to `[dim][key]`, so a row
-//! scores eight keys per FMA with no horizontal sums (four dimensions
-//! unrolled: eight independent FMA chains); the max and the `exp`
+//! scores eight keys per FMA with no horizontal sums; the max and the `exp`
 //! (Cephes-style polynomial) run on whole vectors with out-of-range lanes
-//! set to `-inf`; values are folded with one FMA chain per eight dimensions
-//! (eight chains for a 64-wide head), keys in the inner loop. The query
-//! heads of one position read the same keys, so they are updated two at a
-//! time, sharing every key and value load; each head's operations and their
-//! order are those of the head alone (tested bit for bit), so the pairing
-//! never makes a row depend on another. The scalar update is the reference
-//! and the fallback; they agree to ~1e-5 relative.
+//! set to `-inf`; values are folded with one FMA chain per eight dimensions,
+//! keys in the inner loop.
+//!
+//! Rows are updated in tiles of up to four (a small GEMM per block): the
+//! heads of one position, and of consecutive positions, read the same keys
+//! of every block but the diagonal one (and a sliding window's edge), so a
+//! tile loads each key and value vector once for all its rows. Four rows by
+//! two groups of eight keys are eight independent score chains, and the
+//! loads (two key vectors, four query broadcasts) no longer outnumber the
+//! FMAs (eight), as they did one or two rows at a time. Each row's
+//! arithmetic never depends on the tile: a score is one FMA chain over the
+//! dimensions in order, then a multiply by the scale; a value dimension is
+//! one chain over the keys in order (tested bit for bit), so decode, any
+//! chunk split and a recompute give the same bits. The scalar update is the
+//! reference and the fallback; they agree to ~1e-5 relative.
 //!
 //! Causality and sliding windows are positional: query at position `p` reads
 //! keys `max(0, p + 1 - W) ..= p` (`W` infinite for full attention).
@@ -136,8 +143,9 @@ fn attend_chunk(
     // SIMD kernel scores eight keys per instruction without horizontal sums.
     let stride = bs.div_ceil(8) * 8;
     let mut kt = vec![0f32; if kernel.wants_transposed() { d * stride } else { 0 }];
-    // Two rows' scores (a pair of heads, see below).
-    let mut scores = vec![0f32; 2 * stride];
+    // Up to [`TILE_ROWS`] rows' scores.
+    let mut scores = vec![0f32; TILE_ROWS * stride];
+    let qrow = |r: usize| &q[((sq.row + first + r / group) * heads + g * group + r % group) * d..][..d];
     for lb in first_block..=last_block {
         let block = sq.table.blocks()[lb - sq.table.first_block()];
         let base = lb * bs;
@@ -151,35 +159,46 @@ fn attend_chunk(
             transpose_keys(&kbuf[..valid * d], d, &mut kt, stride);
         }
         let keys = KeyBlock { rows: &kbuf[..valid * d], transposed: &kt, stride, values: &vbuf[..valid * d] };
-        for i in 0..n {
+        // The keys of this block query `i` reads, if any.
+        let range = |i: usize| {
             let pos = lo_pos + i;
             let lo = reach(pos).max(base);
-            if pos < base || lo >= base + valid {
+            (pos >= base && lo < base + valid).then(|| lo - base..(pos + 1 - base).min(valid))
+        };
+        let mut i = 0;
+        while i < n {
+            let Some(keys_read) = range(i) else {
+                i += 1;
                 continue;
+            };
+            // Consecutive queries that read the same keys (all but the
+            // diagonal block and a window's edge): their rows, every head of
+            // each, are updated in tiles of up to four, sharing every key
+            // and value load. A row's arithmetic is the same in any tile
+            // (tested bit for bit), so decode, chunk splits and recompute
+            // agree.
+            let mut end = i + 1;
+            while end < n && range(end).as_ref() == Some(&keys_read) {
+                end += 1;
             }
-            let (j0, j1) = (lo - base, (pos + 1 - base).min(valid));
-            // The query heads of one position read the same keys: two at a
-            // time share every key and value load. Which heads pair up
-            // depends only on the group size, never on the batch, so a
-            // head's arithmetic is the same in decode and in any chunk.
-            let qrow = |hh: usize| &q[((sq.row + first + i) * heads + g * group + hh) * d..][..d];
-            let r0 = i * group;
-            let mut rows = max[r0..r0 + group]
-                .iter_mut()
-                .zip(&mut sum[r0..r0 + group])
-                .zip(acc[r0 * d..(r0 + group) * d].chunks_exact_mut(d))
-                .map(|((max, sum), acc)| RowState { max, sum, acc });
-            let mut hh = 0;
-            while let Some(a) = rows.next() {
-                if let Some(b) = rows.next() {
-                    let (sa, sb) = scores.split_at_mut(stride);
-                    kernel.update_pair([qrow(hh), qrow(hh + 1)], &keys, j0..j1, scale, [sa, sb], [a, b]);
-                    hh += 2;
-                } else {
-                    kernel.update(qrow(hh), &keys, j0..j1, scale, &mut scores[..stride], a);
-                    hh += 1;
+            let mut r = i * group;
+            while r < end * group {
+                let take = (end * group - r).min(TILE_ROWS);
+                let st = Rows {
+                    max: &mut max[r..r + take],
+                    sum: &mut sum[r..r + take],
+                    acc: &mut acc[r * d..(r + take) * d],
+                };
+                let (sc, kr) = (&mut scores[..take * stride], keys_read.clone());
+                match take {
+                    4 => kernel.update_rows::<4>(std::array::from_fn(|t| qrow(r + t)), &keys, kr, scale, sc, st),
+                    3 => kernel.update_rows::<3>(std::array::from_fn(|t| qrow(r + t)), &keys, kr, scale, sc, st),
+                    2 => kernel.update_rows::<2>(std::array::from_fn(|t| qrow(r + t)), &keys, kr, scale, sc, st),
+                    _ => kernel.update_rows::<1>([qrow(r)], &keys, kr, scale, sc, st),
                 }
+                r += take;
             }
+            i = end;
         }
     }
     for r in 0..rows {
@@ -251,53 +270,70 @@ impl RowKernel {
         !matches!(self, Self::Scalar)
     }
 
-    /// Folds keys `keys[range]` into `state`: scores `q·k * scale`, rescale
-    /// by the new running max, add `exp(score - max)` to the sum and
-    /// `exp(..) * v` to the accumulator. `scores` has `keys.stride` slots.
+    /// Folds keys `keys[range]` into each of `R` rows' states: scores
+    /// `q·k * scale`, rescale by the new running max, add `exp(score - max)`
+    /// to the sum and `exp(..) * v` to the accumulator. `scores` has
+    /// `R * keys.stride` slots. Each row's arithmetic is exactly that of
+    /// the row alone; the SIMD kernel shares key and value loads.
     #[allow(unsafe_code)] // dispatch into the SIMD update below
-    fn update(
+    fn update_rows<const R: usize>(
         self,
-        q: &[f32],
+        q: [&[f32]; R],
         keys: &KeyBlock<'_>,
         range: std::ops::Range<usize>,
         scale: f32,
         scores: &mut [f32],
-        state: RowState<'_>,
+        rows: Rows<'_>,
     ) {
         match self {
-            Self::Scalar => update_scalar(q, keys, range, scale, scores, state),
+            Self::Scalar => {
+                let states = rows.split::<R>();
+                for (r, (q, st)) in q.into_iter().zip(states).enumerate() {
+                    update_scalar(
+                        q,
+                        keys,
+                        range.clone(),
+                        scale,
+                        &mut scores[r * keys.stride..(r + 1) * keys.stride],
+                        st,
+                    );
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` chose this only where AVX2 and FMA exist.
-            Self::Avx2Fma => unsafe { x86::update_rows_avx2::<1>([q], keys, range, scale, [scores], [state]) },
+            Self::Avx2Fma => unsafe { x86::update_rows_avx2(q, keys, range, scale, scores, rows) },
         }
     }
 }
 
-impl RowKernel {
-    /// [`RowKernel::update`] for two rows over the same keys, each row's
-    /// arithmetic exactly as alone; the SIMD kernel shares the key and
-    /// value loads between them.
-    #[allow(unsafe_code)] // dispatch into the SIMD update below
-    fn update_pair(
-        self,
-        q: [&[f32]; 2],
-        keys: &KeyBlock<'_>,
-        range: std::ops::Range<usize>,
-        scale: f32,
-        scores: [&mut [f32]; 2],
-        state: [RowState<'_>; 2],
-    ) {
-        match self {
-            Self::Scalar => {
-                let [sa, sb] = scores;
-                let [a, b] = state;
-                update_scalar(q[0], keys, range.clone(), scale, sa, a);
-                update_scalar(q[1], keys, range, scale, sb, b);
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` chose this only where AVX2 and FMA exist.
-            Self::Avx2Fma => unsafe { x86::update_rows_avx2(q, keys, range, scale, scores, state) },
-        }
+/// The most rows one kernel call updates: four rows' scores over two
+/// groups of eight keys are eight accumulators, and the value fold's four
+/// rows by two vectors eight more, which fit the sixteen AVX2 registers
+/// with the loads.
+const TILE_ROWS: usize = 4;
+
+/// Consecutive rows' online-softmax states.
+struct Rows<'a> {
+    max: &'a mut [f32],
+    sum: &'a mut [f32],
+    acc: &'a mut [f32],
+}
+
+impl<'a> Rows<'a> {
+    /// Each of the `R` rows' state.
+    fn split<const R: usize>(self) -> [RowState<'a>; R] {
+        let Self { mut max, mut sum, mut acc } = self;
+        assert!(max.len() == R && sum.len() == R && acc.len().is_multiple_of(R), "{R} row states");
+        let d = acc.len() / R;
+        std::array::from_fn(|_| {
+            let (m, rest) = std::mem::take(&mut max).split_at_mut(1);
+            max = rest;
+            let (s, rest) = std::mem::take(&mut sum).split_at_mut(1);
+            sum = rest;
+            let (a, rest) = std::mem::take(&mut acc).split_at_mut(d);
+            acc = rest;
+            RowState { max: &mut m[0], sum: &mut s[0], acc: a }
+        })
     }
 }
 
@@ -355,14 +391,16 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{KeyBlock, RowState};
+    use super::{KeyBlock, Rows};
 
     /// `update_scalar` for `R` rows over the same keys: eight keys scored
     /// per FMA from the transposed keys, a vector `exp`, and the values
     /// folded in eight dimensions at a time over the keys. The scores and
     /// the value fold read each key and value vector once for all rows;
     /// every row's own operations and their order are those of one row
-    /// alone.
+    /// alone. Row `r`'s scores are `scores[r * stride..]`, its state
+    /// `rows.max[r]`, `rows.sum[r]` and `rows.acc[r * d..]` (offsets, not
+    /// per-call slices: this runs once per tile and block).
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
@@ -372,8 +410,8 @@ pub(crate) mod x86 {
         keys: &KeyBlock<'_>,
         range: Range<usize>,
         scale: f32,
-        mut scores: [&mut [f32]; R],
-        st: [RowState<'_>; R],
+        scores: &mut [f32],
+        rows: Rows<'_>,
     ) {
         let d = q[0].len();
         let (j0, j1) = (range.start, range.end);
@@ -384,27 +422,30 @@ pub(crate) mod x86 {
                 && keys.transposed.len() >= d * stride
                 && keys.values.len() >= j1 * d
                 && q.iter().all(|q| q.len() == d)
-                && scores.iter().all(|s| s.len() >= stride)
-                && st.iter().all(|s| s.acc.len() == d),
+                && scores.len() >= R * stride
+                && rows.max.len() == R
+                && rows.sum.len() == R
+                && rows.acc.len() == R * d,
             "attention kernel shapes"
         );
         let groups = j0 / 8..j1.div_ceil(8);
-        score_groups(q, keys.transposed, stride, groups.clone(), scale, &mut scores);
+        score_groups(q, keys.transposed, stride, groups.clone(), scale, scores);
         let mut alphas = [1f32; R];
-        let mut st = st;
-        for ((scores, st), alpha) in scores.iter_mut().zip(st.iter_mut()).zip(alphas.iter_mut()) {
+        for (r, alpha) in alphas.iter_mut().enumerate() {
+            let row = &mut scores[r * stride..(r + 1) * stride];
+            let (max, sum) = (&mut rows.max[r], &mut rows.sum[r]);
             // Lanes of the first and last group outside the range take no part.
-            scores[groups.start * 8..j0].fill(f32::NEG_INFINITY);
-            scores[j1..groups.end * 8].fill(f32::NEG_INFINITY);
-            let lanes = &mut scores[groups.start * 8..groups.end * 8];
+            row[groups.start * 8..j0].fill(f32::NEG_INFINITY);
+            row[j1..groups.end * 8].fill(f32::NEG_INFINITY);
+            let lanes = &mut row[groups.start * 8..groups.end * 8];
             let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
             for c in lanes.chunks_exact(8) {
                 // SAFETY: `c` is 8 floats.
                 vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(c.as_ptr()) });
             }
-            let m_new = st.max.max(hmax(vmax));
+            let m_new = max.max(hmax(vmax));
             // Usually the running max stands: skip a libm call.
-            *alpha = if *st.max == m_new { 1.0 } else { (*st.max - m_new).exp() };
+            *alpha = if *max == m_new { 1.0 } else { (*max - m_new).exp() };
             let shift = _mm256_set1_ps(m_new);
             let mut vsum = _mm256_setzero_ps();
             for c in lanes.chunks_exact_mut(8) {
@@ -415,73 +456,96 @@ pub(crate) mod x86 {
                     vsum = _mm256_add_ps(vsum, e);
                 }
             }
-            *st.sum = *st.sum * *alpha + hsum(vsum);
-            *st.max = m_new;
+            *sum = *sum * *alpha + hsum(vsum);
+            *max = m_new;
         }
-        let probs: [&[f32]; R] = std::array::from_fn(|r| &scores[r][j0..j1]);
+        let probs = &scores[..R * stride];
         let values = &keys.values[j0 * d..j1 * d];
-        let mut accs: [&mut [f32]; R] = st.map(|s| s.acc);
+        let acc = rows.acc;
+        let fold_range = FoldRange { probs, stride, j0, keys: j1 - j0 };
         let chunks = d / 8;
+        // As many vectors per row as keep the accumulators in registers
+        // (R·N ≤ 8); each row's chains are the same whatever N is.
         let mut c = 0;
         while c + 8 <= chunks && R == 1 {
-            fold::<8, R>(&mut accs, values, d, probs, alphas, c);
+            fold::<8, R>(acc, values, d, fold_range, alphas, c);
             c += 8;
         }
-        while c + 4 <= chunks {
-            fold::<4, R>(&mut accs, values, d, probs, alphas, c);
+        while c + 4 <= chunks && R <= 2 {
+            fold::<4, R>(acc, values, d, fold_range, alphas, c);
             c += 4;
         }
+        while c + 2 <= chunks {
+            fold::<2, R>(acc, values, d, fold_range, alphas, c);
+            c += 2;
+        }
         while c < chunks {
-            fold::<1, R>(&mut accs, values, d, probs, alphas, c);
+            fold::<1, R>(acc, values, d, fold_range, alphas, c);
             c += 1;
         }
-        for (acc, (probs, alpha)) in accs.iter_mut().zip(probs.iter().zip(alphas)) {
+        for (r, alpha) in alphas.into_iter().enumerate() {
+            let probs = &probs[r * stride + j0..r * stride + j1];
             for k in chunks * 8..d {
-                let mut x = acc[k] * alpha;
+                let mut x = acc[r * d + k] * alpha;
                 for (j, &p) in probs.iter().enumerate() {
                     x += p * values[j * d + k];
                 }
-                acc[k] = x;
+                acc[r * d + k] = x;
             }
         }
     }
 
-    /// `acc[8c..8(c + N)] = alpha * acc[..] + Σ_j probs[j] * values[j][..]`
-    /// for each of `R` rows, with `N` independent FMA chains per row (one
-    /// per 8 dimensions), keys in the inner loop; each value vector is
-    /// loaded once for all rows.
+    /// Where each row's probabilities lie: row `r`'s key `j` (from the
+    /// range's start) is `probs[r * stride + j0 + j]`, `j < keys`.
+    #[derive(Clone, Copy)]
+    struct FoldRange<'a> {
+        probs: &'a [f32],
+        stride: usize,
+        j0: usize,
+        keys: usize,
+    }
+
+    /// `acc[r][8c..8(c + N)] = alpha[r] * acc[r][..] + Σ_j p[r][j] * values[j][..]`
+    /// for each of `R` rows (row `r` of `acc` at `r * d`), with `N`
+    /// independent FMA chains per row (one per 8 dimensions), keys in the
+    /// inner loop; each value vector is loaded once for all rows.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)] // constant-bound index loops unroll into registers
     fn fold<const N: usize, const R: usize>(
-        acc: &mut [&mut [f32]; R],
+        acc: &mut [f32],
         values: &[f32],
         d: usize,
-        probs: [&[f32]; R],
+        p: FoldRange<'_>,
         alpha: [f32; R],
         c: usize,
     ) {
-        let keys = probs[0].len();
+        let FoldRange { probs, stride, j0, keys } = p;
         assert!(
             (c + N) * 8 <= d
-                && acc.iter().all(|a| a.len() >= d)
-                && probs.iter().all(|p| p.len() == keys)
+                && acc.len() >= R * d
+                && probs.len() >= (R - 1) * stride + j0 + keys
                 && values.len() >= keys * d,
             "fold shapes"
         );
         // SAFETY: the assert bounds every access: dimensions `8c..8(c + N)`
-        // of each row's `acc` and of each of the `keys` value rows.
+        // of each row's `acc` and of each of the `keys` value rows, and
+        // each row's `keys` probabilities.
         unsafe {
             let mut x = [[_mm256_setzero_ps(); N]; R];
             for r in 0..R {
-                let (at, va) = (acc[r].as_ptr().add(c * 8), _mm256_set1_ps(alpha[r]));
-                for (u, xu) in x[r].iter_mut().enumerate() {
-                    *xu = _mm256_mul_ps(_mm256_loadu_ps(at.add(u * 8)), va);
+                let (at, va) = (acc.as_ptr().add(r * d + c * 8), _mm256_set1_ps(alpha[r]));
+                for u in 0..N {
+                    x[r][u] = _mm256_mul_ps(_mm256_loadu_ps(at.add(u * 8)), va);
                 }
             }
+            let pp = probs.as_ptr().add(j0);
             for j in 0..keys {
                 let row = values.as_ptr().add(j * d + c * 8);
-                let vp: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*probs[r].get_unchecked(j)));
+                let mut vp = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    vp[r] = _mm256_set1_ps(*pp.add(r * stride + j));
+                }
                 for u in 0..N {
                     let v = _mm256_loadu_ps(row.add(u * 8));
                     for r in 0..R {
@@ -490,21 +554,21 @@ pub(crate) mod x86 {
                 }
             }
             for r in 0..R {
-                let at = acc[r].as_mut_ptr().add(c * 8);
-                for (u, xu) in x[r].iter().enumerate() {
-                    _mm256_storeu_ps(at.add(u * 8), *xu);
+                let at = acc.as_mut_ptr().add(r * d + c * 8);
+                for u in 0..N {
+                    _mm256_storeu_ps(at.add(u * 8), x[r][u]);
                 }
             }
         }
     }
 
     /// `scores[r][8g..8g + 8] = scale * q[r] · kt[.., 8g..8g + 8]` for each
-    /// group `g` and row `r`: one group at a time for two rows (two groups
-    /// at a time for one), the dimension loop unrolled four ways, so each
-    /// row has four independent FMA chains per group and every key vector
-    /// is loaded once for all rows. A row's chains and their order do not
-    /// depend on `R`: chain `u` takes dimensions `≡ u (mod 4)` below
-    /// `d / 4 · 4` in order, chain 0 the rest, then `(a0 + a1) + (a2 + a3)`.
+    /// group `g` of eight keys and row `r`: one FMA chain per row and group,
+    /// over the dimensions in order, then one multiply by `scale`, so a
+    /// row's bits never depend on `R` or on which groups go together. Two
+    /// groups at a time: each step loads two key vectors and broadcasts one
+    /// query value per row for `2R` FMAs (`2R` chains in flight, eight for
+    /// four rows).
     #[target_feature(enable = "avx2,fma")]
     fn score_groups<const R: usize>(
         q: [&[f32]; R],
@@ -512,60 +576,63 @@ pub(crate) mod x86 {
         stride: usize,
         groups: Range<usize>,
         scale: f32,
-        scores: &mut [&mut [f32]; R],
+        scores: &mut [f32],
+    ) {
+        let mut g = groups.start;
+        while g + 2 <= groups.end {
+            score_tile::<R, 2>(q, kt, stride, g * 8, scale, scores);
+            g += 2;
+        }
+        if g < groups.end {
+            score_tile::<R, 1>(q, kt, stride, g * 8, scale, scores);
+        }
+    }
+
+    /// [`score_groups`] for the `G` groups from key `col` on.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // constant-bound index loops unroll into registers
+    fn score_tile<const R: usize, const G: usize>(
+        q: [&[f32]; R],
+        kt: &[f32],
+        stride: usize,
+        col: usize,
+        scale: f32,
+        scores: &mut [f32],
     ) {
         let d = q[0].len();
-        let sc = _mm256_set1_ps(scale);
-        let d4 = d / 4 * 4;
-        let mut g = groups.start;
-        while g < groups.end {
-            // One row scores two groups at a time (eight chains in flight);
-            // two rows one group each (eight chains likewise).
-            let pair = R == 1 && g + 1 < groups.end;
-            let col = g * 8;
-            let mut a = [[_mm256_setzero_ps(); 4]; R];
-            let mut b = [_mm256_setzero_ps(); 4];
-            // SAFETY: `kt` holds `d * stride` floats and `col + 16 <= stride`
-            // when `pair` (else `col + 8 <= stride`), checked by the caller;
-            // each `q[r]` holds `d` floats and `scores[r]` `stride`.
-            unsafe {
-                let base = kt.as_ptr().add(col);
-                let mut k = 0;
-                while k < d4 {
-                    for u in 0..4 {
-                        let row = base.add((k + u) * stride);
-                        let kv = _mm256_loadu_ps(row);
-                        for r in 0..R {
-                            let qk = _mm256_set1_ps(*q[r].get_unchecked(k + u));
-                            a[r][u] = _mm256_fmadd_ps(qk, kv, a[r][u]);
-                            if pair {
-                                b[u] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[u]);
-                            }
-                        }
-                    }
-                    k += 4;
-                }
-                for k in d4..d {
-                    let row = base.add(k * stride);
-                    let kv = _mm256_loadu_ps(row);
-                    for r in 0..R {
-                        let qk = _mm256_set1_ps(*q[r].get_unchecked(k));
-                        a[r][0] = _mm256_fmadd_ps(qk, kv, a[r][0]);
-                        if pair {
-                            b[0] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(row.add(8)), b[0]);
-                        }
-                    }
+        assert!(
+            col + 8 * G <= stride
+                && kt.len() >= d * stride
+                && q.iter().all(|q| q.len() == d)
+                && scores.len() >= R * stride,
+            "score tile shapes"
+        );
+        // SAFETY: the assert bounds every access: keys `col..col + 8G` of
+        // each of the `d` transposed rows, `d` query values per row, and
+        // the same keys' score slots.
+        unsafe {
+            let mut a = [[_mm256_setzero_ps(); G]; R];
+            let base = kt.as_ptr().add(col);
+            for k in 0..d {
+                let row = base.add(k * stride);
+                let mut kv = [_mm256_setzero_ps(); G];
+                for u in 0..G {
+                    kv[u] = _mm256_loadu_ps(row.add(u * 8));
                 }
                 for r in 0..R {
-                    let s = _mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3]));
-                    _mm256_storeu_ps(scores[r].as_mut_ptr().add(col), _mm256_mul_ps(s, sc));
-                }
-                if pair {
-                    let s = _mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3]));
-                    _mm256_storeu_ps(scores[0].as_mut_ptr().add(col + 8), _mm256_mul_ps(s, sc));
+                    let qk = _mm256_set1_ps(*q[r].get_unchecked(k));
+                    for u in 0..G {
+                        a[r][u] = _mm256_fmadd_ps(qk, kv[u], a[r][u]);
+                    }
                 }
             }
-            g += if pair { 2 } else { 1 };
+            let sc = _mm256_set1_ps(scale);
+            for r in 0..R {
+                for u in 0..G {
+                    _mm256_storeu_ps(scores.as_mut_ptr().add(r * stride + col + u * 8), _mm256_mul_ps(a[r][u], sc));
+                }
+            }
         }
     }
 
@@ -720,52 +787,56 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
-    /// Two heads updated together give each head's bits alone, so pairing
-    /// heads can never make a row depend on its neighbour.
+    /// One call's state for `rows` rows of `d`: `(max, sum, acc)`.
+    type Tile = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+    fn update_tile<const R: usize>(q: &[Vec<f32>], keys: &KeyBlock<'_>, range: std::ops::Range<usize>, t: &mut Tile) {
+        let mut scores = vec![0.0; R * keys.stride];
+        let rows = Rows { max: &mut t.0, sum: &mut t.1, acc: &mut t.2 };
+        let q: [&[f32]; R] = std::array::from_fn(|r| q[r].as_slice());
+        RowKernel::detect().update_rows::<R>(q, keys, range, 0.125, &mut scores, rows);
+    }
+
+    /// Rows updated together in a tile of two, three or four give each
+    /// row's bits alone, so tiling rows (heads of a position, consecutive
+    /// positions) can never make a row depend on its neighbours.
     #[test]
-    fn a_pair_of_rows_updates_bit_for_bit_as_each_alone() {
-        let kernel = RowKernel::detect();
+    fn rows_updated_in_a_tile_give_the_bits_of_each_row_alone() {
         let mut seed = 11;
         for d in [8, 24, 64, 72, 256] {
-            for m in [1_usize, 9, 16, 23] {
+            for m in [1_usize, 9, 16, 23, 33] {
                 for range in [0..m, m / 3..m, 0..m.div_ceil(2)] {
                     let mut gen = |n: usize| (0..n).map(|_| noise(&mut seed) * 3.0).collect::<Vec<f32>>();
-                    let (q0, q1, rows, values) = (gen(d), gen(d), gen(m * d), gen(m * d));
+                    let q: Vec<Vec<f32>> = (0..4).map(|_| gen(d)).collect();
+                    let (rows, values) = (gen(m * d), gen(m * d));
                     let stride = m.div_ceil(8) * 8;
                     let mut transposed = vec![0.0; d * stride];
                     transpose_keys(&rows, d, &mut transposed, stride);
                     let keys = KeyBlock { rows: &rows, transposed: &transposed, stride, values: &values };
-                    let start = |seed: &mut u64| (0.25, 1.5, (0..d).map(|_| noise(seed)).collect::<Vec<f32>>());
-                    let (s0, s1) = (start(&mut seed), start(&mut seed));
-                    let alone = |q: &[f32], s: &(f32, f32, Vec<f32>)| {
-                        let (mut max, mut sum, mut acc) = s.clone();
-                        let mut scores = vec![0.0; stride];
-                        let st = RowState { max: &mut max, sum: &mut sum, acc: &mut acc };
-                        kernel.update(q, &keys, range.clone(), 0.125, &mut scores, st);
-                        (max, sum, acc)
-                    };
-                    let (want0, want1) = (alone(&q0, &s0), alone(&q1, &s1));
-                    let (mut a, mut b) = (s0.clone(), s1.clone());
-                    let (mut sa, mut sb) = (vec![0.0; stride], vec![0.0; stride]);
-                    kernel.update_pair(
-                        [&q0, &q1],
-                        &keys,
-                        range.clone(),
-                        0.125,
-                        [&mut sa, &mut sb],
-                        [
-                            RowState { max: &mut a.0, sum: &mut a.1, acc: &mut a.2 },
-                            RowState { max: &mut b.0, sum: &mut b.1, acc: &mut b.2 },
-                        ],
-                    );
-                    let bits = |x: &(f32, f32, Vec<f32>)| {
-                        [x.0.to_bits(), x.1.to_bits()]
-                            .into_iter()
-                            .chain(x.2.iter().map(|v| v.to_bits()))
-                            .collect::<Vec<_>>()
-                    };
-                    assert_eq!(bits(&a), bits(&want0), "d={d} m={m} {range:?} first row");
-                    assert_eq!(bits(&b), bits(&want1), "d={d} m={m} {range:?} second row");
+                    let start: Tile = (vec![0.25, -0.5, 1.0, 0.0], vec![1.5, 0.5, 2.0, 1.0], gen(4 * d));
+                    let row =
+                        |t: &Tile, r: usize| -> Tile { (vec![t.0[r]], vec![t.1[r]], t.2[r * d..(r + 1) * d].to_vec()) };
+                    let alone: Vec<Tile> = (0..4)
+                        .map(|r| {
+                            let mut t = row(&start, r);
+                            update_tile::<1>(&q[r..], &keys, range.clone(), &mut t);
+                            t
+                        })
+                        .collect();
+                    let bits =
+                        |t: &Tile| -> Vec<u32> { t.0.iter().chain(&t.1).chain(&t.2).map(|v| v.to_bits()).collect() };
+                    for tile in 2..=4 {
+                        let mut t: Tile =
+                            (start.0[..tile].to_vec(), start.1[..tile].to_vec(), start.2[..tile * d].to_vec());
+                        match tile {
+                            2 => update_tile::<2>(&q, &keys, range.clone(), &mut t),
+                            3 => update_tile::<3>(&q, &keys, range.clone(), &mut t),
+                            _ => update_tile::<4>(&q, &keys, range.clone(), &mut t),
+                        }
+                        for (r, want) in alone.iter().enumerate().take(tile) {
+                            assert_eq!(bits(&row(&t, r)), bits(want), "d={d} m={m} {range:?} tile of {tile}, row {r}");
+                        }
+                    }
                 }
             }
         }
@@ -775,7 +846,7 @@ mod tests {
     fn the_detected_row_update_matches_the_scalar_one() {
         let kernel = RowKernel::detect();
         let mut seed = 7;
-        for d in [5, 8, 24, 64, 72] {
+        for d in [5, 8, 24, 64, 72, 256] {
             for m in [1_usize, 7, 8, 16, 24] {
                 for (range, fresh) in [(0..m, true), (m / 3..m, false), (0..m.div_ceil(2), false)] {
                     let mut gen = |n: usize| (0..n).map(|_| noise(&mut seed) * 3.0).collect::<Vec<f32>>();
@@ -794,10 +865,15 @@ mod tests {
                         let (mut max, mut sum) = (max0, sum0);
                         let mut acc = if fresh { vec![0.0; d] } else { acc0.clone() };
                         let mut scores = vec![0.0; stride];
-                        let st = RowState { max: &mut max, sum: &mut sum, acc: &mut acc };
                         if simd {
-                            kernel.update(&q, &keys, range.clone(), 0.125, &mut scores, st);
+                            let rows = Rows {
+                                max: std::slice::from_mut(&mut max),
+                                sum: std::slice::from_mut(&mut sum),
+                                acc: &mut acc,
+                            };
+                            kernel.update_rows::<1>([&q], &keys, range.clone(), 0.125, &mut scores, rows);
                         } else {
+                            let st = RowState { max: &mut max, sum: &mut sum, acc: &mut acc };
                             update_scalar(&q, &keys, range.clone(), 0.125, &mut scores, st);
                         }
                         (max, sum, acc)
