@@ -19,7 +19,11 @@ fn serve_answers_over_http_and_exits_cleanly_on_sigterm() {
 
     let health = get(&addr, "/health");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-    let body = r#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the capital of France?"}],"max_tokens":20,"temperature":0}"#;
+    // "Answer in one sentence." makes the answer clear-cut: every greedy
+    // token leads its runner-up by more than a nat. Without it the first
+    // token is a 0.04-nat tie between "The" and "La", which any change of
+    // summation order may flip.
+    let body = r#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the capital of France? Answer in one sentence."}],"max_tokens":20,"temperature":0}"#;
     let answer = post(&addr, "/v1/chat/completions", body);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("Paris"), "{answer}");
