@@ -7,7 +7,7 @@
 //! for every query of the chunk and every query head sharing the KV head
 //! (grouped-query attention). Nothing is gathered into a history-sized
 //! tensor; memory per task is one block plus the accumulators. Tasks run on
-//! the one rayon pool that candle's matmuls also use.
+//! the persistent step workers (`workers` crate), as the matmuls do.
 //!
 //! The per-row update over one block (scores, rescale, `exp`, value
 //! accumulation) runs in AVX2/FMA where the CPU has them, chosen at run
@@ -33,8 +33,9 @@
 //! Causality and sliding windows are positional: query at position `p` reads
 //! keys `max(0, p + 1 - W) ..= p` (`W` infinite for full attention).
 
+use std::sync::OnceLock;
+
 use kv::BlockTable;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kv_store::PagedKvStore;
@@ -79,18 +80,19 @@ pub(crate) fn paged_attention(
         .enumerate()
         .flat_map(|(s, sq)| (0..kv_heads).flat_map(move |g| (0..sq.len).step_by(QUERY_CHUNK).map(move |c| (s, g, c))))
         .collect();
-    let results: Vec<Result<ChunkOut>> = tasks
-        .into_par_iter()
-        .map(|(s, g, c)| {
-            let sq = &seqs[s];
-            let n = QUERY_CHUNK.min(sq.len - c);
-            attend_chunk(q, store, layer, sq, c, n, g, dims).map(|out| (s, g, c, out))
-        })
-        .collect();
+    let results: Vec<OnceLock<Result<ChunkOut>>> = tasks.iter().map(|_| OnceLock::new()).collect();
+    workers::for_each(tasks.len(), &|t| {
+        let (s, g, c) = tasks[t];
+        let sq = &seqs[s];
+        let n = QUERY_CHUNK.min(sq.len - c);
+        // Each task fills its own slot once.
+        let _ = results[t].set(attend_chunk(q, store, layer, sq, c, n, g, dims).map(|out| (s, g, c, out)));
+    });
     let group = heads / kv_heads;
     let mut out = vec![0f32; q.len()];
     for r in results {
-        let (s, g, c, chunk) = r?;
+        let (s, g, c, chunk) =
+            r.into_inner().ok_or_else(|| Error::InvalidBatch("an attention task did not run".into()))??;
         let n = chunk.len() / (group * head_dim);
         for i in 0..n {
             let row = seqs[s].row + c + i;

@@ -35,17 +35,14 @@
 //!   block-by-block float sums need horizontal adds (see `tile_kernel`),
 //!   from unpacking each weight block once for four activation rows
 //!   (prefill and batched decode; each row's arithmetic unchanged), and
-//!   from splitting
-//!   output columns over the one rayon pool. The instruction set is picked
-//!   at run time (`is_x86_feature_detected!`); a scalar path runs everywhere,
+//!   from splitting output columns over the persistent step workers
+//!   (`workers` crate). The instruction set is picked at run time (`is_x86_feature_detected!`); a scalar path runs everywhere,
 //!   is the reference, and serves the last columns of a matrix whose width
 //!   is not a multiple of eight.
 //!
 //! Weights are re-laid out once at load (tile by tile, see [`Q4_1Matrix`]):
 //! codes, scales and minimums in three flat arrays (scales as f32, which is
 //! exact for f16 values).
-
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -407,7 +404,7 @@ fn block_scale(amax: f32) -> (f32, f32) {
     (d, if d != 0.0 { 1.0 / d } else { 0.0 })
 }
 
-/// `x[m, k] · Wᵀ` → `[m, n]`, on the one rayon pool.
+/// `x[m, k] · Wᵀ` → `[m, n]`, on the step workers.
 ///
 /// # Errors
 /// [`Error::InvalidBatch`] if `x` is not `m * k` long, or `isa` is not
@@ -444,8 +441,8 @@ fn check_call(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<()> {
     Ok(())
 }
 
-/// Runs `columns(j0, view)` over runs of output columns on the one rayon
-/// pool and returns the row-major `[m, n]` result, which the kernels write
+/// Runs `columns(j0, view)` over runs of output columns on the step
+/// workers (as many as rayon's pool has threads) and returns the row-major `[m, n]` result, which the kernels write
 /// directly through their run's [`OutColumns`] view. Every run but the last
 /// starts and ends on a [`TILE`] boundary. (Kernels used to fill a
 /// column-major buffer per run that was then transposed: that copy was 10%
@@ -456,7 +453,7 @@ fn par_columns(n: usize, m: usize, columns: impl Fn(usize, OutColumns<'_>) + Syn
         n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_COLS_PER_TASK).next_multiple_of(TILE);
     let mut out = vec![0f32; n * m];
     let shared = SharedOut(out.as_mut_ptr());
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+    workers::for_each(n.div_ceil(per_task), &|task| {
         let j0 = task * per_task;
         let view = OutColumns { out: shared, n, m, j0, cols: per_task.min(n - j0), _owns: std::marker::PhantomData };
         columns(j0, view);

@@ -313,10 +313,10 @@ impl Model for PagedLlama {
 
     fn forward(&mut self, batch: Batch<'_>) -> Result<Vec<Vec<f32>>> {
         let (model, store) = (&self.model, &mut self.store);
-        // The whole step runs on a pool worker, so each matmul's parallel
-        // region starts from inside the pool (its tasks go on the worker's
-        // own queue) instead of being injected from the engine's thread,
-        // which then blocked and was woken once per matmul.
+        // The whole step runs on a rayon worker, so candle's parallel ops
+        // start from inside rayon's pool instead of being injected from the
+        // engine's thread; the matmuls and attention run on the persistent
+        // step workers (`workers.rs`).
         let logits = rayon::scope(|_| model.forward(batch.seqs, store))?;
         Ok(logits.to_vec2()?)
     }
