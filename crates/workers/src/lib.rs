@@ -73,27 +73,30 @@ pub struct Pool {
     sleepers: AtomicUsize,
     sleep: Mutex<()>,
     wake: Condvar,
+    /// Held by the one region running: a second caller's job would
+    /// overwrite the slot that registered workers read.
+    region: Mutex<()>,
 }
 
 #[cfg(not(loom))]
 mod global {
-    use std::sync::{Mutex, OnceLock, TryLockError};
+    use std::sync::OnceLock;
 
     use rayon::prelude::*;
 
     use super::Pool;
 
-    /// The one pool and the lock its one running region holds.
-    fn pool() -> &'static (Pool, Mutex<()>) {
-        static POOL: OnceLock<&'static (Pool, Mutex<()>)> = OnceLock::new();
+    /// The one pool.
+    fn pool() -> &'static Pool {
+        static POOL: OnceLock<&'static Pool> = OnceLock::new();
         POOL.get_or_init(|| {
             let workers = rayon::current_num_threads().saturating_sub(1);
-            let pool: &'static (Pool, Mutex<()>) = Box::leak(Box::new((Pool::new(workers), Mutex::new(()))));
+            let pool: &'static Pool = Box::leak(Box::new(Pool::new(workers)));
             for i in 0..workers {
                 let spawned = std::thread::Builder::new().name(format!("kvserve-step-{i}")).spawn(move || {
                     let mut served = 0;
                     loop {
-                        pool.0.serve(&mut served);
+                        pool.serve(&mut served);
                     }
                 });
                 if spawned.is_err() {
@@ -113,20 +116,14 @@ mod global {
             (0..tasks).for_each(f);
             return;
         }
-        let (pool, region) = pool();
+        let pool = pool();
         if pool.workers == 0 {
             (0..tasks).for_each(f);
             return;
         }
-        match region.try_lock() {
-            Ok(_region) => pool.run(tasks, f),
-            // The last region resumed a task's panic while holding the
-            // lock; the pool itself is consistent.
-            Err(TryLockError::Poisoned(e)) => {
-                let _region = e.into_inner();
-                pool.run(tasks, f);
-            }
-            Err(TryLockError::WouldBlock) => (0..tasks).into_par_iter().for_each(f),
+        // Busy (a second engine in the process, a nested region): rayon.
+        if !pool.try_run(tasks, f) {
+            (0..tasks).into_par_iter().for_each(f);
         }
     }
 }
@@ -165,13 +162,35 @@ impl Pool {
             sleepers: AtomicUsize::new(0),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
+            region: Mutex::new(()),
         }
     }
 
-    /// One region: `f(0..tasks)` on the caller and the workers. At most
-    /// one thread may run regions at a time.
-    #[allow(unsafe_code)] // the job's lifetime is erased for the workers; see SAFETY
+    /// [`Pool::run`] if no other region is running; `false` (nothing run)
+    /// otherwise.
+    pub fn try_run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
+        let _region = match self.region.try_lock() {
+            Ok(g) => g,
+            // A region resumed a task's panic while holding the lock; the
+            // pool itself is consistent.
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        self.run_alone(tasks, f);
+        true
+    }
+
+    /// One region: `f(0..tasks)` on the caller and the workers, after any
+    /// region already running (so never from inside a task: that waits for
+    /// itself; [`for_each`] uses [`Pool::try_run`] instead).
     pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        let _region = lock(&self.region);
+        self.run_alone(tasks, f);
+    }
+
+    /// [`Pool::run`] with `region` held.
+    #[allow(unsafe_code)] // the job's lifetime is erased for the workers; see SAFETY
+    fn run_alone(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         // SAFETY: the reference is used only by workers registered in this
         // epoch, and this function does not return before the epoch is
         // closed and no worker is registered (see the crate doc), so `f`
