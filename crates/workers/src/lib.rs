@@ -51,10 +51,10 @@ use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 type Job = &'static (dyn Fn(usize) + Sync);
+type Panic = Box<dyn Any + Send>;
 
 /// The state bit [`Pool::stop`] sets: workers return instead of waiting.
 const STOPPED: u64 = 1 << 63;
-type Panic = Box<dyn Any + Send>;
 
 /// The pool's shared state (see the crate doc). Public for the loom
 /// models; use [`for_each`].
