@@ -60,6 +60,8 @@ const STOPPED: u64 = 1 << 63;
 /// models; use [`for_each`].
 #[doc(hidden)]
 pub struct Pool {
+    /// Threads serving it (read by `for_each`, which loom builds lack).
+    #[cfg_attr(loom, allow(dead_code))]
     workers: usize,
     /// `epoch << 1 | open`, and [`STOPPED`].
     state: AtomicU64,

@@ -37,6 +37,39 @@ impl Cells {
     }
 }
 
+/// The shape every model below checks: `workers` threads, each serving
+/// `serves` times, and one region of `tasks[r]` tasks per entry on the
+/// caller, each checked to have run every task once; then the pool stops
+/// (waking a worker still parked) and every worker is joined. Preemptions
+/// are bounded by `bound`.
+fn model(bound: usize, workers: usize, serves: usize, tasks: &'static [usize]) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(bound);
+    b.check(move || {
+        let pool = Arc::new(Pool::new(workers));
+        let threads: Vec<_> = (0..workers)
+            .map(|_| {
+                let pool = pool.clone();
+                thread::spawn(move || {
+                    let mut epoch = 0;
+                    for _ in 0..serves {
+                        pool.serve(&mut epoch);
+                    }
+                })
+            })
+            .collect();
+        for (region, &n) in tasks.iter().enumerate() {
+            let cells = Cells::new(n);
+            pool.run(n, &|i| cells.bump(i));
+            cells.assert_each_once(region);
+        }
+        pool.stop();
+        for t in threads {
+            t.join().expect("the worker finishes");
+        }
+    });
+}
+
 /// One region with a worker that may be spinning, registering late, or
 /// parked: every task runs exactly once, and when `run` returns no worker
 /// still touches the job's data. Each task writes its own cell and the
@@ -44,24 +77,7 @@ impl Cells {
 /// data race, which loom reports.
 #[test]
 fn a_region_runs_every_task_once_and_no_worker_outlives_it() {
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(3);
-    b.check(|| {
-        let pool = Arc::new(Pool::new(1));
-        let worker = {
-            let pool = pool.clone();
-            thread::spawn(move || {
-                let mut epoch = 0;
-                pool.serve(&mut epoch);
-                pool.serve(&mut epoch);
-            })
-        };
-        let cells = Cells::new(2);
-        pool.run(2, &|i| cells.bump(i));
-        cells.assert_each_once(0);
-        pool.stop();
-        worker.join().expect("the worker finishes");
-    });
+    model(3, 1, 2, &[2]);
 }
 
 /// Two regions back to back with the worker between them: a worker that
@@ -69,26 +85,7 @@ fn a_region_runs_every_task_once_and_no_worker_outlives_it() {
 /// once each whether or not the worker joins it.
 #[test]
 fn back_to_back_regions_keep_their_tasks_apart() {
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
-    b.check(|| {
-        let pool = Arc::new(Pool::new(1));
-        let worker = {
-            let pool = pool.clone();
-            thread::spawn(move || {
-                let mut epoch = 0;
-                pool.serve(&mut epoch);
-                pool.serve(&mut epoch);
-            })
-        };
-        for region in 0..2 {
-            let cells = Cells::new(2);
-            pool.run(2, &|i| cells.bump(i));
-            cells.assert_each_once(region);
-        }
-        pool.stop();
-        worker.join().expect("the worker finishes");
-    });
+    model(2, 1, 2, &[2, 2]);
 }
 
 /// Two workers and three tasks: any split of the tasks among three threads
@@ -96,25 +93,5 @@ fn back_to_back_regions_keep_their_tasks_apart() {
 /// woken by the stop, not lost.
 #[test]
 fn two_workers_share_a_region() {
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
-    b.check(|| {
-        let pool = Arc::new(Pool::new(2));
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                let pool = pool.clone();
-                thread::spawn(move || {
-                    let mut epoch = 0;
-                    pool.serve(&mut epoch);
-                })
-            })
-            .collect();
-        let cells = Cells::new(3);
-        pool.run(3, &|i| cells.bump(i));
-        cells.assert_each_once(0);
-        pool.stop();
-        for w in workers {
-            w.join().expect("the worker finishes");
-        }
-    });
+    model(2, 2, 1, &[3]);
 }
