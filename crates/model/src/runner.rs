@@ -316,7 +316,7 @@ impl Model for PagedLlama {
         // The whole step runs on a rayon worker, so candle's parallel ops
         // start from inside rayon's pool instead of being injected from the
         // engine's thread; the matmuls and attention run on the persistent
-        // step workers (`workers.rs`).
+        // step workers (`workers` crate).
         let logits = rayon::scope(|_| model.forward(batch.seqs, store))?;
         Ok(logits.to_vec2()?)
     }
