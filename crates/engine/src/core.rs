@@ -29,11 +29,14 @@
 //!    nothing that could give blocks back.
 //! 3. **Make room**: the step's exact block need ([`KvCache::append_cost`])
 //!    is compared with each tenant's quota, then with free + evictable
-//!    blocks (the pool evicts cached blocks itself, LRU). Over a quota: that
+//!    blocks (the pool evicts cached blocks itself, LRU) and, on a hybrid
+//!    model, with the sliding-window pages no live window holds (every new
+//!    block gets a page; an idle agent's window holds its pages as its
+//!    blocks are held, so pages run short as blocks do). Over a quota: that
 //!    tenant's idle agents are released, then its newest lowest-priority
 //!    request is preempted; its oldest request always progresses, so tenants
 //!    whose requests fit only one at a time take turns instead of refusing
-//!    each other's steps. Short of blocks: release idle unpinned agents
+//!    each other's steps. Short of blocks or pages: release idle unpinned agents
 //!    (lowest priority, least recently used first), then preempt the
 //!    lowest-priority, most recently admitted running request (blocks freed,
 //!    re-queued at its original place with its generated tokens, recomputed
@@ -415,6 +418,9 @@ impl EngineCore {
         self.stats.steps += 1;
         let prefill: usize = work.iter().map(|(_, t)| t.len()).filter(|&n| n > 1).sum();
         let started = Instant::now();
+        // Every live sequence's window (the admitted ones included), so
+        // this step's copies and page allocations reclaim none of it.
+        self.protect_windows();
         let tiers = &mut self.tiers;
         let mut stash = |storage: &mut dyn kv::BlockStorage, evicted| tier_ops::stash(tiers, storage, evicted);
         // Constrained rows' masks depend only on the tokens generated so
@@ -427,14 +433,6 @@ impl EngineCore {
             self.masks = MaskWorker::start();
         }
         let (model, cache) = (self.model.as_mut(), &mut self.cache);
-        if model.tracks_windows() {
-            // Every live sequence's window (the admitted ones included), so
-            // this step's copies and page allocations reclaim none of it.
-            let ids = cache.sequence_ids();
-            let live: Vec<(&kv::BlockTable, usize)> =
-                ids.iter().filter_map(|&id| Some((cache.block_table(id).ok()?, cache.computed(id).ok()?))).collect();
-            model.keep_windows(&live);
-        }
         let (handed, mut kept) = match (&self.masks, constrained.is_empty()) {
             (Some(worker), false) => match worker.send(constrained) {
                 Ok(()) => (true, Vec::new()),
@@ -511,8 +509,35 @@ impl EngineCore {
         plan.iter().filter_map(|&(i, n)| self.cache.append_cost(self.running[i].seq?, n).ok()).sum()
     }
 
-    /// Frees blocks until the plan fits the pool and every tenant's quota:
-    /// idle agents first, then preemption. False if nothing can run.
+    /// Tells a hybrid model which windows every sequence the cache holds
+    /// reads from next, so that no page they hold is reclaimed: before each
+    /// step, and before imports from the tiers (a sequence admitted since
+    /// the last step holds a window that step never saw).
+    pub(super) fn protect_windows(&mut self) {
+        if self.model.tracks_windows() {
+            let ids = self.cache.sequence_ids();
+            self.model.keep_windows(&windows(&self.cache, &ids));
+        }
+    }
+
+    /// Blocks a step can still have: free or evictable ones, and on a
+    /// hybrid model no more than the sliding-window pages no live window
+    /// holds (every new block gets a page; [`Model::window_pages`]).
+    pub(super) fn available_blocks(&self) -> usize {
+        let blocks = self.cache.stats().available_blocks();
+        if !self.model.tracks_windows() {
+            return blocks;
+        }
+        let ids = self.cache.sequence_ids();
+        match self.model.window_pages(&windows(&self.cache, &ids)) {
+            Some((held, total)) => blocks.min(total.saturating_sub(held)),
+            None => blocks,
+        }
+    }
+
+    /// Frees blocks (and sliding-window pages) until the plan fits the pool
+    /// and every tenant's quota: idle agents first, then preemption. False
+    /// if nothing can run.
     fn make_room(&mut self, plan: &mut Vec<(usize, usize)>) -> bool {
         loop {
             if let Some((owner, quota)) = self.over_quota(plan) {
@@ -522,7 +547,7 @@ impl EngineCore {
                 return false;
             }
             let need = self.plan_cost(plan);
-            let available = self.cache.stats().available_blocks();
+            let available = self.available_blocks();
             if need <= available {
                 return !plan.is_empty();
             }
@@ -627,7 +652,9 @@ impl EngineCore {
                 self.make_quota_room(owner, *quota, &mut plan);
             }
             _ => {
-                if let Some(v) = self.victim(None) {
+                if let Some(key) = self.agents.release_candidate(None, None) {
+                    self.release_for_room(&key);
+                } else if let Some(v) = self.victim(None) {
                     self.preempt(v, &mut plan);
                 }
             }
@@ -790,4 +817,10 @@ impl EngineCore {
         s.sliding_pages = self.model.pages();
         s
     }
+}
+
+/// The windows sequences `ids` read from next (block table, computed
+/// tokens), for a hybrid model's page bookkeeping.
+fn windows<'c>(cache: &'c KvCache, ids: &[SeqId]) -> Vec<(&'c kv::BlockTable, usize)> {
+    ids.iter().filter_map(|&id| Some((cache.block_table(id).ok()?, cache.computed(id).ok()?))).collect()
 }

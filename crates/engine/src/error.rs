@@ -94,11 +94,12 @@ pub enum Error {
         wanted: usize,
     },
     /// The cache cannot hold this request next to what is pinned.
-    #[error("the KV cache is full: the step needs {needed} blocks, {available} can be freed")]
+    #[error("the KV cache is full: the step needs {needed} blocks, {available} can be freed (on a hybrid model: blocks or sliding-window pages, whichever is shorter)")]
     CacheFull {
         /// Blocks the request needed.
         needed: usize,
-        /// Blocks free or evictable.
+        /// Blocks free or evictable (and as many sliding-window pages on
+        /// a hybrid model).
         available: usize,
     },
     /// The KV tiers' storage cannot be used (found at start): the cache

@@ -135,3 +135,53 @@ async fn a_hybrid_agent_survives_disk_and_a_restart_with_the_same_tokens() {
     eprintln!("after a restart: {:?}", b.usage);
     assert!(b.usage.cached_tokens >= 40, "the history came back from disk: {:?}", b.usage);
 }
+
+/// Idle agents keep their last window's pages (their next turn reads them),
+/// so more agents than the pages hold used to leave every later step short
+/// of a page: refused, preempted, readmitted, refused again, forever. Pages
+/// now count as memory when admitting and planning, and short of them the
+/// engine releases the least recently used idle agent, as it does for
+/// blocks. Every turn answers; the newest agent still continues from its
+/// cache; a released one recomputes and answers the same.
+#[tokio::test]
+async fn idle_agents_beyond_the_pages_are_released_instead_of_stalling_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_gemma(dir.path());
+    let turn = |agent: usize, text: &str| {
+        let mut r = greedy(text, 4);
+        r.agent = Some(engine::AgentId::new(&format!("agent-{agent}")).unwrap());
+        r
+    };
+    let run = |e: &EngineHandle, r| {
+        let stream = e.generate(r).unwrap();
+        async move { tokio::time::timeout(Duration::from_secs(30), collect(stream)).await.expect("the turn ends") }
+    };
+    // 16 pages; each idle agent's window holds 3 of them.
+    let e = engine(&path, 24);
+    assert_eq!(e.stats().sliding_pages.map(|p| p.0), Some(16));
+    let mut firsts = Vec::new();
+    for agent in 0..10 {
+        let o = run(&e, turn(agent, &prompt(agent))).await;
+        assert_eq!(o.error, None, "agent {agent}");
+        firsts.push(o.text);
+    }
+    let stats = e.stats();
+    assert!(stats.agent_releases >= 5, "idle agents were released for pages: {}", stats.agent_releases);
+    let second = |agent: usize| format!("{}{} and more", prompt(agent), firsts[agent]);
+    // What each second turn gives where nothing was ever short.
+    let reference = |agent: usize| {
+        let (path, first) = (path.clone(), prompt(agent));
+        async move {
+            let roomy = engine(&path, 256);
+            assert_eq!(run(&roomy, turn(agent, &first)).await.error, None);
+            run(&roomy, turn(agent, &second(agent))).await
+        }
+    };
+    let newest = run(&e, turn(9, &second(9))).await;
+    assert_eq!(newest.error, None);
+    assert_eq!(newest.tokens, reference(9).await.tokens);
+    assert!(newest.usage.cached_tokens >= 40, "the newest agent kept its window: {:?}", newest.usage);
+    let oldest = run(&e, turn(0, &second(0))).await;
+    assert_eq!(oldest.error, None);
+    assert_eq!(oldest.tokens, reference(0).await.tokens, "released, recomputed, the same answer");
+}

@@ -300,6 +300,18 @@ impl SlidingPages {
         Some(p)
     }
 
+    /// The pages held by the window a sequence with `computed` tokens reads
+    /// from next (its blocks that lost their page are skipped).
+    fn window_pages<'t>(
+        &'t self,
+        table: &'t kv::BlockTable,
+        computed: usize,
+        bs: usize,
+    ) -> impl Iterator<Item = usize> + 't {
+        let lo = (computed + 1).saturating_sub(self.window);
+        Self::blocks(lo, computed, bs).filter_map(move |lb| Self::block_at(table, lb, bs).and_then(|b| self.page(b)))
+    }
+
     /// `table`'s block at logical index `lb` (through [`kv::BlockTable::slot`]).
     fn block_at(table: &kv::BlockTable, lb: usize, bs: usize) -> Option<BlockId> {
         table.slot(lb * bs, bs).map(|s| s.block)
@@ -467,13 +479,28 @@ impl PagedKvStore {
         let Some(sp) = self.sliding.as_mut() else { return };
         sp.round += 1;
         for (table, computed) in live {
-            let lo = (computed + 1).saturating_sub(sp.window);
-            for lb in SlidingPages::blocks(lo, computed, bs) {
-                if let Some(p) = SlidingPages::block_at(table, lb, bs).and_then(|b| sp.page(b)) {
-                    sp.live[p] = sp.round;
-                }
+            for p in sp.window_pages(table, computed, bs).collect::<Vec<_>>() {
+                sp.live[p] = sp.round;
             }
         }
+    }
+
+    /// The pages the windows of `live` (block table, computed tokens) hold,
+    /// each counted once however many windows share it, and the pages in
+    /// all; `None` for a plain store. Reported for every sequence the
+    /// cache holds, the first number is what no new block can have: the
+    /// engine admits and plans by the difference (a step short of pages
+    /// would otherwise be refused again and again).
+    pub fn window_pages<'a>(
+        &self,
+        live: impl IntoIterator<Item = (&'a kv::BlockTable, usize)>,
+    ) -> Option<(usize, usize)> {
+        let sp = self.sliding.as_ref()?;
+        let mut held: Vec<usize> =
+            live.into_iter().flat_map(|(table, computed)| sp.window_pages(table, computed, self.block_size)).collect();
+        held.sort_unstable();
+        held.dedup();
+        Some((held.len(), sp.block_of.len()))
     }
 
     /// The longest prefix of `table`'s first `len` tokens a sequence can
@@ -825,6 +852,14 @@ mod tests {
         step(&mut s, &mut cache, a, 12).expect("three blocks, three pages");
         let table = cache.block_table(a).expect("table").clone();
         assert_eq!(s.usable_prefix(&table, 12), 12);
+        // Windows that share pages count them once: 12 tokens read from
+        // blocks 1 and 2, 4 tokens from block 0.
+        assert_eq!(s.window_pages([(&table, 12), (&table, 12), (&table, 4)]), Some((3, 5)));
+        assert_eq!(
+            PagedKvStore::new(&hybrid_spec(32)).window_pages([(&table, 12)]),
+            None,
+            "a plain store has no pages"
+        );
         // A second sequence churns through the remaining pages; `a` is not
         // live (not reported), so its pages are reclaimed, oldest first.
         let b = cache.create_sequence(&owner, kv::Namespace::new(b"m", b"other"));

@@ -19,7 +19,8 @@
 //! the blocks (`kv_store.rs`); three more calls let the engine keep those
 //! consistent: [`Model::keep_windows`] before each step (the live windows),
 //! [`Model::usable_prefix`] at each adoption (how much of a cached prefix
-//! still has its window), and [`Model::pages`] for metrics.
+//! still has its window), [`Model::window_pages`] when admitting and
+//! planning (pages are memory as blocks are), [`Model::pages`] for metrics.
 
 use kv::{BlockStorage, CacheSpec, KvDType};
 use xxhash_rust::xxh3::xxh3_128;
@@ -77,6 +78,18 @@ pub trait Model: Send {
     /// Sliding-window pages (hybrid models): in all, and holding a block.
     fn pages(&self) -> Option<(usize, usize)> {
         None
+    }
+    /// Sliding-window pages (hybrid models) the windows of `live` hold,
+    /// each counted once, and the pages in all: for every live sequence,
+    /// the first number is what no new block can get a page from.
+    fn window_pages(&self, live: &[(&kv::BlockTable, usize)]) -> Option<(usize, usize)> {
+        let _ = live;
+        None
+    }
+    /// K/V bytes the storage keeps per block id and per sliding-window
+    /// page: a plain store keeps every layer per block and has no pages.
+    fn kv_bytes(&self) -> (u64, u64) {
+        (self.spec().bytes_per_block(), 0)
     }
 }
 
@@ -339,6 +352,14 @@ impl Model for PagedLlama {
 
     fn pages(&self) -> Option<(usize, usize)> {
         self.store.pages()
+    }
+
+    fn window_pages(&self, live: &[(&kv::BlockTable, usize)]) -> Option<(usize, usize)> {
+        self.store.window_pages(live.iter().copied())
+    }
+
+    fn kv_bytes(&self) -> (u64, u64) {
+        (self.store.bytes_per_block() as u64, self.store.page_bytes() as u64)
     }
 }
 

@@ -192,7 +192,7 @@ impl EngineCore {
         let n = (a.tokens.len() - reused).min(budget);
         let cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
         let needed = self.plan_cost(plan).saturating_add(cost);
-        let available = self.cache.stats().available_blocks();
+        let available = self.available_blocks();
         if needed > available {
             let _ = self.cache.remove(seq);
             return Admission::Short { request: a, needed, available };

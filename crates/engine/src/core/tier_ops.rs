@@ -145,7 +145,7 @@ impl EngineCore {
             return TierReuse::Extended(0);
         }
         let ns = self.namespace(&a.req.req.tenant);
-        let mut room = self.cache.stats().available_blocks().saturating_sub(self.plan_cost(plan));
+        let mut room = self.available_blocks().saturating_sub(self.plan_cost(plan));
         if let Some((quota, need)) = self.quota_need(&a.owner, plan) {
             room = room.min((quota as usize).saturating_sub(need));
         }
@@ -208,6 +208,7 @@ impl EngineCore {
         // The append may have evicted blocks it now reuses: keep their
         // payloads before importing over them.
         self.stash_evicted();
+        self.protect_windows();
         let storage = self.model.storage();
         let imported = taken
             .iter()
@@ -335,6 +336,7 @@ impl EngineCore {
         let Some(i) = self.loading.iter().position(|a| a.id == load.request) else { return };
         let mut a = self.loading.swap_remove(i);
         let bs = self.block_size();
+        self.protect_windows();
         let storage = self.model.storage();
         let mut imported = 0;
         for (j, r) in load.results.iter().enumerate() {
