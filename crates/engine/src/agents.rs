@@ -108,6 +108,11 @@ pub struct AgentInfo {
     pub cached_tokens: usize,
     /// Blocks its sequence references (shared blocks count once here).
     pub blocks_held: usize,
+    /// On a hybrid model (Gemma 3): the sliding-window pages its window
+    /// holds (its last window's blocks; see `model::kv_store`). Absent for
+    /// other models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_pages_held: Option<usize>,
     /// Turns completed.
     pub turns: u64,
     /// Retention policy.
@@ -269,6 +274,7 @@ impl Agents {
             tenant: key.0.clone(),
             cached_tokens: if a.seq.is_some() { a.tokens.len() } else { 0 },
             blocks_held,
+            sliding_pages_held: None,
             turns: a.turns,
             retention: a.retention,
             priority: a.priority,

@@ -65,7 +65,9 @@ pub enum Error {
     /// The request ran past its deadline; its blocks were freed.
     #[error("the request timed out after {0:?}")]
     Timeout(Duration),
-    /// The tenant's block quota cannot hold this request even alone.
+    /// The tenant's block quota cannot hold this request even alone (on a
+    /// hybrid model its sliding-window pages count too, each as the blocks
+    /// its bytes make).
     #[error("tenant {tenant:?} is over its quota of {quota} blocks")]
     QuotaExceeded {
         /// The tenant.
@@ -84,13 +86,16 @@ pub enum Error {
     },
     /// Pinning this agent would take its tenant's pinned agents past their
     /// share of the pool.
-    #[error("tenant {tenant:?} may pin at most {limit} blocks; this would make {wanted}")]
+    #[error("tenant {tenant:?} may pin at most {limit} {what}; this would make {wanted}")]
     PinLimit {
         /// The tenant.
         tenant: String,
-        /// Blocks its pinned agents may hold.
+        /// What runs short: "blocks", "sliding-window pages" or "disk
+        /// records".
+        what: &'static str,
+        /// How many of them its pinned agents may hold.
         limit: usize,
-        /// Blocks they would hold.
+        /// How many they would hold.
         wanted: usize,
     },
     /// The cache cannot hold this request next to what is pinned.

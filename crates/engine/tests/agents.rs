@@ -314,7 +314,10 @@ async fn pinned_agents_hold_at_most_their_share_of_the_pool() {
     let a = engine.update_agent(&tenant, &id("a"), pin).await.unwrap();
     assert!(a.blocks_held <= 10 && 2 * a.blocks_held > 10, "the test needs two agents to pass the limit: {a:?}");
     let refused = engine.update_agent(&tenant, &id("b"), pin).await;
-    assert_eq!(refused, Err(Error::PinLimit { tenant: tenant.to_string(), limit: 10, wanted: 2 * a.blocks_held }));
+    assert_eq!(
+        refused,
+        Err(Error::PinLimit { tenant: tenant.to_string(), what: "blocks", limit: 10, wanted: 2 * a.blocks_held })
+    );
     assert_eq!(engine.agent(&tenant, &id("b")).await.unwrap().retention, Retention::Evictable, "nothing changed");
 
     let long = [Message::new("user", "hi"), Message::new("assistant", "x"), Message::new("user", "y".repeat(40))];

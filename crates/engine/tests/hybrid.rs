@@ -21,6 +21,10 @@ use model::{MatmulPath, PagedLlama};
 /// An engine over the tiny hybrid model with the memory of `blocks`
 /// whole-model blocks (a third of it becomes sliding-window pages).
 fn engine(path: &std::path::Path, blocks: u32) -> EngineHandle {
+    engine_with(path, blocks, EngineConfig::default())
+}
+
+fn engine_with(path: &std::path::Path, blocks: u32, config: EngineConfig) -> EngineHandle {
     let (paged, text) = PagedLlama::open(
         path,
         model::KvSizing { live_windows: 2, ..model::KvSizing::new(4, blocks, KvDType::F16) },
@@ -28,11 +32,7 @@ fn engine(path: &std::path::Path, blocks: u32) -> EngineHandle {
     )
     .unwrap();
     assert!(paged.store().pages().is_some(), "a hybrid store");
-    let config = EngineConfig {
-        default_timeout: Some(Duration::from_secs(60)),
-        max_batch_tokens: 64,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { default_timeout: Some(Duration::from_secs(60)), max_batch_tokens: 64, ..config };
     engine::start(Box::new(paged), Arc::new(text), config).unwrap()
 }
 
@@ -184,4 +184,70 @@ async fn idle_agents_beyond_the_pages_are_released_instead_of_stalling_every_ste
     let oldest = run(&e, turn(0, &second(0))).await;
     assert_eq!(oldest.error, None);
     assert_eq!(oldest.tokens, reference(0).await.tokens, "released, recomputed, the same answer");
+}
+
+/// On a hybrid model a tenant's quota counts its sliding-window pages too,
+/// each as the blocks its bytes make (five here, as on Gemma-3 270M: five
+/// sliding layers to one full layer), and an agent reports the pages its
+/// window holds.
+#[tokio::test]
+async fn a_tenants_quota_counts_its_sliding_window_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_gemma(dir.path());
+    let e = engine(&path, 256);
+    let tenant = engine::TenantId::default_tenant();
+    // About 40 prompt tokens: 10 or 11 blocks, each written with its page.
+    // Counted in blocks alone a quota of 30 would hold them; with their
+    // pages they make 60 or more.
+    e.set_quota(&tenant, Some(30)).await.unwrap();
+    let refused = collect(e.generate(greedy(&prompt(0), 4)).unwrap()).await;
+    assert!(
+        matches!(refused.error, Some(engine::Error::QuotaExceeded { quota: 30, .. })),
+        "refused for its pages: {:?}",
+        refused.error
+    );
+    e.set_quota(&tenant, Some(80)).await.unwrap();
+    let mut r = greedy(&prompt(0), 4);
+    r.agent = Some(engine::AgentId::new("paged").unwrap());
+    let o = collect(e.generate(r).unwrap()).await;
+    assert_eq!(o.error, None);
+    let info = e.agent(&tenant, &engine::AgentId::new("paged").unwrap()).await.unwrap();
+    // 44 or 45 tokens: the next one reads positions 37.. (window 8), in the
+    // last two or three blocks of 4.
+    let pages = info.sliding_pages_held.expect("a hybrid model reports pages");
+    assert!((2..=3).contains(&pages), "{pages} pages in its window, {} blocks", info.blocks_held);
+    e.check_invariants().await.unwrap();
+}
+
+/// Pinned agents hold at most their share of the sliding-window pages, as
+/// of the blocks: pages are five times fewer here, and a short conversation
+/// holds as many pages as blocks, so the blocks' share alone would let
+/// pinned agents hold every page.
+#[tokio::test]
+async fn pinned_agents_hold_at_most_their_share_of_the_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_gemma(dir.path());
+    let e = engine_with(&path, 256, EngineConfig { max_pinned_share: 0.05, ..EngineConfig::default() });
+    let (total, _) = e.stats().sliding_pages.unwrap();
+    let tenant = engine::TenantId::default_tenant();
+    let pin = engine::AgentUpdate { retention: Some(engine::Retention::Pinned), priority: None };
+    let limit = (total as f64 * 0.05) as usize;
+    let mut pinned = 0;
+    for agent in 0..8 {
+        let id = engine::AgentId::new(&format!("pin-{agent}")).unwrap();
+        // Short conversations: a page per block.
+        let mut r = greedy(&prompt(agent)[..10], 4);
+        r.agent = Some(id.clone());
+        assert_eq!(collect(e.generate(r).unwrap()).await.error, None);
+        match e.update_agent(&tenant, &id, pin).await {
+            Ok(info) => pinned += info.sliding_pages_held.unwrap(),
+            Err(engine::Error::PinLimit { what, limit: l, wanted, .. }) => {
+                assert_eq!((what, l), ("sliding-window pages", limit));
+                assert!(wanted > limit && pinned <= limit, "{pinned} pinned, {wanted} wanted, {limit} allowed");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("{pinned} pages pinned of {total}: the share was never enforced");
 }

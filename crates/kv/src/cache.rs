@@ -496,6 +496,12 @@ impl KvCache {
         self.seqs.keys().copied().collect()
     }
 
+    /// Ids of `owner`'s live sequences, in no particular order.
+    pub fn sequence_ids_of(&self, owner: &OwnerId) -> Vec<SeqId> {
+        let Some(slot) = self.owners.find(owner) else { return Vec::new() };
+        self.seqs.iter().filter(|(_, s)| s.owner == slot).map(|(&id, _)| id).collect()
+    }
+
     /// All counters at once.
     pub fn stats(&self) -> CacheStats {
         let free = self.pool.free_len();

@@ -69,6 +69,24 @@ fn a_sequence_freed_from_a_block_never_sees_it_again() {
 }
 
 #[test]
+fn each_owner_lists_its_own_sequences_forks_included() {
+    let mut c = cache(8, 4);
+    let (a, b) = (owner("a"), owner("b"));
+    let sa = computed_seq(&mut c, &a, &[1, 2]);
+    let sb = computed_seq(&mut c, &b, &[1, 2]);
+    let fork = c.fork(sa).unwrap();
+    let mut of_a = c.sequence_ids_of(&a);
+    of_a.sort_unstable();
+    let mut expected = vec![sa, fork];
+    expected.sort_unstable();
+    assert_eq!(of_a, expected);
+    assert_eq!(c.sequence_ids_of(&b), vec![sb]);
+    assert!(c.sequence_ids_of(&owner("nobody")).is_empty());
+    c.remove(sb).unwrap();
+    assert!(c.sequence_ids_of(&b).is_empty());
+}
+
+#[test]
 fn fork_shares_every_block_and_the_first_writer_copies_the_partial_one() {
     let mut c = cache(8, 4);
     let a = owner("a");

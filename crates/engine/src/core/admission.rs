@@ -198,7 +198,8 @@ impl EngineCore {
             return Admission::Short { request: a, needed, available };
         }
         let quota = self.quota_need(&a.owner, plan);
-        if let Some((quota, _)) = quota.filter(|&(q, need)| need.saturating_add(cost) > q as usize) {
+        let charged = self.charge(cost, cost);
+        if let Some((quota, _)) = quota.filter(|&(q, need)| need.saturating_add(charged) > q as usize) {
             let _ = self.cache.remove(seq);
             return Admission::OverQuota { request: a, quota };
         }
@@ -272,14 +273,41 @@ impl EngineCore {
     }
 
     /// The owner's quota and the blocks it would hold after its share of
-    /// `plan`; `None` without a quota. Counts every planned block as new to
-    /// the owner (a copy-on-write of a block it alone held costs it
-    /// nothing), so a plan that passes never meets a quota refusal.
+    /// `plan` ([`EngineCore::charge`]: sliding-window pages included);
+    /// `None` without a quota. Counts every planned block as new to the
+    /// owner (a copy-on-write of a block it alone held costs it nothing),
+    /// each with a page on a hybrid model (the step writes every one), so a
+    /// plan that passes never meets a quota refusal.
     pub(super) fn quota_need(&self, owner: &OwnerId, plan: &[(usize, usize)]) -> Option<(u32, usize)> {
         let usage = self.cache.owner_usage(owner);
         let quota = usage.quota?;
         let own: Vec<(usize, usize)> = plan.iter().copied().filter(|&(i, _)| &self.running[i].owner == owner).collect();
-        Some((quota, usage.held_blocks as usize + self.plan_cost(&own)))
+        let new = self.plan_cost(&own);
+        Some((quota, self.charge(usage.held_blocks as usize + new, self.owner_pages(owner) + new)))
+    }
+
+    /// What `blocks` blocks and `pages` sliding-window pages count against
+    /// a quota, in blocks: a page weighs the blocks its K/V bytes make,
+    /// rounded up (a Gemma-3 page holds fifteen sliding layers, a block the
+    /// three full ones: five blocks). Plain models have no pages.
+    pub(super) fn charge(&self, blocks: usize, pages: usize) -> usize {
+        let (block, page) = self.model.kv_bytes();
+        if page == 0 || pages == 0 {
+            return blocks;
+        }
+        let weighed = (pages as u64).saturating_mul(page).div_ceil(block.max(1));
+        blocks.saturating_add(usize::try_from(weighed).unwrap_or(usize::MAX))
+    }
+
+    /// Sliding-window pages the windows of `owner`'s sequences hold (its
+    /// running requests and its agents'), each counted once; 0 on a plain
+    /// model.
+    fn owner_pages(&self, owner: &OwnerId) -> usize {
+        if !self.model.tracks_windows() {
+            return 0;
+        }
+        let ids = self.cache.sequence_ids_of(owner);
+        self.model.window_pages(&super::windows(&self.cache, &ids)).map_or(0, |(held, _)| held)
     }
 
     /// The first tenant in `plan` whose planned blocks exceed its quota.

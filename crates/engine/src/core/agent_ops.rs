@@ -164,7 +164,9 @@ impl EngineCore {
     }
 
     pub(crate) fn agent_info(&self, key: &AgentKey) -> Option<AgentInfo> {
-        self.agents.info(key, self.agent_blocks(key), self.block_locations(key))
+        let mut info = self.agents.info(key, self.agent_blocks(key), self.block_locations(key))?;
+        info.sliding_pages_held = self.agent_pages(&[key]).map(|(held, _)| held);
+        Some(info)
     }
 
     /// Deletes an agent; `reply` hears back once the deletion is durable
@@ -237,21 +239,43 @@ impl EngineCore {
     fn pin_room(&self, key: &AgentKey) -> Result<()> {
         let (me, records) = (self.agent_blocks(key), self.agents.get(key).map_or(0, |a| a.chain.len()));
         let c = &self.config;
+        let refuse = |what, limit, wanted| Err(Error::PinLimit { tenant: key.0.to_string(), what, limit, wanted });
         for (tenant, share) in [(Some(&key.0), c.max_pinned_share), (None, c.max_pinned_share_total)] {
             let (limit, wanted) = (self.pin_limit(share), self.pinned_blocks(tenant, Some(key)) + me);
             if wanted > limit {
-                return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
+                return refuse("blocks", limit, wanted);
+            }
+            // A hybrid model's pages are fewer than its blocks, and an
+            // agent's window holds as many as its last 512 tokens make: the
+            // same share of them.
+            let mut pinned = self.pinned(tenant, Some(key));
+            pinned.push(key);
+            if let Some((wanted, total)) = self.agent_pages(&pinned) {
+                let limit = (total as f64 * share) as usize;
+                if wanted > limit {
+                    return refuse("sliding-window pages", limit, wanted);
+                }
             }
             // A pinned agent's records never leave the disk: they count
             // against the same share of the disk budget.
             if let Some(limit) = self.disk_pin_limit(share) {
                 let wanted = self.pinned_records(tenant, Some(key)) + records;
                 if wanted > limit {
-                    return Err(Error::PinLimit { tenant: key.0.to_string(), limit, wanted });
+                    return refuse("disk records", limit, wanted);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Sliding-window pages (hybrid models) the windows of `keys`' held
+    /// conversations hold, each counted once, and the pages in all.
+    fn agent_pages(&self, keys: &[&AgentKey]) -> Option<(usize, usize)> {
+        if !self.model.tracks_windows() {
+            return None;
+        }
+        let seqs: Vec<_> = keys.iter().filter_map(|k| self.agents.get(k)?.seq).collect();
+        self.model.window_pages(&super::windows(&self.cache, &seqs))
     }
 
     /// After a turn of `key`: if it is pinned and pinned agents now hold

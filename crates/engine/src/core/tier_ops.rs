@@ -147,7 +147,8 @@ impl EngineCore {
         let ns = self.namespace(&a.req.req.tenant);
         let mut room = self.available_blocks().saturating_sub(self.plan_cost(plan));
         if let Some((quota, need)) = self.quota_need(&a.owner, plan) {
-            room = room.min((quota as usize).saturating_sub(need));
+            // Each block brought back may bring its page too.
+            room = room.min((quota as usize).saturating_sub(need) / self.charge(1, 1));
         }
         let promoted = self.promote_from_ram(a, seq, ns, hashes, len / bs, room);
         let next = len / bs + promoted;
