@@ -643,13 +643,29 @@ fn geglu_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// cos/sin of each position for RoPE with `base`, positions scaled by
 /// `scale`: `[positions, head_dim/2]`. Each value depends only on its own
 /// position (the same whatever else the step holds).
+///
+/// The angles are GGML's (`ggml_rope_cache_init`), rounding for rounding:
+/// the position times `base^(-2/d)` once per pair of dimensions, in f32,
+/// then the position scale. Exact powers (`p / base^(2i/d)`) part from that
+/// by a few ulps at the far dimensions, and on Gemma-3 270M, whose next
+/// tokens are often near-ties, the greedy continuations of the test prompts
+/// then agreed with llama.cpp's on 16 tokens for 3 of 5, against 4 of 5
+/// with these angles (`tests/gemma3.rs`).
 fn rope_angles(base: f32, scale: f32, head_dim: usize, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32)).collect();
-    let scaled: Vec<f32> = positions.iter().map(|&p| p as f32 * scale).collect();
-    let pos = Tensor::from_vec(scaled, (positions.len(), 1), device)?;
-    let freqs = pos.broadcast_mul(&Tensor::from_vec(inv_freq, (1, half), device)?)?;
-    Ok((freqs.cos()?, freqs.sin()?))
+    let theta_scale = base.powf(-2.0 / head_dim as f32);
+    let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+    for &p in positions {
+        let mut theta = p as f32;
+        for _ in 0..half {
+            let angle = scale * theta;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+            theta *= theta_scale;
+        }
+    }
+    let shape = (positions.len(), half);
+    Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
 }
 
 /// Index of the largest logit (greedy decoding), per row.

@@ -300,10 +300,11 @@ fn storage(config: &crate::ModelConfig, sizing: KvSizing) -> Result<(CacheSpec, 
 /// greedy answer must not depend on whether its prefix came from disk). v3:
 /// the 8-bit kernels' summation order (Gemma-3's K/V); v4: K-quant
 /// activations quantized per 256 (Q8_K), as llama.cpp does, and attention
-/// scores summed in one chain per row (every model's K/V).
+/// scores summed in one chain per row (every model's K/V); v5: RoPE angles
+/// as llama.cpp computes them (every model's keys).
 fn fingerprint(file: &GgufFile) -> Vec<u8> {
     let mut tagged = xxh3_128(file.bytes()).to_le_bytes().to_vec();
-    tagged.extend_from_slice(b"kvserve-model-v4");
+    tagged.extend_from_slice(b"kvserve-model-v5");
     xxh3_128(&tagged).to_le_bytes().to_vec()
 }
 

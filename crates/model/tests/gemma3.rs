@@ -9,8 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use kv::{KvCache, KvDType, Namespace, OwnerId};
-use model::{GgufFile, LlamaModel, LlamaText, PagedKvStore, TextCodec, Tokenizer};
+use model::{GgufFile, LlamaModel, LlamaText, TextCodec, Tokenizer};
 use serde_json::Value;
 
 fn gemma() -> PathBuf {
@@ -83,37 +82,23 @@ fn client_text_never_becomes_a_gemma_control_token_and_prompts_start_with_bos() 
 
 /// Greedy continuation of `prompt` (BOS first) for `n` tokens, one prefill
 /// and then one token per step.
-fn greedy(model: &LlamaModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let spec = model.config().cache_spec(16, 64, KvDType::F16).unwrap();
-    let mut store = PagedKvStore::new(&spec);
-    let mut cache = KvCache::new(spec);
-    let seq = cache.create_sequence(&OwnerId::new("t").unwrap(), Namespace::new(b"gemma3", b""));
-    let mut out = Vec::new();
-    let mut next: Vec<u32> = prompt.to_vec();
-    for _ in 0..n {
-        let logits = common::forward(model, &mut cache, &mut store, &[(seq, &next)]).unwrap();
-        let row: Vec<f32> = logits.squeeze(0).unwrap().to_vec1().unwrap();
-        let t = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap();
-        out.push(t);
-        next = vec![t];
-    }
-    out
-}
-
-/// What the test data records, and why the bar is where it is: llama.cpp
-/// (flash attention off, `-fa off`) rounds queries and attention weights to
-/// f16 and evaluates GELU through an f16 table; kvserve keeps those in f32.
-/// Its matmuls quantize activations as kvserve's do (Q8_0 per 32, Q8_K per
-/// 256 for K-quants). On this base model many next tokens are near-ties, and
-/// a rounding difference of 1e-3 moves log-probabilities by tenths of a nat:
-/// llama.cpp's own flash-attention path differs from these by a mean of
-/// 0.075 nats (at most 0.17) and agrees on 16 tokens for 3 of the 5 prompts
-/// (it parts at token 4 of the first and token 2 of the fourth). kvserve
-/// differs by about as much, and is held to the same 3 of 5. Copying the
-/// f16 roundings as well was tried: it moves which prompts agree, not how
-/// many. The log-probabilities of the first generated token are the
-/// sharper check: a wrong norm, RoPE base, scale or activation moves them
-/// by whole nats.
+/// What the test data records, and why the bar is where it is: llama.cpp's
+/// greedy continuations of 25 raw prompts with flash attention off (`-fa
+/// off`), and its first token's log-probabilities
+/// (`data/gen_greedy.py`). On this base model many next tokens are
+/// near-ties, and a rounding difference of 1e-3 moves log-probabilities by
+/// tenths of a nat, so greedy agreement is chaotic: llama.cpp's own flash
+/// attention path agrees with these on 16 tokens for only 12 of the 25
+/// prompts, and its first-token log-probabilities differ by a mean of 0.074
+/// nats. kvserve is held to that floor: at least 12 of 25, a mean under
+/// 0.12; the five prompts (the first five) are reported. What
+/// moved the numbers (mean nats, prompts agreeing on 16 tokens of 25, of
+/// the first 5): exact RoPE powers 0.086, 11, 3; GGML's iterated RoPE
+/// angles (`llama.rs`, `rope_angles`) 0.091, 16, 4. Copying llama.cpp's f16
+/// roundings too (queries, attention weights, the GELU table) was tried on
+/// the five: it moved which prompts agree, not how many. The log-probability
+/// of the first generated token is the sharper check: a wrong norm, RoPE
+/// base, scale or activation moves it by whole nats.
 #[test]
 fn log_probabilities_and_greedy_continuations_agree_with_llama_cpp() {
     let path = gemma();
@@ -121,60 +106,31 @@ fn log_probabilities_and_greedy_continuations_agree_with_llama_cpp() {
     let text = LlamaText::from_gguf(&file).unwrap();
     let model = LlamaModel::load(&file, &Device::Cpu).unwrap();
     let cases: Value = serde_json::from_str(include_str!("data/gemma3_greedy.json")).unwrap();
-    let cases = cases.as_array().unwrap();
-    let (mut agree_16, mut worst, mut diffs) = (0, 0f32, Vec::new());
-    let mut report = Vec::new();
-    for case in cases {
+    for case in cases.as_array().unwrap() {
         let prompt = text.encode_prompt(case["prompt"].as_str().unwrap()).unwrap();
         assert_eq!(prompt, ids(&case["prompt_ids"]), "the prompt tokenizes as llama.cpp's");
-        let row = first_logits(&model, &prompt);
-        let max = row.iter().copied().fold(f32::MIN, f32::max);
-        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
-        for pair in case["first_top5"].as_array().unwrap() {
-            let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
-            let diff = (row[id] - lse - want).abs();
-            if want > -4.0 {
-                worst = worst.max(diff);
-                diffs.push(diff);
-            }
-        }
-        let want = ids(&case["tokens"]);
-        let got = greedy(&model, &prompt, want.len());
-        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        // The first token is llama.cpp's, or a numeric tie here: llama.cpp's
-        // choice within 0.01 nats of ours. (On "Water boils ..." our top two
-        // are 0.0002 nats apart; changing the 8-bit kernels' summation
-        // order flipped that tie.)
-        let tie = row[want[0] as usize] >= row[got[0] as usize] - 0.01;
-        assert!(same >= 1 || tie, "{:?}: the first greedy token differs", case["prompt"]);
-        agree_16 += usize::from(same >= 16);
-        report.push(format!(
-            "{:?}: first {same} of {} tokens agree\n  ours  {:?}\n  llama {:?}",
-            case["prompt"].as_str().unwrap(),
-            want.len(),
-            text.decode(&got).unwrap(),
-            text.decode(&want).unwrap()
-        ));
     }
-    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    let a = common::llama_cpp_agreement(&model, &cases);
+    let (all, five) = (a.at_least(16), a.prefixes[..5].iter().filter(|&&p| p >= 16).count());
     eprintln!(
-        "log-probability difference (tokens above e^-4): mean {mean:.4}, largest {worst:.4}\n{}",
-        report.join("\n")
+        "{all} of 25 prompts agree on 16 tokens ({five} of the first 5); log-probability difference (tokens above e^-4): mean {:.4}, largest {:.4}\n{}",
+        a.mean, a.worst, a.report
     );
+    // Where the first token differs, llama.cpp's is a near-tie of ours:
+    // closer than llama.cpp's two attention paths differ on one token
+    // (0.27 nats at most).
+    assert!(a.first_gaps.iter().all(|&g| g < 0.3), "first tokens part by {:?} nats:\n{}", a.first_gaps, a.report);
     // Storing K/V as f32 instead of f16 alone moves these by up to 0.26,
     // and summing attention scores in one chain instead of four moved one
-    // token by 0.44 (to 0.52 from llama.cpp's): a single token's distance is
-    // chaotic, so its bound only catches what moves whole nats.
-    assert!(mean < 0.12 && worst < 0.75, "log-probabilities differ from llama.cpp's: mean {mean}, largest {worst}");
-    assert!(agree_16 >= 3, "{agree_16} of {} prompts agree on 16 tokens:\n{}", cases.len(), report.join("\n"));
-}
-
-fn first_logits(model: &LlamaModel, prompt: &[u32]) -> Vec<f32> {
-    let spec = model.config().cache_spec(16, 64, KvDType::F16).unwrap();
-    let mut store = PagedKvStore::new(&spec);
-    let mut cache = KvCache::new(spec);
-    let seq = cache.create_sequence(&OwnerId::new("t").unwrap(), Namespace::new(b"gemma3", b""));
-    common::forward(model, &mut cache, &mut store, &[(seq, prompt)]).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    // token by 0.44: a single token's distance is chaotic, so its bound
+    // only catches what moves whole nats.
+    assert!(
+        a.mean < 0.12 && a.worst < 0.75,
+        "log-probabilities differ from llama.cpp's: mean {}, largest {}",
+        a.mean,
+        a.worst
+    );
+    assert!(all >= 12, "{all} of 25 prompts agree on 16 tokens:\n{}", a.report);
 }
 
 mod fuzz {

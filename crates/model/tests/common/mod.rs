@@ -39,3 +39,74 @@ pub fn forward(
     }
     Ok(logits)
 }
+
+/// How a model's greedy continuations and first-token log-probabilities
+/// compare with llama.cpp's recorded ones (`tests/data/gen_greedy.py`).
+#[derive(Debug)]
+pub struct Agreement {
+    /// Per prompt: how many leading tokens are llama.cpp's.
+    pub prefixes: Vec<usize>,
+    /// Per prompt whose first token differs: how far (nats) llama.cpp's
+    /// first token is below ours.
+    pub first_gaps: Vec<f32>,
+    /// |our log-probability − llama.cpp's| of the first token's candidates
+    /// above e^-4.
+    pub mean: f32,
+    pub worst: f32,
+    /// Readable report, one line per prompt.
+    pub report: String,
+}
+
+impl Agreement {
+    /// Prompts agreeing on at least `n` tokens.
+    pub fn at_least(&self, n: usize) -> usize {
+        self.prefixes.iter().filter(|&&p| p >= n).count()
+    }
+}
+
+/// Greedy-decodes every case of `cases` (llama.cpp's JSON: `prompt_ids`,
+/// `tokens`, `first_top5`) for as many tokens as llama.cpp did.
+pub fn llama_cpp_agreement(model: &LlamaModel, cases: &serde_json::Value) -> Agreement {
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let (mut prefixes, mut first_gaps, mut diffs, mut report) = (Vec::new(), Vec::new(), Vec::new(), String::new());
+    for case in cases.as_array().unwrap() {
+        let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["tokens"]));
+        let spec = model.config().cache_spec(16, 64, kv::KvDType::F16).unwrap();
+        let mut store = PagedKvStore::new(&spec);
+        let mut cache = KvCache::new(spec);
+        let seq = cache.create_sequence(&kv::OwnerId::new("t").unwrap(), kv::Namespace::new(b"agreement", b""));
+        let (mut next, mut got) = (prompt, Vec::new());
+        for step in 0..want.len() {
+            let row: Vec<f32> =
+                forward(model, &mut cache, &mut store, &[(seq, &next)]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let t = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap();
+            if step == 0 {
+                let max = row.iter().copied().fold(f32::MIN, f32::max);
+                let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+                for pair in case["first_top5"].as_array().unwrap() {
+                    let (id, logprob) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+                    if logprob > -4.0 {
+                        diffs.push((row[id] - lse - logprob).abs());
+                    }
+                }
+                if t != want[0] {
+                    first_gaps.push(row[t as usize] - row[want[0] as usize]);
+                }
+            }
+            got.push(t);
+            next = vec![t];
+        }
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        prefixes.push(same);
+        report.push_str(&format!(
+            "{:?}: first {same} of {} tokens agree\n",
+            case["prompt"].as_str().unwrap(),
+            want.len()
+        ));
+    }
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    let worst = diffs.iter().copied().fold(0f32, f32::max);
+    Agreement { prefixes, first_gaps, mean, worst, report }
+}
