@@ -496,11 +496,17 @@ impl PagedKvStore {
         live: impl IntoIterator<Item = (&'a kv::BlockTable, usize)>,
     ) -> Option<(usize, usize)> {
         let sp = self.sliding.as_ref()?;
-        let mut held: Vec<usize> =
-            live.into_iter().flat_map(|(table, computed)| sp.window_pages(table, computed, self.block_size)).collect();
-        held.sort_unstable();
-        held.dedup();
-        Some((held.len(), sp.block_of.len()))
+        // One bit per page: windows sharing a prefix share pages.
+        let mut seen = vec![0u64; sp.block_of.len().div_ceil(64)];
+        let mut held = 0;
+        for (table, computed) in live {
+            for p in sp.window_pages(table, computed, self.block_size) {
+                let (word, bit) = (p / 64, 1u64 << (p % 64));
+                held += usize::from(seen[word] & bit == 0);
+                seen[word] |= bit;
+            }
+        }
+        Some((held, sp.block_of.len()))
     }
 
     /// The longest prefix of `table`'s first `len` tokens a sequence can
