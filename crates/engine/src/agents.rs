@@ -109,10 +109,10 @@ pub struct AgentInfo {
     /// Blocks its sequence references (shared blocks count once here).
     pub blocks_held: usize,
     /// On a hybrid model (Gemma 3): the sliding-window pages its window
-    /// holds (its last window's blocks; see `model::kv_store`). Absent for
-    /// other models.
+    /// holds (its last window's blocks; see `model::kv_store`), which its
+    /// tenant's quota and pinned share count. Absent for other models.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sliding_pages_held: Option<usize>,
+    pub window_pages: Option<usize>,
     /// Turns completed.
     pub turns: u64,
     /// Retention policy.
@@ -274,7 +274,7 @@ impl Agents {
             tenant: key.0.clone(),
             cached_tokens: if a.seq.is_some() { a.tokens.len() } else { 0 },
             blocks_held,
-            sliding_pages_held: None,
+            window_pages: None,
             turns: a.turns,
             retention: a.retention,
             priority: a.priority,

@@ -525,14 +525,46 @@ impl EngineCore {
     /// holds (every new block gets a page; [`Model::window_pages`]).
     pub(super) fn available_blocks(&self) -> usize {
         let blocks = self.cache.stats().available_blocks();
+        self.free_pages().map_or(blocks, |pages| blocks.min(pages))
+    }
+
+    /// Sliding-window pages no live window holds (hybrid models): free, or
+    /// reclaimable by the step's new blocks.
+    pub(super) fn free_pages(&self) -> Option<usize> {
         if !self.model.tracks_windows() {
-            return blocks;
+            return None;
         }
         let ids = self.cache.sequence_ids();
-        match self.model.window_pages(&windows(&self.cache, &ids)) {
-            Some((held, total)) => blocks.min(total.saturating_sub(held)),
-            None => blocks,
+        let (held, total) = self.model.window_pages(&windows(&self.cache, &ids))?;
+        Some(total.saturating_sub(held))
+    }
+
+    /// Cuts `plan`'s entry `k` (a prefill chunk) to the longest chunk whose
+    /// new blocks `fits`; true if a chunk of at least one token does. A
+    /// hybrid model's pages are held for a step's every new block but kept
+    /// only for the last window, so a chunk too long for the free pages
+    /// goes through as several shorter ones (the same bits: chunking never
+    /// changes a row's result).
+    pub(super) fn shrink_chunk(&self, plan: &mut [(usize, usize)], k: usize, fits: impl Fn(usize) -> bool) -> bool {
+        let (i, n) = plan[k];
+        let Some(seq) = self.running[i].seq else { return false };
+        let others = self.plan_cost(&plan[..k]) + self.plan_cost(&plan[k + 1..]);
+        let cost = |m: usize| self.cache.append_cost(seq, m).map_or(usize::MAX, |c| c.saturating_add(others));
+        // The longest m in 1..n that fits (costs grow with m).
+        let (mut lo, mut hi) = (0, n);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(cost(mid)) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
         }
+        if lo == 0 {
+            return false;
+        }
+        plan[k] = (i, lo);
+        true
     }
 
     /// Frees blocks (and sliding-window pages) until the plan fits the pool
@@ -557,6 +589,14 @@ impl EngineCore {
             }
             let Some(victim) = self.victim(None) else { return false };
             if self.running.len() == 1 {
+                // Alone and short of pages only for this chunk's length:
+                // shorter chunks.
+                let blocks = self.cache.stats().available_blocks();
+                if let Some(k) = plan.iter().position(|&(_, n)| n > 1) {
+                    if self.shrink_chunk(plan, k, |cost| cost <= available && cost <= blocks) {
+                        continue;
+                    }
+                }
                 // Alone and still short: pinned agents hold the rest.
                 let a = self.take_running(victim, plan);
                 let err = Error::CacheFull { needed: need, available };

@@ -70,7 +70,8 @@ pub struct EngineConfig {
     /// Share of the pool one tenant's pinned agents may hold (0 to 1).
     /// Pinning past it is refused (`PinLimit`); a pinned agent whose turn
     /// takes its tenant past it becomes evictable. The same share of the
-    /// disk tier's budget bounds their records there.
+    /// disk tier's budget bounds their records there, and of a hybrid
+    /// model's sliding-window pages the pages their windows hold.
     pub max_pinned_share: f64,
     /// Share of the pool (and of the disk tier's budget) all tenants'
     /// pinned agents may hold together (0 to 1): two tenants each within

@@ -33,7 +33,9 @@ pub(crate) struct ServeArgs {
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, env = "KVSERVE_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
-    /// Block quotas per tenant, `TENANT:BLOCKS`, comma-separated or repeated.
+    /// Block quotas per tenant, `TENANT:BLOCKS`, comma-separated or repeated
+    /// (a hybrid model's sliding-window pages count too, each as the blocks
+    /// its bytes make).
     #[arg(long = "tenant-quota", env = "KVSERVE_TENANT_QUOTAS", value_delimiter = ',')]
     tenant_quotas: Vec<String>,
     /// Highest priority a client may give a request or agent (from -1000);

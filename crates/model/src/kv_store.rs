@@ -33,9 +33,10 @@
 //! * **sliding layers**: a smaller set of *pages*, each holding one block's
 //!   sliding-layer K/V, mapped from block ids on demand. A block gets a page
 //!   when the first token is written into it; it keeps it while any live
-//!   sequence's window covers it (the engine reports the live windows after
-//!   every step, [`PagedKvStore::keep_windows`], and a step protects its own
-//!   reads and writes); after that the page stays as it is, reclaimable,
+//!   sequence's window covers it (the engine reports the live windows before
+//!   every step and every import from the tiers,
+//!   [`PagedKvStore::keep_windows`], and a step protects its own reads and
+//!   writes); after that the page stays as it is, reclaimable,
 //!   least recently used first, when a new block needs one. So a finished
 //!   turn's last window stays until memory is short, which is exactly what
 //!   its continuation (the agent's next turn, a shared prefix's next user)
@@ -53,7 +54,15 @@
 //! (a sliding layer's run read from the block's page, zeros without one)
 //! followed by 8 bytes: 1 (little-endian u64) when the sliding runs are the
 //! block's, 0 when it had no page. Import restores the page when the flag
-//! says so (if one can be had).
+//! says so (if one can be had); a block that comes back behind the window
+//! its sequence will read from next is imported without it
+//! ([`PagedKvStore::import_block_outside_window`]), so bringing back a long
+//! history takes a window's pages, not one per block.
+//!
+//! Pages are memory as blocks are, and the engine plans with them
+//! ([`PagedKvStore::window_pages`]: what live windows hold, so what no new
+//! block can have; [`PagedKvStore::window_blocks`]: the most one window
+//! holds).
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use kv::{BlockCopy, BlockId, BlockStorage, CacheSpec, KvDType, Slot};
@@ -300,6 +309,12 @@ impl SlidingPages {
         Some(p)
     }
 
+    /// The most blocks one window spans: its `window − 1` earlier positions
+    /// from any offset in a block.
+    fn window_blocks(&self, bs: usize) -> usize {
+        (self.window - 1).div_ceil(bs) + 1
+    }
+
     /// The pages held by the window a sequence with `computed` tokens reads
     /// from next (its blocks that lost their page are skipped).
     fn window_pages<'t>(
@@ -413,6 +428,12 @@ impl PagedKvStore {
         Some(Self::assemble(spec, layers, Some(sliding)))
     }
 
+    /// The most pages one sequence's window holds (hybrid stores): a
+    /// sequence never keeps more once its step is over.
+    pub fn window_blocks(&self) -> Option<usize> {
+        self.sliding.as_ref().map(|sp| sp.window_blocks(self.block_size))
+    }
+
     /// Sliding-window pages (hybrid stores): how many in all, how many hold
     /// a block.
     pub fn pages(&self) -> Option<(usize, usize)> {
@@ -470,14 +491,16 @@ impl PagedKvStore {
         Ok(())
     }
 
-    /// After a step: the windows live sequences will read from next, each a
-    /// block table and the count of computed tokens. Their pages are kept;
-    /// pages of no live window become reclaimable (least recently used
-    /// first).
+    /// Before a step (or an import): the windows live sequences will read
+    /// from next, each a block table and the count of computed tokens. Their
+    /// pages are kept; pages of no live window become reclaimable (least
+    /// recently used first), those the last step used included: the copies
+    /// and imports that follow may take them.
     pub fn keep_windows<'a>(&mut self, live: impl IntoIterator<Item = (&'a kv::BlockTable, usize)>) {
         let bs = self.block_size;
         let Some(sp) = self.sliding.as_mut() else { return };
         sp.round += 1;
+        sp.step += 1;
         for (table, computed) in live {
             for p in sp.window_pages(table, computed, bs).collect::<Vec<_>>() {
                 sp.live[p] = sp.round;
@@ -535,6 +558,53 @@ impl PagedKvStore {
             (Some(sp), true) => sp.page(block),
             _ => Some(block.index()),
         }
+    }
+
+    /// [`BlockStorage::import_block`] for a block its sequence will not
+    /// read through a sliding window again (it lies behind the window the
+    /// next token reads): the full layers only, no page taken. The block's
+    /// sliding K/V is lost, so a later cut inside its window recomputes.
+    ///
+    /// # Errors
+    /// As [`BlockStorage::import_block`].
+    pub fn import_block_outside_window(&mut self, block: BlockId, data: &[u8]) -> kv::Result<()> {
+        self.import(block, data, false)
+    }
+
+    fn import(&mut self, block: BlockId, data: &[u8], keep_window: bool) -> kv::Result<()> {
+        self.check(block)?;
+        if data.len() != self.block_bytes() {
+            return Err(kv::Error::PayloadLength { expected: self.block_bytes(), got: data.len() });
+        }
+        let bytes = self.run() * self.dtype.size() as usize;
+        let (runs, flag) = data.split_at(self.layers.len() * 2 * bytes);
+        let with_sliding = keep_window && flag.first().is_some_and(|&f| f == 1);
+        let run = self.run();
+        let page = match self.sliding.as_mut() {
+            Some(sp) if with_sliding => sp.ensure(block),
+            Some(sp) => {
+                // The block's sliding K/V did not travel (or is not wanted):
+                // any page it held belongs to its old contents.
+                if let Some(p) = sp.page(block) {
+                    sp.page_of[block.index()] = NONE;
+                    sp.block_of[p] = NONE;
+                    sp.free.push(p as u32);
+                }
+                None
+            }
+            None => None,
+        };
+        for (layer, data) in self.layers.iter_mut().zip(runs.chunks_exact(2 * bytes)) {
+            let (k, v) = data.split_at(bytes);
+            let at = match (layer.paged, page) {
+                (false, _) => block.index() * run,
+                (true, Some(p)) => p * run,
+                (true, None) => continue,
+            };
+            layer.k.import(at, k);
+            layer.v.import(at, v);
+        }
+        Ok(())
     }
 
     /// Tokens per block.
@@ -664,39 +734,7 @@ impl BlockStorage for PagedKvStore {
     }
 
     fn import_block(&mut self, block: BlockId, data: &[u8]) -> kv::Result<()> {
-        self.check(block)?;
-        if data.len() != self.block_bytes() {
-            return Err(kv::Error::PayloadLength { expected: self.block_bytes(), got: data.len() });
-        }
-        let bytes = self.run() * self.dtype.size() as usize;
-        let (runs, flag) = data.split_at(self.layers.len() * 2 * bytes);
-        let with_sliding = flag.first().is_some_and(|&f| f == 1);
-        let run = self.run();
-        let page = match self.sliding.as_mut() {
-            Some(sp) if with_sliding => sp.ensure(block),
-            Some(sp) => {
-                // The block's sliding K/V did not travel: any page it held
-                // belongs to its old contents.
-                if let Some(p) = sp.page(block) {
-                    sp.page_of[block.index()] = NONE;
-                    sp.block_of[p] = NONE;
-                    sp.free.push(p as u32);
-                }
-                None
-            }
-            None => None,
-        };
-        for (layer, data) in self.layers.iter_mut().zip(runs.chunks_exact(2 * bytes)) {
-            let (k, v) = data.split_at(bytes);
-            let at = match (layer.paged, page) {
-                (false, _) => block.index() * run,
-                (true, Some(p)) => p * run,
-                (true, None) => continue,
-            };
-            layer.k.import(at, k);
-            layer.v.import(at, v);
-        }
-        Ok(())
+        self.import(block, data, true)
     }
 
     fn copy_block(&mut self, copy: BlockCopy) -> kv::Result<()> {
@@ -706,11 +744,17 @@ impl BlockStorage for PagedKvStore {
         if n > self.block_size {
             return Err(kv::Error::PayloadLength { expected: self.block_size, got: n });
         }
-        // The sliding runs travel when the source has them and a page can
-        // be had for the copy.
+        // The sliding runs travel when the source has them; the copy is
+        // written into next, so it needs a page like any written block.
         let pages = match self.sliding.as_mut() {
             Some(sp) => match sp.page(copy.src) {
-                Some(src) => sp.ensure(copy.dst).map(|dst| (src, dst)),
+                Some(src) => match sp.ensure(copy.dst) {
+                    Some(dst) => Some((src, dst)),
+                    None => {
+                        let (pages, free) = (sp.block_of.len(), sp.free.len());
+                        return Err(kv::Error::Exhausted { requested: 1, available: free.min(pages) });
+                    }
+                },
                 None => None,
             },
             None => None,
@@ -901,6 +945,11 @@ mod tests {
         let err = step(&mut s, &mut cache, c, 8);
         assert!(err.is_err(), "every page is in a live window or in this step: a typed error, not a stolen page");
         assert_eq!(s.usable_prefix(&tb, 16), 16, "b's window still intact");
+        // A copy-on-write needs a page for the copy too: without one it is
+        // the same typed error, not a copy missing its sliding K/V.
+        let src = tb.blocks()[tb.blocks().len() - 1];
+        let copy = kv::BlockCopy { src, dst: BlockId::new(30), tokens: 2 };
+        assert!(matches!(s.copy_block(copy), Err(kv::Error::Exhausted { .. })));
     }
 
     #[test]
@@ -922,6 +971,14 @@ mod tests {
         let mut again = vec![0u8; n];
         s.export_block(other, &mut again).expect("export");
         assert_eq!(out, again, "bit for bit, sliding runs included");
+        // Behind its sequence's window, only the full layers come back and
+        // no page is taken, whatever the flag says.
+        let held = s.pages().expect("hybrid").1;
+        s.import_block_outside_window(BlockId::new(7), &out).expect("import");
+        assert_eq!(s.pages().expect("hybrid").1, held, "no page taken");
+        let (mut k, mut v) = (vec![0.0; 8], vec![0.0; 8]);
+        assert!(s.load(0, BlockId::new(7), 0, &mut k, &mut v).is_err());
+        s.load(1, BlockId::new(7), 0, &mut k, &mut v).expect("full layer");
         // Without the flag, only the full layers come back.
         out[n - 8..].copy_from_slice(&0u64.to_le_bytes());
         s.import_block(BlockId::new(6), &out).expect("import");

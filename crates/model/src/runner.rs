@@ -86,10 +86,24 @@ pub trait Model: Send {
         let _ = live;
         None
     }
+    /// The most sliding-window pages one sequence's window holds once its
+    /// step is over (hybrid models).
+    fn window_blocks(&self) -> Option<usize> {
+        None
+    }
     /// K/V bytes the storage keeps per block id and per sliding-window
     /// page: a plain store keeps every layer per block and has no pages.
     fn kv_bytes(&self) -> (u64, u64) {
         (self.spec().bytes_per_block(), 0)
+    }
+    /// Imports a block its sequence will not read through a sliding window
+    /// again: a hybrid model keeps its full layers only and takes no page
+    /// for it. Otherwise [`BlockStorage::import_block`].
+    ///
+    /// # Errors
+    /// As [`BlockStorage::import_block`].
+    fn import_block_outside_window(&mut self, block: kv::BlockId, data: &[u8]) -> kv::Result<()> {
+        self.storage().import_block(block, data)
     }
 }
 
@@ -359,8 +373,16 @@ impl Model for PagedLlama {
         self.store.window_pages(live.iter().copied())
     }
 
+    fn window_blocks(&self) -> Option<usize> {
+        self.store.window_blocks()
+    }
+
     fn kv_bytes(&self) -> (u64, u64) {
         (self.store.bytes_per_block() as u64, self.store.page_bytes() as u64)
+    }
+
+    fn import_block_outside_window(&mut self, block: kv::BlockId, data: &[u8]) -> kv::Result<()> {
+        self.store.import_block_outside_window(block, data)
     }
 }
 

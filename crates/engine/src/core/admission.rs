@@ -189,17 +189,31 @@ impl EngineCore {
                 }
             }
         }
-        let n = (a.tokens.len() - reused).min(budget);
-        let cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
-        let needed = self.plan_cost(plan).saturating_add(cost);
-        let available = self.available_blocks();
-        if needed > available {
+        let mut n = (a.tokens.len() - reused).min(budget);
+        let planned = self.plan_cost(plan);
+        let mut cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
+        let blocks = self.cache.stats().available_blocks();
+        if planned.saturating_add(cost) > blocks {
             let _ = self.cache.remove(seq);
-            return Admission::Short { request: a, needed, available };
+            return Admission::Short { request: a, needed: planned.saturating_add(cost), available: blocks };
         }
-        let quota = self.quota_need(&a.owner, plan);
-        let charged = self.charge(cost, cost);
-        if let Some((quota, _)) = quota.filter(|&(q, need)| need.saturating_add(charged) > q as usize) {
+        // A hybrid model's pages are only needed while a chunk is written:
+        // short of them, a shorter first chunk.
+        if let Some(pages) = self.free_pages().filter(|&p| planned.saturating_add(cost) > p) {
+            let fits = |m: usize| self.cache.append_cost(seq, m).is_ok_and(|c| planned.saturating_add(c) <= pages);
+            match (1..n).rev().step_by(bs).chain([1]).find(|&m| fits(m)) {
+                Some(m) => {
+                    n = m;
+                    cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
+                }
+                None => {
+                    let _ = self.cache.remove(seq);
+                    return Admission::Short { request: a, needed: planned.saturating_add(cost), available: pages };
+                }
+            }
+        }
+        let quota = self.quota_need(&a.owner, plan, cost);
+        if let Some((quota, _)) = quota.filter(|&(q, need)| need > q as usize) {
             let _ = self.cache.remove(seq);
             return Admission::OverQuota { request: a, quota };
         }
@@ -273,17 +287,26 @@ impl EngineCore {
     }
 
     /// The owner's quota and the blocks it would hold after its share of
-    /// `plan` ([`EngineCore::charge`]: sliding-window pages included);
-    /// `None` without a quota. Counts every planned block as new to the
-    /// owner (a copy-on-write of a block it alone held costs it nothing),
-    /// each with a page on a hybrid model (the step writes every one), so a
-    /// plan that passes never meets a quota refusal.
-    pub(super) fn quota_need(&self, owner: &OwnerId, plan: &[(usize, usize)]) -> Option<(u32, usize)> {
+    /// `plan` and `extra` more new blocks ([`EngineCore::charge`]: sliding-
+    /// window pages included); `None` without a quota. Counts every planned
+    /// block as new to the owner (a copy-on-write of a block it alone held
+    /// costs it nothing), so a plan that passes never meets a quota refusal.
+    /// On a hybrid model each new block may bring a page, but after the step
+    /// a sequence's window holds at most [`model::Model::window_blocks`]
+    /// pages: what a tenant holds, not how long its chunks are, decides.
+    pub(super) fn quota_need(&self, owner: &OwnerId, plan: &[(usize, usize)], extra: usize) -> Option<(u32, usize)> {
         let usage = self.cache.owner_usage(owner);
         let quota = usage.quota?;
         let own: Vec<(usize, usize)> = plan.iter().copied().filter(|&(i, _)| &self.running[i].owner == owner).collect();
-        let new = self.plan_cost(&own);
-        Some((quota, self.charge(usage.held_blocks as usize + new, self.owner_pages(owner) + new)))
+        let new = self.plan_cost(&own).saturating_add(extra);
+        let pages = match self.model.window_blocks() {
+            Some(per_window) => {
+                let (held, seqs) = self.owner_pages(owner);
+                held.saturating_add(new).min(seqs.saturating_mul(per_window))
+            }
+            None => 0,
+        };
+        Some((quota, self.charge(usage.held_blocks as usize + new, pages)))
     }
 
     /// What `blocks` blocks and `pages` sliding-window pages count against
@@ -300,20 +323,26 @@ impl EngineCore {
     }
 
     /// Sliding-window pages the windows of `owner`'s sequences hold (its
-    /// running requests and its agents'), each counted once; 0 on a plain
-    /// model.
-    fn owner_pages(&self, owner: &OwnerId) -> usize {
-        if !self.model.tracks_windows() {
-            return 0;
-        }
+    /// running requests and its agents'), each counted once, and how many
+    /// sequences it has; 0 pages on a plain model.
+    fn owner_pages(&self, owner: &OwnerId) -> (usize, usize) {
         let ids = self.cache.sequence_ids_of(owner);
-        self.model.window_pages(&super::windows(&self.cache, &ids)).map_or(0, |(held, _)| held)
+        if !self.model.tracks_windows() {
+            return (0, ids.len());
+        }
+        let held = self.model.window_pages(&super::windows(&self.cache, &ids)).map_or(0, |(held, _)| held);
+        (held, ids.len())
     }
 
     /// The first tenant in `plan` whose planned blocks exceed its quota.
     pub(super) fn over_quota(&self, plan: &[(usize, usize)]) -> Option<(OwnerId, u32)> {
+        let mut seen: Vec<&OwnerId> = Vec::new();
         plan.iter().map(|&(i, _)| &self.running[i].owner).find_map(|owner| {
-            let (quota, need) = self.quota_need(owner, plan)?;
+            if seen.contains(&owner) {
+                return None;
+            }
+            seen.push(owner);
+            let (quota, need) = self.quota_need(owner, plan, 0)?;
             (need > quota as usize).then(|| (owner.clone(), quota))
         })
     }

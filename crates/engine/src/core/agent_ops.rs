@@ -165,7 +165,7 @@ impl EngineCore {
 
     pub(crate) fn agent_info(&self, key: &AgentKey) -> Option<AgentInfo> {
         let mut info = self.agents.info(key, self.agent_blocks(key), self.block_locations(key))?;
-        info.sliding_pages_held = self.agent_pages(&[key]).map(|(held, _)| held);
+        info.window_pages = self.agent_pages(&[key]).map(|(held, _)| held);
         Some(info)
     }
 

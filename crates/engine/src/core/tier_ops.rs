@@ -145,10 +145,12 @@ impl EngineCore {
             return TierReuse::Extended(0);
         }
         let ns = self.namespace(&a.req.req.tenant);
-        let mut room = self.available_blocks().saturating_sub(self.plan_cost(plan));
-        if let Some((quota, need)) = self.quota_need(&a.owner, plan) {
-            // Each block brought back may bring its page too.
-            room = room.min((quota as usize).saturating_sub(need) / self.charge(1, 1));
+        // Only the last window's blocks come back with their pages
+        // (`import_blocks`), so pages do not limit how many blocks do.
+        let mut room = self.cache.stats().available_blocks().saturating_sub(self.plan_cost(plan));
+        if let Some((quota, need)) = self.quota_need(&a.owner, plan, 0) {
+            let window = self.charge(0, self.model.window_blocks().unwrap_or(0));
+            room = room.min((quota as usize).saturating_sub(need.saturating_add(window)));
         }
         let promoted = self.promote_from_ram(a, seq, ns, hashes, len / bs, room);
         let next = len / bs + promoted;
@@ -209,13 +211,8 @@ impl EngineCore {
         // The append may have evicted blocks it now reuses: keep their
         // payloads before importing over them.
         self.stash_evicted();
-        self.protect_windows();
-        let storage = self.model.storage();
-        let imported = taken
-            .iter()
-            .enumerate()
-            .take_while(|(j, (_, p))| storage.import_block(appended.slots[j * bs].block, p).is_ok())
-            .count();
+        let blocks: Vec<BlockId> = (0..taken.len()).map(|j| appended.slots[j * bs].block).collect();
+        let imported = self.import_blocks(&blocks, taken.iter().map(|(_, p)| p.as_slice()));
         let upto = from + imported * bs;
         let _ = self.cache.mark_computed(seq, upto);
         if imported < taken.len() {
@@ -329,6 +326,29 @@ impl EngineCore {
         }
     }
 
+    /// Imports `payloads` into a sequence's last `blocks`, in order, until one
+    /// fails; returns how many went in. On a hybrid model only the blocks
+    /// the sequence's next window reads (the last
+    /// [`model::Model::window_blocks`]) take a page for their sliding K/V:
+    /// a long history comes back with one window's pages, not one per block.
+    fn import_blocks<'p>(&mut self, blocks: &[BlockId], payloads: impl Iterator<Item = &'p [u8]>) -> usize {
+        self.protect_windows();
+        let keep_from = blocks.len().saturating_sub(self.model.window_blocks().unwrap_or(blocks.len()));
+        let mut imported = 0;
+        for (j, (&block, p)) in blocks.iter().zip(payloads).enumerate() {
+            let done = if j >= keep_from {
+                self.model.storage().import_block(block, p)
+            } else {
+                self.model.import_block_outside_window(block, p)
+            };
+            if done.is_err() {
+                break;
+            }
+            imported += 1;
+        }
+        imported
+    }
+
     /// Imports what a load brought (its verified prefix), publishes it, cuts
     /// the rest, and lets the request run.
     fn finish_load(&mut self, id: ProducerId, timed_out: bool) {
@@ -337,21 +357,14 @@ impl EngineCore {
         let Some(i) = self.loading.iter().position(|a| a.id == load.request) else { return };
         let mut a = self.loading.swap_remove(i);
         let bs = self.block_size();
-        self.protect_windows();
-        let storage = self.model.storage();
-        let mut imported = 0;
-        for (j, r) in load.results.iter().enumerate() {
-            match r {
-                Some(Ok(p)) if storage.import_block(load.blocks[j], p.bytes()).is_ok() => imported += 1,
-                Some(Err(reject)) => {
-                    if reject.is_corrupt() {
-                        self.tiers.counters.load_rejects += 1;
-                    }
-                    break;
-                }
-                _ => break,
+        let verified: Vec<&[u8]> =
+            load.results.iter().map_while(|r| r.as_ref()?.as_ref().ok().map(|p| p.bytes())).collect();
+        if let Some(Some(Err(reject))) = load.results.get(verified.len()) {
+            if reject.is_corrupt() {
+                self.tiers.counters.load_rejects += 1;
             }
         }
+        let imported = self.import_blocks(&load.blocks[..verified.len()], verified.into_iter());
         let upto = load.base + imported * bs;
         let _ = self.cache.mark_computed(load.seq, upto);
         let _ = self.cache.truncate(load.seq, upto);

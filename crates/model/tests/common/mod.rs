@@ -96,6 +96,9 @@ pub fn llama_cpp_agreement(model: &LlamaModel, cases: &serde_json::Value) -> Agr
                 }
             }
             got.push(t);
+            if t != want[step] {
+                break; // the continuations parted: the prefix is known
+            }
             next = vec![t];
         }
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
