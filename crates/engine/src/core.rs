@@ -583,21 +583,22 @@ impl EngineCore {
             if need <= available {
                 return !plan.is_empty();
             }
+            // Short of pages but not of blocks: a prefill chunk holds pages
+            // only while it is written, so a shorter one (the last in the
+            // plan) goes before anything is released or preempted.
+            if need <= self.cache.stats().available_blocks() {
+                if let Some(k) = plan.iter().rposition(|&(_, n)| n > 1) {
+                    if self.shrink_chunk(plan, k, |cost| cost <= available) {
+                        continue;
+                    }
+                }
+            }
             if let Some(key) = self.agents.release_candidate(None, None) {
                 self.release_for_room(&key);
                 continue;
             }
             let Some(victim) = self.victim(None) else { return false };
             if self.running.len() == 1 {
-                // Alone and short of pages only for this chunk's length:
-                // shorter chunks.
-                let blocks = self.cache.stats().available_blocks();
-                if let Some(k) = plan.iter().position(|&(_, n)| n > 1) {
-                    if self.shrink_chunk(plan, k, |cost| cost <= available && cost <= blocks) {
-                        continue;
-                    }
-                }
-                // Alone and still short: pinned agents hold the rest.
                 let a = self.take_running(victim, plan);
                 let err = Error::CacheFull { needed: need, available };
                 self.end(a, End::Failed(err));
