@@ -539,32 +539,50 @@ impl EngineCore {
         Some(total.saturating_sub(held))
     }
 
-    /// Cuts `plan`'s entry `k` (a prefill chunk) to the longest chunk whose
-    /// new blocks `fits`; true if a chunk of at least one token does. A
-    /// hybrid model's pages are held for a step's every new block but kept
-    /// only for the last window, so a chunk too long for the free pages
+    /// The longest chunk of `seq`'s next tokens, shorter than `n`, whose
+    /// new blocks and `others` fit in `room`; 0 if not even one token does.
+    /// A hybrid model's pages are held for a step's every new block but
+    /// kept only for the last window, so a chunk too long for the free pages
     /// goes through as several shorter ones (the same bits: chunking never
     /// changes a row's result).
-    pub(super) fn shrink_chunk(&self, plan: &mut [(usize, usize)], k: usize, fits: impl Fn(usize) -> bool) -> bool {
-        let (i, n) = plan[k];
-        let Some(seq) = self.running[i].seq else { return false };
-        let others = self.plan_cost(&plan[..k]) + self.plan_cost(&plan[k + 1..]);
-        let cost = |m: usize| self.cache.append_cost(seq, m).map_or(usize::MAX, |c| c.saturating_add(others));
-        // The longest m in 1..n that fits (costs grow with m).
+    pub(super) fn longest_chunk(&self, seq: SeqId, n: usize, others: usize, room: usize) -> usize {
+        let fits = |m: usize| self.cache.append_cost(seq, m).is_ok_and(|c| c.saturating_add(others) <= room);
+        // Costs grow with m: the longest m in 1..n that fits.
         let (mut lo, mut hi) = (0, n);
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
-            if fits(cost(mid)) {
+            if fits(mid) {
                 lo = mid;
             } else {
                 hi = mid;
             }
         }
-        if lo == 0 {
-            return false;
+        lo
+    }
+
+    /// The shortest prefill chunk worth cutting to before an idle agent is
+    /// released for pages: one window's tokens (a chunk as long holds as
+    /// many pages as the agent's window frees). Shorter cuts come only when
+    /// no agent can be released, rather than preempting.
+    pub(super) fn least_chunk(&self) -> usize {
+        self.model.window_blocks().unwrap_or(1) * self.cache.spec().block_size()
+    }
+
+    /// Cuts a planned prefill chunk (the last one that can be cut) to the
+    /// longest that fits `room` with the rest of `plan`, if that is at
+    /// least `least` tokens; true if one was cut.
+    fn shrink_chunk(&self, plan: &mut [(usize, usize)], room: usize, least: usize) -> bool {
+        for k in (0..plan.len()).rev() {
+            let (i, n) = plan[k];
+            let Some(seq) = self.running[i].seq.filter(|_| n > 1) else { continue };
+            let others = self.plan_cost(&plan[..k]) + self.plan_cost(&plan[k + 1..]);
+            let m = self.longest_chunk(seq, n, others, room);
+            if m >= least.max(1) {
+                plan[k] = (i, m);
+                return true;
+            }
         }
-        plan[k] = (i, lo);
-        true
+        false
     }
 
     /// Frees blocks (and sliding-window pages) until the plan fits the pool
@@ -584,17 +602,19 @@ impl EngineCore {
                 return !plan.is_empty();
             }
             // Short of pages but not of blocks: a prefill chunk holds pages
-            // only while it is written, so a shorter one (the last in the
-            // plan) goes before anything is released or preempted.
-            if need <= self.cache.stats().available_blocks() {
-                if let Some(k) = plan.iter().rposition(|&(_, n)| n > 1) {
-                    if self.shrink_chunk(plan, k, |cost| cost <= available) {
-                        continue;
-                    }
-                }
+            // only while it is written, so a shorter one goes first; down to
+            // a window's length before an idle agent is released (each
+            // release frees about as much), down to one token before a
+            // request is preempted (which loses its window).
+            let pages_short = need <= self.cache.stats().available_blocks();
+            if pages_short && self.shrink_chunk(plan, available, self.least_chunk()) {
+                continue;
             }
             if let Some(key) = self.agents.release_candidate(None, None) {
                 self.release_for_room(&key);
+                continue;
+            }
+            if pages_short && self.shrink_chunk(plan, available, 1) {
                 continue;
             }
             let Some(victim) = self.victim(None) else { return false };

@@ -288,3 +288,30 @@ async fn a_prompt_longer_than_the_free_pages_prefills_in_shorter_chunks() {
     assert_eq!(o.tokens, cold.tokens);
     e.check_invariants().await.unwrap();
 }
+
+/// While idle agents hold most pages, a long prompt is not cut to a block
+/// per step for its whole length: below a window's worth of tokens per
+/// chunk, releasing an idle agent (which frees about as many pages) comes
+/// first.
+#[tokio::test]
+async fn idle_agents_give_way_before_a_prefill_crawls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_gemma(dir.path());
+    let long: String = (0..8).map(prompt).collect::<Vec<_>>().join(" ")[..200].to_string();
+    // 16 pages, 64 blocks: five idle agents' windows hold 15 pages.
+    let e = engine(&path, 24);
+    for agent in 0..5 {
+        let mut r = greedy(&prompt(agent)[..10], 4);
+        r.agent = Some(engine::AgentId::new(&format!("idle-{agent}")).unwrap());
+        assert_eq!(collect(e.generate(r).unwrap()).await.error, None);
+    }
+    let before = e.stats();
+    let o = collect(e.generate(greedy(&long, 8)).unwrap()).await;
+    assert_eq!(o.error, None);
+    let after = e.stats();
+    let steps = after.steps - before.steps;
+    // ~200 prompt tokens and 8 answers took 18 steps; cutting chunks to
+    // whatever pages were free, without releasing, took 28.
+    assert!(steps <= 22, "{steps} steps");
+    assert!(after.agent_releases > before.agent_releases, "idle agents gave way");
+}

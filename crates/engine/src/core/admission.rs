@@ -198,19 +198,18 @@ impl EngineCore {
             return Admission::Short { request: a, needed: planned.saturating_add(cost), available: blocks };
         }
         // A hybrid model's pages are only needed while a chunk is written:
-        // short of them, a shorter first chunk.
+        // short of them, a shorter first chunk, as in `make_room` (down to a
+        // window's length while an idle agent could be released instead).
         if let Some(pages) = self.free_pages().filter(|&p| planned.saturating_add(cost) > p) {
-            let fits = |m: usize| self.cache.append_cost(seq, m).is_ok_and(|c| planned.saturating_add(c) <= pages);
-            match (1..n).rev().step_by(bs).chain([1]).find(|&m| fits(m)) {
-                Some(m) => {
-                    n = m;
-                    cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
-                }
-                None => {
-                    let _ = self.cache.remove(seq);
-                    return Admission::Short { request: a, needed: planned.saturating_add(cost), available: pages };
-                }
+            let m = self.longest_chunk(seq, n, planned, pages);
+            let releasable = self.agents.release_candidate(None, a.agent.as_ref()).is_some();
+            let least = if releasable { self.least_chunk() } else { 1 };
+            if m < least {
+                let _ = self.cache.remove(seq);
+                return Admission::Short { request: a, needed: planned.saturating_add(cost), available: pages };
             }
+            n = m;
+            cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
         }
         let quota = self.quota_need(&a.owner, plan, cost);
         if let Some((quota, _)) = quota.filter(|&(q, need)| need > q as usize) {

@@ -146,8 +146,17 @@ impl EngineCore {
         }
         let ns = self.namespace(&a.req.req.tenant);
         // Only the last window's blocks come back with their pages
-        // (`import_blocks`), so pages do not limit how many blocks do.
-        let mut room = self.cache.stats().available_blocks().saturating_sub(self.plan_cost(plan));
+        // (`import_blocks`): pages limit how many blocks come back only
+        // when fewer than a window's are free (blocks without their window
+        // would be cut away again).
+        let planned = self.plan_cost(plan);
+        let mut room = self.cache.stats().available_blocks().saturating_sub(planned);
+        if let (Some(free), Some(window)) = (self.free_pages(), self.model.window_blocks()) {
+            let spare = free.saturating_sub(planned);
+            if spare < window {
+                room = room.min(spare);
+            }
+        }
         if let Some((quota, need)) = self.quota_need(&a.owner, plan, 0) {
             let window = self.charge(0, self.model.window_blocks().unwrap_or(0));
             room = room.min((quota as usize).saturating_sub(need.saturating_add(window)));
