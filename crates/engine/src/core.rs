@@ -531,12 +531,18 @@ impl EngineCore {
     /// Sliding-window pages no live window holds (hybrid models): free, or
     /// reclaimable by the step's new blocks.
     pub(super) fn free_pages(&self) -> Option<usize> {
+        let (held, total) = self.pages_held(&self.cache.sequence_ids())?;
+        Some(total.saturating_sub(held))
+    }
+
+    /// Sliding-window pages (hybrid models) the windows of sequences `seqs`
+    /// hold, each counted once, and the pages in all; `None` for other
+    /// models.
+    pub(super) fn pages_held(&self, seqs: &[SeqId]) -> Option<(usize, usize)> {
         if !self.model.tracks_windows() {
             return None;
         }
-        let ids = self.cache.sequence_ids();
-        let (held, total) = self.model.window_pages(&windows(&self.cache, &ids))?;
-        Some(total.saturating_sub(held))
+        self.model.window_pages(&windows(&self.cache, seqs))
     }
 
     /// The longest chunk of `seq`'s next tokens, shorter than `n`, whose

@@ -501,10 +501,12 @@ impl PagedKvStore {
         let Some(sp) = self.sliding.as_mut() else { return };
         sp.round += 1;
         sp.step += 1;
+        let mut kept = Vec::new();
         for (table, computed) in live {
-            for p in sp.window_pages(table, computed, bs).collect::<Vec<_>>() {
-                sp.live[p] = sp.round;
-            }
+            kept.extend(sp.window_pages(table, computed, bs));
+        }
+        for p in kept {
+            sp.live[p] = sp.round;
         }
     }
 

@@ -192,21 +192,22 @@ impl EngineCore {
         let mut n = (a.tokens.len() - reused).min(budget);
         let planned = self.plan_cost(plan);
         let mut cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
+        let needed = planned.saturating_add(cost);
         let blocks = self.cache.stats().available_blocks();
-        if planned.saturating_add(cost) > blocks {
+        if needed > blocks {
             let _ = self.cache.remove(seq);
-            return Admission::Short { request: a, needed: planned.saturating_add(cost), available: blocks };
+            return Admission::Short { request: a, needed, available: blocks };
         }
         // A hybrid model's pages are only needed while a chunk is written:
         // short of them, a shorter first chunk, as in `make_room` (down to a
         // window's length while an idle agent could be released instead).
-        if let Some(pages) = self.free_pages().filter(|&p| planned.saturating_add(cost) > p) {
+        if let Some(pages) = self.free_pages().filter(|&p| needed > p) {
             let m = self.longest_chunk(seq, n, planned, pages);
             let releasable = self.agents.release_candidate(None, a.agent.as_ref()).is_some();
             let least = if releasable { self.least_chunk() } else { 1 };
             if m < least {
                 let _ = self.cache.remove(seq);
-                return Admission::Short { request: a, needed: planned.saturating_add(cost), available: pages };
+                return Admission::Short { request: a, needed, available: pages };
             }
             n = m;
             cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
@@ -326,11 +327,7 @@ impl EngineCore {
     /// sequences it has; 0 pages on a plain model.
     fn owner_pages(&self, owner: &OwnerId) -> (usize, usize) {
         let ids = self.cache.sequence_ids_of(owner);
-        if !self.model.tracks_windows() {
-            return (0, ids.len());
-        }
-        let held = self.model.window_pages(&super::windows(&self.cache, &ids)).map_or(0, |(held, _)| held);
-        (held, ids.len())
+        (self.pages_held(&ids).map_or(0, |(held, _)| held), ids.len())
     }
 
     /// The first tenant in `plan` whose planned blocks exceed its quota.

@@ -271,11 +271,8 @@ impl EngineCore {
     /// Sliding-window pages (hybrid models) the windows of `keys`' held
     /// conversations hold, each counted once, and the pages in all.
     fn agent_pages(&self, keys: &[&AgentKey]) -> Option<(usize, usize)> {
-        if !self.model.tracks_windows() {
-            return None;
-        }
         let seqs: Vec<_> = keys.iter().filter_map(|k| self.agents.get(k)?.seq).collect();
-        self.model.window_pages(&super::windows(&self.cache, &seqs))
+        self.pages_held(&seqs)
     }
 
     /// After a turn of `key`: if it is pinned and pinned agents now hold
