@@ -106,31 +106,13 @@ fn log_probabilities_and_greedy_continuations_agree_with_llama_cpp() {
     let text = LlamaText::from_gguf(&file).unwrap();
     let model = LlamaModel::load(&file, &Device::Cpu).unwrap();
     let cases: Value = serde_json::from_str(include_str!("data/gemma3_greedy.json")).unwrap();
-    for case in cases.as_array().unwrap() {
-        let prompt = text.encode_prompt(case["prompt"].as_str().unwrap()).unwrap();
-        assert_eq!(prompt, ids(&case["prompt_ids"]), "the prompt tokenizes as llama.cpp's");
-    }
+    common::assert_prompts_tokenize_as_llama_cpp(&cases, |p| text.encode_prompt(p).unwrap());
     let a = common::llama_cpp_agreement(&model, &cases);
-    let (all, five) = (a.at_least(16), a.prefixes[..5].iter().filter(|&&p| p >= 16).count());
-    eprintln!(
-        "{all} of 25 prompts agree on 16 tokens ({five} of the first 5); log-probability difference (tokens above e^-4): mean {:.4}, largest {:.4}\n{}",
-        a.mean, a.worst, a.report
-    );
-    // Where the first token differs, llama.cpp's is a near-tie of ours:
-    // closer than llama.cpp's two attention paths differ on one token
-    // (0.27 nats at most).
-    assert!(a.first_gaps.iter().all(|&g| g < 0.3), "first tokens part by {:?} nats:\n{}", a.first_gaps, a.report);
-    // Storing K/V as f32 instead of f16 alone moves these by up to 0.26,
-    // and summing attention scores in one chain instead of four moved one
-    // token by 0.44: a single token's distance is chaotic, so its bound
-    // only catches what moves whole nats.
-    assert!(
-        a.mean < 0.12 && a.worst < 0.75,
-        "log-probabilities differ from llama.cpp's: mean {}, largest {}",
-        a.mean,
-        a.worst
-    );
-    assert!(all >= 12, "{all} of 25 prompts agree on 16 tokens:\n{}", a.report);
+    eprintln!("the issue's five prompts: {} agree on 16 tokens", a.prefixes[..5].iter().filter(|&&p| p >= 16).count());
+    // A first token that differs is closer than llama.cpp's two attention
+    // paths differ on one token (0.27 nats at most); 12 of 25 is how often
+    // they agree with each other.
+    a.assert_at_floor(0.3, 12);
 }
 
 mod fuzz {
