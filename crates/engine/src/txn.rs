@@ -14,7 +14,10 @@
 //!      the old one, which a later entry's append may evict and reuse.
 //! 2. **Forward**: the model runs the ragged batch, writing every new
 //!    token's K/V into its slot.
-//! 3. **Mark computed**: full blocks are published to the prefix index.
+//! 3. **Mark computed**: full blocks are published to the prefix index. A
+//!    new block takes the place of an indexed copy of the same tokens that
+//!    lost its sliding-window K/V (hybrid models): that copy would send
+//!    every later user of the prefix back to recomputing it.
 //!
 //! If any step fails, every sequence appended to is truncated back to its
 //! length before the step, so the cache is as it was (blocks the failed
@@ -91,7 +94,8 @@ fn transact(
         return Err(model::Error::InvalidBatch(format!("{} logit rows for {} sequences", logits.len(), work.len())));
     }
     for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
-        cache.mark_computed(seq, start + tokens.len())?;
+        let whole = |b| model.holds_window_kv(b);
+        cache.mark_computed_superseding(seq, start + tokens.len(), |indexed, ours| !whole(indexed) && whole(ours))?;
     }
     Ok(logits)
 }

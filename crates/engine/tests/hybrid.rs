@@ -80,6 +80,16 @@ async fn a_prefix_whose_window_pages_were_reclaimed_is_recomputed_and_answers_th
     assert_eq!(after.error, None);
     assert_eq!(after.tokens, cold.tokens, "the same tokens, recomputed where the window K/V was gone");
     assert!(after.usage.cached_tokens < 36, "the adoption was cut back: {:?}", after.usage);
+
+    // The recomputed blocks took the place of those without window K/V in
+    // the prefix index, so the prefix's next user reuses it. (Before, the
+    // page-less blocks stayed indexed and every later user recomputed.)
+    let other = format!("{} once more", prompt(0));
+    let cold_other = collect(engine(&path, 24).generate(greedy(&other, 12)).unwrap()).await;
+    let again = collect(busy.generate(greedy(&other, 12)).unwrap()).await;
+    assert_eq!(again.error, None);
+    assert_eq!(again.tokens, cold_other.tokens, "the same tokens from the recomputed blocks");
+    assert!(again.usage.cached_tokens >= 36, "the recomputed prefix is reused: {:?}", again.usage);
 }
 
 fn tiered(path: &std::path::Path, dir: &std::path::Path) -> EngineHandle {

@@ -315,6 +315,26 @@ impl KvCache {
     /// [`Error::UnknownSequence`], or [`Error::ComputedBeyondEnd`] if `upto`
     /// exceeds the sequence's length.
     pub fn mark_computed(&mut self, id: SeqId, upto: usize) -> Result<()> {
+        self.mark_computed_superseding(id, upto, |_, _| false)
+    }
+
+    /// [`KvCache::mark_computed`], letting the sequence's new full blocks
+    /// replace worse copies in the prefix index: where another block is
+    /// published under a new block's address, `supersede(indexed, new)`
+    /// says whether `new` takes its place. The one it replaces keeps its
+    /// holders and is freed, not cached, once they let go. A hybrid
+    /// model's engine replaces copies that lost their sliding-window K/V,
+    /// which otherwise would stay indexed and send every later user of the
+    /// prefix back to recomputing it.
+    ///
+    /// # Errors
+    /// As [`KvCache::mark_computed`].
+    pub fn mark_computed_superseding(
+        &mut self,
+        id: SeqId,
+        upto: usize,
+        mut supersede: impl FnMut(BlockId, BlockId) -> bool,
+    ) -> Result<()> {
         let bs = self.bs();
         let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
         if upto > seq.tokens.len() {
@@ -332,7 +352,14 @@ impl KvCache {
             seq.hashes.push(hash);
             if let Some(block) = b.checked_sub(seq.table.first_block()).map(|i| seq.table.blocks()[i]) {
                 let key = BlockKey { hash, parent, ns: seq.ns, tokens: tokens.into() };
-                self.pool.publish(block, key);
+                match self.pool.indexed(hash) {
+                    Some(old) if old != block && !self.pool.is_published(block) && supersede(old, block) => {
+                        self.pool.supersede(old, block, key);
+                    }
+                    _ => {
+                        self.pool.publish(block, key);
+                    }
+                }
             }
         }
         self.release_out_of_window(id);

@@ -17,8 +17,11 @@
 //! the most-recent end of the LRU and an unpublished one to the free list.
 //! Callers release a sequence's blocks tail first, so within a chain the tail
 //! is always older than its parent and eviction eats chains from the tail:
-//! the surviving part of a chain stays a usable prefix. All operations are
-//! O(1) except lookup verification, which is O(block size).
+//! the surviving part of a chain stays a usable prefix. A published block
+//! can lose its address to a new copy of the same tokens that the caller
+//! prefers (`supersede`); it then leaves as an unpublished block would.
+//! All operations are O(1) except lookup verification, which is O(block
+//! size).
 //!
 //! `refs` is the sum of the holder counts; each holder is an owner slot with
 //! the number of references it has, which is how owners' distinct-block
@@ -237,6 +240,30 @@ impl BlockPool {
         self.index.insert(key.hash, id);
         meta.key = Some(Box::new(key));
         true
+    }
+
+    /// The block published under `hash`, if any.
+    pub(crate) fn indexed(&self, hash: BlockHash) -> Option<BlockId> {
+        self.index.get(&hash).copied()
+    }
+
+    /// Publishes the unpublished used block `id` under `key` in place of
+    /// `old`, the block published there now, whose copy the caller found
+    /// worse (a hybrid model's that lost its sliding-window K/V). `old`
+    /// keeps its holders but loses its address: a cached one goes to the
+    /// free list at once, a used one when its last holder releases it. Not
+    /// an eviction: nothing is reported, since `id` holds the same content.
+    pub(crate) fn supersede(&mut self, old: BlockId, id: BlockId, key: BlockKey) {
+        debug_assert_eq!(self.index.get(&key.hash), Some(&old));
+        debug_assert!(old != id && self.blocks[id.index()].key.is_none() && self.blocks[id.index()].refs > 0);
+        let stale = &mut self.blocks[old.index()];
+        stale.key = None;
+        if stale.refs == 0 {
+            self.lru.remove(old.get());
+            self.free.push(old);
+        }
+        self.index.insert(key.hash, id);
+        self.blocks[id.index()].key = Some(Box::new(key));
     }
 
     /// The cached or used block with exactly this content, if any.

@@ -400,3 +400,50 @@ fn evict_cached_moves_only_unreferenced_blocks_out() {
     assert_eq!((st.free_blocks, st.cached_blocks, st.evictions), (4, 0, 2));
     c.check_invariants().unwrap();
 }
+
+/// A block computed again (its cached copy was unusable to the caller)
+/// takes the old copy's place in the prefix index when asked: later
+/// lookups adopt the new block; the old one, cached or still held, is
+/// freed rather than cached once nobody holds it.
+#[test]
+fn a_recomputed_block_supersedes_its_older_copy_when_asked() {
+    let mut c = cache(8, 4);
+    let a = owner("a");
+    let tokens = [1, 2, 3, 4, 5, 6, 7, 8];
+    // `old` holds the first copy (used); a cached copy of the second block
+    // goes with it when `old` is removed below.
+    let old = computed_seq(&mut c, &a, &tokens);
+    let old_blocks = c.block_table(old).unwrap().blocks().to_vec();
+    // A second sequence computes the same tokens without adopting them.
+    let new = c.create_sequence(&a, ns());
+    c.append(new, &tokens).unwrap();
+    let new_blocks = c.block_table(new).unwrap().blocks().to_vec();
+    assert!(new_blocks.iter().all(|b| !old_blocks.contains(b)));
+    // Only the first block is superseded.
+    let mut asked = Vec::new();
+    c.mark_computed_superseding(new, 8, |indexed, ours| {
+        asked.push((indexed, ours));
+        ours == new_blocks[0]
+    })
+    .unwrap();
+    assert_eq!(asked, vec![(old_blocks[0], new_blocks[0]), (old_blocks[1], new_blocks[1])]);
+    c.check_invariants().unwrap();
+    let (probe, adopted) = c.create_with_prefix(&a, ns(), &tokens).unwrap();
+    assert_eq!(adopted, 8);
+    assert_eq!(c.block_table(probe).unwrap().blocks(), &[new_blocks[0], old_blocks[1]]);
+    c.remove(probe).unwrap();
+    // The superseded block is freed with its last holder; the other stays cached.
+    let free = c.stats().free_blocks;
+    c.remove(old).unwrap();
+    assert_eq!(c.stats().free_blocks, free + 1);
+    c.check_invariants().unwrap();
+    // A cached copy superseded goes to the free list at once.
+    c.remove(new).unwrap();
+    let (free, cached) = (c.stats().free_blocks, c.stats().cached_blocks);
+    let again = c.create_sequence(&a, ns());
+    c.append(again, &tokens).unwrap();
+    c.mark_computed_superseding(again, 8, |_, _| true).unwrap();
+    assert_eq!(c.stats().cached_blocks, cached - 2);
+    assert_eq!(c.stats().free_blocks, free, "two blocks taken, the two cached copies freed");
+    c.check_invariants().unwrap();
+}

@@ -48,7 +48,10 @@
 //! usable cut (the full length, else a block boundary, else 0), in one pass
 //! over at most `W / block_size + 1` blocks per candidate. The engine
 //! shortens an adoption to it, so attention never meets a missing page (if
-//! it did, the step fails with a typed error, never garbage).
+//! it did, the step fails with a typed error, never garbage). The blocks it
+//! then computes again replace the page-less copies in the prefix index
+//! ([`PagedKvStore::holds_window_kv`], `engine/src/txn.rs`), so the next
+//! user of that prefix finds the window.
 //!
 //! The exported payload of a hybrid store is the same per-layer layout
 //! (a sliding layer's run read from the block's page, zeros without one)
@@ -552,6 +555,12 @@ impl PagedKvStore {
             }
             cut = if cut.is_multiple_of(bs) { cut - bs } else { cut / bs * bs };
         }
+    }
+
+    /// Whether `block`'s sliding-layer K/V is held (it has a page); always
+    /// for a plain store.
+    pub fn holds_window_kv(&self, block: BlockId) -> bool {
+        self.sliding.as_ref().is_none_or(|sp| sp.page(block).is_some())
     }
 
     /// Where `block`'s run of `layer` lives in that layer's arena.

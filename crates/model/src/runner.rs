@@ -75,6 +75,12 @@ pub trait Model: Send {
     fn keep_windows(&mut self, live: &[(&kv::BlockTable, usize)]) {
         let _ = live;
     }
+    /// Whether `block`'s K/V is whole: on a hybrid model, whether its
+    /// sliding layers' runs are held (it has a page); always otherwise.
+    fn holds_window_kv(&self, block: kv::BlockId) -> bool {
+        let _ = block;
+        true
+    }
     /// Sliding-window pages (hybrid models): in all, and holding a block.
     fn pages(&self) -> Option<(usize, usize)> {
         None
@@ -363,6 +369,10 @@ impl Model for PagedLlama {
 
     fn keep_windows(&mut self, live: &[(&kv::BlockTable, usize)]) {
         self.store.keep_windows(live.iter().copied());
+    }
+
+    fn holds_window_kv(&self, block: kv::BlockId) -> bool {
+        self.store.holds_window_kv(block)
     }
 
     fn pages(&self) -> Option<(usize, usize)> {
