@@ -171,7 +171,11 @@ impl EngineCore {
             }
         }
         // A hybrid model may have dropped the sliding-window K/V the cut
-        // needs: continue from where it still has it.
+        // needs: continue from where it still has it. Checked here, after
+        // the tiers, not in the pool's lookup: a pool chain whose window
+        // pages are gone is still the full layers' prefix, and blocks the
+        // tiers add past it come back with their window. (Cutting before
+        // the tiers halved Gemma-3 agents' cache hits, measured.)
         let usable = self.cut_to_usable(seq, reused);
         if usable < reused {
             a.tier_hits.pool = a.tier_hits.pool.min(usable);
