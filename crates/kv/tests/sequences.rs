@@ -447,3 +447,37 @@ fn a_recomputed_block_supersedes_its_older_copy_when_asked() {
     assert_eq!(c.stats().free_blocks, free, "two blocks taken, the two cached copies freed");
     c.check_invariants().unwrap();
 }
+
+/// A superseded block still held by several sequences stays theirs until
+/// the last lets go, then is freed (not cached). No longer indexed, it is
+/// written in place by a lone holder that truncates into it and appends,
+/// where a published block would be copied first.
+#[test]
+fn a_superseded_block_is_freed_with_its_last_holder_and_written_in_place_by_a_lone_one() {
+    let mut c = cache(8, 4);
+    let a = owner("a");
+    let tokens = [1, 2, 3, 4];
+    let old = computed_seq(&mut c, &a, &tokens);
+    let fork = c.fork(old).unwrap();
+    let stale = c.block_table(old).unwrap().blocks()[0];
+    let new = c.create_sequence(&a, ns());
+    c.append(new, &tokens).unwrap();
+    c.mark_computed_superseding(new, 4, |_, _| true).unwrap();
+    c.check_invariants().unwrap();
+    // A lone holder's truncation into the superseded block: no copy.
+    let free = c.stats().free_blocks;
+    c.remove(fork).unwrap();
+    assert_eq!(c.stats().free_blocks, free, "still held by the other sequence");
+    c.check_invariants().unwrap();
+    c.truncate(old, 2).unwrap();
+    let r = c.append(old, &[9]).unwrap();
+    assert_eq!(r.copy, None, "nobody else reads it: written in place");
+    assert_eq!(r.slots[0].block, stale);
+    let free = c.stats().free_blocks;
+    c.remove(old).unwrap();
+    assert_eq!(c.stats().free_blocks, free + 1, "freed, not cached");
+    // The new copy is what the index finds.
+    let (probe, adopted) = c.create_with_prefix(&a, ns(), &[1, 2, 3, 4, 5]).unwrap();
+    assert_eq!((adopted, c.block_table(probe).unwrap().blocks()[0]), (4, c.block_table(new).unwrap().blocks()[0]));
+    c.check_invariants().unwrap();
+}
