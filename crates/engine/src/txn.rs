@@ -93,8 +93,8 @@ fn transact(
     if logits.len() != work.len() {
         return Err(model::Error::InvalidBatch(format!("{} logit rows for {} sequences", logits.len(), work.len())));
     }
+    let whole = |b| model.holds_window_kv(b);
     for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
-        let whole = |b| model.holds_window_kv(b);
         cache.mark_computed_superseding(seq, start + tokens.len(), |indexed, ours| !whole(indexed) && whole(ours))?;
     }
     Ok(logits)

@@ -200,8 +200,8 @@ impl Pool {
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
         *lock(&self.job) = Some((job, tasks));
         self.next.store(0, SeqCst);
-        let stopped = self.state.load(SeqCst) & STOPPED;
-        let epoch = ((self.state.load(SeqCst) & !STOPPED) >> 1) + 1;
+        let state = self.state.load(SeqCst);
+        let (stopped, epoch) = (state & STOPPED, ((state & !STOPPED) >> 1) + 1);
         self.state.store(stopped | epoch << 1 | 1, SeqCst);
         // Store, fence, load against the worker's increment, fence, load:
         // a parking worker either sees the epoch or is counted here.

@@ -150,15 +150,16 @@ impl EngineCore {
         // when fewer than a window's are free (blocks without their window
         // would be cut away again).
         let planned = self.plan_cost(plan);
+        let window = self.model.window_blocks();
         let mut room = self.cache.stats().available_blocks().saturating_sub(planned);
-        if let (Some(free), Some(window)) = (self.free_pages(), self.model.window_blocks()) {
+        if let (Some(free), Some(window)) = (self.free_pages(), window) {
             let spare = free.saturating_sub(planned);
             if spare < window {
                 room = room.min(spare);
             }
         }
         if let Some((quota, need)) = self.quota_need(&a.owner, plan, 0) {
-            let window = self.charge(0, self.model.window_blocks().unwrap_or(0));
+            let window = self.charge(0, window.unwrap_or(0));
             room = room.min((quota as usize).saturating_sub(need.saturating_add(window)));
         }
         let promoted = self.promote_from_ram(a, seq, ns, hashes, len / bs, room);
