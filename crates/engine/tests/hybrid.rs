@@ -47,6 +47,19 @@ fn prompt(seed: usize) -> String {
     (0..40).map(|i| char::from(b'a' + ((i * 7 + seed * 11 + i * seed) % 26) as u8)).collect()
 }
 
+/// 200 characters: longer than the free pages of the small engines below
+/// can take in one chunk.
+fn long_prompt() -> String {
+    (0..8).map(prompt).collect::<Vec<_>>().join(" ")[..200].to_string()
+}
+
+/// [`greedy`] as a turn of agent `name`.
+fn agent_greedy(name: &str, text: &str, max_tokens: usize) -> engine::Request {
+    let mut r = greedy(text, max_tokens);
+    r.agent = Some(engine::AgentId::new(name).unwrap());
+    r
+}
+
 #[tokio::test]
 async fn a_prefix_whose_window_pages_were_reclaimed_is_recomputed_and_answers_the_same() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,12 +132,7 @@ async fn a_hybrid_agent_survives_disk_and_a_restart_with_the_same_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_gemma(dir.path());
     let kv_dir = dir.path().join("kv");
-    let agent = engine::AgentId::new("gem").unwrap();
-    let turn = |text: String| {
-        let mut r = greedy(&text, 8);
-        r.agent = Some(agent.clone());
-        r
-    };
+    let turn = |text: String| agent_greedy("gem", &text, 8);
     let first = prompt(3);
     let reference = {
         let e = engine(&path, 64);
@@ -157,11 +165,7 @@ async fn a_hybrid_agent_survives_disk_and_a_restart_with_the_same_tokens() {
 async fn idle_agents_beyond_the_pages_are_released_instead_of_stalling_every_step() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_gemma(dir.path());
-    let turn = |agent: usize, text: &str| {
-        let mut r = greedy(text, 4);
-        r.agent = Some(engine::AgentId::new(&format!("agent-{agent}")).unwrap());
-        r
-    };
+    let turn = |agent: usize, text: &str| agent_greedy(&format!("agent-{agent}"), text, 4);
     let run = |e: &EngineHandle, r| {
         let stream = e.generate(r).unwrap();
         async move { tokio::time::timeout(Duration::from_secs(30), collect(stream)).await.expect("the turn ends") }
@@ -225,9 +229,7 @@ async fn a_tenants_quota_counts_its_sliding_window_pages() {
         refused.error
     );
     e.set_quota(&tenant, Some(27)).await.unwrap();
-    let mut r = greedy(&prompt(0), 4);
-    r.agent = Some(engine::AgentId::new("paged").unwrap());
-    let o = collect(e.generate(r).unwrap()).await;
+    let o = collect(e.generate(agent_greedy("paged", &prompt(0), 4)).unwrap()).await;
     assert_eq!(o.error, None);
     let info = e.agent(&tenant, &engine::AgentId::new("paged").unwrap()).await.unwrap();
     // 44 or 45 tokens: the next one reads positions 37.. (window 8), in the
@@ -252,11 +254,10 @@ async fn pinned_agents_hold_at_most_their_share_of_the_pages() {
     let limit = (total as f64 * 0.05) as usize;
     let mut pinned = 0;
     for agent in 0..8 {
-        let id = engine::AgentId::new(&format!("pin-{agent}")).unwrap();
+        let name = format!("pin-{agent}");
         // Short conversations: a page per block.
-        let mut r = greedy(&prompt(agent)[..10], 4);
-        r.agent = Some(id.clone());
-        assert_eq!(collect(e.generate(r).unwrap()).await.error, None);
+        assert_eq!(collect(e.generate(agent_greedy(&name, &prompt(agent)[..10], 4)).unwrap()).await.error, None);
+        let id = engine::AgentId::new(&name).unwrap();
         match e.update_agent(&tenant, &id, pin).await {
             Ok(info) => pinned += info.window_pages.unwrap(),
             Err(engine::Error::PinLimit { what, limit: l, wanted, .. }) => {
@@ -278,7 +279,7 @@ async fn pinned_agents_hold_at_most_their_share_of_the_pages() {
 async fn a_prompt_longer_than_the_free_pages_prefills_in_shorter_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_gemma(dir.path());
-    let long: String = (0..8).map(prompt).collect::<Vec<_>>().join(" ")[..200].to_string();
+    let long = long_prompt();
     let cold = collect(engine(&path, 256).generate(greedy(&long, 8)).unwrap()).await;
     assert_eq!(cold.error, None);
     // 16 pages; two pinned agents hold 3 each. A chunk of 64 tokens writes
@@ -287,10 +288,9 @@ async fn a_prompt_longer_than_the_free_pages_prefills_in_shorter_chunks() {
     let tenant = engine::TenantId::default_tenant();
     let pin = engine::AgentUpdate { retention: Some(engine::Retention::Pinned), priority: None };
     for agent in 0..2 {
-        let id = engine::AgentId::new(&format!("pinned-{agent}")).unwrap();
-        let mut r = greedy(&prompt(agent)[..10], 4);
-        r.agent = Some(id.clone());
-        assert_eq!(collect(e.generate(r).unwrap()).await.error, None);
+        let name = format!("pinned-{agent}");
+        assert_eq!(collect(e.generate(agent_greedy(&name, &prompt(agent)[..10], 4)).unwrap()).await.error, None);
+        let id = engine::AgentId::new(&name).unwrap();
         assert_eq!(e.update_agent(&tenant, &id, pin).await.unwrap().window_pages, Some(3));
     }
     let o = collect(e.generate(greedy(&long, 8)).unwrap()).await;
@@ -307,12 +307,11 @@ async fn a_prompt_longer_than_the_free_pages_prefills_in_shorter_chunks() {
 async fn idle_agents_give_way_before_a_prefill_crawls() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_gemma(dir.path());
-    let long: String = (0..8).map(prompt).collect::<Vec<_>>().join(" ")[..200].to_string();
+    let long = long_prompt();
     // 16 pages, 64 blocks: five idle agents' windows hold 15 pages.
     let e = engine(&path, 24);
     for agent in 0..5 {
-        let mut r = greedy(&prompt(agent)[..10], 4);
-        r.agent = Some(engine::AgentId::new(&format!("idle-{agent}")).unwrap());
+        let r = agent_greedy(&format!("idle-{agent}"), &prompt(agent)[..10], 4);
         assert_eq!(collect(e.generate(r).unwrap()).await.error, None);
     }
     let before = e.stats();

@@ -16,10 +16,6 @@ fn gemma() -> PathBuf {
     model::fetch::ensure_model(&model::fetch::GEMMA3_270M, &mut |_| {}).expect("gemma3-270m can be fetched with pip")
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
 #[test]
 fn sentencepiece_ids_equal_llama_cpp_on_the_corpus() {
     let file = GgufFile::open(gemma()).unwrap();
@@ -31,7 +27,7 @@ fn sentencepiece_ids_equal_llama_cpp_on_the_corpus() {
         let text = case["text"].as_str().unwrap();
         let literal = tok.encode_literal(text).unwrap();
         let special = tok.encode(text).unwrap();
-        if literal != ids(&case["literal"]) || special != ids(&case["special"]) {
+        if literal != common::json_ids(&case["literal"]) || special != common::json_ids(&case["special"]) {
             wrong.push(format!(
                 "{text:?}:\n  literal {literal:?}\n  want    {:?}\n  special {special:?}\n  want    {:?}",
                 case["literal"], case["special"]

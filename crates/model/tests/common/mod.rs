@@ -97,11 +97,15 @@ impl Agreement {
     }
 }
 
+/// Token ids as the JSON test data writes them.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
 /// Every case's prompt tokenizes as llama.cpp's (`prompt_ids`).
 pub fn assert_prompts_tokenize_as_llama_cpp(cases: &serde_json::Value, encode: impl Fn(&str) -> Vec<u32>) {
     for case in cases.as_array().unwrap() {
-        let want: Vec<u32> =
-            case["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want = json_ids(&case["prompt_ids"]);
         assert_eq!(encode(case["prompt"].as_str().unwrap()), want, "the prompt tokenizes as llama.cpp's");
     }
 }
@@ -109,12 +113,9 @@ pub fn assert_prompts_tokenize_as_llama_cpp(cases: &serde_json::Value, encode: i
 /// Greedy-decodes every case of `cases` (llama.cpp's JSON: `prompt_ids`,
 /// `tokens`, `first_top5`) for as many tokens as llama.cpp did.
 pub fn llama_cpp_agreement(model: &LlamaModel, cases: &serde_json::Value) -> Agreement {
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-    };
     let (mut prefixes, mut first_gaps, mut diffs, mut report) = (Vec::new(), Vec::new(), Vec::new(), String::new());
     for case in cases.as_array().unwrap() {
-        let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["tokens"]));
+        let (prompt, want) = (json_ids(&case["prompt_ids"]), json_ids(&case["tokens"]));
         let spec = model.config().cache_spec(16, 64, kv::KvDType::F16).unwrap();
         let mut store = PagedKvStore::new(&spec);
         let mut cache = KvCache::new(spec);
