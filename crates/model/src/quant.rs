@@ -36,9 +36,10 @@
 //!   from unpacking each weight block once for four activation rows
 //!   (prefill and batched decode; each row's arithmetic unchanged), and
 //!   from splitting output columns over the persistent step workers
-//!   (`workers` crate). The instruction set is picked at run time (`is_x86_feature_detected!`); a scalar path runs everywhere,
-//!   is the reference, and serves the last columns of a matrix whose width
-//!   is not a multiple of eight.
+//!   (`workers` crate). The instruction set is picked at run time
+//!   (`is_x86_feature_detected!`); a scalar path runs everywhere, is the
+//!   reference, and serves the last columns of a matrix whose width is not
+//!   a multiple of eight.
 //!
 //! Weights are re-laid out once at load (tile by tile, see [`Q4_1Matrix`]):
 //! codes, scales and minimums in three flat arrays (scales as f32, which is
@@ -442,8 +443,9 @@ fn check_call(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<()> {
 }
 
 /// Runs `columns(j0, view)` over runs of output columns on the step
-/// workers (as many as rayon's pool has threads) and returns the row-major `[m, n]` result, which the kernels write
-/// directly through their run's [`OutColumns`] view. Every run but the last
+/// workers (as many as rayon's pool has threads) and returns the row-major
+/// `[m, n]` result, which the kernels write directly through their run's
+/// [`OutColumns`] view. Every run but the last
 /// starts and ends on a [`TILE`] boundary. (Kernels used to fill a
 /// column-major buffer per run that was then transposed: that copy was 10%
 /// of a SmolLM2 prefill and 7% of a Gemma-3 one.)
