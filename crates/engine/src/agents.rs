@@ -128,18 +128,26 @@ pub struct AgentInfo {
 }
 
 /// Where an agent's blocks are: how many of its conversation's full
-/// blocks each tier holds (a block on disk may be in the pool or RAM too).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// blocks the pool and each tier hold (a block on disk may be in the pool
+/// or RAM too; the RAM tier never holds what the pool holds).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct BlockLocations {
     /// In the pool (held by the agent, or cached).
     pub pool: usize,
-    /// In the RAM tier (and not in the pool).
-    pub ram: usize,
-    /// On disk.
-    pub disk: usize,
-    /// Its latest turn's manifest is durable on disk: a crash now would
-    /// bring it back at this turn (its blocks: `disk` of them).
+    /// Per tier, by the tier's name ("ram", "disk", ...): serialized beside
+    /// `pool`, one field per configured tier.
+    #[serde(flatten)]
+    pub tiers: std::collections::BTreeMap<&'static str, usize>,
+    /// Its latest turn's manifest is durable in a durable tier: a crash now
+    /// would bring it back at this turn.
     pub durable: bool,
+}
+
+impl BlockLocations {
+    /// Blocks the tier named `name` holds (0 without such a tier).
+    pub fn tier(&self, name: &str) -> usize {
+        self.tiers.get(name).copied().unwrap_or(0)
+    }
 }
 
 /// Changes to an agent's retention.

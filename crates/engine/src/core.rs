@@ -184,12 +184,21 @@ struct Active {
     tier_hits: TierHits,
 }
 
-/// Prompt tokens an admission found in each tier.
-#[derive(Clone, Copy, Debug, Default)]
+/// Prompt tokens an admission found in the pool and in each tier (by
+/// position in the tier list).
+#[derive(Clone, Debug, Default)]
 struct TierHits {
     pool: usize,
-    ram: usize,
-    disk: usize,
+    tiers: Vec<usize>,
+}
+
+impl TierHits {
+    fn add(&mut self, tier: usize, tokens: usize) {
+        if self.tiers.len() <= tier {
+            self.tiers.resize(tier + 1, 0);
+        }
+        self.tiers[tier] += tokens;
+    }
 }
 
 impl Active {

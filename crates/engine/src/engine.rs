@@ -270,7 +270,9 @@ fn open_tiers(
     config: &TierConfig,
     tx: &mpsc::Sender<Command>,
 ) -> Result<(Tiering, Vec<tiers::AgentManifest>)> {
-    let Some(disk) = &config.disk else { return Ok((Tiering::new(config.ram_bytes, None, config.load), Vec::new())) };
+    let Some(disk) = &config.disk else {
+        return Ok((Tiering::with_ram(config.ram_bytes, Vec::new(), config.load), Vec::new()));
+    };
     let layout = model.storage().layout();
     let payload = model.storage().block_bytes();
     let fp = tiers::StoreFingerprint::new(model.fingerprint(), model.spec(), &[layout]);
@@ -290,7 +292,7 @@ fn open_tiers(
         ms = opened.elapsed.as_millis() as u64,
         "disk tier opened: recovered its agents and blocks"
     );
-    Ok((Tiering::new(config.ram_bytes, Some(opened.tier), config.load), opened.agents))
+    Ok((Tiering::with_ram(config.ram_bytes, vec![Box::new(opened.tier)], config.load), opened.agents))
 }
 
 /// Sets the engine's `stopped` flag when dropped.
@@ -778,9 +780,17 @@ impl EngineHandle {
         self.ask(Command::ForgetDiskCache).await
     }
 
-    /// Why the disk tier is not writing, if it is degraded.
+    /// Why a tier is not serving fully, if one is degraded: "<tier> tier:
+    /// <reason>" for each such tier.
     pub fn degraded(&self) -> Option<String> {
-        self.stats().tiers.disk.and_then(|d| d.degraded)
+        let reasons: Vec<String> = self
+            .stats()
+            .tiers
+            .tiers
+            .iter()
+            .filter_map(|t| t.degraded.as_ref().map(|d| format!("{} tier: {d}", t.name)))
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// Sets (or with `None` lifts) a tenant's block quota.

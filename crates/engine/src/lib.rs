@@ -67,5 +67,5 @@ pub use request::{
     AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
     MAX_ID_LEN, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TIMEOUT,
 };
-pub use tiering::{LoadPolicy, TierConfig, TierCounters, TierStats};
-pub use tiers::{DiskConfig, DiskStats, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS};
+pub use tiering::{LoadPolicy, TierConfig, TierCounters, TierMoves, TierStats};
+pub use tiers::{DiskConfig, DiskStats, TierSnapshot, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS};

@@ -1,7 +1,9 @@
 //! The engine's side of the KV tiers: its configuration, the state it keeps
 //! about loads and pending blocks, and the cost model that decides whether
 //! loading beats recomputing. The tiers themselves (RAM, disk) are in the
-//! `tiers` crate; the scheduler's use of them is in `core/tier_ops.rs`.
+//! `tiers` crate, each a [`tiers::Tier`]; the engine keeps them as one
+//! ordered list (fastest first) and reports everything per tier by the
+//! tier's name. The scheduler's use of them is in `core/tier_ops.rs`.
 //!
 //! # Pending blocks: one wait for blocks that are on their way
 //!
@@ -24,7 +26,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kv::{BlockHash, BlockId, BlockKey, SeqId};
-use tiers::{DiskConfig, DiskTier, Payload, RamTier, Reject};
+use tiers::{DiskConfig, Payload, RamTier, Reject, Tier, TierSnapshot};
 
 use crate::metrics::Histogram;
 use crate::request::RequestId;
@@ -55,13 +57,6 @@ pub enum LoadPolicy {
         /// How long a load may take before the request recomputes.
         deadline: Duration,
     },
-}
-
-impl TierConfig {
-    /// Whether any tier is configured.
-    pub fn enabled(&self) -> bool {
-        self.ram_bytes > 0 || self.disk.is_some()
-    }
 }
 
 /// Identifies something that will publish blocks: a load from a tier
@@ -137,6 +132,8 @@ pub(crate) struct Load {
     pub(crate) keys: Vec<BlockKey>,
     /// The pool blocks they go to.
     pub(crate) blocks: Vec<BlockId>,
+    /// The tier each block is read from (an index into the tier list).
+    pub(crate) from: Vec<usize>,
     pub(crate) results: Vec<Option<Result<Payload, Reject>>>,
     pub(crate) started: Instant,
     pub(crate) deadline: Instant,
@@ -149,28 +146,28 @@ impl Load {
     }
 }
 
-/// Running estimates of what a block costs to load and a token to prefill,
-/// so a load is started only when it should beat recomputing (a slow disk
-/// falls back to prefill; SGLang's issue #26305 measured a file-tier hit
-/// slower than recompute).
+/// Running estimates of what a block costs to load from each queued tier
+/// and a token to prefill, so a load is started only when it should beat
+/// recomputing (a slow disk or network falls back to prefill; SGLang's
+/// issue #26305 measured a file-tier hit slower than recompute, LMCache
+/// #914 a remote one).
 #[derive(Debug)]
 pub(crate) struct CostModel {
-    /// Seconds per block loaded (exponential moving average).
-    load_per_block: f64,
+    /// Seconds per block loaded, per tier (exponential moving average).
+    load_per_block: Vec<f64>,
     /// Seconds per prefilled token.
     prefill_per_token: f64,
 }
 
-impl Default for CostModel {
-    fn default() -> Self {
-        // Deliberately pessimistic about disks, optimistic about compute,
-        // until measured: 5 ms per block read, 0.5 ms per token computed.
-        Self { load_per_block: 5e-3, prefill_per_token: 5e-4 }
-    }
-}
-
 impl CostModel {
     const ALPHA: f64 = 0.2;
+    /// Deliberately pessimistic about stores, optimistic about compute,
+    /// until measured: 5 ms per block read, 0.5 ms per token computed.
+    const FIRST_LOAD_PER_BLOCK: f64 = 5e-3;
+
+    fn new(tiers: usize) -> Self {
+        Self { load_per_block: vec![Self::FIRST_LOAD_PER_BLOCK; tiers], prefill_per_token: 5e-4 }
+    }
 
     /// A step of `tokens` prefill tokens took `took`.
     pub(crate) fn prefilled(&mut self, tokens: usize, took: Duration) {
@@ -180,11 +177,19 @@ impl CostModel {
         }
     }
 
-    /// A load of `blocks` blocks took `took`.
-    pub(crate) fn loaded(&mut self, blocks: usize, took: Duration) {
-        if blocks > 0 {
-            let x = took.as_secs_f64() / blocks as f64;
-            self.load_per_block += Self::ALPHA * (x - self.load_per_block);
+    /// A load of `blocks` blocks, `per_tier` of them from each tier, took
+    /// `took` (the tiers read in parallel: each is charged the whole time
+    /// over all the load's blocks, a bound on its own rate).
+    pub(crate) fn loaded(&mut self, per_tier: &[usize], took: Duration) {
+        let blocks: usize = per_tier.iter().sum();
+        if blocks == 0 {
+            return;
+        }
+        let x = took.as_secs_f64() / blocks as f64;
+        for (t, n) in per_tier.iter().enumerate() {
+            if let (true, Some(rate)) = (*n > 0, self.load_per_block.get_mut(t)) {
+                *rate += Self::ALPHA * (x - *rate);
+            }
         }
     }
 
@@ -193,18 +198,21 @@ impl CostModel {
         Duration::from_secs_f64(self.prefill_per_token * tokens as f64)
     }
 
-    /// What loading `blocks` should take.
-    pub(crate) fn load_time(&self, blocks: usize) -> Duration {
-        Duration::from_secs_f64(self.load_per_block * blocks as f64)
+    /// What loading `per_tier[t]` blocks from each tier `t` should take.
+    pub(crate) fn load_time(&self, per_tier: &[usize]) -> Duration {
+        let s: f64 = per_tier.iter().zip(&self.load_per_block).map(|(n, rate)| *n as f64 * rate).fold(0.0, f64::max);
+        Duration::from_secs_f64(s)
     }
 }
 
 /// The tiers and what the engine tracks about them. Owned by the engine
 /// thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Tiering {
-    pub(crate) ram: Option<RamTier>,
-    pub(crate) disk: Option<DiskTier>,
+    /// The tiers, fastest first: a block the pool evicts is offered to the
+    /// first, what it pushes out to the next; a prefix lookup asks each
+    /// block of the first tier that holds it.
+    pub(crate) list: Vec<Box<dyn Tier>>,
     pub(crate) loads: HashMap<ProducerId, Load>,
     pub(crate) pending: PendingBlocks,
     pub(crate) costs: CostModel,
@@ -215,14 +223,49 @@ pub(crate) struct Tiering {
     next_producer: ProducerId,
 }
 
+impl Default for Tiering {
+    fn default() -> Self {
+        Self::new(Vec::new(), LoadPolicy::default())
+    }
+}
+
 impl Tiering {
-    pub(crate) fn new(ram_bytes: u64, disk: Option<DiskTier>, policy: LoadPolicy) -> Self {
-        Self { ram: (ram_bytes > 0).then(|| RamTier::new(ram_bytes)), disk, policy, ..Self::default() }
+    /// `list`: the tiers, fastest first.
+    pub(crate) fn new(list: Vec<Box<dyn Tier>>, policy: LoadPolicy) -> Self {
+        let counters = TierCounters {
+            tiers: list.iter().map(|t| TierMoves { name: t.name(), ..TierMoves::default() }).collect(),
+            ..TierCounters::default()
+        };
+        Self {
+            costs: CostModel::new(list.len()),
+            list,
+            loads: HashMap::new(),
+            pending: PendingBlocks::default(),
+            policy,
+            counters,
+            next_commit_retry: None,
+            next_producer: 0,
+        }
+    }
+
+    /// The RAM tier (if `ram_bytes > 0`) above the given ones.
+    pub(crate) fn with_ram(ram_bytes: u64, below: Vec<Box<dyn Tier>>, policy: LoadPolicy) -> Self {
+        let mut list: Vec<Box<dyn Tier>> = Vec::new();
+        if ram_bytes > 0 {
+            list.push(Box::new(RamTier::new(ram_bytes)));
+        }
+        list.extend(below);
+        Self::new(list, policy)
     }
 
     /// Whether evicted blocks are kept anywhere.
     pub(crate) fn enabled(&self) -> bool {
-        self.ram.is_some() || self.disk.is_some()
+        !self.list.is_empty()
+    }
+
+    /// Whether some tier keeps agents across a restart.
+    pub(crate) fn durable(&self) -> bool {
+        self.list.iter().any(|t| t.durable())
     }
 
     pub(crate) fn next_producer(&mut self) -> ProducerId {
@@ -231,61 +274,76 @@ impl Tiering {
     }
 }
 
-/// Engine-side tier counters (the disk tier keeps its own).
+/// What moved through one tier, by the engine's count.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct TierMoves {
+    /// The tier's name.
+    pub name: &'static str,
+    /// Prompt tokens served from it.
+    pub hit_tokens: u64,
+    /// Blocks given to it (evicted from the pool or the tier above, and
+    /// kept or queued).
+    pub stored: u64,
+    /// Blocks brought from it into the pool.
+    pub to_pool: u64,
+}
+
+/// Engine-side tier counters (each tier keeps its own too).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct TierCounters {
     /// Prompt tokens served from blocks already in the pool.
     pub hit_tokens_pool: u64,
-    /// Prompt tokens served from the RAM tier.
-    pub hit_tokens_ram: u64,
-    /// Prompt tokens served from the disk tier.
-    pub hit_tokens_disk: u64,
-    /// Blocks moved from RAM back into the pool.
-    pub promotions: u64,
-    /// Blocks loaded from disk into the pool.
-    pub loaded_blocks: u64,
-    /// Blocks the pool evicted that were kept in RAM.
-    pub demotions_ram: u64,
-    /// Blocks queued to be written to disk (from RAM, or evicted with no
-    /// RAM tier).
-    pub demotions_disk: u64,
-    /// Blocks that left the pool or RAM and were kept nowhere (queue full,
-    /// no disk tier, disk failing).
+    /// Per tier, in the tiers' order.
+    pub tiers: Vec<TierMoves>,
+    /// Blocks that left the pool or a tier and were kept nowhere (queue
+    /// full, no tier below, a store failing).
     pub dropped: u64,
     /// Loads that ran past their deadline (the rest was recomputed).
     pub load_timeouts: u64,
-    /// Records that failed verification when loaded (recomputed).
+    /// Blocks that failed verification when loaded (recomputed).
     pub load_rejects: u64,
-    /// Disk hits not loaded because recomputing was estimated faster.
+    /// Tier hits not loaded because recomputing was estimated faster.
     pub loads_skipped: u64,
-    /// Agent commits deferred because the write queue was full.
+    /// Agent commits deferred because a write queue was full.
     pub commits_deferred: u64,
     /// Time from a load's start to its blocks being in the pool.
     pub load_latency: Histogram,
-    /// Engine-thread seconds spent importing blocks from RAM.
+    /// Engine-thread seconds spent importing blocks that a tier returned at
+    /// once (RAM).
     pub promote_seconds: f64,
-    /// Engine-thread seconds spent exporting evicted blocks (to RAM or the
-    /// disk queue).
+    /// Engine-thread seconds spent exporting evicted blocks (to RAM or a
+    /// write queue).
     pub stash_seconds: f64,
     /// Engine-thread seconds spent preparing agent commits (exporting new
     /// blocks, building manifests): what durability costs the step loop.
     pub commit_seconds: f64,
-    /// Agents restored from disk at start.
+    /// Agents restored from durable tiers at start.
     pub agents_restored: u64,
+}
+
+impl TierCounters {
+    /// The counters of the tier named `name` (zero if there is none).
+    pub fn tier(&self, name: &str) -> TierMoves {
+        self.tiers.iter().find(|t| t.name == name).cloned().unwrap_or_default()
+    }
 }
 
 /// The tiers' numbers, in the engine's snapshot.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct TierStats {
-    /// Blocks in the RAM tier.
-    pub ram_blocks: u64,
-    /// Their bytes.
-    pub ram_bytes: u64,
-    /// The RAM tier's budget (0: none).
-    pub ram_budget: u64,
     /// The engine's counters.
     pub counters: TierCounters,
-    /// The disk tier's snapshot, if there is one.
+    /// Each tier's own snapshot, in order.
+    #[serde(skip)]
+    pub tiers: Vec<TierSnapshot>,
+    /// The disk tier's own counters, if there is one.
     #[serde(skip)]
     pub disk: Option<tiers::DiskStats>,
+}
+
+impl TierStats {
+    /// The snapshot of the tier named `name`.
+    pub fn tier(&self, name: &str) -> Option<&TierSnapshot> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
 }

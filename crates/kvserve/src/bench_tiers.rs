@@ -116,8 +116,8 @@ pub(crate) fn bench_tiers(mut args: TierBenchArgs) -> Result<()> {
     println!();
     println!(
         "tiers: {} promoted from RAM, {} loaded from disk (load p50 bucket sum {:.1} ms over {} loads), {} skipped, {} dropped",
-        c.promotions,
-        c.loaded_blocks,
+        c.tier("ram").to_pool,
+        c.tier("disk").to_pool,
         c.load_latency.sum * 1e3,
         c.load_latency.count(),
         c.loads_skipped,

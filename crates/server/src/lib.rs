@@ -252,8 +252,7 @@ async fn health(State(state): State<AppState>) -> Response {
     if state.engine.is_stopped() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stopping"}))).into_response()
     } else if let Some(reason) = state.engine.degraded() {
-        Json(json!({"status": "degraded", "model": &*state.model_name, "reason": format!("disk tier: {reason}")}))
-            .into_response()
+        Json(json!({"status": "degraded", "model": &*state.model_name, "reason": reason})).into_response()
     } else {
         Json(json!({"status": "ok", "model": &*state.model_name})).into_response()
     }

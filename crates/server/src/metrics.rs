@@ -113,51 +113,53 @@ fn tiers(o: &mut String, s: &EngineStats) {
     let c = &t.counters;
     let d = t.disk.clone().unwrap_or_default();
     let pool_blocks = (s.cache.used_blocks + s.cache.cached_blocks) as f64;
-    labelled(
-        o,
-        "kvserve_tier_blocks",
-        "Blocks held per tier (pool: used and cached).",
-        "gauge",
-        "tier",
-        &[("pool", pool_blocks), ("ram", t.ram_blocks as f64), ("disk", d.blocks as f64)],
-    );
+    let per = |f: &dyn Fn(&engine::TierSnapshot) -> f64| -> Vec<(&str, f64)> {
+        t.tiers.iter().map(|x| (x.name, f(x))).collect()
+    };
+    let mut blocks = vec![("pool", pool_blocks)];
+    blocks.extend(per(&|x| x.blocks as f64));
+    labelled(o, "kvserve_tier_blocks", "Blocks held per tier (pool: used and cached).", "gauge", "tier", &blocks);
     labelled(
         o,
         "kvserve_tier_bytes",
         "Bytes held per tier below the pool.",
         "gauge",
         "tier",
-        &[("ram", t.ram_bytes as f64), ("disk", d.bytes as f64)],
+        &per(&|x| x.bytes as f64),
     );
     labelled(
         o,
         "kvserve_tier_budget_bytes",
-        "Byte budget per tier below the pool (0: off).",
+        "Byte budget per tier below the pool (0: none of its own).",
         "gauge",
         "tier",
-        &[("ram", t.ram_budget as f64), ("disk", d.budget as f64)],
+        &per(&|x| x.budget as f64),
     );
+    labelled(
+        o,
+        "kvserve_tier_degraded",
+        "1 while a tier cannot serve fully (serving continues without it).",
+        "gauge",
+        "tier",
+        &per(&|x| f64::from(u8::from(x.degraded.is_some()))),
+    );
+    let mut hits = vec![("pool", c.hit_tokens_pool as f64)];
+    hits.extend(c.tiers.iter().map(|m| (m.name, m.hit_tokens as f64)));
     labelled(
         o,
         "kvserve_tier_hit_tokens_total",
         "Prompt tokens served from cached K/V, by the tier that held them.",
         "counter",
         "tier",
-        &[("pool", c.hit_tokens_pool as f64), ("ram", c.hit_tokens_ram as f64), ("disk", c.hit_tokens_disk as f64)],
+        &hits,
     );
-    labelled(
-        o,
-        "kvserve_tier_moves_total",
-        "Blocks moved between tiers.",
-        "counter",
-        "move",
-        &[
-            ("pool_to_ram", c.demotions_ram as f64),
-            ("to_disk", c.demotions_disk as f64),
-            ("ram_to_pool", c.promotions as f64),
-            ("disk_to_pool", c.loaded_blocks as f64),
-        ],
-    );
+    let moves: Vec<(String, f64)> = c
+        .tiers
+        .iter()
+        .flat_map(|m| [(format!("to_{}", m.name), m.stored as f64), (format!("{}_to_pool", m.name), m.to_pool as f64)])
+        .collect();
+    let moves: Vec<(&str, f64)> = moves.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    labelled(o, "kvserve_tier_moves_total", "Blocks moved between tiers.", "counter", "move", &moves);
     gauge(
         o,
         "kvserve_tier_dropped_blocks_total",
@@ -195,18 +197,23 @@ fn tiers(o: &mut String, s: &EngineStats) {
     gauge(
         o,
         "kvserve_tier_load_timeouts_total",
-        "Disk loads that ran past their deadline.",
+        "Tier loads that ran past their deadline.",
         "counter",
         c.load_timeouts as f64,
     );
     gauge(
         o,
         "kvserve_tier_loads_skipped_total",
-        "Disk hits recomputed because that was estimated faster.",
+        "Tier hits recomputed because that was estimated faster.",
         "counter",
         c.loads_skipped as f64,
     );
-    histogram(o, "kvserve_tier_load_seconds", "Time to load blocks from disk into the pool.", &c.load_latency);
+    histogram(
+        o,
+        "kvserve_tier_load_seconds",
+        "Time to load blocks from queued tiers (disk, remote) into the pool.",
+        &c.load_latency,
+    );
     labelled(
         o,
         "kvserve_tier_engine_seconds_total",

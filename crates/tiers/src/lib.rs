@@ -1,6 +1,6 @@
-//! The KV tiers below kvserve's block pool: host RAM (T1) and local disk
-//! (T2), and the agent manifests that make a conversation's cache survive a
-//! restart or a `kill -9`.
+//! The KV tiers below kvserve's block pool: host RAM (T1), local disk (T2)
+//! and a remote store shared by replicas (T3), and the agent manifests that
+//! make a conversation's cache survive a restart or a `kill -9`.
 //!
 //! # The hierarchy
 //!
@@ -9,6 +9,7 @@
 //! | T0, the pool (`kv` + the model's arenas) | blocks being used, and cached ones | the forward pass | attention |
 //! | T1, [`RamTier`] | blocks the pool evicted, LRU within a byte budget | the engine, as the pool evicts (a copy of ~368 KB per block) | a prefix lookup that continues past the pool: hits are promoted back into pool blocks |
 //! | T2, [`DiskTier`] | content-addressed block records under a byte budget, and agent manifests | T1's evictions (demotion, asynchronous, dropped when the queue is full) and every finished agent turn (write-through) | a prefix lookup that continues past T1: loads run on reader threads while the engine keeps stepping |
+//! | T3, [`RemoteTier`] | the same records and manifests in Redis, under a TTL, shared by every replica of the model | demotions and agent turns, as T2 (asynchronous, `SET NX`: replicas never race) | a prefix lookup past T2, or an agent resumed on another replica: pipelined reads on reader threads, every record verified |
 //!
 //! This crate knows blocks as [`kv::BlockKey`]s (address, parent, namespace,
 //! tokens) plus a layer group and a payload of bytes; it never sees tensors,
@@ -89,11 +90,15 @@ pub mod ram;
 pub mod record;
 mod stats;
 mod sync;
+pub mod tier;
 
 pub use chain::{chain_len, GroupRule};
-pub use disk::{Demotion, DiskConfig, DiskTier, Done, EventSink, Flusher, LoadTask, Opened, QueueFull, TierEvent};
+pub use disk::{Demotion, DiskConfig, DiskTier, Flusher, Opened};
 pub use error::{Error, Result};
 pub use manifest::{AgentManifest, ManifestId, ManifestRetention};
-pub use ram::{Overflow, RamTier};
+pub use ram::RamTier;
 pub use record::{GroupId, Payload, RecordKey, Reject, StoreFingerprint};
 pub use stats::{DiskStats, LatencyHistogram, LATENCY_BUCKETS_S};
+pub use tier::{
+    split_done, Done, EventSink, LoadTask, Loading, Overflow, QueueFull, Stored, Tier, TierEvent, TierSnapshot,
+};

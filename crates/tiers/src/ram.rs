@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use kv::BlockKey;
 
-use crate::record::{GroupId, RecordKey};
+use crate::manifest::ManifestId;
+use crate::record::{GroupId, RecordKey, Reject};
+use crate::tier::{Done, LoadTask, Loading, Overflow, Stored, Tier, TierSnapshot};
 
 /// Bookkeeping bytes charged per entry besides its payload and tokens.
 const ENTRY_OVERHEAD: u64 = 96;
@@ -33,17 +35,6 @@ impl Entry {
     fn bytes(&self) -> u64 {
         self.payload.len() as u64 + 4 * self.key.tokens.len() as u64 + ENTRY_OVERHEAD
     }
-}
-
-/// A block leaving T1 for lack of room: the caller demotes it (or drops it).
-#[derive(Debug)]
-pub struct Overflow {
-    /// Its layer group.
-    pub group: GroupId,
-    /// What it holds.
-    pub key: BlockKey,
-    /// Its payload.
-    pub payload: Vec<u8>,
 }
 
 /// See the module doc.
@@ -157,6 +148,52 @@ impl RamTier {
     /// Drops a block (an agent deleted: its conversation leaves every tier).
     pub fn discard(&mut self, key: &RecordKey) -> bool {
         self.remove(key).is_some()
+    }
+}
+
+impl Tier for RamTier {
+    fn name(&self) -> &'static str {
+        "ram"
+    }
+
+    fn at_once(&self) -> bool {
+        true
+    }
+
+    fn holds(&self, keys: &[RecordKey]) -> Vec<bool> {
+        keys.iter().map(|k| self.contains(k)).collect()
+    }
+
+    /// Takes the blocks out (see [`RamTier::take`]): the pool gets them.
+    fn load(&mut self, tasks: Vec<LoadTask>) -> Loading {
+        Loading::Done(
+            tasks
+                .iter()
+                .map(|t| self.take(t.group, &t.expected).map(crate::Payload::from_vec).ok_or(Reject::Missing))
+                .collect(),
+        )
+    }
+
+    fn store(&mut self, group: GroupId, key: BlockKey, payload: Vec<u8>) -> Stored {
+        Stored::Kept(self.insert(group, key, payload))
+    }
+
+    fn forget(&mut self, _agent: ManifestId, blocks: &[RecordKey], done: Done) {
+        for k in blocks {
+            self.discard(k);
+        }
+        done(Ok(()));
+    }
+
+    fn snapshot(&self) -> TierSnapshot {
+        TierSnapshot {
+            name: self.name(),
+            blocks: self.len() as u64,
+            bytes: self.bytes,
+            budget: self.budget,
+            degraded: None,
+            disk: None,
+        }
     }
 }
 

@@ -252,8 +252,9 @@ impl EngineCore {
         self.stats.cached_prompt_tokens += a.usage.cached_tokens as u64;
         let c = &mut self.tiers.counters;
         c.hit_tokens_pool += a.tier_hits.pool as u64;
-        c.hit_tokens_ram += a.tier_hits.ram as u64;
-        c.hit_tokens_disk += a.tier_hits.disk as u64;
+        for (moves, hits) in c.tiers.iter_mut().zip(&a.tier_hits.tiers) {
+            moves.hit_tokens += *hits as u64;
+        }
     }
 
     /// A sequence for `a` holding the longest cached prefix the pool has:

@@ -98,7 +98,7 @@ impl EngineCore {
     /// tier the agent keeps its history (its manifest names it, its next
     /// turn finds its blocks in the tiers); without, it forgets it.
     pub(super) fn release_agent(&mut self, key: &AgentKey) {
-        let durable = self.tiers.disk.is_some();
+        let durable = self.tiers.durable();
         if let Some(ag) = self.agents.get_mut(key) {
             if !durable {
                 ag.tokens = Vec::new();
@@ -224,8 +224,8 @@ impl EngineCore {
 
     /// Records `share` of the disk budget holds.
     fn disk_pin_limit(&self, share: f64) -> Option<usize> {
-        let disk = self.tiers.disk.as_ref()?;
-        Some((disk.stats().budget as f64 * share / disk.record_len().max(1) as f64) as usize)
+        let disk = self.tiers.list.iter().find(|t| t.durable())?;
+        disk.records_in(disk.snapshot().budget as f64 * share)
     }
 
     /// Blocks `share` of the pool holds.

@@ -1,34 +1,40 @@
 //! The scheduler's use of the KV tiers (`tiers` crate): where evicted
-//! blocks go, how a prefix lookup continues past the pool, loads from disk,
-//! durable agents. Same state machine as `core.rs` (one thread owns it).
+//! blocks go, how a prefix lookup continues past the pool, loads, durable
+//! agents. Same state machine as `core.rs` (one thread owns it). The tiers
+//! are one ordered list (`Tiering::list`: RAM, disk, ...), walked the same
+//! way whatever they are.
 //!
 //! * **Down**: every block the pool evicts is exported (the `kv` crate
-//!   reports it before the block is written again) and kept in RAM; RAM's
-//!   overflow is queued for the disk (dropped, and counted, when the queue
-//!   is full). Without a RAM tier, evicted blocks go to disk directly.
-//! * **Up, from RAM**: at admission the block chain continues past the
-//!   pool; consecutive blocks found in RAM are taken out and imported into
-//!   fresh pool blocks at once (a memcpy each), then published.
-//! * **Up, from disk**: consecutive records on disk after that are loaded
-//!   if the cost model says loading beats recomputing: the request's
-//!   sequence gets blocks for them, the request waits in `loading` while
-//!   reader threads read and verify the records, and other requests keep
-//!   stepping. When all reads are back (or the deadline, the estimated
-//!   recompute time, passes) the verified prefix of them is imported and
-//!   published, the rest is cut and recomputed, and the request runs.
-//!   Requests meeting those blocks meanwhile wait for the load (pending
-//!   blocks) rather than loading them twice.
+//!   reports it before the block is written again) and offered to the
+//!   first tier; what a tier pushes out to stay in its budget is offered to
+//!   the next (RAM's overflow is queued for the disk), and what the last
+//!   tier cannot keep is dropped and counted.
+//! * **Up**: at admission the block chain continues past the pool; each
+//!   next block is asked of the first tier that holds it, up to the first
+//!   block none holds (or one another producer is bringing in). The
+//!   leading run from tiers that answer at once (RAM) is taken out and
+//!   imported into fresh pool blocks at once (a memcpy each), then
+//!   published.
+//! * **Up, queued**: the rest of the run is loaded if the cost model says
+//!   loading beats recomputing: the request's sequence gets blocks for
+//!   them, the request waits in `loading` while the tiers' threads read and
+//!   verify the records, and other requests keep stepping. When all reads
+//!   are back (or the deadline, the estimated recompute time, passes) the
+//!   verified prefix of them is imported and published, the rest is cut
+//!   and recomputed, and the request runs. Requests meeting those blocks
+//!   meanwhile wait for the load (pending blocks) rather than loading them
+//!   twice.
 //! * **Agents**: after each finished turn the agent's manifest and the
-//!   blocks of its conversation the disk does not have yet are queued for a
-//!   durable commit; a full queue defers the commit (retried). Agents are
-//!   restored from their manifests at start. Deleting an agent removes its
-//!   blocks nobody else uses from every tier and its manifest from disk.
+//!   blocks of its conversation a durable tier does not have yet are queued
+//!   for a commit to it; a full queue defers the commit (retried). Agents
+//!   are restored from their manifests at start. Deleting an agent removes
+//!   its blocks nobody else uses from every tier and its manifests.
 
 use std::time::{Duration, Instant, SystemTime};
 
 use kv::{BlockHash, BlockId, BlockKey, BlockStorage, Evicted, Namespace, PrefixHashes, SeqId};
-use tiers::{chain_len, AgentManifest, Demotion, GroupRule, LoadTask, ManifestId, ManifestRetention, RecordKey};
-use tiers::{DiskTier, TierEvent};
+use tiers::{AgentManifest, LoadTask, Loading, ManifestId, ManifestRetention, Payload, RecordKey, Reject, Stored};
+use tiers::{Tier, TierEvent};
 
 use super::{Active, EngineCore};
 use crate::agents::{AgentKey, BlockLocations, Retention};
@@ -44,11 +50,12 @@ const COMMIT_RETRY: Duration = Duration::from_millis(100);
 
 /// What the tiers added to a request's reused prefix.
 pub(crate) enum TierReuse {
-    /// This many more tokens are in its sequence now (from RAM).
+    /// This many more tokens are in its sequence now (from tiers that
+    /// answer at once).
     Extended(usize),
     /// Its next block is on its way into the pool: wait for that producer.
     Blocked((ProducerId, kv::BlockHash)),
-    /// Blocks are being loaded into its sequence from disk.
+    /// Blocks are being loaded into its sequence from queued tiers.
     Loading,
 }
 
@@ -67,31 +74,38 @@ pub(super) fn stash(tiers: &mut Tiering, storage: &mut dyn BlockStorage, evicted
             tiers.counters.dropped += 1;
             continue;
         }
-        keep(tiers, e.key, payload);
+        offer(&mut tiers.list, &mut tiers.counters, 0, key_payload(e.key, payload));
     }
     tiers.counters.stash_seconds += started.elapsed().as_secs_f64();
 }
 
-/// Into RAM (its overflow down to disk), or straight to disk.
-fn keep(tiers: &mut Tiering, key: BlockKey, payload: Vec<u8>) {
-    let Tiering { ram, disk, counters, .. } = tiers;
-    match ram {
-        Some(ram) => {
-            counters.demotions_ram += 1;
-            for o in ram.insert(GROUP, key, payload) {
-                demote(disk.as_ref(), counters, o.key, o.payload);
-            }
-        }
-        None => demote(disk.as_ref(), counters, key, payload),
-    }
+fn key_payload(key: BlockKey, payload: Vec<u8>) -> tiers::Overflow {
+    tiers::Overflow { group: GROUP, key, payload }
 }
 
-fn demote(disk: Option<&DiskTier>, counters: &mut TierCounters, key: BlockKey, payload: Vec<u8>) {
-    match disk.map(|d| d.demote(GROUP, key, payload)) {
-        Some(Demotion::Queued) => counters.demotions_disk += 1,
-        Some(Demotion::Known) => {}
-        Some(Demotion::Dropped) | None => counters.dropped += 1,
+/// Offers a block to tier `first`, what that tier pushes out to the next,
+/// and so on down the list; what no tier keeps is counted as dropped.
+fn offer(list: &mut [Box<dyn Tier>], counters: &mut TierCounters, first: usize, block: tiers::Overflow) {
+    let mut moving = vec![block];
+    for (t, tier) in list.iter_mut().enumerate().skip(first) {
+        let mut next = Vec::new();
+        for b in moving {
+            match tier.store(b.group, b.key, b.payload) {
+                Stored::Kept(out) => {
+                    counters.tiers[t].stored += 1;
+                    next.extend(out);
+                }
+                Stored::Queued => counters.tiers[t].stored += 1,
+                Stored::Known => {}
+                Stored::Dropped => counters.dropped += 1,
+            }
+        }
+        moving = next;
+        if moving.is_empty() {
+            return;
+        }
     }
+    counters.dropped += moving.len() as u64;
 }
 
 /// The key of block `i` of a prompt whose chained hashes are `hashes`.
@@ -109,6 +123,57 @@ fn manifest_retention(r: Retention) -> ManifestRetention {
         Retention::Evictable => ManifestRetention::Evictable,
         Retention::Pinned => ManifestRetention::Pinned,
         Retention::Ttl(ttl) => ManifestRetention::Ttl { seconds: ttl.as_secs().max(1) },
+    }
+}
+
+/// Asks each tier that `pick` accepts for its part of a load: the tasks of
+/// the blocks read from it. Results of tiers that answer at once go into
+/// `results`; the others come back as [`TierEvent::Loaded`].
+fn dispatch(
+    list: &mut [Box<dyn Tier>],
+    load: u64,
+    expected: &[BlockKey],
+    from: &[usize],
+    results: &mut [Option<Result<Payload, Reject>>],
+    pick: impl Fn(&dyn Tier) -> bool,
+) {
+    for (t, tier) in list.iter_mut().enumerate() {
+        if !pick(tier.as_ref()) {
+            continue;
+        }
+        let tasks: Vec<LoadTask> = expected
+            .iter()
+            .zip(from)
+            .enumerate()
+            .filter(|(_, (_, f))| **f == t)
+            .map(|(index, (k, _))| LoadTask { load, index, group: GROUP, expected: k.clone() })
+            .collect();
+        if tasks.is_empty() {
+            continue;
+        }
+        let indices: Vec<usize> = tasks.iter().map(|t| t.index).collect();
+        if let Loading::Done(done) = tier.load(tasks) {
+            for (i, r) in indices.into_iter().zip(done) {
+                results[i] = Some(r);
+            }
+        }
+    }
+}
+
+/// Gives blocks a tier handed over at once (`results[j]`, read from tier
+/// `from[j]`), but that did not go into the pool, back to their tiers.
+fn give_back(
+    tiers: &mut Tiering,
+    expected: &[BlockKey],
+    from: &[usize],
+    results: Vec<Option<Result<Payload, Reject>>>,
+    skip: usize,
+) {
+    for (j, r) in results.into_iter().enumerate().skip(skip) {
+        if let (true, Some(Ok(p))) = (tiers.list[from[j]].at_once(), r) {
+            let block = key_payload(expected[j].clone(), p.bytes().to_vec());
+            offer(&mut tiers.list, &mut tiers.counters, from[j], block);
+        }
     }
 }
 
@@ -162,89 +227,124 @@ impl EngineCore {
             let window = self.charge(0, window.unwrap_or(0));
             room = room.min((quota as usize).saturating_sub(need.saturating_add(window)));
         }
-        let promoted = self.promote_from_ram(a, seq, ns, hashes, len / bs, room);
-        let next = len / bs + promoted;
+        // Runs from tiers that answer at once go in now; then the walk is
+        // redone from where they end, since what the import evicted from
+        // the pool may have pushed blocks of this chain down a tier.
+        let start = len / bs;
+        let mut promoted = 0;
+        let from = loop {
+            let from = self.find_in_tiers(hashes.hashes(), start + promoted, room - promoted);
+            let lead = from.iter().take_while(|&&t| self.tiers.list[t].at_once()).count();
+            if lead == 0 {
+                break from;
+            }
+            let took = self.take_now(a, seq, ns, hashes, start + promoted, &from[..lead]);
+            promoted += took;
+            if took < lead {
+                // Not all came in (no room after all, or a miss): the rest
+                // of the prompt is computed.
+                return TierReuse::Extended(promoted * bs);
+            }
+        };
+        let next = start + promoted;
         if let Some(&h) = hashes.hashes().get(next) {
             if let Some(p) = self.tiers.pending.producer_of(&h) {
                 return TierReuse::Blocked((p, h));
             }
         }
-        if self.start_load(a, seq, ns, hashes, next, room - promoted) {
+        if self.start_load(a, seq, ns, hashes, next, &from) {
             return TierReuse::Loading;
         }
         TierReuse::Extended(promoted * bs)
     }
 
-    /// Imports the consecutive blocks from block `start` on that RAM holds,
-    /// at most `room` of them; returns how many.
-    fn promote_from_ram(
+    /// For the blocks from `start` on (at most `room`), the first tier that
+    /// holds each, up to the first block no tier holds or another producer
+    /// is bringing in.
+    fn find_in_tiers(&self, hs: &[BlockHash], start: usize, room: usize) -> Vec<usize> {
+        let end = hs.len().min(start.saturating_add(room));
+        if start >= end || self.tiers.list.is_empty() {
+            return Vec::new();
+        }
+        let keys: Vec<RecordKey> = hs[start..end].iter().map(|h| RecordKey::new(GROUP, *h)).collect();
+        let held: Vec<Vec<bool>> = self.tiers.list.iter().map(|t| t.holds(&keys)).collect();
+        let pending = &self.tiers.pending;
+        (0..keys.len())
+            .map_while(|i| {
+                if pending.producer_of(&hs[start + i]).is_some() {
+                    return None;
+                }
+                held.iter().position(|h| h.get(i).copied().unwrap_or(false))
+            })
+            .collect()
+    }
+
+    /// Imports the blocks from block `start` on that tiers answering at
+    /// once hold (`from[j]`: the tier of block `start + j`); returns how
+    /// many went in. Blocks that do not fit stay where they were.
+    fn take_now(
         &mut self,
         a: &mut Active,
         seq: SeqId,
         ns: Namespace,
         hashes: &PrefixHashes,
         start: usize,
-        room: usize,
+        from: &[usize],
     ) -> usize {
+        if from.is_empty() {
+            return 0;
+        }
         let bs = self.block_size();
         let hs = hashes.hashes();
         let started = Instant::now();
-        let Some(ram) = self.tiers.ram.as_mut() else { return 0 };
-        let mut taken = Vec::new();
-        for i in start..hs.len().min(start + room) {
-            if !ram.contains(&RecordKey::new(GROUP, hs[i])) {
-                break;
-            }
-            let key = block_key(ns, hs, &a.tokens, i, bs);
-            match ram.take(GROUP, &key) {
-                Some(p) => taken.push((key, p)),
-                None => break,
-            }
-        }
-        if taken.is_empty() {
+        let n = from.len();
+        let at = start * bs;
+        let expected: Vec<BlockKey> = (start..start + n).map(|i| block_key(ns, hs, &a.tokens, i, bs)).collect();
+        // Taken out first, so what the append evicts into the same tiers
+        // cannot push them further down meanwhile.
+        let mut results: Vec<Option<Result<Payload, Reject>>> = (0..n).map(|_| None).collect();
+        dispatch(&mut self.tiers.list, 0, &expected, from, &mut results, |_| true);
+        let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + n * bs]) else {
+            // No room or quota for them now: they go back.
+            give_back(&mut self.tiers, &expected, from, results, 0);
             return 0;
-        }
-        let from = start * bs;
-        let appended = match self.cache.append(seq, &a.tokens[from..from + taken.len() * bs]) {
-            Ok(app) => app,
-            Err(_) => {
-                // No room or quota for them now: they stay in RAM.
-                let ram = self.tiers.ram.as_mut().expect("taken from this RAM tier above");
-                for (key, p) in taken {
-                    for o in ram.insert(GROUP, key, p) {
-                        demote(self.tiers.disk.as_ref(), &mut self.tiers.counters, o.key, o.payload);
-                    }
-                }
-                return 0;
-            }
         };
         // The append may have evicted blocks it now reuses: keep their
         // payloads before importing over them.
         self.stash_evicted();
-        let blocks: Vec<BlockId> = (0..taken.len()).map(|j| appended.slots[j * bs].block).collect();
-        let imported = self.import_blocks(&blocks, taken.iter().map(|(_, p)| p.as_slice()));
-        let upto = from + imported * bs;
+        let blocks: Vec<BlockId> = (0..n).map(|j| appended.slots[j * bs].block).collect();
+        let verified: Vec<&[u8]> =
+            results.iter().map_while(|r| r.as_ref()?.as_ref().ok().map(Payload::bytes)).collect();
+        let imported = self.import_blocks(&blocks[..verified.len()], verified.into_iter());
+        let upto = at + imported * bs;
         let _ = self.cache.mark_computed(seq, upto);
-        if imported < taken.len() {
+        if imported < n {
             let _ = self.cache.truncate(seq, upto);
-            // Never expected (sizes match): keep what was not imported.
-            let ram = self.tiers.ram.as_mut().expect("taken from this RAM tier above");
-            for (key, p) in taken.drain(imported..) {
-                for o in ram.insert(GROUP, key, p) {
-                    demote(self.tiers.disk.as_ref(), &mut self.tiers.counters, o.key, o.payload);
-                }
-            }
         }
-        // Counted as hits when the request is admitted (it may not be now).
-        a.tier_hits.ram += (imported * bs).min(a.req.prompt.len().saturating_sub(from));
-        self.tiers.counters.promotions += imported as u64;
+        // Taken but not imported (a miss before them, or an import that
+        // failed): back where they came from.
+        give_back(&mut self.tiers, &expected, from, results, imported);
+        self.count_tier_hits(a, at, &from[..imported]);
         self.tiers.counters.promote_seconds += started.elapsed().as_secs_f64();
         imported
     }
 
-    /// Starts loading the consecutive records on disk from block `start`
-    /// on (at most `room`), if that beats recomputing them; true if a load
-    /// started.
+    /// Counts blocks brought into `a`'s sequence from tiers (`from[j]`: the
+    /// tier of the `j`-th block after token `base`): hit tokens (counted
+    /// when the request is admitted, as it may not be now) and moves.
+    fn count_tier_hits(&mut self, a: &mut Active, base: usize, from: &[usize]) {
+        let bs = self.block_size();
+        let prompt = a.req.prompt.len();
+        for (j, &t) in from.iter().enumerate() {
+            let first = base + j * bs;
+            a.tier_hits.add(t, bs.min(prompt.saturating_sub(first)));
+            self.tiers.counters.tiers[t].to_pool += 1;
+        }
+    }
+
+    /// Starts loading the blocks from block `start` on that the tiers hold
+    /// (`from[j]`: the tier of block `start + j`), if that beats
+    /// recomputing them; true if a load started.
     fn start_load(
         &mut self,
         a: &Active,
@@ -252,25 +352,21 @@ impl EngineCore {
         ns: Namespace,
         hashes: &PrefixHashes,
         start: usize,
-        room: usize,
+        from: &[usize],
     ) -> bool {
         let bs = self.block_size();
         let hs = hashes.hashes();
-        let Some(disk) = self.tiers.disk.as_ref() else { return false };
-        if start >= hs.len() || room == 0 {
-            return false;
-        }
-        let keys: Vec<RecordKey> =
-            hs[start..hs.len().min(start + room)].iter().map(|h| RecordKey::new(GROUP, *h)).collect();
-        let present = disk.present(&keys);
-        let pending = &self.tiers.pending;
-        let n = chain_len(keys.len(), &[GroupRule::Full], |_, i| {
-            present[i] && pending.producer_of(&hs[start + i]).is_none()
-        });
+        let n = from.len();
         if n == 0 {
             return false;
         }
-        let (load_time, compute_time) = (self.tiers.costs.load_time(n), self.tiers.costs.compute_time(n * bs));
+        let mut per_tier = vec![0; self.tiers.list.len()];
+        for &t in from {
+            if !self.tiers.list[t].at_once() {
+                per_tier[t] += 1;
+            }
+        }
+        let (load_time, compute_time) = (self.tiers.costs.load_time(&per_tier), self.tiers.costs.compute_time(n * bs));
         let budget = match self.tiers.policy {
             LoadPolicy::Measured if load_time >= compute_time => {
                 self.tiers.counters.loads_skipped += 1;
@@ -280,34 +376,35 @@ impl EngineCore {
             LoadPolicy::Measured => compute_time + Duration::from_millis(100),
             LoadPolicy::Always { deadline } => deadline,
         };
-        let from = start * bs;
-        let Ok(appended) = self.cache.append(seq, &a.tokens[from..from + n * bs]) else { return false };
-        self.stash_evicted();
+        let at = start * bs;
         let id = self.tiers.next_producer();
         let expected: Vec<BlockKey> = (start..start + n).map(|i| block_key(ns, hs, &a.tokens, i, bs)).collect();
+        // Blocks of tiers that answer at once are taken before the append
+        // (see `take_now`); the queued tiers are asked once the pool
+        // blocks exist.
+        let mut results: Vec<Option<Result<Payload, Reject>>> = (0..n).map(|_| None).collect();
+        dispatch(&mut self.tiers.list, id, &expected, from, &mut results, |t| t.at_once());
+        let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + n * bs]) else {
+            give_back(&mut self.tiers, &expected, from, results, 0);
+            return false;
+        };
+        self.stash_evicted();
         let blocks: Vec<BlockId> = (0..n).map(|j| appended.slots[j * bs].block).collect();
-        let tasks = expected
-            .iter()
-            .enumerate()
-            .map(|(index, k)| LoadTask { load: id, index, group: GROUP, expected: k.clone() })
-            .collect();
         self.tiers.pending.register(id, start, &hs[start..start + n]);
         let now = Instant::now();
-        let deadline = now + budget;
-        let load = Load {
+        let mut load = Load {
             request: a.id,
             seq,
-            base: from,
+            base: at,
             keys: expected,
             blocks,
-            results: (0..n).map(|_| None).collect(),
+            from: from.to_vec(),
+            results,
             started: now,
-            deadline,
+            deadline: now + budget,
         };
+        dispatch(&mut self.tiers.list, id, &load.keys, from, &mut load.results, |t| !t.at_once());
         self.tiers.loads.insert(id, load);
-        if let Some(disk) = self.tiers.disk.as_ref() {
-            disk.load(tasks);
-        }
         true
     }
 
@@ -326,7 +423,7 @@ impl EngineCore {
             }
             TierEvent::CommitFailed { agent, retry } => {
                 let key = self.agents.keys().find(|k| ManifestId::of(k.0.as_str(), k.1.as_str()) == agent).cloned();
-                // A failing disk: retried once it resumes. A disk full of
+                // A failing tier: retried once it resumes. A tier full of
                 // pinned records: not (the next turn tries again).
                 if let Some(ag) = key.and_then(|k| self.agents.get_mut(&k)) {
                     ag.dirty = true;
@@ -364,7 +461,10 @@ impl EngineCore {
     fn finish_load(&mut self, id: ProducerId, timed_out: bool) {
         let Some(load) = self.tiers.loads.remove(&id) else { return };
         self.tiers.pending.resolve(id);
-        let Some(i) = self.loading.iter().position(|a| a.id == load.request) else { return };
+        let Some(i) = self.loading.iter().position(|a| a.id == load.request) else {
+            give_back(&mut self.tiers, &load.keys, &load.from, load.results, 0);
+            return;
+        };
         let mut a = self.loading.swap_remove(i);
         let bs = self.block_size();
         let verified: Vec<&[u8]> =
@@ -380,14 +480,22 @@ impl EngineCore {
         let _ = self.cache.truncate(load.seq, upto);
         let upto = self.cut_to_usable(load.seq, upto);
         let took = load.started.elapsed();
-        a.tier_hits.disk += (imported * bs).min(a.req.prompt.len().saturating_sub(load.base));
+        self.count_tier_hits(&mut a, load.base, &load.from[..imported]);
+        // Rates from what came in (a miss ends a chain early and says
+        // nothing of how fast the rest would have come).
+        let mut per_tier = vec![0; self.tiers.list.len()];
+        for &t in &load.from[..imported] {
+            if !self.tiers.list[t].at_once() {
+                per_tier[t] += 1;
+            }
+        }
+        give_back(&mut self.tiers, &load.keys, &load.from, load.results, imported);
         let c = &mut self.tiers.counters;
-        c.loaded_blocks += imported as u64;
         c.load_latency.observe(took);
         if timed_out {
             c.load_timeouts += 1;
         }
-        self.tiers.costs.loaded(load.keys.len(), took);
+        self.tiers.costs.loaded(&per_tier, took);
         self.count_admission(&mut a, upto);
         a.events.admitted();
         self.running.push(a);
@@ -403,47 +511,72 @@ impl EngineCore {
     }
 
     /// Forgets the load of a request that ended (its sequence goes with
-    /// it; late reads are ignored).
+    /// it; late reads are ignored). Blocks a tier handed over at once go
+    /// back to it.
     pub(super) fn abandon_load(&mut self, request: RequestId) {
-        let id = self.tiers.loads.iter().find(|(_, l)| l.request == request).map(|(id, _)| *id);
-        if let Some(id) = id {
-            self.tiers.loads.remove(&id);
-            self.tiers.pending.resolve(id);
-        }
+        let Some(id) = self.tiers.loads.iter().find(|(_, l)| l.request == request).map(|(id, _)| *id) else { return };
+        let Some(load) = self.tiers.loads.remove(&id) else { return };
+        self.tiers.pending.resolve(id);
+        give_back(&mut self.tiers, &load.keys, &load.from, load.results, 0);
     }
 
-    /// Queues a durable commit of `key`'s latest turn: its manifest, and
-    /// the blocks of its conversation the disk lacks (exported from the
-    /// pool). A full queue defers it.
+    /// Queues a durable commit of `key`'s latest turn to each durable tier:
+    /// its manifest, and the blocks of its conversation the tier lacks
+    /// (exported from the pool once, whichever tiers need them). A full
+    /// queue defers it.
     pub(super) fn commit_agent(&mut self, key: &AgentKey, ended: Instant) {
         let started = Instant::now();
-        let Some(disk) = self.tiers.disk.as_ref() else { return };
+        if !self.tiers.durable() {
+            return;
+        }
         let Some(ag) = self.agents.get(key) else { return };
         let ns = Namespace::new(self.model.fingerprint(), key.0.as_str().as_bytes());
         let bs = self.cache.spec().block_size();
         let chain = &ag.chain[..ag.chain.len().min(ag.tokens.len() / bs)];
         let records: Vec<RecordKey> = chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
-        let known = disk.known(&records);
         // The blocks the agent's sequence holds, by position in the chain
         // (a sliding window may have released the first ones).
         let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
         let held = |i: usize| table.and_then(|t| t.blocks().get(i.checked_sub(t.first_block())?)).copied();
+        /// One durable tier's part of the commit.
+        struct Part {
+            tier: usize,
+            known: Vec<bool>,
+            blocks: Vec<(tiers::GroupId, BlockKey, Vec<u8>)>,
+            named: usize,
+            ended: bool,
+        }
+        let mut parts: Vec<Part> = (0..self.tiers.list.len())
+            .filter(|&t| self.tiers.list[t].durable())
+            .map(|tier| Part {
+                tier,
+                known: self.tiers.list[tier].known(&records),
+                blocks: Vec::new(),
+                named: 0,
+                ended: false,
+            })
+            .collect();
         let storage = self.model.storage();
-        let mut blocks = Vec::new();
-        // The manifest names the chain as far as the disk has it or gets it
-        // with this commit: data first, so it never names a block that was
-        // never written (a block released meanwhile ends the chain there).
-        let mut named = 0;
-        for (i, &on_disk) in known.iter().enumerate() {
-            if !on_disk {
-                let Some(block) = held(i) else { break };
+        // Each tier's manifest names the chain as far as the tier has it or
+        // gets it with this commit: data first, so it never names a block
+        // that was never written (a block released meanwhile ends the
+        // chain there). A block is exported once, whichever tiers lack it.
+        for i in 0..records.len() {
+            let lacking = parts.iter().any(|p| !p.ended && !p.known[i]);
+            let payload = lacking.then(|| {
                 let mut payload = vec![0u8; storage.block_bytes()];
-                if storage.export_block(block, &mut payload).is_err() {
-                    break;
+                held(i).filter(|&b| storage.export_block(b, &mut payload).is_ok()).map(|_| payload)
+            });
+            for p in parts.iter_mut().filter(|p| !p.ended) {
+                if p.known[i] {
+                    p.named = i + 1;
+                } else if let Some(Some(payload)) = &payload {
+                    p.blocks.push((GROUP, block_key(ns, chain, &ag.tokens, i, bs), payload.clone()));
+                    p.named = i + 1;
+                } else {
+                    p.ended = true;
                 }
-                blocks.push((GROUP, block_key(ns, chain, &ag.tokens, i, bs), payload));
             }
-            named = i + 1;
         }
         let manifest = AgentManifest {
             tenant: key.0.as_str().into(),
@@ -457,9 +590,13 @@ impl EngineCore {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             tokens: ag.tokens.clone(),
-            blocks: records[..named].to_vec(),
+            blocks: Vec::new(),
         };
-        let queued = disk.commit(manifest, blocks, ended).is_ok();
+        let mut queued = true;
+        for p in parts {
+            let manifest = AgentManifest { blocks: records[..p.named].to_vec(), ..manifest.clone() };
+            queued &= self.tiers.list[p.tier].commit(manifest, p.blocks, ended).is_ok();
+        }
         if !queued {
             self.tiers.counters.commits_deferred += 1;
         }
@@ -470,11 +607,15 @@ impl EngineCore {
         }
     }
 
-    /// Retries deferred commits (at most every [`COMMIT_RETRY`]).
+    /// Retries deferred commits (at most every [`COMMIT_RETRY`], and not
+    /// while every durable tier is failing).
     pub(super) fn retry_commits(&mut self) {
-        let Some(disk) = self.tiers.disk.as_ref() else { return };
         let now = Instant::now();
-        if self.tiers.next_commit_retry.is_some_and(|t| t > now) || disk.degraded().is_some() {
+        let durable = self.tiers.list.iter().filter(|t| t.durable());
+        if durable.clone().next().is_none() || durable.clone().all(|t| t.snapshot().degraded.is_some()) {
+            return;
+        }
+        if self.tiers.next_commit_retry.is_some_and(|t| t > now) {
             return;
         }
         self.tiers.next_commit_retry = Some(now + COMMIT_RETRY);
@@ -484,7 +625,7 @@ impl EngineCore {
         }
     }
 
-    /// Agents from the disk tier's manifests, at start. Manifests that are
+    /// Agents from the durable tiers' manifests, at start. Manifests that are
     /// unusable (ids this build refuses, another namespace) or whose TTL
     /// ran out while the server was down are deleted.
     pub(crate) fn restore_agents(&mut self, manifests: Vec<AgentManifest>) -> usize {
@@ -536,48 +677,44 @@ impl EngineCore {
         restored as usize
     }
 
-    fn delete_manifest(&self, id: ManifestId) {
-        if let Some(disk) = &self.tiers.disk {
-            disk.delete_agent(id, None);
+    fn delete_manifest(&mut self, id: ManifestId) {
+        for t in self.tiers.list.iter_mut().filter(|t| t.durable()) {
+            t.forget(id, &[], Box::new(|_| {}));
         }
     }
 
     /// An agent is being forgotten: its blocks that no other agent of its
-    /// tenant and no running request uses leave the pool's cache and RAM,
-    /// and its manifest and unshared records leave the disk. `done` runs
-    /// once that is durable (at once without a disk tier).
+    /// tenant and no running request uses leave the pool's cache and every
+    /// tier, and so do its manifests. `done` runs once that is durable (at
+    /// once without a durable tier).
     pub(super) fn discard_agent(&mut self, key: &AgentKey, chain: &[BlockHash], done: Option<tiers::Done>) {
-        if self.tiers.enabled() {
-            let others: std::collections::HashSet<BlockHash> = self
-                .agents
-                .keys_of(&key.0)
-                .iter()
-                .filter(|k| *k != key)
-                .filter_map(|k| self.agents.get(k))
-                .flat_map(|ag| ag.chain.iter().copied())
-                .collect();
-            let mine: Vec<BlockHash> = chain.iter().copied().filter(|h| !others.contains(h)).collect();
-            // Out of the pool's cache (blocks in use stay), never stashed.
-            self.cache.evict_cached(&mine);
-            let mine_set: std::collections::HashSet<&BlockHash> = mine.iter().collect();
-            let others: Vec<Evicted> =
-                self.cache.take_evicted().into_iter().filter(|e| !mine_set.contains(&e.key.hash)).collect();
-            if !others.is_empty() {
-                stash(&mut self.tiers, self.model.storage(), others);
-            }
-            if let Some(ram) = self.tiers.ram.as_mut() {
-                for h in &mine {
-                    ram.discard(&RecordKey::new(GROUP, *h));
-                }
-            }
+        let done = done.unwrap_or_else(|| Box::new(|_| {}));
+        if !self.tiers.enabled() {
+            done(Ok(()));
+            return;
         }
-        match &self.tiers.disk {
-            Some(disk) => disk.delete_agent(ManifestId::of(key.0.as_str(), key.1.as_str()), done),
-            None => {
-                if let Some(done) = done {
-                    done(Ok(()));
-                }
-            }
+        let others: std::collections::HashSet<BlockHash> = self
+            .agents
+            .keys_of(&key.0)
+            .iter()
+            .filter(|k| *k != key)
+            .filter_map(|k| self.agents.get(k))
+            .flat_map(|ag| ag.chain.iter().copied())
+            .collect();
+        let mine: Vec<BlockHash> = chain.iter().copied().filter(|h| !others.contains(h)).collect();
+        // Out of the pool's cache (blocks in use stay), never stashed.
+        self.cache.evict_cached(&mine);
+        let mine_set: std::collections::HashSet<&BlockHash> = mine.iter().collect();
+        let others: Vec<Evicted> =
+            self.cache.take_evicted().into_iter().filter(|e| !mine_set.contains(&e.key.hash)).collect();
+        if !others.is_empty() {
+            stash(&mut self.tiers, self.model.storage(), others);
+        }
+        let records: Vec<RecordKey> = mine.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
+        let id = ManifestId::of(key.0.as_str(), key.1.as_str());
+        let parts = tiers::split_done(done, self.tiers.list.len());
+        for (t, part) in self.tiers.list.iter_mut().zip(parts) {
+            t.forget(id, &records, part);
         }
     }
 
@@ -586,27 +723,21 @@ impl EngineCore {
         let Some(ag) = self.agents.get(key) else { return BlockLocations::default() };
         let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
         let held = |i: usize| table.is_some_and(|t| i >= t.first_block() && i < t.logical_len());
-        let mut loc = BlockLocations::default();
-        let on_disk = match &self.tiers.disk {
-            Some(d) => d.present(&ag.chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect::<Vec<_>>()),
-            None => vec![false; ag.chain.len()],
-        };
-        for (i, h) in ag.chain.iter().enumerate() {
-            if held(i) || self.cache.is_indexed(*h) {
-                loc.pool += 1;
-            } else if self.tiers.ram.as_ref().is_some_and(|r| r.contains(&RecordKey::new(GROUP, *h))) {
-                loc.ram += 1;
-            }
-            loc.disk += usize::from(on_disk[i]);
-        }
+        let pool = (0..ag.chain.len()).filter(|&i| held(i) || self.cache.is_indexed(ag.chain[i])).count();
+        let mut loc = BlockLocations { pool, ..BlockLocations::default() };
+        let keys: Vec<RecordKey> = ag.chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
         let id = ManifestId::of(key.0.as_str(), key.1.as_str());
-        loc.durable = self.tiers.disk.as_ref().and_then(|d| d.durable_turns(&id)) == Some(ag.turns);
+        for t in &self.tiers.list {
+            loc.tiers.insert(t.name(), t.holds(&keys).into_iter().filter(|&h| h).count());
+            loc.durable |= t.durable_turns(&id) == Some(ag.turns);
+        }
         loc
     }
 
-    /// Moves an idle agent's blocks out of the pool, into RAM or (with
-    /// `to_disk`) on to the disk, as memory pressure would: for benchmarks
-    /// and operators. Returns where its blocks are afterwards.
+    /// Moves an idle agent's blocks out of the pool into the first tier or
+    /// (with `to_disk`) on past it to the next, as memory pressure would:
+    /// for benchmarks and operators. Returns where its blocks are
+    /// afterwards.
     pub(crate) fn offload_agent(&mut self, key: &AgentKey, to_disk: bool) -> crate::Result<BlockLocations> {
         let Some(ag) = self.agents.get(key) else { return Err(crate::Error::UnknownAgent(key.1.to_string())) };
         if ag.busy.is_some() {
@@ -623,40 +754,37 @@ impl EngineCore {
         }
         self.cache.evict_cached(&chain);
         self.stash_evicted();
-        if to_disk {
+        let first_at_once = self.tiers.list.first().is_some_and(|t| t.at_once());
+        if to_disk && first_at_once {
             let ns = self.namespace(&key.0);
             let bs = self.block_size();
             let tokens = self.agents.get(key).map(|a| a.tokens.clone()).unwrap_or_default();
-            for i in 0..chain.len() {
-                let block = block_key(ns, &chain, &tokens, i, bs);
-                let payload = self.tiers.ram.as_mut().and_then(|r| r.take(GROUP, &block));
-                if let Some(p) = payload {
-                    demote(self.tiers.disk.as_ref(), &mut self.tiers.counters, block, p);
+            let expected: Vec<BlockKey> = (0..chain.len()).map(|i| block_key(ns, &chain, &tokens, i, bs)).collect();
+            let mut results: Vec<Option<Result<Payload, Reject>>> = (0..chain.len()).map(|_| None).collect();
+            dispatch(&mut self.tiers.list[..1], 0, &expected, &vec![0; chain.len()], &mut results, |_| true);
+            for (k, r) in expected.into_iter().zip(results) {
+                if let Some(Ok(p)) = r {
+                    offer(&mut self.tiers.list, &mut self.tiers.counters, 1, key_payload(k, p.bytes().to_vec()));
                 }
             }
         }
         Ok(self.block_locations(key))
     }
 
-    /// A way to wait for the disk tier's writer from another thread.
+    /// A way to wait for the durable tier's writer from another thread.
     pub(crate) fn disk_flusher(&self) -> Option<tiers::Flusher> {
-        self.tiers.disk.as_ref().map(DiskTier::flusher)
+        self.tiers.list.iter().find_map(|t| t.flusher())
     }
 
-    /// Drops the disk tier's records from the page cache (benchmarks).
+    /// Drops the tiers' records from the OS cache (benchmarks).
     pub(crate) fn forget_disk_cache(&self) {
-        if let Some(d) = &self.tiers.disk {
-            d.forget_cached();
+        for t in &self.tiers.list {
+            t.forget_cached();
         }
     }
 
     pub(super) fn tier_stats(&self) -> TierStats {
-        TierStats {
-            ram_blocks: self.tiers.ram.as_ref().map_or(0, |r| r.len() as u64),
-            ram_bytes: self.tiers.ram.as_ref().map_or(0, tiers::RamTier::bytes),
-            ram_budget: self.tiers.ram.as_ref().map_or(0, tiers::RamTier::budget),
-            counters: self.tiers.counters.clone(),
-            disk: self.tiers.disk.as_ref().map(DiskTier::stats),
-        }
+        let tiers: Vec<tiers::TierSnapshot> = self.tiers.list.iter().map(|t| t.snapshot()).collect();
+        TierStats { counters: self.tiers.counters.clone(), disk: tiers.iter().find_map(|t| t.disk.clone()), tiers }
     }
 }

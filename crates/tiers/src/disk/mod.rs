@@ -52,9 +52,11 @@ use crate::error::{Error, Result};
 use crate::fs::{Fs, LockGuard, StdFs};
 use crate::manifest::{AgentManifest, ManifestId};
 use crate::queue::JobQueue;
-use crate::record::{self, GroupId, Payload, RecordKey, Reject, StoreFingerprint};
+use crate::record::{self, GroupId, RecordKey, Reject, StoreFingerprint};
 use crate::stats::DiskStats;
 use crate::sync::{Arc, Condvar, Mutex, MutexGuard};
+pub(crate) use crate::tier::TierEvent;
+use crate::tier::{Done, EventSink, LoadTask, Loading, QueueFull, Stored, Tier, TierSnapshot};
 
 pub(crate) use index::Index;
 
@@ -92,50 +94,6 @@ impl DiskConfig {
         }
     }
 }
-
-/// What the tier tells the engine, from its threads.
-#[derive(Debug)]
-pub enum TierEvent {
-    /// A record asked for by [`DiskTier::load`] was read (or not).
-    Loaded {
-        /// The load it belongs to.
-        load: u64,
-        /// Its position in that load.
-        index: usize,
-        /// The verified payload, or why it is a miss.
-        result: std::result::Result<Payload, Reject>,
-    },
-    /// An agent's commit could not be made durable: its manifest on disk,
-    /// if any, is an older turn's.
-    CommitFailed {
-        /// The agent.
-        agent: ManifestId,
-        /// The disk was failing (worth retrying once it resumes), as
-        /// opposed to full of pinned records (not worth retrying).
-        retry: bool,
-    },
-}
-
-/// One record to read for a load.
-#[derive(Clone, Debug)]
-pub struct LoadTask {
-    /// The load it belongs to (echoed in [`TierEvent::Loaded`]).
-    pub load: u64,
-    /// Its position in that load.
-    pub index: usize,
-    /// Its layer group.
-    pub group: GroupId,
-    /// Exactly the block expected (the record must match it).
-    pub expected: BlockKey,
-}
-
-/// A callback for [`TierEvent`]s; called from the tier's threads. (A std
-/// `Arc`: configuration shared once, not part of what loom models.)
-pub type EventSink = std::sync::Arc<dyn Fn(TierEvent) + Send + Sync>;
-
-/// A callback run when a deletion is durable (`Ok`), or could not be made
-/// so (`Err` with the reason; the tier retries it when it resumes).
-pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// A job for the writer.
 pub(crate) enum WriteJob {
@@ -665,10 +623,79 @@ fn flush(shared: &Shared, timeout: Duration) -> bool {
     true
 }
 
-/// The write queue is full (or closed); nothing was queued.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the disk tier's write queue is full")]
-pub struct QueueFull;
+impl Tier for DiskTier {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn holds(&self, keys: &[RecordKey]) -> Vec<bool> {
+        self.present(keys)
+    }
+
+    fn load(&mut self, tasks: Vec<LoadTask>) -> Loading {
+        DiskTier::load(self, tasks);
+        Loading::Queued
+    }
+
+    fn store(&mut self, group: GroupId, key: BlockKey, payload: Vec<u8>) -> Stored {
+        match self.demote(group, key, payload) {
+            Demotion::Queued => Stored::Queued,
+            Demotion::Known => Stored::Known,
+            Demotion::Dropped => Stored::Dropped,
+        }
+    }
+
+    fn known(&self, keys: &[RecordKey]) -> Vec<bool> {
+        DiskTier::known(self, keys)
+    }
+
+    fn commit(
+        &mut self,
+        manifest: AgentManifest,
+        blocks: Vec<(GroupId, BlockKey, Vec<u8>)>,
+        ended: Instant,
+    ) -> std::result::Result<(), QueueFull> {
+        DiskTier::commit(self, manifest, blocks, ended)
+    }
+
+    /// The records only this agent named go with its manifest (the index
+    /// knows which); `blocks` is not needed.
+    fn forget(&mut self, agent: ManifestId, _blocks: &[RecordKey], done: Done) {
+        self.delete_agent(agent, Some(done));
+    }
+
+    fn durable_turns(&self, agent: &ManifestId) -> Option<u64> {
+        DiskTier::durable_turns(self, agent)
+    }
+
+    fn records_in(&self, bytes: f64) -> Option<usize> {
+        Some((bytes / self.record_len().max(1) as f64) as usize)
+    }
+
+    fn snapshot(&self) -> TierSnapshot {
+        let d = self.stats();
+        TierSnapshot {
+            name: "disk",
+            blocks: d.blocks,
+            bytes: d.bytes,
+            budget: d.budget,
+            degraded: d.degraded.clone(),
+            disk: Some(d),
+        }
+    }
+
+    fn flusher(&self) -> Option<Flusher> {
+        Some(DiskTier::flusher(self))
+    }
+
+    fn forget_cached(&self) {
+        DiskTier::forget_cached(self);
+    }
+}
 
 impl Drop for DiskTier {
     /// Finishes every queued write (the queue is bounded), stops the
