@@ -25,6 +25,13 @@ pub enum Error {
     /// A configuration value is unusable.
     #[error("invalid tier configuration: {0}")]
     Config(String),
+    /// The remote store could not be reached, timed out, or answered with
+    /// an error (worth retrying later; the tier reconnects by itself).
+    #[error("remote KV store: {reason}")]
+    Remote {
+        /// What failed (never the store's credentials).
+        reason: String,
+    },
     /// A background thread could not be started.
     #[error("cannot start the {what} thread: {source}")]
     Thread {

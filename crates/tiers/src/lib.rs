@@ -79,6 +79,12 @@
 //! blocking ([`queue`]), and results come back through a callback the
 //! engine gives (it turns them into engine commands). Lock types come from
 //! `crate::sync`, so the loom models (`tests/loom.rs`) check this code.
+//!
+//! T3 ([`remote`]) has the same shape: one mutex over its counters,
+//! negative cache and known set; a writer, readers and a pinger, each with
+//! its own Redis connection, fed by the same kind of queue. It is left out
+//! of the loom build (sockets and timeouts are outside what loom models)
+//! and tested against a real `redis-server` (`tests/remote.rs`).
 
 pub mod chain;
 pub mod disk;
@@ -88,6 +94,8 @@ pub mod manifest;
 pub mod queue;
 pub mod ram;
 pub mod record;
+#[cfg(not(loom))] // its threads and sockets are outside what loom models
+pub mod remote;
 mod stats;
 mod sync;
 pub mod tier;
@@ -98,7 +106,9 @@ pub use error::{Error, Result};
 pub use manifest::{AgentManifest, ManifestId, ManifestRetention};
 pub use ram::RamTier;
 pub use record::{GroupId, Payload, RecordKey, Reject, StoreFingerprint};
-pub use stats::{DiskStats, LatencyHistogram, LATENCY_BUCKETS_S};
+#[cfg(not(loom))]
+pub use remote::{RemoteConfig, RemoteTier};
+pub use stats::{DiskStats, LatencyHistogram, RemoteStats, LATENCY_BUCKETS_S};
 pub use tier::{
     split_done, Done, EventSink, LoadTask, Loading, Overflow, QueueFull, Stored, Tier, TierEvent, TierSnapshot,
 };

@@ -97,9 +97,14 @@ impl ManifestId {
         Self(xxh3_128(&b))
     }
 
+    /// 32 lowercase hex digits: the id in file names and remote keys.
+    pub fn hex(&self) -> String {
+        format!("{:032x}", self.0)
+    }
+
     /// The manifest's file name.
     pub fn file_name(&self) -> String {
-        format!("{:032x}.kva", self.0)
+        format!("{}.kva", self.hex())
     }
 
     /// Parses a name made by [`ManifestId::file_name`].

@@ -193,6 +193,7 @@ impl Tier for RamTier {
             budget: self.budget,
             degraded: None,
             disk: None,
+            remote: None,
         }
     }
 }

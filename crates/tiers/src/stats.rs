@@ -1,4 +1,5 @@
-//! The disk tier's numbers, read as one snapshot under the tier's one lock.
+//! The disk and remote tiers' numbers, each read as one snapshot under its
+//! tier's one lock.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -86,6 +87,60 @@ pub struct DiskStats {
 
 impl DiskStats {
     /// Records rejected for any reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// Everything the remote tier reports, as of one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RemoteStats {
+    /// Whether the last health check reached the store.
+    pub connected: bool,
+    /// Why the tier is not serving, while it is not (the store is
+    /// unreachable, timing out or failing).
+    pub degraded: Option<String>,
+    /// Blocks written (`SET NX` that stored a value).
+    pub written_blocks: u64,
+    /// Their bytes (records: header and payload).
+    pub written_bytes: u64,
+    /// Blocks offered that the store had already (`SET NX` found the key:
+    /// this or another replica wrote it).
+    pub existing: u64,
+    /// Blocks read back and verified.
+    pub read_blocks: u64,
+    /// Their payload bytes.
+    pub read_bytes: u64,
+    /// Blocks asked for that the store did not have.
+    pub misses: u64,
+    /// Blocks answered as absent from the negative cache (a recent miss),
+    /// without asking the store.
+    pub negative_cache_hits: u64,
+    /// Values or manifests rejected when read, by reason (checksum,
+    /// fingerprint, truncated, …); each was deleted.
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// Manifests written.
+    pub commits: u64,
+    /// Manifests not written because the store held a newer turn.
+    pub stale_manifests: u64,
+    /// Calls that failed: connection errors, timeouts, server errors.
+    pub errors: u64,
+    /// Connections made again after one was lost.
+    pub reconnects: u64,
+    /// Writes not done: refused by the queue (full), or dropped while the
+    /// store was failing (blocks, and commits refused).
+    pub dropped_writes: u64,
+    /// Bytes waiting in the write queue.
+    pub queued_bytes: u64,
+    /// Entries in the set of blocks this process wrote or read within the
+    /// TTL (what a commit need not resend).
+    pub known_blocks: u64,
+    /// Round-trip time of each pipelined read.
+    pub fetch_latency: LatencyHistogram,
+}
+
+impl RemoteStats {
+    /// Values rejected for any reason.
     pub fn rejected_total(&self) -> u64 {
         self.rejected.values().sum()
     }

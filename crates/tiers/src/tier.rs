@@ -35,7 +35,7 @@ use kv::BlockKey;
 
 use crate::manifest::{AgentManifest, ManifestId};
 use crate::record::{GroupId, Payload, RecordKey, Reject};
-use crate::stats::DiskStats;
+use crate::stats::{DiskStats, RemoteStats};
 
 /// One block to read for a load.
 #[derive(Clone, Debug)]
@@ -135,6 +135,8 @@ pub struct TierSnapshot {
     pub degraded: Option<String>,
     /// The disk tier's own counters.
     pub disk: Option<DiskStats>,
+    /// The remote tier's own counters.
+    pub remote: Option<RemoteStats>,
 }
 
 /// One tier below the pool: see the module doc. The engine thread owns the

@@ -685,6 +685,7 @@ impl Tier for DiskTier {
             budget: d.budget,
             degraded: d.degraded.clone(),
             disk: Some(d),
+            remote: None,
         }
     }
 

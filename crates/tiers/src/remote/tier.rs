@@ -1,0 +1,164 @@
+//! [`Tier`] for [`RemoteTier`]: what the engine thread does, never waiting
+//! on the network. Presence and "known" are answered from the tier's own
+//! sets, writes and reads are queued for its threads.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use kv::BlockKey;
+
+use super::{Commit, RemoteTier, WriteJob};
+use crate::manifest::{AgentManifest, ManifestId};
+use crate::record::{GroupId, RecordKey, Reject};
+use crate::tier::{Done, LoadTask, Loading, QueueFull, Stored, Tier, TierEvent, TierSnapshot};
+
+/// Groups `tasks` by load, each in index order (a load's chain).
+fn chains(tasks: Vec<LoadTask>) -> Vec<Vec<LoadTask>> {
+    let mut by_load: BTreeMap<u64, Vec<LoadTask>> = BTreeMap::new();
+    for t in tasks {
+        by_load.entry(t.load).or_default().push(t);
+    }
+    by_load
+        .into_values()
+        .map(|mut c| {
+            c.sort_by_key(|t| t.index);
+            c
+        })
+        .collect()
+}
+
+impl Tier for RemoteTier {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn holds(&self, keys: &[RecordKey]) -> Vec<bool> {
+        let mut s = self.shared.state();
+        if s.stats.degraded.is_some() {
+            return vec![false; keys.len()];
+        }
+        let now = Instant::now();
+        let out: Vec<bool> = keys.iter().map(|k| !s.negative.contains(k, now)).collect();
+        s.stats.negative_cache_hits += out.iter().filter(|&&h| !h).count() as u64;
+        out
+    }
+
+    fn load(&mut self, tasks: Vec<LoadTask>) -> Loading {
+        for chain in chains(tasks) {
+            if let Err(chain) = self.shared.reads.push(chain, 0, None) {
+                for t in chain {
+                    let reason = "the remote tier is shutting down".to_string();
+                    (self.shared.sink)(TierEvent::Loaded {
+                        load: t.load,
+                        index: t.index,
+                        result: Err(Reject::Unreadable(reason)),
+                    });
+                }
+            }
+        }
+        Loading::Queued
+    }
+
+    fn store(&mut self, group: GroupId, key: BlockKey, payload: Vec<u8>) -> Stored {
+        let rk = RecordKey::new(group, key.hash);
+        {
+            let mut s = self.shared.state();
+            let now = Instant::now();
+            if s.known.contains(&rk, now) {
+                return Stored::Known;
+            }
+            if s.stats.degraded.is_some() {
+                s.stats.dropped_writes += 1;
+                return Stored::Dropped;
+            }
+            s.known.insert(rk, now);
+        }
+        let bytes = payload.len() as u64;
+        match self.shared.push(WriteJob::Block { group, key, payload }, bytes, Some(self.shared.limits.queue_bytes)) {
+            Ok(_) => Stored::Queued,
+            Err(_) => {
+                let mut s = self.shared.state();
+                s.known.remove(&rk);
+                s.stats.dropped_writes += 1;
+                Stored::Dropped
+            }
+        }
+    }
+
+    fn known(&self, keys: &[RecordKey]) -> Vec<bool> {
+        let s = self.shared.state();
+        let now = Instant::now();
+        keys.iter().map(|k| s.known.contains(k, now)).collect()
+    }
+
+    /// Refused ([`QueueFull`]) while the tier is degraded, as when its queue
+    /// is full: the engine keeps the agent and tries again.
+    fn commit(
+        &mut self,
+        manifest: AgentManifest,
+        blocks: Vec<(GroupId, BlockKey, Vec<u8>)>,
+        _ended: Instant,
+    ) -> std::result::Result<(), QueueFull> {
+        // Claim the blocks not known yet; the others are skipped (and must
+        // not be unclaimed below).
+        let (blocks, keys): (Vec<_>, Vec<RecordKey>) = {
+            let mut s = self.shared.state();
+            if s.stats.degraded.is_some() {
+                s.stats.dropped_writes += blocks.len() as u64 + 1;
+                return Err(QueueFull);
+            }
+            let now = Instant::now();
+            blocks
+                .into_iter()
+                .map(|b| {
+                    let k = RecordKey::new(b.0, b.1.hash);
+                    (b, k)
+                })
+                .filter(|(_, k)| s.known.insert(*k, now))
+                .unzip()
+        };
+        let bytes: u64 = blocks.iter().map(|b| b.2.len() as u64).sum();
+        // As the disk tier: a commit with blocks must fit unless the queue
+        // is empty (a single huge commit still goes).
+        let limit = (bytes > 0 && !self.shared.writes.is_empty()).then_some(self.shared.limits.queue_bytes);
+        if self.shared.push(WriteJob::Commit(Box::new(Commit { manifest, blocks })), bytes, limit).is_ok() {
+            return Ok(());
+        }
+        let mut s = self.shared.state();
+        for k in &keys {
+            s.known.remove(k);
+        }
+        Err(QueueFull)
+    }
+
+    /// Deletes the agent's manifest only: other replicas' agents may name
+    /// the same blocks, which expire by TTL. `blocks` is not needed.
+    fn forget(&mut self, agent: ManifestId, _blocks: &[RecordKey], done: Done) {
+        if let Err(WriteJob::Delete { done, .. }) = self.shared.push(WriteJob::Delete { id: agent, done }, 0, None) {
+            done(Err("the remote tier is shutting down".into()));
+        }
+    }
+
+    fn durable_turns(&self, agent: &ManifestId) -> Option<u64> {
+        self.shared.state().durable.get(agent).copied()
+    }
+
+    /// The store's contents are not counted here (other replicas write to
+    /// it, and its TTL evicts): `blocks`, `bytes` and `budget` are 0.
+    fn snapshot(&self) -> TierSnapshot {
+        let r = self.stats();
+        TierSnapshot {
+            name: "remote",
+            blocks: 0,
+            bytes: 0,
+            budget: 0,
+            degraded: r.degraded.clone(),
+            disk: None,
+            remote: Some(r),
+        }
+    }
+}
