@@ -82,9 +82,10 @@ pub(crate) struct Agent {
     /// The addresses of its conversation's full blocks (what a tier holds
     /// them under).
     pub(crate) chain: Vec<BlockHash>,
-    /// Its latest turn is not durable yet: the commit was deferred (write
-    /// queue full) or failed.
-    pub(crate) dirty: bool,
+    /// The durable tiers (a bit per position in the tier list) its latest
+    /// turn is not committed to yet: the commit was deferred (write queue
+    /// full, tier failing) or failed.
+    pub(crate) dirty: u64,
     /// A dirty agent's commit is worth retrying (deferred, or the disk was
     /// failing and may resume), as opposed to refused for lack of room.
     pub(crate) retry_commit: bool,
@@ -186,7 +187,7 @@ impl Agents {
             seq: None,
             tokens: Vec::new(),
             chain: Vec::new(),
-            dirty: false,
+            dirty: 0,
             retry_commit: false,
             retention: Retention::default(),
             priority: 0,
@@ -222,10 +223,14 @@ impl Agents {
         self.map.keys()
     }
 
-    /// Agents whose latest turn still has to be committed to disk, and
-    /// worth trying again.
-    pub(crate) fn dirty(&self) -> Vec<AgentKey> {
-        self.map.iter().filter(|(_, a)| a.dirty && a.retry_commit && a.busy.is_none()).map(|(k, _)| k.clone()).collect()
+    /// Agents whose latest turn still has to be committed to a durable
+    /// tier, and worth trying again, with the tiers that lack it.
+    pub(crate) fn dirty(&self) -> Vec<(AgentKey, u64)> {
+        self.map
+            .iter()
+            .filter(|(_, a)| a.dirty != 0 && a.retry_commit && a.busy.is_none())
+            .map(|(k, a)| (k.clone(), a.dirty))
+            .collect()
     }
 
     pub(crate) fn keys_of(&self, tenant: &TenantId) -> Vec<AgentKey> {

@@ -75,6 +75,7 @@ use crate::EngineConfig;
 
 mod admission;
 mod agent_ops;
+mod resume;
 mod tier_ops;
 
 pub(crate) use tier_ops::TierReuse;
@@ -145,6 +146,8 @@ pub(crate) struct Submission {
     pub(crate) req: ValidRequest,
     pub(crate) events: EventSender,
     pub(crate) ticket: QueueTicket,
+    /// Its agent's manifest was looked for in the tiers already.
+    pub(crate) looked_up: bool,
 }
 
 /// A request in flight, waiting or running.
@@ -284,6 +287,10 @@ impl EngineCore {
         };
         let agent = s.req.req.agent.clone().map(|a| (tenant, a));
         if let Some(key) = &agent {
+            // An agent this process does not know may have run its turns on
+            // another replica: wait for its manifest if a tier can look.
+            let Some(back) = self.look_up_agent(key, s) else { return };
+            s = back;
             if let Err(e) = self.make_agent_room(key) {
                 let _ = s.events.send(Event::Error(e));
                 return;
@@ -325,6 +332,9 @@ impl EngineCore {
 
     /// Ends a request the caller cancelled.
     pub(crate) fn cancel(&mut self, id: RequestId) {
+        if self.cancel_parked(id) {
+            return;
+        }
         if let Some(key) = self.waiting.iter().find(|(_, a)| a.id == id).map(|(k, _)| *k) {
             if let Some(a) = self.waiting.remove(&key) {
                 self.end(a, End::Finished(FinishReason::Cancelled, String::new()));
@@ -380,6 +390,7 @@ impl EngineCore {
             self.end_abandoned(a, now);
         }
         self.expire_loads(now);
+        self.expire_fetches(now);
         self.retry_commits();
         for key in self.agents.expired(now) {
             self.forget_agent(&key);
@@ -398,7 +409,7 @@ impl EngineCore {
         let deadlines =
             self.waiting.values().chain(&self.running).chain(&self.loading).filter_map(|a| a.deadline.map(|d| d.0));
         let loads = self.tiers.loads.values().map(|l| l.deadline);
-        deadlines.chain(loads).chain(self.agents.next_expiry()).min()
+        deadlines.chain(loads).chain(self.agents.next_expiry()).chain(self.next_fetch_deadline()).min()
     }
 
     /// One scheduling step; false when nothing could run.

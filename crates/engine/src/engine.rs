@@ -114,7 +114,8 @@ enum Command {
     Offload(TenantId, AgentId, bool, oneshot::Sender<Result<BlockLocations>>),
     Flusher(oneshot::Sender<Option<tiers::Flusher>>),
     ForgetDiskCache(oneshot::Sender<()>),
-    Tier(tiers::TierEvent),
+    /// A report from the tier at this position in the tier list.
+    Tier(usize, tiers::TierEvent),
     /// The last handle is gone (tier threads keep senders of their own, so
     /// the channel alone cannot tell).
     HandlesGone,
@@ -263,36 +264,57 @@ pub fn start(mut model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: Engin
     Ok(EngineHandle { shared: Arc::new(shared) })
 }
 
-/// Opens the tiers `config` asks for; the disk tier's threads report to the
-/// engine over `tx`. Returns the manifests of the agents found on disk.
+/// Opens the tiers `config` asks for, fastest first (RAM, disk, remote);
+/// the queued tiers' threads report to the engine over `tx`. Returns the
+/// manifests of the agents found on disk.
 fn open_tiers(
     model: &mut dyn Model,
     config: &TierConfig,
     tx: &mpsc::Sender<Command>,
 ) -> Result<(Tiering, Vec<tiers::AgentManifest>)> {
-    let Some(disk) = &config.disk else {
-        return Ok((Tiering::with_ram(config.ram_bytes, Vec::new(), config.load), Vec::new()));
-    };
     let layout = model.storage().layout();
     let payload = model.storage().block_bytes();
+    let block_size = model.spec().block_size();
     let fp = tiers::StoreFingerprint::new(model.fingerprint(), model.spec(), &[layout]);
-    let tx = tx.clone();
-    let sink: tiers::EventSink = Arc::new(move |ev| {
-        let _ = tx.send(Command::Tier(ev));
-    });
-    let opened = tiers::DiskTier::open(disk.clone(), fp, model.spec().block_size(), payload, sink)
-        .map_err(|e| Error::Storage(e.to_string()))?;
-    tracing::info!(
-        dir = %opened.tier.dir().display(),
-        agents = opened.agents.len(),
-        blocks = opened.blocks,
-        mib = opened.bytes >> 20,
-        rejected = opened.rejected,
-        temps_removed = opened.temps_removed,
-        ms = opened.elapsed.as_millis() as u64,
-        "disk tier opened: recovered its agents and blocks"
-    );
-    Ok((Tiering::with_ram(config.ram_bytes, vec![Box::new(opened.tier)], config.load), opened.agents))
+    // Each queued tier's reports name its position in the list (after
+    // RAM, if there is one).
+    let sink = |position: usize| -> tiers::EventSink {
+        let tx = tx.clone();
+        Arc::new(move |ev| {
+            let _ = tx.send(Command::Tier(position, ev));
+        })
+    };
+    let first = usize::from(config.ram_bytes > 0);
+    let mut below: Vec<Box<dyn tiers::Tier>> = Vec::new();
+    let mut agents = Vec::new();
+    if let Some(disk) = &config.disk {
+        let opened = tiers::DiskTier::open(disk.clone(), fp, block_size, payload, sink(first + below.len()))
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        tracing::info!(
+            dir = %opened.tier.dir().display(),
+            agents = opened.agents.len(),
+            blocks = opened.blocks,
+            mib = opened.bytes >> 20,
+            rejected = opened.rejected,
+            temps_removed = opened.temps_removed,
+            ms = opened.elapsed.as_millis() as u64,
+            "disk tier opened: recovered its agents and blocks"
+        );
+        below.push(Box::new(opened.tier));
+        agents = opened.agents;
+    }
+    if let Some(remote) = &config.remote {
+        let tier = tiers::RemoteTier::open(remote.clone(), fp, block_size, payload, sink(first + below.len()))
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        match tier.degraded() {
+            None => tracing::info!(url = tier.url(), "remote tier connected"),
+            Some(reason) => {
+                tracing::warn!(url = tier.url(), %reason, "remote tier not reachable yet: serving from the local tiers, retrying in the background");
+            }
+        }
+        below.push(Box::new(tier));
+    }
+    Ok((Tiering::with_ram(config.ram_bytes, below, config.load), agents))
 }
 
 /// Sets the engine's `stopped` flag when dropped.
@@ -412,7 +434,7 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
             core.forget_disk_cache();
             let _ = reply.send(());
         }
-        Command::Tier(ev) => core.on_tier_event(ev),
+        Command::Tier(tier, ev) => core.on_tier_event(tier, ev),
         Command::HandlesGone | Command::Publish(_) => {} // run_loop handles these
         Command::UpdateAgent(tenant, id, update, reply) => {
             let _ = reply.send(core.update_agent(&(tenant, id), update));
@@ -665,7 +687,7 @@ impl EngineHandle {
         };
         let id = RequestId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (events, rx) = tmpsc::unbounded_channel();
-        let sub = Submission { id, req, events: EventSender(events), ticket };
+        let sub = Submission { id, req, events: EventSender(events), ticket, looked_up: false };
         self.shared.tx.send(Command::Submit(Box::new(sub))).map_err(|_| Error::EngineStopped)?;
         Ok(EventStream { id, rx, held: None, done: false })
     }

@@ -68,4 +68,6 @@ pub use request::{
     MAX_ID_LEN, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TIMEOUT,
 };
 pub use tiering::{LoadPolicy, TierConfig, TierCounters, TierMoves, TierStats};
-pub use tiers::{DiskConfig, DiskStats, TierSnapshot, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS};
+pub use tiers::{
+    DiskConfig, DiskStats, RemoteConfig, RemoteStats, TierSnapshot, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS,
+};

@@ -40,6 +40,9 @@ pub struct TierConfig {
     /// The disk tier (T2): block records and durable agents. `None`
     /// disables it (nothing survives a restart).
     pub disk: Option<DiskConfig>,
+    /// The remote tier (T3): a store shared by replicas, below the disk.
+    /// `None` disables it.
+    pub remote: Option<tiers::RemoteConfig>,
     /// When blocks found on disk are loaded rather than recomputed.
     pub load: LoadPolicy,
 }
@@ -220,7 +223,23 @@ pub(crate) struct Tiering {
     pub(crate) counters: TierCounters,
     /// When deferred agent commits may be retried next.
     pub(crate) next_commit_retry: Option<Instant>,
+    /// Turns of agents this process does not know, waiting while a tier
+    /// looks for their manifests (`core/resume.rs`).
+    pub(crate) fetches: HashMap<tiers::ManifestId, AgentFetch>,
     next_producer: ProducerId,
+}
+
+/// How long an agent's turn waits for a tier to find the agent's manifest
+/// before it runs without (as a new agent).
+pub(crate) const FETCH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// A lookup of an agent's manifest in the tiers, and the turns waiting for
+/// it.
+#[derive(Debug)]
+pub(crate) struct AgentFetch {
+    pub(crate) key: crate::agents::AgentKey,
+    pub(crate) waiting: Vec<crate::core::Submission>,
+    pub(crate) deadline: Instant,
 }
 
 impl Default for Tiering {
@@ -244,6 +263,7 @@ impl Tiering {
             policy,
             counters,
             next_commit_retry: None,
+            fetches: HashMap::new(),
             next_producer: 0,
         }
     }
@@ -319,6 +339,9 @@ pub struct TierCounters {
     pub commit_seconds: f64,
     /// Agents restored from durable tiers at start.
     pub agents_restored: u64,
+    /// Agents this process did not know, resumed on a turn from a manifest
+    /// another replica wrote to a shared tier.
+    pub agents_resumed: u64,
 }
 
 impl TierCounters {

@@ -114,6 +114,7 @@ fn tiered(path: &std::path::Path, dir: &std::path::Path) -> EngineHandle {
         disk: Some(engine::DiskConfig::new(dir, 64 << 20)),
         // A tiny model recomputes faster than the disk loads: load anyway.
         load: engine::LoadPolicy::Always { deadline: Duration::from_secs(30) },
+        ..engine::TierConfig::default()
     };
     let config = EngineConfig {
         default_timeout: Some(Duration::from_secs(60)),

@@ -72,6 +72,7 @@ fn tiered_engine(dir: &std::path::Path) -> EngineHandle {
         ram_bytes: 256 << 20,
         disk: Some(engine::DiskConfig::new(dir, 1 << 30)),
         load: engine::LoadPolicy::Measured,
+        ..engine::TierConfig::default()
     };
     let config = EngineConfig {
         default_timeout: Some(Duration::from_secs(300)),

@@ -50,6 +50,7 @@ fn disk_with(dir: &Path, fs: Arc<dyn Fs>) -> TierConfig {
         ram_bytes: 0,
         disk: Some(disk_cfg(dir, fs)),
         load: LoadPolicy::Always { deadline: Duration::from_secs(10) },
+        ..TierConfig::default()
     }
 }
 

@@ -84,12 +84,36 @@ pub(crate) struct TierArgs {
     /// then do not survive a restart).
     #[arg(long, env = "KVSERVE_DISK_CACHE", default_value = "16GiB", value_parser = parse_size_or_zero)]
     pub(crate) disk_cache: u64,
+    /// A Redis (or Valkey) server that replicas of this model share as a
+    /// KV tier: `redis://[:PASSWORD@]HOST:PORT[/DB]`. Every finished agent
+    /// turn is written there, so the agent resumes on any replica. Give a
+    /// password through the environment variable, not the command line.
+    /// Off by default.
+    #[arg(long, env = "KVSERVE_REMOTE_CACHE", hide_env_values = true)]
+    pub(crate) remote_cache: Option<String>,
+    /// Seconds the remote store keeps a block or an agent's manifest after
+    /// its last write or read.
+    #[arg(long, env = "KVSERVE_REMOTE_CACHE_TTL", default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) remote_cache_ttl: u64,
+    /// What goes to the remote store: `agents` (every finished agent turn's
+    /// blocks and manifest) or `all` (also the blocks the local tiers
+    /// evict that reach it: with a disk tier, none; without one, what falls
+    /// out of RAM).
+    #[arg(long, env = "KVSERVE_REMOTE_WRITE", default_value = "agents", value_parser = ["agents", "all"])]
+    pub(crate) remote_write: String,
 }
 
 impl TierArgs {
     /// No tiers: the pool alone.
     pub(crate) fn none() -> Self {
-        Self { ram_cache: Some(0), cache_dir: None, disk_cache: 0 }
+        Self {
+            ram_cache: Some(0),
+            cache_dir: None,
+            disk_cache: 0,
+            remote_cache: None,
+            remote_cache_ttl: 24 * 3600,
+            remote_write: "agents".into(),
+        }
     }
 
     /// The engine's tier configuration.
@@ -104,7 +128,12 @@ impl TierArgs {
             };
             Some(engine::DiskConfig::new(root, self.disk_cache))
         };
-        Ok(engine::TierConfig { ram_bytes, disk, ..engine::TierConfig::default() })
+        let remote = self.remote_cache.as_ref().map(|url| engine::RemoteConfig {
+            ttl: Duration::from_secs(self.remote_cache_ttl),
+            take_evictions: self.remote_write == "all",
+            ..engine::RemoteConfig::new(url.clone())
+        });
+        Ok(engine::TierConfig { ram_bytes, disk, remote, ..engine::TierConfig::default() })
     }
 }
 
@@ -300,8 +329,17 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         Some(d) => format!("{} MiB in {}", d.budget >> 20, d.root.display()),
         None => "off".into(),
     };
+    let remote = match &tiers.remote {
+        Some(r) => format!(
+            "{} (TTL {} s, writes {})",
+            tiers::remote::redact_url(&r.url),
+            r.ttl.as_secs(),
+            if r.take_evictions { "all" } else { "agents" }
+        ),
+        None => "off".into(),
+    };
     let summary = format!(
-        "{} ({}, {} layers, context {}) | KV: {held} blocks x {} tokens = {capacity} tokens{pages} in {:.0} MiB ({:?}) | RAM tier: {} MiB | disk tier: {disk} | matmul: {} | threads: {}",
+        "{} ({}, {} layers, context {}) | KV: {held} blocks x {} tokens = {capacity} tokens{pages} in {:.0} MiB ({:?}) | RAM tier: {} MiB | disk tier: {disk} | remote tier: {remote} | matmul: {} | threads: {}",
         path.display(),
         config.arch.name(),
         config.layers,

@@ -267,4 +267,78 @@ fn tiers(o: &mut String, s: &EngineStats) {
         f64::from(u8::from(d.degraded.is_some())),
     );
     gauge(o, "kvserve_tier_disk_queued_bytes", "Bytes waiting to be written to disk.", "gauge", d.queued_bytes as f64);
+    gauge(
+        o,
+        "kvserve_agents_resumed_total",
+        "Agents this replica did not know, resumed from a manifest another replica wrote to the remote tier.",
+        "counter",
+        c.agents_resumed as f64,
+    );
+    if let Some(r) = t.tiers.iter().find_map(|x| x.remote.as_ref()) {
+        remote(o, r);
+    }
+}
+
+/// The remote tier's own counters (present with `--remote-cache`).
+fn remote(o: &mut String, r: &engine::RemoteStats) {
+    let counters: [(&str, &str, u64); 12] = [
+        ("written_blocks", "Blocks written to the remote store.", r.written_blocks),
+        ("written_bytes", "Bytes of block records written to the remote store.", r.written_bytes),
+        ("existing_blocks", "Blocks another replica had written already (SET NX kept the first).", r.existing),
+        ("read_blocks", "Blocks read back from the remote store and verified.", r.read_blocks),
+        ("read_bytes", "Bytes of block records read back from the remote store.", r.read_bytes),
+        ("misses", "Blocks asked of the remote store that it did not hold.", r.misses),
+        (
+            "negative_cache_hits",
+            "Lookups answered by the recent-miss cache, without a round trip.",
+            r.negative_cache_hits,
+        ),
+        ("commits", "Agent turns committed to the remote store.", r.commits),
+        ("stale_manifests", "Manifest writes refused because the store held a newer turn.", r.stale_manifests),
+        ("errors", "Failed or timed-out calls to the remote store.", r.errors),
+        ("reconnects", "Connections to the remote store made again.", r.reconnects),
+        ("dropped_writes", "Writes not made: queue full or store unavailable.", r.dropped_writes),
+    ];
+    for (name, help, v) in counters {
+        gauge(o, &format!("kvserve_tier_remote_{name}_total"), help, "counter", v as f64);
+    }
+    let mut rejected: Vec<(&str, f64)> = r.rejected.iter().map(|(k, v)| (*k, *v as f64)).collect();
+    if rejected.is_empty() {
+        rejected.push(("payload_checksum", 0.0));
+    }
+    labelled(
+        o,
+        "kvserve_tier_remote_rejected_total",
+        "Remote values rejected when read (checksum, header, fingerprint, namespace or tokens); each was deleted and recomputed.",
+        "counter",
+        "reason",
+        &rejected,
+    );
+    gauge(
+        o,
+        "kvserve_tier_remote_queued_bytes",
+        "Bytes waiting to be written to the remote store.",
+        "gauge",
+        r.queued_bytes as f64,
+    );
+    gauge(
+        o,
+        "kvserve_tier_remote_connected",
+        "1 while the remote store answers.",
+        "gauge",
+        f64::from(u8::from(r.connected)),
+    );
+    let fetch = Histogram {
+        bounds: &TIER_LATENCY_BUCKETS,
+        cumulative: r.fetch_latency.cumulative.clone(),
+        sum: r.fetch_latency.sum,
+    };
+    if fetch.cumulative.len() == TIER_LATENCY_BUCKETS.len() + 1 {
+        histogram(
+            o,
+            "kvserve_tier_remote_fetch_seconds",
+            "Time of one pipelined read round trip to the remote store.",
+            &fetch,
+        );
+    }
 }

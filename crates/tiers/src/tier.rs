@@ -62,6 +62,15 @@ pub enum TierEvent {
         /// The verified payload, or why it is a miss.
         result: std::result::Result<Payload, Reject>,
     },
+    /// The answer to [`Tier::fetch_agent`]: the agent's manifest as the
+    /// tier holds it (written by this or another replica), or `None`
+    /// (absent, unusable, or the tier failed to answer).
+    Agent {
+        /// The agent asked for.
+        agent: ManifestId,
+        /// Its manifest, verified.
+        manifest: Option<Box<AgentManifest>>,
+    },
     /// An agent's commit could not be made durable: the tier's manifest,
     /// if any, is an older turn's.
     CommitFailed {
@@ -149,6 +158,27 @@ pub trait Tier: Send + std::fmt::Debug {
     /// Whether [`Tier::load`] answers at once ([`Loading::Done`]), so the
     /// engine can import its blocks within the admission that found them.
     fn at_once(&self) -> bool {
+        false
+    }
+
+    /// Whether blocks evicted from the tiers above are offered to it (a
+    /// remote store may take agents' turns only).
+    fn takes_evictions(&self) -> bool {
+        true
+    }
+
+    /// For each key, whether the tier is sure it has that block (what
+    /// reports count): [`Tier::holds`] may presume, this may not.
+    fn confirmed(&self, keys: &[RecordKey]) -> Vec<bool> {
+        self.holds(keys)
+    }
+
+    /// Asks for an agent's manifest that this process may not know (an
+    /// agent whose turns ran on another replica); true if the answer will
+    /// come as a [`TierEvent::Agent`]. A tier without shared manifests
+    /// answers false at once.
+    fn fetch_agent(&mut self, agent: ManifestId) -> bool {
+        let _ = agent;
         false
     }
 

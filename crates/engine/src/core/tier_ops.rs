@@ -88,6 +88,9 @@ fn key_payload(key: BlockKey, payload: Vec<u8>) -> tiers::Overflow {
 fn offer(list: &mut [Box<dyn Tier>], counters: &mut TierCounters, first: usize, block: tiers::Overflow) {
     let mut moving = vec![block];
     for (t, tier) in list.iter_mut().enumerate().skip(first) {
+        if !tier.takes_evictions() {
+            continue;
+        }
         let mut next = Vec::new();
         for b in moving {
             match tier.store(b.group, b.key, b.payload) {
@@ -408,8 +411,8 @@ impl EngineCore {
         true
     }
 
-    /// A report from a tier thread.
-    pub(crate) fn on_tier_event(&mut self, ev: TierEvent) {
+    /// A report from the thread of the tier at position `tier`.
+    pub(crate) fn on_tier_event(&mut self, tier: usize, ev: TierEvent) {
         match ev {
             TierEvent::Loaded { load, index, result } => {
                 // A load already finished (deadline) or abandoned: stale.
@@ -421,12 +424,13 @@ impl EngineCore {
                     self.finish_load(load, false);
                 }
             }
+            TierEvent::Agent { agent, manifest } => self.on_agent_manifest(agent, manifest.map(|m| *m)),
             TierEvent::CommitFailed { agent, retry } => {
                 let key = self.agents.keys().find(|k| ManifestId::of(k.0.as_str(), k.1.as_str()) == agent).cloned();
                 // A failing tier: retried once it resumes. A tier full of
                 // pinned records: not (the next turn tries again).
                 if let Some(ag) = key.and_then(|k| self.agents.get_mut(&k)) {
-                    ag.dirty = true;
+                    ag.dirty |= 1 << tier;
                     ag.retry_commit = retry;
                 }
             }
@@ -523,8 +527,14 @@ impl EngineCore {
     /// Queues a durable commit of `key`'s latest turn to each durable tier:
     /// its manifest, and the blocks of its conversation the tier lacks
     /// (exported from the pool once, whichever tiers need them). A full
-    /// queue defers it.
+    /// queue (or a failing tier) defers it for that tier.
     pub(super) fn commit_agent(&mut self, key: &AgentKey, ended: Instant) {
+        self.commit_agent_to(key, ended, u64::MAX);
+    }
+
+    /// [`Self::commit_agent`] to the durable tiers in `mask` (a bit per
+    /// position in the tier list).
+    fn commit_agent_to(&mut self, key: &AgentKey, ended: Instant, mask: u64) {
         let started = Instant::now();
         if !self.tiers.durable() {
             return;
@@ -547,7 +557,7 @@ impl EngineCore {
             ended: bool,
         }
         let mut parts: Vec<Part> = (0..self.tiers.list.len())
-            .filter(|&t| self.tiers.list[t].durable())
+            .filter(|&t| self.tiers.list[t].durable() && mask & (1 << t) != 0)
             .map(|tier| Part {
                 tier,
                 known: self.tiers.list[tier].known(&records),
@@ -592,36 +602,41 @@ impl EngineCore {
             tokens: ag.tokens.clone(),
             blocks: Vec::new(),
         };
-        let mut queued = true;
+        let mut deferred = 0u64;
         for p in parts {
             let manifest = AgentManifest { blocks: records[..p.named].to_vec(), ..manifest.clone() };
-            queued &= self.tiers.list[p.tier].commit(manifest, p.blocks, ended).is_ok();
+            if self.tiers.list[p.tier].commit(manifest, p.blocks, ended).is_err() {
+                deferred |= 1 << p.tier;
+            }
         }
-        if !queued {
+        if deferred != 0 {
             self.tiers.counters.commits_deferred += 1;
         }
         self.tiers.counters.commit_seconds += started.elapsed().as_secs_f64();
         if let Some(ag) = self.agents.get_mut(key) {
-            ag.dirty = !queued;
-            ag.retry_commit = !queued;
+            ag.dirty = (ag.dirty & !mask) | deferred;
+            ag.retry_commit = deferred != 0;
         }
     }
 
-    /// Retries deferred commits (at most every [`COMMIT_RETRY`], and not
-    /// while every durable tier is failing).
+    /// Retries deferred commits (at most every [`COMMIT_RETRY`]), each to
+    /// the tiers that lack it and are not failing now.
     pub(super) fn retry_commits(&mut self) {
         let now = Instant::now();
-        let durable = self.tiers.list.iter().filter(|t| t.durable());
-        if durable.clone().next().is_none() || durable.clone().all(|t| t.snapshot().degraded.is_some()) {
-            return;
-        }
         if self.tiers.next_commit_retry.is_some_and(|t| t > now) {
             return;
         }
+        let serving: u64 = (0..self.tiers.list.len())
+            .filter(|&t| self.tiers.list[t].durable() && self.tiers.list[t].snapshot().degraded.is_none())
+            .fold(0, |m, t| m | 1 << t);
+        if serving == 0 {
+            return;
+        }
         self.tiers.next_commit_retry = Some(now + COMMIT_RETRY);
-        let dirty: Vec<AgentKey> = self.agents.dirty();
-        for key in dirty {
-            self.commit_agent(&key, now);
+        for (key, dirty) in self.agents.dirty() {
+            if dirty & serving != 0 {
+                self.commit_agent_to(&key, now, dirty & serving);
+            }
         }
     }
 
@@ -728,7 +743,7 @@ impl EngineCore {
         let keys: Vec<RecordKey> = ag.chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
         let id = ManifestId::of(key.0.as_str(), key.1.as_str());
         for t in &self.tiers.list {
-            loc.tiers.insert(t.name(), t.holds(&keys).into_iter().filter(|&h| h).count());
+            loc.tiers.insert(t.name(), t.confirmed(&keys).into_iter().filter(|&h| h).count());
             loc.durable |= t.durable_turns(&id) == Some(ag.turns);
         }
         loc

@@ -38,9 +38,15 @@ impl Drop for Server {
 
 /// Starts `kvserve serve` on a free port with its disk tier in `cache_dir`.
 pub fn serve(cache_dir: &std::path::Path) -> Server {
+    serve_with(cache_dir, &[])
+}
+
+/// [`serve`] with more flags.
+pub fn serve_with(cache_dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = kvserve()
         .args(["serve", "--port", "0", "--threads", "2", "--kv-memory", "256MiB", "--cache-dir"])
         .arg(cache_dir)
+        .args(extra)
         // The default matmul path, batch-invariant (README:
         // "Reproducibility"), whatever the environment says.
         .env_remove("KVSERVE_MATMUL")
@@ -82,4 +88,83 @@ pub fn get(addr: &str, path: &str) -> String {
 pub fn json_body(response: &str) -> serde_json::Value {
     let body = response.split("\r\n\r\n").nth(1).expect("a body");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+/// A `redis-server` (Debian's) on a free loopback port with its files in a
+/// temporary directory, killed when dropped. Tests that need one fail, not
+/// skip, where it is not installed (`.ci/run` installs it).
+pub struct Redis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let mut r = Self { child: None, port, dir: tempfile::tempdir().expect("a temp dir") };
+        r.restart();
+        r
+    }
+
+    /// Starts it (again, on the same port) and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server must be installed for this test (apt-get install redis-server): {e}")
+            });
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while !self.answers() {
+            assert!(started.elapsed() < Duration::from_secs(20), "redis-server did not answer PING");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it answers PING.
+    pub fn answers(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of an unlabelled metric in a `/metrics` response.
+pub fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (at most `limit`) until `check` holds.
+pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }

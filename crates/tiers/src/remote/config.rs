@@ -27,6 +27,9 @@ pub struct RemoteConfig {
     pub ping: Duration,
     /// How long a miss is remembered ([`Tier::holds`](crate::Tier::holds) answers false).
     pub negative_ttl: Duration,
+    /// Whether blocks evicted from the local tiers are written too, not
+    /// only agents' turns.
+    pub take_evictions: bool,
 }
 
 impl std::fmt::Debug for RemoteConfig {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for RemoteConfig {
             .field("queue_bytes", &self.queue_bytes)
             .field("ping", &self.ping)
             .field("negative_ttl", &self.negative_ttl)
+            .field("take_evictions", &self.take_evictions)
             .finish()
     }
 }
@@ -47,7 +51,8 @@ impl std::fmt::Debug for RemoteConfig {
 impl RemoteConfig {
     /// The store at `url`; blocks kept 24 h after their last use, 500 ms
     /// to connect and 1 s per call, two readers (reads are pipelined),
-    /// 256 MiB of queue, a ping every second, misses remembered 2 s.
+    /// 256 MiB of queue, a ping every second, misses remembered 2 s,
+    /// agents' turns written (not evictions).
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -58,6 +63,7 @@ impl RemoteConfig {
             queue_bytes: 256 << 20,
             ping: Duration::from_secs(1),
             negative_ttl: Duration::from_secs(2),
+            take_evictions: false,
         }
     }
 

@@ -82,7 +82,7 @@ pub(super) fn fp_hex(fp: &StoreFingerprint) -> String {
 /// `url` with any user name and password replaced by `***`, and any query
 /// (which may carry credentials too) by `?***`: the only form of the URL
 /// that goes into logs and errors.
-pub(crate) fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // Not a URL at all: it may still hold a secret; show no part of it.
         return "<unparsable URL>".into();

@@ -121,7 +121,7 @@ use crate::tier::{Done, EventSink, LoadTask};
 
 use cache::ExpiringSet;
 pub use config::RemoteConfig;
-pub(crate) use conn::redact_url;
+pub use conn::redact_url;
 
 /// Blocks fetched per pipelined round trip.
 pub const READ_CHUNK: usize = 8;
@@ -143,6 +143,14 @@ enum WriteJob {
     Delete { id: ManifestId, done: Done },
     /// Nothing to do; marks a point in the queue for [`RemoteTier::flush`].
     Barrier,
+}
+
+/// A job for a reader.
+enum ReadJob {
+    /// One load's tasks, in index order.
+    Chain(Vec<LoadTask>),
+    /// An agent's manifest, answered as a [`crate::TierEvent::Agent`].
+    Agent(ManifestId),
 }
 
 /// An agent's commit: blocks, then manifest.
@@ -179,6 +187,7 @@ struct Limits {
     connect_timeout: Duration,
     ping: Duration,
     queue_bytes: u64,
+    take_evictions: bool,
 }
 
 /// The Lua scripts the tier runs (by hash, loaded on first use).
@@ -202,7 +211,7 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     writes: JobQueue<(u64, WriteJob)>,
-    reads: JobQueue<Vec<LoadTask>>,
+    reads: JobQueue<ReadJob>,
     next_job: AtomicU64,
     sink: EventSink,
 }
@@ -349,6 +358,7 @@ impl RemoteTier {
                 connect_timeout: config.connect_timeout,
                 ping: config.ping,
                 queue_bytes: config.queue_bytes,
+                take_evictions: config.take_evictions,
             },
             scripts: Scripts {
                 put_manifest: redis::Script::new(conn::PUT_MANIFEST),
@@ -397,51 +407,7 @@ impl RemoteTier {
     /// [`Error::Remote`] while the tier is degraded, or when the store
     /// cannot be reached or fails the call.
     pub fn manifest(&self, id: &ManifestId) -> Result<Option<AgentManifest>> {
-        let shared = &self.shared;
-        if let Some(reason) = shared.state().stats.degraded.clone() {
-            return Err(Error::Remote { reason });
-        }
-        let failed = |reason: String| {
-            shared.state().stats.errors += 1;
-            Error::Remote { reason }
-        };
-        let key = shared.manifest_key(id);
-        let mut con = conn::connect(shared).map_err(|e| failed(format!("cannot connect to {}: {e}", shared.url)))?;
-        let (data,): (Option<Vec<u8>>,) = redis::pipe()
-            .cmd("HGET")
-            .arg(&key)
-            .arg("data")
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(shared.ttl_ms())
-            .ignore()
-            .query(&mut con)
-            .map_err(|e| failed(conn::describe(&e)))?;
-        let Some(bytes) = data else { return Ok(None) };
-        let parsed = AgentManifest::decode(&bytes, &shared.fp).and_then(|m| {
-            if m.id() == *id {
-                Ok(m)
-            } else {
-                Err(Reject::OtherBlock { what: "agent" })
-            }
-        });
-        match parsed {
-            Ok(m) => Ok(Some(m)),
-            Err(r) => {
-                let first = Shared::count_reject(&mut shared.state(), &r);
-                let deleted = shared.scripts.del_manifest_if.key(&key).arg(bytes).invoke::<i64>(&mut con);
-                if first {
-                    tracing::warn!(key = %key, reason = %r, "dropping an unusable agent manifest from the remote store");
-                } else {
-                    tracing::debug!(key = %key, reason = %r, "dropping an unusable agent manifest from the remote store");
-                }
-                if let Err(e) = deleted {
-                    shared.state().stats.errors += 1;
-                    tracing::debug!(key = %key, error = %conn::describe(&e), "could not delete a bad manifest");
-                }
-                Ok(None)
-            }
-        }
+        read_manifest(&self.shared, id)
     }
 
     /// One consistent snapshot of the tier's numbers.
@@ -476,6 +442,54 @@ impl RemoteTier {
             };
         }
         true
+    }
+}
+
+/// [`RemoteTier::manifest`], from any of the tier's threads.
+fn read_manifest(shared: &Shared, id: &ManifestId) -> Result<Option<AgentManifest>> {
+    if let Some(reason) = shared.state().stats.degraded.clone() {
+        return Err(Error::Remote { reason });
+    }
+    let failed = |reason: String| {
+        shared.state().stats.errors += 1;
+        Error::Remote { reason }
+    };
+    let key = shared.manifest_key(id);
+    let mut con = conn::connect(shared).map_err(|e| failed(format!("cannot connect to {}: {e}", shared.url)))?;
+    let (data,): (Option<Vec<u8>>,) = redis::pipe()
+        .cmd("HGET")
+        .arg(&key)
+        .arg("data")
+        .cmd("PEXPIRE")
+        .arg(&key)
+        .arg(shared.ttl_ms())
+        .ignore()
+        .query(&mut con)
+        .map_err(|e| failed(conn::describe(&e)))?;
+    let Some(bytes) = data else { return Ok(None) };
+    let parsed = AgentManifest::decode(&bytes, &shared.fp).and_then(|m| {
+        if m.id() == *id {
+            Ok(m)
+        } else {
+            Err(Reject::OtherBlock { what: "agent" })
+        }
+    });
+    match parsed {
+        Ok(m) => Ok(Some(m)),
+        Err(r) => {
+            let first = Shared::count_reject(&mut shared.state(), &r);
+            let deleted = shared.scripts.del_manifest_if.key(&key).arg(bytes).invoke::<i64>(&mut con);
+            if first {
+                tracing::warn!(key = %key, reason = %r, "dropping an unusable agent manifest from the remote store");
+            } else {
+                tracing::debug!(key = %key, reason = %r, "dropping an unusable agent manifest from the remote store");
+            }
+            if let Err(e) = deleted {
+                shared.state().stats.errors += 1;
+                tracing::debug!(key = %key, error = %conn::describe(&e), "could not delete a bad manifest");
+            }
+            Ok(None)
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! Reader threads: fetch a load's chain, verify every block, report each.
 //!
-//! A job is one load's tasks in index order. The reader first cuts the
+//! A job is one load's tasks in index order, or an agent's manifest (read
+//! as [`super::RemoteTier::manifest`] does, answered as a
+//! [`TierEvent::Agent`], `None` for a miss or a failure). The reader first cuts the
 //! chain at the first key in the negative cache (a recent miss: no need to
 //! ask), then fetches the rest [`READ_CHUNK`] blocks per pipelined round
 //! trip of `GETEX key PX <ttl>`. Each value is checked by
@@ -25,16 +27,22 @@ use std::time::Instant;
 use redis::Value;
 
 use super::conn::Conn;
-use super::{Shared, READ_CHUNK};
+use super::{read_manifest, ReadJob, Shared, READ_CHUNK};
 use crate::record::{self, Payload, RecordKey, Reject};
 use crate::tier::{LoadTask, TierEvent};
 
 /// The thread's loop: until the queue is closed and drained.
 pub(super) fn run(shared: &Shared) {
     let mut conn = Conn::new();
-    while let Some(chains) = shared.reads.pop_batch(1, None) {
-        for chain in chains {
-            serve(shared, &mut conn, &chain);
+    while let Some(jobs) = shared.reads.pop_batch(1, None) {
+        for job in jobs {
+            match job {
+                ReadJob::Chain(chain) => serve(shared, &mut conn, &chain),
+                ReadJob::Agent(agent) => {
+                    let manifest = read_manifest(shared, &agent).ok().flatten().map(Box::new);
+                    (shared.sink)(TierEvent::Agent { agent, manifest });
+                }
+            }
         }
     }
 }

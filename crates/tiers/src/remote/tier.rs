@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kv::BlockKey;
 
-use super::{Commit, RemoteTier, WriteJob};
+use super::{Commit, ReadJob, RemoteTier, WriteJob};
 use crate::manifest::{AgentManifest, ManifestId};
 use crate::record::{GroupId, RecordKey, Reject};
 use crate::tier::{Done, LoadTask, Loading, QueueFull, Stored, Tier, TierEvent, TierSnapshot};
@@ -36,6 +36,23 @@ impl Tier for RemoteTier {
         true
     }
 
+    fn takes_evictions(&self) -> bool {
+        self.shared.limits.take_evictions
+    }
+
+    /// Blocks this process wrote or read within the TTL (what it can vouch
+    /// for; [`Tier::holds`] presumes every block).
+    fn confirmed(&self, keys: &[RecordKey]) -> Vec<bool> {
+        self.known(keys)
+    }
+
+    fn fetch_agent(&mut self, agent: ManifestId) -> bool {
+        if self.shared.state().stats.degraded.is_some() {
+            return false;
+        }
+        self.shared.reads.push(ReadJob::Agent(agent), 0, None).is_ok()
+    }
+
     fn holds(&self, keys: &[RecordKey]) -> Vec<bool> {
         let mut s = self.shared.state();
         if s.stats.degraded.is_some() {
@@ -49,7 +66,7 @@ impl Tier for RemoteTier {
 
     fn load(&mut self, tasks: Vec<LoadTask>) -> Loading {
         for chain in chains(tasks) {
-            if let Err(chain) = self.shared.reads.push(chain, 0, None) {
+            if let Err(ReadJob::Chain(chain)) = self.shared.reads.push(ReadJob::Chain(chain), 0, None) {
                 for t in chain {
                     let reason = "the remote tier is shutting down".to_string();
                     (self.shared.sink)(TierEvent::Loaded {
