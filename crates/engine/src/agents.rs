@@ -218,6 +218,11 @@ impl Agents {
             .map(|(k, _)| k.clone())
     }
 
+    /// Every agent.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&AgentKey, &Agent)> {
+        self.map.iter()
+    }
+
     /// Every agent's key.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &AgentKey> {
         self.map.keys()

@@ -242,6 +242,8 @@ impl EngineCore {
         // With a tier below the pool, every evicted block's payload is
         // copied out before the block is reused.
         cache.report_evictions(tiers.enabled());
+        // What the prefix index gains and loses is told to routers.
+        cache.report_changes(true);
         Self {
             model,
             codec,

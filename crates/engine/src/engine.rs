@@ -122,6 +122,7 @@ enum Command {
     UpdateAgent(TenantId, AgentId, AgentUpdate, oneshot::Sender<Result<AgentInfo>>),
     SetQuota(TenantId, Option<u32>, oneshot::Sender<Result<()>>),
     CheckInvariants(oneshot::Sender<Result<(), String>>),
+    KvSnapshot(oneshot::Sender<crate::kv_events::KvSnapshot>),
     /// Publishes a fresh stats snapshot, then answers: what a caller reads
     /// from [`Engine::stats`] afterwards is no older than the call.
     Publish(oneshot::Sender<()>),
@@ -150,6 +151,10 @@ impl Limits {
 
 struct Shared {
     tx: mpsc::Sender<Command>,
+    /// What the pool and tiers gain and lose (`kv_events.rs`).
+    kv_events: Arc<crate::kv_events::KvEvents>,
+    /// The model's fingerprint (block namespaces derive from it).
+    fingerprint: Arc<[u8]>,
     /// Set by the engine thread as it stops, before it answers `shutdown`.
     stopped: Arc<AtomicBool>,
     stats: Arc<Mutex<EngineStats>>,
@@ -229,10 +234,17 @@ pub fn start(mut model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: Engin
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(Mutex::new(EngineStats::default()));
     let (tiers, manifests) = open_tiers(model.as_mut(), &config.tiers, &tx)?;
+    let kv_events = Arc::clone(&tiers.events);
+    let fingerprint: Arc<[u8]> = Arc::from(model.fingerprint());
     let mut core = EngineCore::new(model, Arc::clone(&codec), config.clone(), tiers);
     if !manifests.is_empty() {
         let restored = core.restore_agents(manifests);
-        tracing::info!(agents = restored, "agents restored from the disk tier");
+        let prewarm = core.prewarm();
+        tracing::info!(
+            agents = restored,
+            prewarm_blocks = prewarm,
+            "agents restored from the disk tier; their blocks are being loaded back into RAM, most recent first"
+        );
     }
     // Readers see the engine's real state from the start, not defaults.
     if let Ok(mut s) = stats.lock() {
@@ -252,6 +264,8 @@ pub fn start(mut model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: Engin
         .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
     let shared = Shared {
         tx,
+        kv_events,
+        fingerprint,
         stopped,
         stats,
         waiting: Arc::new(QueueCounts::default()),
@@ -379,6 +393,7 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
         let now = Instant::now();
         core.housekeeping(now);
         stalled = core.has_work() && !core.step();
+        core.flush_kv_events();
         let snapshot = core.snapshot(Instant::now());
         if let Ok(mut s) = published.lock() {
             *s = snapshot;
@@ -435,6 +450,9 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
             let _ = reply.send(());
         }
         Command::Tier(tier, ev) => core.on_tier_event(tier, ev),
+        Command::KvSnapshot(reply) => {
+            let _ = reply.send(core.kv_snapshot());
+        }
         Command::HandlesGone | Command::Publish(_) => {} // run_loop handles these
         Command::UpdateAgent(tenant, id, update, reply) => {
             let _ = reply.send(core.update_agent(&(tenant, id), update));
@@ -791,6 +809,26 @@ impl EngineHandle {
         // flush did.
         self.ask(Command::Publish).await?;
         Ok(flushed)
+    }
+
+    /// Every block this replica holds, by tier, exact as of the event log's
+    /// `next` (what a router's index starts from).
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`].
+    pub async fn kv_snapshot(&self) -> Result<crate::kv_events::KvSnapshot> {
+        self.ask(Command::KvSnapshot).await
+    }
+
+    /// The model's fingerprint: a block's namespace is
+    /// `kv::Namespace::new(fingerprint, tenant)`.
+    pub fn model_fingerprint(&self) -> &[u8] {
+        &self.shared.fingerprint
+    }
+
+    /// The log of blocks entering and leaving the pool and the tiers.
+    pub fn kv_events(&self) -> &crate::kv_events::KvEvents {
+        &self.shared.kv_events
     }
 
     /// Drops the disk tier's records from the page cache, so the next loads

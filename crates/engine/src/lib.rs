@@ -16,6 +16,7 @@
 //! | constrained decoding (grammars, masks) | `grammar.rs` |
 //! | streamed text and stop strings | `text.rs` |
 //! | the metrics snapshot | `metrics.rs` |
+//! | KV events and the snapshot a router follows | `kv_events.rs` |
 //! | a fake model and codec for tests | `testing.rs` |
 //!
 //! ```
@@ -49,6 +50,7 @@ mod core;
 mod engine;
 mod error;
 mod grammar;
+mod kv_events;
 mod metrics;
 mod request;
 mod sampling;
@@ -61,6 +63,7 @@ pub use agents::{AgentInfo, AgentUpdate, BlockLocations, Retention};
 pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
 pub use error::{Error, Result};
 pub use grammar::{json_layout, CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};
+pub use kv_events::{Gap, KvEvent, KvEventBatch, KvEventKind, KvEvents, KvSnapshot, EVENT_LOG_CAPACITY};
 pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
 pub use model::{tools, Message};
 pub use request::{

@@ -112,6 +112,17 @@ impl PendingBlocks {
         self.by_hash.get(hash).copied()
     }
 
+    /// `producer` brought `hash` in (it is in a tier that answers at once
+    /// now): no longer pending.
+    pub(crate) fn arrived(&mut self, producer: ProducerId, hash: &BlockHash) {
+        if self.by_hash.get(hash) == Some(&producer) {
+            self.by_hash.remove(hash);
+        }
+        if let Some(list) = self.by_producer.get_mut(&producer) {
+            list.retain(|(_, h)| h != hash);
+        }
+    }
+
     /// `producer` is done (whatever it published is in the pool now).
     pub(crate) fn resolve(&mut self, producer: ProducerId) {
         for (_, h) in self.by_producer.remove(&producer).unwrap_or_default() {
@@ -223,9 +234,15 @@ pub(crate) struct Tiering {
     pub(crate) counters: TierCounters,
     /// When deferred agent commits may be retried next.
     pub(crate) next_commit_retry: Option<Instant>,
+    /// Loads that bring restored agents' blocks back into the first tier
+    /// (RAM) after a start, by producer: the blocks each expects.
+    pub(crate) prefetches: HashMap<ProducerId, Vec<Option<BlockKey>>>,
     /// Turns of agents this process does not know, waiting while a tier
     /// looks for their manifests (`core/resume.rs`).
     pub(crate) fetches: HashMap<tiers::ManifestId, AgentFetch>,
+    /// Where blocks entering and leaving the pool and the tiers are told
+    /// (`kv_events.rs`).
+    pub(crate) events: std::sync::Arc<crate::kv_events::KvEvents>,
     next_producer: ProducerId,
 }
 
@@ -264,6 +281,8 @@ impl Tiering {
             counters,
             next_commit_retry: None,
             fetches: HashMap::new(),
+            prefetches: HashMap::new(),
+            events: std::sync::Arc::new(crate::kv_events::KvEvents::new()),
             next_producer: 0,
         }
     }
@@ -339,6 +358,8 @@ pub struct TierCounters {
     pub commit_seconds: f64,
     /// Agents restored from durable tiers at start.
     pub agents_restored: u64,
+    /// Blocks of restored agents brought back into RAM after a start.
+    pub prefetched: u64,
     /// Agents this process did not know, resumed on a turn from a manifest
     /// another replica wrote to a shared tier.
     pub agents_resumed: u64,

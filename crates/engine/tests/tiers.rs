@@ -220,6 +220,50 @@ async fn an_agent_resumes_after_a_restart_with_its_cache_and_the_same_tokens() {
     assert_eq!(u3.cached_tokens, held_blocks_tokens(&first[1].1), "{:?} then {u3:?}", first[1].1);
 }
 
+/// A restart warms restored agents up: their blocks are loaded back into
+/// RAM in the background, most recent first, and the next turn takes its
+/// history from RAM (no load of its own), with the same answer.
+#[tokio::test]
+async fn after_a_restart_restored_agents_come_back_into_ram_before_their_next_turn() {
+    let want = reference().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Vec::new();
+    let first = session(dir.path(), Arc::new(StdFs), &mut h, &USERS[..2]).await;
+    let mut tiers = disk(dir.path());
+    tiers.ram_bytes = 64 << 20;
+    let (engine, _) = fake_engine(BS, 64, with_tiers(tiers));
+    let stored = engine.agents(&tenant()).await.unwrap()[0].blocks.tier("disk");
+    assert!(stored > 0);
+    wait_until("the prefetch", || engine.stats().tiers.counters.prefetched as usize >= stored).await;
+    let (t3, u3) = say(&engine, &mut h, "a", USERS[2]).await;
+    assert_eq!(t3, want[2], "the same answer from prefetched blocks");
+    assert_eq!(u3.cached_tokens, held_blocks_tokens(&first[1].1));
+    let c = engine.stats().tiers.counters;
+    assert_eq!(c.tier("ram").hit_tokens as usize, u3.cached_tokens, "all of it from RAM: {c:?}");
+    assert_eq!(c.tier("disk").to_pool, 0, "no load of its own: {c:?}");
+    engine.check_invariants().await.unwrap();
+}
+
+/// A turn that arrives while its blocks are still being prefetched waits
+/// for them instead of loading them a second time.
+#[tokio::test]
+async fn a_turn_arriving_mid_prefetch_waits_for_it_instead_of_loading_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Vec::new();
+    let first = session(dir.path(), Arc::new(StdFs), &mut h, &USERS[..2]).await;
+    let mut tiers = disk(dir.path());
+    tiers.ram_bytes = 64 << 20;
+    let (engine, _) = fake_engine(BS, 64, with_tiers(tiers));
+    // At once: the prefetch has just been queued.
+    let (_, u3) = say(&engine, &mut h, "a", USERS[2]).await;
+    assert_eq!(u3.cached_tokens, held_blocks_tokens(&first[1].1));
+    let s = engine.stats();
+    let d = s.tiers.disk.clone().unwrap();
+    let stored = held_blocks_tokens(&first[1].1) / BS as usize;
+    assert!(d.read_blocks as usize <= stored, "each record read once: {d:?} {:?}", s.tiers.counters);
+    engine.check_invariants().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_deleted_agent_never_comes_back_and_its_records_are_gone() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,7 +24,7 @@ use crate::hash::{hash_block, Namespace, PrefixHashes};
 use crate::hash::{BlockHash, BlockKey};
 use crate::ids::{BlockId, OwnerId, SeqId, TokenId};
 use crate::owners::{OwnerSlot, OwnerTable, OwnerUsage};
-use crate::pool::{BlockPool, Evicted};
+use crate::pool::{BlockPool, Evicted, IndexChange};
 use crate::sequence::{Appended, BlockCopy, BlockTable, Sequence, SequenceSnapshot};
 use crate::spec::CacheSpec;
 use crate::stats::CacheStats;
@@ -462,6 +462,27 @@ impl KvCache {
     /// are off).
     pub fn take_evicted(&mut self) -> Vec<Evicted> {
         self.pool.take_evicted()
+    }
+
+    /// Turns index change reports on or off (off by default; off discards
+    /// pending ones). While on, every block published to the prefix index
+    /// and every block leaving it is reported, in order, until
+    /// [`KvCache::take_changes`]: what a replica tells a router about the
+    /// blocks it holds. Reports accumulate until taken.
+    pub fn report_changes(&mut self, on: bool) {
+        self.pool.report_changes(on);
+    }
+
+    /// The index changes since the last call, oldest first (empty while
+    /// reports are off).
+    pub fn take_changes(&mut self) -> Vec<IndexChange> {
+        self.pool.take_changes()
+    }
+
+    /// Every address the prefix index holds now (used and cached blocks),
+    /// in no particular order.
+    pub fn published(&self) -> Vec<BlockHash> {
+        self.pool.index_entries().map(|(h, _)| *h).collect()
     }
 
     /// Evicts the cached (unreferenced) blocks published under `hashes` now,

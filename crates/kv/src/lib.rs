@@ -86,7 +86,7 @@ pub use hash::{BlockHash, BlockKey, Namespace, PrefixHashes};
 pub use ids::{BlockId, OwnerId, SeqId, TokenId};
 pub use invariants::InvariantViolation;
 pub use owners::OwnerUsage;
-pub use pool::Evicted;
+pub use pool::{Evicted, IndexChange};
 pub use sequence::{Appended, BlockCopy, BlockTable, SequenceSnapshot, Slot};
 pub use shared::{BlockAllocation, SeqHandle, SharedKvCache};
 pub use spec::{AttentionKind, CacheSpec, CacheSpecParams, KvDType, LayerGroup};

@@ -63,6 +63,26 @@ pub struct Evicted {
     pub key: BlockKey,
 }
 
+/// A change to what the prefix index holds, in the order it happened
+/// (`KvCache::report_changes`): what a replica tells a router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexChange {
+    /// A block became findable under `hash` (its parent: the block before
+    /// it in its chain).
+    Published {
+        /// Its address.
+        hash: BlockHash,
+        /// The previous block's address, if any.
+        parent: Option<BlockHash>,
+    },
+    /// The block under `hash` left the index (evicted or superseded by
+    /// nothing: its address is no longer findable).
+    Unpublished {
+        /// Its address.
+        hash: BlockHash,
+    },
+}
+
 pub(crate) struct BlockPool {
     blocks: Vec<BlockMeta>,
     free: Vec<BlockId>,
@@ -71,6 +91,8 @@ pub(crate) struct BlockPool {
     evictions: u64,
     /// `Some` while evictions are reported (`KvCache::report_evictions`).
     evicted: Option<Vec<Evicted>>,
+    /// `Some` while index changes are reported (`KvCache::report_changes`).
+    changes: Option<Vec<IndexChange>>,
 }
 
 impl BlockPool {
@@ -79,7 +101,15 @@ impl BlockPool {
         blocks.resize_with(num_blocks, BlockMeta::default);
         // Pop order hands out low ids first, which keeps tests readable.
         let free = (0..num_blocks as u32).rev().map(BlockId::new).collect();
-        Self { blocks, free, lru: LruList::new(num_blocks), index: HashMap::default(), evictions: 0, evicted: None }
+        Self {
+            blocks,
+            free,
+            lru: LruList::new(num_blocks),
+            index: HashMap::default(),
+            evictions: 0,
+            evicted: None,
+            changes: None,
+        }
     }
 
     pub(crate) fn total(&self) -> usize {
@@ -142,6 +172,9 @@ impl BlockPool {
     fn drop_key(&mut self, id: BlockId) {
         if let Some(key) = self.blocks[id.index()].key.take() {
             self.index.remove(&key.hash);
+            if let Some(log) = &mut self.changes {
+                log.push(IndexChange::Unpublished { hash: key.hash });
+            }
             if let Some(log) = &mut self.evicted {
                 log.push(Evicted { block: id, key: *key });
             }
@@ -170,6 +203,17 @@ impl BlockPool {
     /// Evictions since the last call, oldest first.
     pub(crate) fn take_evicted(&mut self) -> Vec<Evicted> {
         self.evicted.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Starts (or stops, discarding pending reports) reporting index
+    /// changes.
+    pub(crate) fn report_changes(&mut self, on: bool) {
+        self.changes = on.then(|| self.changes.take().unwrap_or_default());
+    }
+
+    /// Index changes since the last call, in order.
+    pub(crate) fn take_changes(&mut self) -> Vec<IndexChange> {
+        self.changes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Whether a block is published under `hash` (used or cached).
@@ -238,6 +282,9 @@ impl BlockPool {
             return false;
         }
         self.index.insert(key.hash, id);
+        if let Some(log) = &mut self.changes {
+            log.push(IndexChange::Published { hash: key.hash, parent: key.parent });
+        }
         meta.key = Some(Box::new(key));
         true
     }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{cache, computed_seq, ns, owner, shared, sliding_spec};
-use kv::{BlockCopy, BlockId, Error, KvCache, Namespace, Slot};
+use kv::{BlockCopy, BlockId, Error, IndexChange, KvCache, Namespace, Slot};
 
 #[test]
 fn append_hands_out_one_slot_per_token_and_allocates_lazily() {
@@ -479,5 +479,37 @@ fn a_superseded_block_is_freed_with_its_last_holder_and_written_in_place_by_a_lo
     // The new copy is what the index finds.
     let (probe, adopted) = c.create_with_prefix(&a, ns(), &[1, 2, 3, 4, 5]).unwrap();
     assert_eq!((adopted, c.block_table(probe).unwrap().blocks()[0]), (4, c.block_table(new).unwrap().blocks()[0]));
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn index_changes_are_reported_in_order_publish_then_eviction() {
+    let mut c = common::cache(3, 2);
+    let a = common::owner("a");
+    let ns = Namespace::new(b"m", b"");
+    // Off: nothing is kept.
+    let s = c.create_sequence(&a, ns);
+    c.append(s, &[1, 2]).unwrap();
+    c.mark_computed(s, 2).unwrap();
+    assert!(c.take_changes().is_empty());
+    c.report_changes(true);
+    c.append(s, &[3, 4]).unwrap();
+    c.mark_computed(s, 4).unwrap();
+    let hashes = c.block_hashes(s).unwrap().to_vec();
+    assert_eq!(c.take_changes(), vec![IndexChange::Published { hash: hashes[1], parent: Some(hashes[0]) }]);
+    let mut published = c.published();
+    published.sort();
+    let mut want = hashes.clone();
+    want.sort();
+    assert_eq!(published, want, "the snapshot lists every indexed address");
+    c.remove(s).unwrap();
+    // Another namespace needs all three blocks: both cached ones go.
+    let t = c.create_sequence(&a, Namespace::new(b"m", b"other"));
+    c.append(t, &[9, 9, 9, 9, 9]).unwrap();
+    let changes = c.take_changes();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(changes.iter().all(|ch| matches!(ch, IndexChange::Unpublished { .. })));
+    assert!(c.take_changes().is_empty(), "taken once");
+    assert!(c.published().is_empty());
     c.check_invariants().unwrap();
 }

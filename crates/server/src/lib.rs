@@ -24,6 +24,7 @@ mod completions;
 pub mod conn;
 mod error;
 mod guard;
+pub mod kv_events;
 pub mod metrics;
 mod openai;
 mod structured;
@@ -179,6 +180,8 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         .route("/v1/agents/{id}/unpin", post(agents::unpin))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/v1/kv/snapshot", get(kv_events::snapshot))
+        .route("/v1/kv/events", get(kv_events::events))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard::check_host))
@@ -258,23 +261,33 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-/// With API keys, `/metrics` wants the metrics key (`--metrics-key`), or
-/// any API key if none is set: the numbers describe every tenant's traffic.
+/// With API keys, what describes every tenant's traffic (`/metrics`, the
+/// KV events) wants the metrics key (`--metrics-key`), or any API key if
+/// none is set.
+pub(crate) fn check_metrics_key(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if state.keys.is_empty() && state.metrics_key.is_none() {
+        return Ok(());
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = match (&state.metrics_key, given) {
+        (Some(k), Some(g)) => constant_time_eq(k.as_bytes(), g.as_bytes()),
+        (None, Some(g)) => state.keys.contains_key(g),
+        (_, None) => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized())
+    }
+}
+
 async fn metrics_text(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
-    if !state.keys.is_empty() || state.metrics_key.is_some() {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let ok = match (&state.metrics_key, given) {
-            (Some(k), Some(g)) => constant_time_eq(k.as_bytes(), g.as_bytes()),
-            (None, Some(g)) => state.keys.contains_key(g),
-            (_, None) => false,
-        };
-        if !ok {
-            return ApiError::unauthorized().into_response();
-        }
+    if let Err(e) = check_metrics_key(&state, &headers) {
+        return e.into_response();
     }
     let body = metrics::render(&state.engine.stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()

@@ -561,3 +561,70 @@ async fn a_plain_answer_in_the_tool_format_streams_as_it_comes() {
     assert!(pieces.len() > 3, "streamed piece by piece: {pieces:?}");
     assert_eq!(pieces.concat(), content);
 }
+
+/// What a router follows: the events name the blocks a request published
+/// in the pool (chained by parent), a reader waiting for news is woken by
+/// them, the snapshot lists the same blocks as of its `next`, and a reader
+/// from another epoch or too far behind gets 410 `events_gap`.
+#[tokio::test]
+async fn kv_events_and_the_snapshot_tell_a_router_which_blocks_this_replica_holds() {
+    let app = app();
+    let start = call(&app, "GET", "/v1/kv/events?since=0", None, &[]).await;
+    assert_eq!(start.status, StatusCode::OK, "{}", start.body);
+    let start = start.json();
+    let since = start["next"].as_u64().unwrap();
+    let router = app.router.clone();
+    let waiter = tokio::spawn(async move {
+        let uri = format!("/v1/kv/events?since={since}&wait_ms=5000");
+        let res = router.oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap()).await.unwrap();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    });
+    let r =
+        post(&app, "/v1/chat/completions", chat_body(&"the tide tables of the northern harbour ".repeat(4), json!({})))
+            .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let got = waiter.await.unwrap();
+    assert_eq!(got["replica"]["epoch"], start["replica"]["epoch"]);
+    let events = got["events"].as_array().unwrap();
+    let stored: Vec<&Value> = events.iter().filter(|e| e["type"] == "stored" && e["tier"] == "pool").collect();
+    assert!(stored.len() >= 4, "{got}");
+    for pair in stored.windows(2) {
+        assert_eq!(pair[1]["parent"], pair[0]["hash"], "a prompt's blocks chain by parent: {got}");
+    }
+    assert!(stored.iter().all(|e| e["hash"].as_str().is_some_and(|h| h.len() == 32)));
+    let snap = call(&app, "GET", "/v1/kv/snapshot", None, &[]).await.json();
+    assert_eq!(snap["replica"]["block_size"], 16);
+    assert_eq!(snap["replica"]["namespacing"], "model+tenant");
+    assert!(!snap["replica"]["model_fingerprint"].as_str().unwrap().is_empty());
+    assert!(snap["next"].as_u64().unwrap() >= got["next"].as_u64().unwrap());
+    let held: Vec<&Value> =
+        snap["blocks"].as_array().unwrap().iter().filter(|b| b["tier"] == "pool").map(|b| &b["hash"]).collect();
+    assert!(stored.iter().all(|e| held.contains(&&e["hash"])), "the snapshot holds what the events stored: {snap}");
+    assert!(snap["load"]["total_blocks"].as_u64().unwrap() > 0);
+    let ahead = snap["next"].as_u64().unwrap() + 100;
+    let gap = call(&app, "GET", &format!("/v1/kv/events?since={ahead}"), None, &[]).await;
+    assert_eq!(gap.status, StatusCode::GONE, "{}", gap.body);
+    assert_eq!(gap.json()["error"]["code"], "events_gap");
+}
+
+/// The events describe every tenant's cache: with API keys they want the
+/// metrics key, as `/metrics` does.
+#[tokio::test]
+async fn kv_events_and_snapshot_are_guarded_like_metrics() {
+    let keys = HashMap::from([("k1".to_owned(), TenantId::new("t1").unwrap())]);
+    let config = ServerConfig { api_keys: keys, metrics_key: Some("mk".into()), ..ServerConfig::default() };
+    let app = app_with(EngineConfig::default(), config);
+    for uri in ["/v1/kv/events?since=0", "/v1/kv/snapshot"] {
+        assert_eq!(call(&app, "GET", uri, None, &[]).await.status, StatusCode::UNAUTHORIZED, "{uri}");
+        assert_eq!(
+            call(&app, "GET", uri, None, &[("authorization", "Bearer k1")]).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&app, "GET", uri, None, &[("authorization", "Bearer mk")]).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+}

@@ -178,6 +178,10 @@ impl Tier for RamTier {
         Stored::Kept(self.insert(group, key, payload))
     }
 
+    fn inventory(&self) -> Vec<RecordKey> {
+        self.entries.keys().copied().collect()
+    }
+
     fn forget(&mut self, _agent: ManifestId, blocks: &[RecordKey], done: Done) {
         for k in blocks {
             self.discard(k);

@@ -238,6 +238,12 @@ pub trait Tier: Send + std::fmt::Debug {
         None
     }
 
+    /// Every block the tier is sure it holds now (what a router's index of
+    /// this replica starts from); a shared store lists none.
+    fn inventory(&self) -> Vec<RecordKey> {
+        Vec::new()
+    }
+
     /// Its numbers now.
     fn snapshot(&self) -> TierSnapshot;
 

@@ -10,10 +10,21 @@
 //! meanwhile wait for the same lookup. The wait is bounded by
 //! [`FETCH_DEADLINE`]: past it, or when no manifest is found, the turn runs
 //! as a new agent's (a miss costs time, never a wrong answer).
+//!
+//! After a restart, agents come back from the disk tier's manifests with
+//! their blocks on disk: the first turn of each would wait for a load.
+//! [`EngineCore::prewarm`] starts loading them back into the RAM tier at
+//! once, in the background (the disk's reader threads), the most recently
+//! used agents first, as many blocks as the RAM budget holds. The blocks
+//! are registered as pending under the prefetch, so a turn that arrives
+//! mid-way waits for each block it needs (the pending-blocks mechanism of
+//! `tiering.rs`) and takes it from RAM as it lands, instead of loading it
+//! a second time.
 
 use std::time::Instant;
 
-use tiers::{AgentManifest, ManifestId};
+use kv::{BlockKey, Namespace};
+use tiers::{AgentManifest, LoadTask, ManifestId, Payload, RecordKey, Reject};
 
 use super::{EngineCore, Submission};
 use crate::agents::AgentKey;
@@ -92,5 +103,88 @@ impl EngineCore {
     /// When the earliest lookup runs out.
     pub(super) fn next_fetch_deadline(&self) -> Option<Instant> {
         self.tiers.fetches.values().map(|f| f.deadline).min()
+    }
+}
+
+impl EngineCore {
+    /// Starts loading restored agents' blocks back into the RAM tier (see
+    /// the module doc); returns how many blocks were asked for.
+    pub(crate) fn prewarm(&mut self) -> usize {
+        let Some(ram) = self.tiers.list.first().filter(|t| t.at_once()) else { return 0 };
+        let bs = self.cache.spec().block_size();
+        // A RAM entry costs its payload, its tokens and some bookkeeping;
+        // staying under the budget keeps the first agents' blocks from
+        // being pushed out by the last ones.
+        let per_block = (self.model.storage().block_bytes() + 4 * bs + 128) as u64;
+        let snap = ram.snapshot();
+        let mut room = (snap.budget.saturating_sub(snap.bytes) / per_block) as usize;
+        let mut agents: Vec<(&AgentKey, &crate::agents::Agent)> = self.agents.iter().collect();
+        agents.sort_by_key(|(_, a)| std::cmp::Reverse(a.last_used));
+        let mut wanted: Vec<(usize, BlockKey)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (key, ag) in agents {
+            let ns = Namespace::new(self.model.fingerprint(), key.0.as_str().as_bytes());
+            let chain = &ag.chain[..ag.chain.len().min(ag.tokens.len() / bs)];
+            for (i, h) in chain.iter().enumerate() {
+                if room == 0 {
+                    break;
+                }
+                if self.cache.is_indexed(*h) || !seen.insert(*h) {
+                    continue;
+                }
+                let tokens = ag.tokens[i * bs..(i + 1) * bs].into();
+                wanted.push((i, BlockKey { hash: *h, parent: i.checked_sub(1).map(|p| chain[p]), ns, tokens }));
+                room -= 1;
+            }
+        }
+        let keys: Vec<RecordKey> = wanted.iter().map(|(_, k)| RecordKey::new(0, k.hash)).collect();
+        // Each block from the first queued tier that holds it.
+        let mut from: Vec<Option<usize>> = vec![None; keys.len()];
+        for (t, tier) in self.tiers.list.iter().enumerate().skip(1) {
+            for (f, held) in from.iter_mut().zip(tier.holds(&keys)) {
+                if f.is_none() && held {
+                    *f = Some(t);
+                }
+            }
+        }
+        let id = self.tiers.next_producer();
+        let mut expected = Vec::new();
+        let mut per_tier: Vec<Vec<LoadTask>> = vec![Vec::new(); self.tiers.list.len()];
+        for ((i, key), f) in wanted.into_iter().zip(from) {
+            let Some(t) = f else { continue };
+            self.tiers.pending.register(id, i, &[key.hash]);
+            per_tier[t].push(LoadTask { load: id, index: expected.len(), group: 0, expected: key.clone() });
+            expected.push(Some(key));
+        }
+        let n = expected.len();
+        if n == 0 {
+            return 0;
+        }
+        self.tiers.prefetches.insert(id, expected);
+        for (t, tasks) in per_tier.into_iter().enumerate() {
+            if !tasks.is_empty() {
+                // Queued tiers answer through events (`on_prefetched`).
+                let _ = self.tiers.list[t].load(tasks);
+            }
+        }
+        n
+    }
+
+    /// A prefetched block came back (or not): into the RAM tier, and no
+    /// longer pending. False if `load` is no prefetch.
+    pub(crate) fn on_prefetched(&mut self, load: u64, index: usize, result: Result<Payload, Reject>) -> bool {
+        let Some(list) = self.tiers.prefetches.get_mut(&load) else { return false };
+        let Some(key) = list.get_mut(index).and_then(Option::take) else { return true };
+        let done = list.iter().all(Option::is_none);
+        let hash = key.hash;
+        if let Ok(p) = result {
+            super::tier_ops::keep_in_first(&mut self.tiers, key, p);
+        }
+        self.tiers.pending.arrived(load, &hash);
+        if done {
+            self.tiers.prefetches.remove(&load);
+            self.tiers.pending.resolve(load);
+        }
+        true
     }
 }

@@ -36,10 +36,12 @@ use kv::{BlockHash, BlockId, BlockKey, BlockStorage, Evicted, Namespace, PrefixH
 use tiers::{AgentManifest, LoadTask, Loading, ManifestId, ManifestRetention, Payload, RecordKey, Reject, Stored};
 use tiers::{Tier, TierEvent};
 
+use crate::kv_events::{KvEventKind, KvEvents};
+
 use super::{Active, EngineCore};
 use crate::agents::{AgentKey, BlockLocations, Retention};
 use crate::request::{AgentId, RequestId, TenantId};
-use crate::tiering::{Load, LoadPolicy, ProducerId, TierCounters, TierStats, Tiering};
+use crate::tiering::{Load, LoadPolicy, ProducerId, TierStats, Tiering};
 
 /// The one layer group of a uniform model. (A hybrid model will have one
 /// per attention kind; records and chain lookups already carry it.)
@@ -74,9 +76,16 @@ pub(super) fn stash(tiers: &mut Tiering, storage: &mut dyn BlockStorage, evicted
             tiers.counters.dropped += 1;
             continue;
         }
-        offer(&mut tiers.list, &mut tiers.counters, 0, key_payload(e.key, payload));
+        offer(tiers, 0, key_payload(e.key, payload));
     }
     tiers.counters.stash_seconds += started.elapsed().as_secs_f64();
+}
+
+/// Keeps a block that came back from a queued tier in the first tier (RAM)
+/// and those below it, as the pool's evictions are kept.
+pub(super) fn keep_in_first(tiers: &mut Tiering, key: BlockKey, payload: Payload) {
+    tiers.counters.prefetched += 1;
+    offer(tiers, 0, key_payload(key, payload.bytes().to_vec()));
 }
 
 fn key_payload(key: BlockKey, payload: Vec<u8>) -> tiers::Overflow {
@@ -85,30 +94,41 @@ fn key_payload(key: BlockKey, payload: Vec<u8>) -> tiers::Overflow {
 
 /// Offers a block to tier `first`, what that tier pushes out to the next,
 /// and so on down the list; what no tier keeps is counted as dropped.
-fn offer(list: &mut [Box<dyn Tier>], counters: &mut TierCounters, first: usize, block: tiers::Overflow) {
+/// Every block a tier takes or lets go is told as a KV event.
+fn offer(tiers: &mut Tiering, first: usize, block: tiers::Overflow) {
+    let Tiering { list, counters, events, .. } = tiers;
+    let mut told = Vec::new();
     let mut moving = vec![block];
     for (t, tier) in list.iter_mut().enumerate().skip(first) {
         if !tier.takes_evictions() {
             continue;
         }
+        let name = tier.name();
         let mut next = Vec::new();
         for b in moving {
+            let hash = b.key.hash;
             match tier.store(b.group, b.key, b.payload) {
                 Stored::Kept(out) => {
                     counters.tiers[t].stored += 1;
+                    told.push((KvEventKind::Stored, name, Some(hash), None));
+                    told.extend(out.iter().map(|o| (KvEventKind::Removed, name, Some(o.key.hash), None)));
                     next.extend(out);
                 }
-                Stored::Queued => counters.tiers[t].stored += 1,
+                Stored::Queued => {
+                    counters.tiers[t].stored += 1;
+                    told.push((KvEventKind::Stored, name, Some(hash), None));
+                }
                 Stored::Known => {}
                 Stored::Dropped => counters.dropped += 1,
             }
         }
         moving = next;
         if moving.is_empty() {
-            return;
+            break;
         }
     }
     counters.dropped += moving.len() as u64;
+    events.push(told);
 }
 
 /// The key of block `i` of a prompt whose chained hashes are `hashes`.
@@ -134,6 +154,7 @@ fn manifest_retention(r: Retention) -> ManifestRetention {
 /// `results`; the others come back as [`TierEvent::Loaded`].
 fn dispatch(
     list: &mut [Box<dyn Tier>],
+    events: &KvEvents,
     load: u64,
     expected: &[BlockKey],
     from: &[usize],
@@ -156,6 +177,9 @@ fn dispatch(
         }
         let indices: Vec<usize> = tasks.iter().map(|t| t.index).collect();
         if let Loading::Done(done) = tier.load(tasks) {
+            // A tier answering at once hands its blocks over: they left it.
+            let left = indices.iter().zip(&done).filter(|(_, r)| r.is_ok());
+            events.push(left.map(|(&i, _)| (KvEventKind::Removed, tier.name(), Some(expected[i].hash), None)));
             for (i, r) in indices.into_iter().zip(done) {
                 results[i] = Some(r);
             }
@@ -175,7 +199,7 @@ fn give_back(
     for (j, r) in results.into_iter().enumerate().skip(skip) {
         if let (true, Some(Ok(p))) = (tiers.list[from[j]].at_once(), r) {
             let block = key_payload(expected[j].clone(), p.bytes().to_vec());
-            offer(&mut tiers.list, &mut tiers.counters, from[j], block);
+            offer(tiers, from[j], block);
         }
     }
 }
@@ -306,7 +330,7 @@ impl EngineCore {
         // Taken out first, so what the append evicts into the same tiers
         // cannot push them further down meanwhile.
         let mut results: Vec<Option<Result<Payload, Reject>>> = (0..n).map(|_| None).collect();
-        dispatch(&mut self.tiers.list, 0, &expected, from, &mut results, |_| true);
+        dispatch(&mut self.tiers.list, &self.tiers.events, 0, &expected, from, &mut results, |_| true);
         let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + n * bs]) else {
             // No room or quota for them now: they go back.
             give_back(&mut self.tiers, &expected, from, results, 0);
@@ -386,7 +410,7 @@ impl EngineCore {
         // (see `take_now`); the queued tiers are asked once the pool
         // blocks exist.
         let mut results: Vec<Option<Result<Payload, Reject>>> = (0..n).map(|_| None).collect();
-        dispatch(&mut self.tiers.list, id, &expected, from, &mut results, |t| t.at_once());
+        dispatch(&mut self.tiers.list, &self.tiers.events, id, &expected, from, &mut results, |t| t.at_once());
         let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + n * bs]) else {
             give_back(&mut self.tiers, &expected, from, results, 0);
             return false;
@@ -406,7 +430,7 @@ impl EngineCore {
             started: now,
             deadline: now + budget,
         };
-        dispatch(&mut self.tiers.list, id, &load.keys, from, &mut load.results, |t| !t.at_once());
+        dispatch(&mut self.tiers.list, &self.tiers.events, id, &load.keys, from, &mut load.results, |t| !t.at_once());
         self.tiers.loads.insert(id, load);
         true
     }
@@ -415,6 +439,7 @@ impl EngineCore {
     pub(crate) fn on_tier_event(&mut self, tier: usize, ev: TierEvent) {
         match ev {
             TierEvent::Loaded { load, index, result } => {
+                let Err(result) = self.prefetched(load, index, result) else { return };
                 // A load already finished (deadline) or abandoned: stale.
                 let Some(l) = self.tiers.loads.get_mut(&load) else { return };
                 if let Some(slot) = l.results.get_mut(index) {
@@ -434,6 +459,22 @@ impl EngineCore {
                     ag.retry_commit = retry;
                 }
             }
+        }
+    }
+
+    /// Hands a prefetch's result to `on_prefetched`; the result back if the
+    /// load is not a prefetch.
+    fn prefetched(
+        &mut self,
+        load: u64,
+        index: usize,
+        result: Result<Payload, Reject>,
+    ) -> Result<(), Result<Payload, Reject>> {
+        if self.tiers.prefetches.contains_key(&load) {
+            self.on_prefetched(load, index, result);
+            Ok(())
+        } else {
+            Err(result)
         }
     }
 
@@ -605,8 +646,13 @@ impl EngineCore {
         let mut deferred = 0u64;
         for p in parts {
             let manifest = AgentManifest { blocks: records[..p.named].to_vec(), ..manifest.clone() };
-            if self.tiers.list[p.tier].commit(manifest, p.blocks, ended).is_err() {
+            let tier = &mut self.tiers.list[p.tier];
+            let sent: Vec<BlockHash> = p.blocks.iter().map(|b| b.1.hash).collect();
+            if tier.commit(manifest, p.blocks, ended).is_err() {
                 deferred |= 1 << p.tier;
+            } else {
+                let name = tier.name();
+                self.tiers.events.push(sent.into_iter().map(|h| (KvEventKind::Stored, name, Some(h), None)));
             }
         }
         if deferred != 0 {
@@ -729,6 +775,13 @@ impl EngineCore {
         let id = ManifestId::of(key.0.as_str(), key.1.as_str());
         let parts = tiers::split_done(done, self.tiers.list.len());
         for (t, part) in self.tiers.list.iter_mut().zip(parts) {
+            let held = t.confirmed(&records);
+            let gone = records
+                .iter()
+                .zip(held)
+                .filter(|(_, h)| *h)
+                .map(|(k, _)| (KvEventKind::Removed, t.name(), Some(k.hash), None));
+            self.tiers.events.push(gone);
             t.forget(id, &records, part);
         }
     }
@@ -776,10 +829,18 @@ impl EngineCore {
             let tokens = self.agents.get(key).map(|a| a.tokens.clone()).unwrap_or_default();
             let expected: Vec<BlockKey> = (0..chain.len()).map(|i| block_key(ns, &chain, &tokens, i, bs)).collect();
             let mut results: Vec<Option<Result<Payload, Reject>>> = (0..chain.len()).map(|_| None).collect();
-            dispatch(&mut self.tiers.list[..1], 0, &expected, &vec![0; chain.len()], &mut results, |_| true);
+            dispatch(
+                &mut self.tiers.list[..1],
+                &self.tiers.events,
+                0,
+                &expected,
+                &vec![0; chain.len()],
+                &mut results,
+                |_| true,
+            );
             for (k, r) in expected.into_iter().zip(results) {
                 if let Some(Ok(p)) = r {
-                    offer(&mut self.tiers.list, &mut self.tiers.counters, 1, key_payload(k, p.bytes().to_vec()));
+                    offer(&mut self.tiers, 1, key_payload(k, p.bytes().to_vec()));
                 }
             }
         }
@@ -795,6 +856,37 @@ impl EngineCore {
     pub(crate) fn forget_disk_cache(&self) {
         for t in &self.tiers.list {
             t.forget_cached();
+        }
+    }
+
+    /// Tells the pool's index changes since the last call as KV events
+    /// (once per loop iteration).
+    pub(crate) fn flush_kv_events(&mut self) {
+        let changes = self.cache.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        self.tiers.events.push(changes.into_iter().map(|c| match c {
+            kv::IndexChange::Published { hash, parent } => (KvEventKind::Stored, "pool", Some(hash), parent),
+            kv::IndexChange::Unpublished { hash } => (KvEventKind::Removed, "pool", Some(hash), None),
+        }));
+    }
+
+    /// What this replica holds, exact as of the event log's `next` (taken
+    /// on the engine thread, which alone appends).
+    pub(crate) fn kv_snapshot(&mut self) -> crate::kv_events::KvSnapshot {
+        self.flush_kv_events();
+        let mut blocks: Vec<(BlockHash, &'static str)> =
+            self.cache.published().into_iter().map(|h| (h, "pool")).collect();
+        for t in &self.tiers.list {
+            blocks.extend(t.inventory().into_iter().map(|k| (k.hash, t.name())));
+        }
+        crate::kv_events::KvSnapshot {
+            epoch: self.tiers.events.epoch(),
+            next: self.tiers.events.next(),
+            model_fingerprint: self.model.fingerprint().to_vec(),
+            block_size: self.block_size(),
+            blocks,
         }
     }
 

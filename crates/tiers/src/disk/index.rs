@@ -97,6 +97,11 @@ impl Index {
         self.records.get(k).copied()
     }
 
+    /// Every record on disk now.
+    pub(crate) fn present_keys(&self) -> Vec<RecordKey> {
+        self.records.iter().filter(|(_, st)| matches!(st, State::Present { .. })).map(|(k, _)| *k).collect()
+    }
+
     /// The install generation of a present record.
     pub(crate) fn present(&self, k: &RecordKey) -> Option<u64> {
         match self.records.get(k) {

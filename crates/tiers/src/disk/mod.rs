@@ -672,6 +672,10 @@ impl Tier for DiskTier {
         DiskTier::durable_turns(self, agent)
     }
 
+    fn inventory(&self) -> Vec<RecordKey> {
+        self.shared.state().index.present_keys()
+    }
+
     fn records_in(&self, bytes: f64) -> Option<usize> {
         Some((bytes / self.record_len().max(1) as f64) as usize)
     }
