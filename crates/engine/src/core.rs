@@ -237,7 +237,13 @@ pub(crate) struct EngineCore {
 }
 
 impl EngineCore {
-    pub(crate) fn new(model: Box<dyn Model>, codec: Arc<dyn TextCodec>, config: EngineConfig, tiers: Tiering) -> Self {
+    pub(crate) fn new(
+        model: Box<dyn Model>,
+        codec: Arc<dyn TextCodec>,
+        config: EngineConfig,
+        mut tiers: Tiering,
+    ) -> Self {
+        tiers.partial_evictions = model.tracks_windows();
         let mut cache = KvCache::new(model.spec().clone());
         // With a tier below the pool, every evicted block's payload is
         // copied out before the block is reused.

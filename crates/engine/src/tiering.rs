@@ -234,16 +234,36 @@ pub(crate) struct Tiering {
     pub(crate) counters: TierCounters,
     /// When deferred agent commits may be retried next.
     pub(crate) next_commit_retry: Option<Instant>,
-    /// Loads that bring restored agents' blocks back into the first tier
-    /// (RAM) after a start, by producer: the blocks each expects.
-    pub(crate) prefetches: HashMap<ProducerId, Vec<Option<BlockKey>>>,
+    /// The load that brings restored agents' blocks back into the first
+    /// tier (RAM) after a start (`core/resume.rs`).
+    pub(crate) prefetch: Option<(ProducerId, Prefetch)>,
     /// Turns of agents this process does not know, waiting while a tier
     /// looks for their manifests (`core/resume.rs`).
     pub(crate) fetches: HashMap<tiers::ManifestId, AgentFetch>,
+    /// Blocks the pool evicts may lack part of their K/V (a hybrid model's
+    /// sliding window): they are not offered to tiers that keep a first
+    /// copy for good.
+    pub(crate) partial_evictions: bool,
     /// Where blocks entering and leaving the pool and the tiers are told
     /// (`kv_events.rs`).
     pub(crate) events: std::sync::Arc<crate::kv_events::KvEvents>,
     next_producer: ProducerId,
+}
+
+/// Blocks a prefetch has asked the tiers for at most at once: a turn that
+/// needs other blocks finds at most this many reads ahead of its own.
+pub(crate) const PREFETCH_WINDOW: usize = 16;
+
+/// Restored agents' blocks on their way back into RAM.
+#[derive(Debug, Default)]
+pub(crate) struct Prefetch {
+    /// Not asked for yet, in order: chain position, block, tier to read it
+    /// from.
+    pub(crate) queue: std::collections::VecDeque<(usize, BlockKey, usize)>,
+    /// Asked for, by task index.
+    pub(crate) in_flight: HashMap<usize, BlockKey>,
+    /// The next task index.
+    pub(crate) next_index: usize,
 }
 
 /// How long an agent's turn waits for a tier to find the agent's manifest
@@ -281,7 +301,8 @@ impl Tiering {
             counters,
             next_commit_retry: None,
             fetches: HashMap::new(),
-            prefetches: HashMap::new(),
+            prefetch: None,
+            partial_evictions: false,
             events: std::sync::Arc::new(crate::kv_events::KvEvents::new()),
             next_producer: 0,
         }

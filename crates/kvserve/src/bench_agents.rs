@@ -28,9 +28,11 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct AgentBenchArgs {
-    /// The server's base URL, e.g. `http://127.0.0.1:8080`.
-    #[arg(long)]
-    url: String,
+    /// The server's base URL, e.g. `http://127.0.0.1:8080`. Several
+    /// (repeated, or comma-separated): requests go to them round robin, as
+    /// a balancer that knows nothing of caches would send them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    url: Vec<String>,
     /// A preset shape; the flags below override its numbers.
     #[arg(long, value_enum, default_value_t = Preset::Agents)]
     preset: Preset,
@@ -187,7 +189,10 @@ pub(crate) fn bench_agents(args: AgentBenchArgs) -> Result<()> {
 
 async fn run(args: AgentBenchArgs) -> Result<()> {
     let shape = args.shape();
-    let base = args.url.trim_end_matches('/').to_owned();
+    let bases: Vec<String> = args.url.iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
+    let base = bases[0].clone();
+    let bases = Arc::new(bases);
+    let next_base = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // A fresh connection per request (loopback: a fraction of a millisecond).
     // Reusing one failed against llama-server, which closes a streamed
     // response's connection on its own schedule: the next turn written onto
@@ -242,13 +247,20 @@ async fn run(args: AgentBenchArgs) -> Result<()> {
     for c in 0..shape.clients {
         let mine: VecDeque<Arc<Mutex<Agent>>> =
             agents.iter().enumerate().filter(|(i, _)| i % shape.clients == c).map(|(_, a)| Arc::clone(a)).collect();
-        let (client, base, model, samples, bar) =
-            (client.clone(), base.clone(), model.clone(), Arc::clone(&samples), bar.clone());
+        let (client, bases, next_base, model, samples, bar) = (
+            client.clone(),
+            Arc::clone(&bases),
+            Arc::clone(&next_base),
+            model.clone(),
+            Arc::clone(&samples),
+            bar.clone(),
+        );
         let api_key = args.api_key.clone();
         tasks.push(tokio::spawn(async move {
             let mut queue = mine;
             while let Some(agent) = queue.pop_front() {
-                let sample = turn(&client, &base, &model, api_key.as_deref(), &agent, kvserve, shape).await?;
+                let i = next_base.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % bases.len();
+                let sample = turn(&client, &bases[i], &model, api_key.as_deref(), &agent, kvserve, shape).await?;
                 if let Ok(mut s) = samples.lock() {
                     s.push(sample);
                 }
@@ -387,7 +399,7 @@ fn report(args: &AgentBenchArgs, shape: Shape, model: &str, kvserve: bool, wall:
         shape.brief_words,
         shape.user_words,
         shape.answer_tokens,
-        args.url
+        args.url.join(", ")
     );
     println!();
     println!(

@@ -182,6 +182,14 @@ pub trait Tier: Send + std::fmt::Debug {
         false
     }
 
+    /// Whether a block stored once stays as first written, a later copy
+    /// never replacing it (a store shared by replicas writes with `SET NX`):
+    /// then a block whose K/V is not whole (a hybrid model's block kept
+    /// without its sliding window) must never be sent to it.
+    fn keeps_first_copy(&self) -> bool {
+        false
+    }
+
     /// Whether it keeps agents' manifests, so they survive a restart.
     fn durable(&self) -> bool {
         false

@@ -15,11 +15,13 @@
 //! their blocks on disk: the first turn of each would wait for a load.
 //! [`EngineCore::prewarm`] starts loading them back into the RAM tier at
 //! once, in the background (the disk's reader threads), the most recently
-//! used agents first, as many blocks as the RAM budget holds. The blocks
-//! are registered as pending under the prefetch, so a turn that arrives
-//! mid-way waits for each block it needs (the pending-blocks mechanism of
-//! `tiering.rs`) and takes it from RAM as it lands, instead of loading it
-//! a second time.
+//! used agents first, as many blocks as the RAM budget holds, a window of
+//! [`PREFETCH_WINDOW`] reads at a time. The blocks in flight are registered
+//! as pending under the prefetch, so a turn that arrives mid-way waits for
+//! each of those it needs (the pending-blocks mechanism of `tiering.rs`)
+//! and takes it from RAM as it lands, instead of loading it a second time;
+//! blocks not asked for yet it loads itself, with at most a window of
+//! prefetch reads ahead of it in the queue, and the prefetch skips them.
 
 use std::time::Instant;
 
@@ -29,7 +31,7 @@ use tiers::{AgentManifest, LoadTask, ManifestId, Payload, RecordKey, Reject};
 use super::{EngineCore, Submission};
 use crate::agents::AgentKey;
 use crate::request::RequestId;
-use crate::tiering::{AgentFetch, FETCH_DEADLINE};
+use crate::tiering::{AgentFetch, Prefetch, FETCH_DEADLINE, PREFETCH_WINDOW};
 
 impl EngineCore {
     /// Parks `s` while its agent's manifest is looked for, if this process
@@ -147,44 +149,64 @@ impl EngineCore {
                 }
             }
         }
-        let id = self.tiers.next_producer();
-        let mut expected = Vec::new();
+        let queue: std::collections::VecDeque<(usize, BlockKey, usize)> =
+            wanted.into_iter().zip(from).filter_map(|((i, key), f)| Some((i, key, f?))).collect();
+        let n = queue.len();
+        if n > 0 {
+            let id = self.tiers.next_producer();
+            self.tiers.prefetch = Some((id, Prefetch { queue, ..Prefetch::default() }));
+            self.prefetch_more();
+        }
+        n
+    }
+
+    /// Keeps [`PREFETCH_WINDOW`] prefetch reads in flight: blocks still
+    /// wanted (not in the pool or RAM, not being brought in by a load) are
+    /// registered as pending and asked of their tier. Only what is in
+    /// flight is pending: a turn that needs blocks further down the queue
+    /// loads them itself (the prefetch then skips them).
+    fn prefetch_more(&mut self) {
+        let Some((id, mut pf)) = self.tiers.prefetch.take() else { return };
         let mut per_tier: Vec<Vec<LoadTask>> = vec![Vec::new(); self.tiers.list.len()];
-        for ((i, key), f) in wanted.into_iter().zip(from) {
-            let Some(t) = f else { continue };
+        while pf.in_flight.len() < PREFETCH_WINDOW {
+            let Some((i, key, t)) = pf.queue.pop_front() else { break };
+            let rk = RecordKey::new(0, key.hash);
+            let in_ram = self.tiers.list.first().is_some_and(|r| r.holds(&[rk]) == [true]);
+            if in_ram || self.cache.is_indexed(key.hash) || self.tiers.pending.producer_of(&key.hash).is_some() {
+                continue;
+            }
             self.tiers.pending.register(id, i, &[key.hash]);
-            per_tier[t].push(LoadTask { load: id, index: expected.len(), group: 0, expected: key.clone() });
-            expected.push(Some(key));
+            per_tier[t].push(LoadTask { load: id, index: pf.next_index, group: 0, expected: key.clone() });
+            pf.in_flight.insert(pf.next_index, key);
+            pf.next_index += 1;
         }
-        let n = expected.len();
-        if n == 0 {
-            return 0;
+        if pf.in_flight.is_empty() {
+            self.tiers.pending.resolve(id);
+            return;
         }
-        self.tiers.prefetches.insert(id, expected);
+        self.tiers.prefetch = Some((id, pf));
         for (t, tasks) in per_tier.into_iter().enumerate() {
             if !tasks.is_empty() {
                 // Queued tiers answer through events (`on_prefetched`).
                 let _ = self.tiers.list[t].load(tasks);
             }
         }
-        n
     }
 
-    /// A prefetched block came back (or not): into the RAM tier, and no
-    /// longer pending. False if `load` is no prefetch.
+    /// A prefetched block came back (or not): into the RAM tier, no longer
+    /// pending, and the next one asked for. False if `load` is no prefetch.
     pub(crate) fn on_prefetched(&mut self, load: u64, index: usize, result: Result<Payload, Reject>) -> bool {
-        let Some(list) = self.tiers.prefetches.get_mut(&load) else { return false };
-        let Some(key) = list.get_mut(index).and_then(Option::take) else { return true };
-        let done = list.iter().all(Option::is_none);
+        let Some((id, pf)) = self.tiers.prefetch.as_mut() else { return false };
+        if *id != load {
+            return false;
+        }
+        let Some(key) = pf.in_flight.remove(&index) else { return true };
         let hash = key.hash;
         if let Ok(p) = result {
             super::tier_ops::keep_in_first(&mut self.tiers, key, p);
         }
         self.tiers.pending.arrived(load, &hash);
-        if done {
-            self.tiers.prefetches.remove(&load);
-            self.tiers.pending.resolve(load);
-        }
+        self.prefetch_more();
         true
     }
 }

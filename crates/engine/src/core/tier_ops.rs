@@ -96,11 +96,11 @@ fn key_payload(key: BlockKey, payload: Vec<u8>) -> tiers::Overflow {
 /// and so on down the list; what no tier keeps is counted as dropped.
 /// Every block a tier takes or lets go is told as a KV event.
 fn offer(tiers: &mut Tiering, first: usize, block: tiers::Overflow) {
-    let Tiering { list, counters, events, .. } = tiers;
+    let Tiering { list, counters, events, partial_evictions, .. } = tiers;
     let mut told = Vec::new();
     let mut moving = vec![block];
     for (t, tier) in list.iter_mut().enumerate().skip(first) {
-        if !tier.takes_evictions() {
+        if !tier.takes_evictions() || (*partial_evictions && tier.keeps_first_copy()) {
             continue;
         }
         let name = tier.name();
@@ -470,7 +470,7 @@ impl EngineCore {
         index: usize,
         result: Result<Payload, Reject>,
     ) -> Result<(), Result<Payload, Reject>> {
-        if self.tiers.prefetches.contains_key(&load) {
+        if self.tiers.prefetch.as_ref().is_some_and(|(id, _)| *id == load) {
             self.on_prefetched(load, index, result);
             Ok(())
         } else {
@@ -593,6 +593,10 @@ impl EngineCore {
         struct Part {
             tier: usize,
             known: Vec<bool>,
+            /// The tier keeps the first copy of a block for good: a block
+            /// whose K/V is not whole (a hybrid model's, outside its
+            /// window) must not reach it.
+            whole_only: bool,
             blocks: Vec<(tiers::GroupId, BlockKey, Vec<u8>)>,
             named: usize,
             ended: bool,
@@ -602,17 +606,20 @@ impl EngineCore {
             .map(|tier| Part {
                 tier,
                 known: self.tiers.list[tier].known(&records),
+                whole_only: self.tiers.list[tier].keeps_first_copy(),
                 blocks: Vec::new(),
                 named: 0,
                 ended: false,
             })
             .collect();
+        let whole: Vec<bool> =
+            (0..records.len()).map(|i| held(i).is_some_and(|b| self.model.holds_window_kv(b))).collect();
         let storage = self.model.storage();
         // Each tier's manifest names the chain as far as the tier has it or
         // gets it with this commit: data first, so it never names a block
         // that was never written (a block released meanwhile ends the
         // chain there). A block is exported once, whichever tiers lack it.
-        for i in 0..records.len() {
+        for (i, &whole) in whole.iter().enumerate() {
             let lacking = parts.iter().any(|p| !p.ended && !p.known[i]);
             let payload = lacking.then(|| {
                 let mut payload = vec![0u8; storage.block_bytes()];
@@ -621,6 +628,8 @@ impl EngineCore {
             for p in parts.iter_mut().filter(|p| !p.ended) {
                 if p.known[i] {
                     p.named = i + 1;
+                } else if p.whole_only && !whole {
+                    p.ended = true;
                 } else if let Some(Some(payload)) = &payload {
                     p.blocks.push((GROUP, block_key(ns, chain, &ag.tokens, i, bs), payload.clone()));
                     p.named = i + 1;

@@ -36,6 +36,10 @@ impl Tier for RemoteTier {
         true
     }
 
+    fn keeps_first_copy(&self) -> bool {
+        true
+    }
+
     fn takes_evictions(&self) -> bool {
         self.shared.limits.take_evictions
     }
