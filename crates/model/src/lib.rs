@@ -45,5 +45,5 @@ pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use kv_store::PagedKvStore;
 pub use llama::{argmax_rows, LlamaModel, MatmulPath, SeqStep};
-pub use runner::{Batch, KvSizing, LlamaText, Model, PagedLlama, TextCodec, VocabEntry};
+pub use runner::{model_fingerprint, Batch, KvSizing, LlamaText, Model, PagedLlama, TextCodec, VocabEntry};
 pub use tokenizer::Tokenizer;

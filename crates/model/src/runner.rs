@@ -235,7 +235,7 @@ impl PagedLlama {
     /// size the cache rejects).
     pub fn new(model: LlamaModel, file: &GgufFile, sizing: KvSizing) -> Result<Self> {
         let (spec, store) = storage(model.config(), sizing)?;
-        Ok(Self { model: std::sync::Arc::new(model), store, spec, sizing, fingerprint: fingerprint(file) })
+        Ok(Self { model: std::sync::Arc::new(model), store, spec, sizing, fingerprint: model_fingerprint(file) })
     }
 
     /// The same weights with fresh arenas of `num_blocks` blocks (same
@@ -322,7 +322,11 @@ fn storage(config: &crate::ModelConfig, sizing: KvSizing) -> Result<(CacheSpec, 
 /// activations quantized per 256 (Q8_K), as llama.cpp does, and attention
 /// scores summed in one chain per row (every model's K/V); v5: RoPE angles
 /// as llama.cpp computes them (every model's keys).
-fn fingerprint(file: &GgufFile) -> Vec<u8> {
+///
+/// Part of every block address ([`kv::Namespace`]): whatever computes
+/// addresses for a replica's blocks (the engine, a router in front of
+/// replicas) must use this one function.
+pub fn model_fingerprint(file: &GgufFile) -> Vec<u8> {
     let mut tagged = xxh3_128(file.bytes()).to_le_bytes().to_vec();
     tagged.extend_from_slice(b"kvserve-model-v5");
     xxh3_128(&tagged).to_le_bytes().to_vec()
