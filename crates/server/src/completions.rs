@@ -59,6 +59,42 @@ struct Meta {
     structured_answer: bool,
 }
 
+/// The endpoint a completion body was sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completion,
+}
+
+/// The prompt a completion body asks for, planned as the endpoint's handler
+/// plans it (roles checked, content parts joined, tools and tool history
+/// rendered into the messages): what a router in front of replicas needs
+/// to compute the block addresses a replica will use. The engine then
+/// encodes it with the model's codec ([`Prompt::Chat`] with the chat
+/// template, [`Prompt::Text`] as a literal prompt, [`Prompt::Tokens`] as
+/// they are). An agent's turn may reuse its own earlier tokens where the
+/// re-rendered history has the same text, so for agents this is the
+/// prompt's text, not always its exact tokens.
+///
+/// # Errors
+/// The 400 the endpoint would answer for a body of the wrong shape or a
+/// prompt it cannot plan (other fields are not checked).
+pub fn prompt_of(endpoint: Endpoint, body: &serde_json::Value) -> Result<Prompt, ApiError> {
+    use serde::Deserialize;
+    match endpoint {
+        Endpoint::Chat => {
+            let mut req = ChatRequest::deserialize(body).map_err(ApiError::bad_json)?;
+            Ok(Prompt::Chat(req.plan()?.messages))
+        }
+        Endpoint::Completion => {
+            let mut req = CompletionRequest::deserialize(body).map_err(ApiError::bad_json)?;
+            req.prompt()
+        }
+    }
+}
+
 fn header_agent(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get(AGENT_HEADER) {
         None => Ok(None),

@@ -24,10 +24,12 @@
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+use engine::TenantId;
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -89,33 +91,133 @@ fn is_loopback(host: &str) -> bool {
         || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Middleware: the `Host` and `Origin` rules of the module doc.
-pub(crate) async fn check_host(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
-    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if !safe {
-        if let Some(origin) = req.headers().get(header::ORIGIN) {
-            let allowed = state.cors_any
-                || origin.to_str().is_ok_and(|o| state.cors_origins.iter().any(|c| c.eq_ignore_ascii_case(o)));
-            if !allowed {
-                return axum::response::IntoResponse::into_response(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "permission_error",
-                    "requests from web pages need their origin named with --cors-origin",
-                ));
-            }
+/// The rules of the module doc and the API keys, for whatever fronts the
+/// API: `kvserve serve`, and a router in front of replicas, which must
+/// answer the same requests the same way.
+#[derive(Clone, Debug, Default)]
+pub struct Guard {
+    /// API key to tenant; empty: open, one default tenant.
+    keys: HashMap<String, TenantId>,
+    /// The key `/metrics` wants; `None` with keys: any API key.
+    metrics_key: Option<String>,
+    /// Host names served without keys besides loopback ones (lowercase).
+    allowed_hosts: Vec<String>,
+    /// Origins allowed by `--cors-origin`, and whether `*` was given.
+    cors_origins: Vec<String>,
+    cors_any: bool,
+}
+
+impl Guard {
+    /// The guard of these keys (key to tenant; none: open), metrics key,
+    /// extra host names and CORS origins.
+    pub fn new(
+        keys: HashMap<String, TenantId>,
+        metrics_key: Option<String>,
+        allowed_hosts: &[String],
+        cors_origins: &[String],
+    ) -> Self {
+        Self {
+            keys,
+            metrics_key,
+            allowed_hosts: allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            cors_origins: cors_origins.to_vec(),
+            cors_any: cors_origins.iter().any(|o| o == "*"),
         }
     }
-    if state.keys.is_empty() {
-        if let Some(value) = req.headers().get(header::HOST) {
-            let host = value.to_str().map(host_name).unwrap_or_default();
-            if !(is_loopback(&host) || state.allowed_hosts.contains(&host)) {
-                return axum::response::IntoResponse::into_response(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "permission_error",
-                    "this server answers only to loopback host names, its --host and --allowed-host names",
-                ));
+
+    /// Whether API keys are configured.
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// The tenant a request's `Authorization: Bearer KEY` names; the
+    /// default tenant when the server is open.
+    ///
+    /// # Errors
+    /// 401 with keys configured and none of them given.
+    pub fn tenant(&self, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+        if self.keys.is_empty() {
+            return Ok(TenantId::default_tenant());
+        }
+        bearer(headers).and_then(|k| self.keys.get(k)).cloned().ok_or_else(ApiError::unauthorized)
+    }
+
+    /// With API keys (or a metrics key), `/metrics` wants the metrics key,
+    /// or any API key if none is set: the numbers describe every tenant's
+    /// traffic.
+    ///
+    /// # Errors
+    /// 401 otherwise.
+    pub fn check_metrics(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.keys.is_empty() && self.metrics_key.is_none() {
+            return Ok(());
+        }
+        let ok = match (&self.metrics_key, bearer(headers)) {
+            (Some(k), Some(g)) => constant_time_eq(k.as_bytes(), g.as_bytes()),
+            (None, Some(g)) => self.keys.contains_key(g),
+            (_, None) => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+
+    /// The `Host` and `Origin` rules of the module doc.
+    ///
+    /// # Errors
+    /// 403 for a request they refuse.
+    pub fn check_host(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+        let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+        if !safe {
+            if let Some(origin) = headers.get(header::ORIGIN) {
+                let allowed = self.cors_any
+                    || origin.to_str().is_ok_and(|o| self.cors_origins.iter().any(|c| c.eq_ignore_ascii_case(o)));
+                if !allowed {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "permission_error",
+                        "requests from web pages need their origin named with --cors-origin",
+                    ));
+                }
             }
         }
+        if self.keys.is_empty() {
+            if let Some(value) = headers.get(header::HOST) {
+                let host = value.to_str().map(host_name).unwrap_or_default();
+                if !(is_loopback(&host) || self.allowed_hosts.contains(&host)) {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "permission_error",
+                        "this server answers only to loopback host names, its --host and --allowed-host names",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key of `Authorization: Bearer KEY`, if given.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Compares secrets without stopping at the first difference (the length
+/// is not secret).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Middleware: the `Host` and `Origin` rules of the module doc.
+pub(crate) async fn check_host(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
+    if let Err(e) = state.guard.check_host(req.method(), req.headers()) {
+        return axum::response::IntoResponse::into_response(e);
     }
     next.run(req).await
 }

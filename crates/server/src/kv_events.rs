@@ -79,7 +79,7 @@ fn event(e: &KvEvent) -> Value {
 
 /// `GET /v1/kv/snapshot`.
 pub(crate) async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(e) = crate::check_metrics_key(&state, &headers) {
+    if let Err(e) = state.guard.check_metrics(&headers) {
         return e.into_response();
     }
     let snap = match state.engine.kv_snapshot().await {
@@ -102,7 +102,7 @@ pub(crate) async fn events(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    if let Err(e) = crate::check_metrics_key(&state, &headers) {
+    if let Err(e) = state.guard.check_metrics(&headers) {
         return e.into_response();
     }
     let log = state.engine.kv_events();

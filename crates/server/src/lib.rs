@@ -46,8 +46,10 @@ use engine::{EngineHandle, TenantId};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-pub use completions::AGENT_HEADER;
+pub use completions::{prompt_of, Endpoint, AGENT_HEADER};
+pub use engine::Prompt;
 pub use error::ApiError;
+pub use guard::Guard;
 
 /// HTTP-side settings.
 #[derive(Clone, Debug)]
@@ -105,16 +107,12 @@ pub(crate) fn check_priority(priority: i32, max: i32) -> Result<i32, ApiError> {
 pub(crate) struct AppState {
     pub(crate) engine: EngineHandle,
     pub(crate) model_name: Arc<str>,
-    pub(crate) keys: Arc<HashMap<String, TenantId>>,
+    /// API keys, host and origin rules.
+    pub(crate) guard: Arc<Guard>,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_priority: i32,
     /// Prompts being rendered and tokenized at once (off the runtime).
     pub(crate) prep: Arc<tokio::sync::Semaphore>,
-    pub(crate) allowed_hosts: Arc<Vec<String>>,
-    pub(crate) metrics_key: Option<Arc<str>>,
-    /// Origins allowed by `--cors-origin`, and whether `*` was given.
-    pub(crate) cors_origins: Arc<Vec<String>>,
-    pub(crate) cors_any: bool,
     /// Longest a request body may take to arrive (408 beyond).
     pub(crate) body_timeout: Duration,
 }
@@ -126,16 +124,7 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if state.keys.is_empty() {
-            return Ok(Self(TenantId::default_tenant()));
-        }
-        let key = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        key.and_then(|k| state.keys.get(k)).cloned().map(Self).ok_or_else(ApiError::unauthorized)
+        state.guard.tenant(&parts.headers).map(Self)
     }
 }
 
@@ -158,16 +147,17 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
     let state = AppState {
         model_name: engine.config().model_name.as_str().into(),
         engine,
-        keys: Arc::new(config.api_keys),
+        guard: Arc::new(Guard::new(
+            config.api_keys,
+            config.metrics_key.clone(),
+            &config.allowed_hosts,
+            &config.cors_origins,
+        )),
         max_body_bytes: config.max_body_bytes,
         max_priority: config.max_priority,
         prep: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get).max(2),
         )),
-        allowed_hosts: Arc::new(config.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
-        metrics_key: config.metrics_key.as_deref().map(Arc::from),
-        cors_origins: Arc::new(config.cors_origins.clone()),
-        cors_any: config.cors_origins.iter().any(|o| o == "*"),
         body_timeout: config.limits.body_timeout,
     };
     let router = Router::new()
@@ -261,42 +251,14 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-/// With API keys, what describes every tenant's traffic (`/metrics`, the
-/// KV events) wants the metrics key (`--metrics-key`), or any API key if
-/// none is set.
-pub(crate) fn check_metrics_key(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    if state.keys.is_empty() && state.metrics_key.is_none() {
-        return Ok(());
-    }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = match (&state.metrics_key, given) {
-        (Some(k), Some(g)) => constant_time_eq(k.as_bytes(), g.as_bytes()),
-        (None, Some(g)) => state.keys.contains_key(g),
-        (_, None) => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized())
-    }
-}
-
+/// With API keys, `/metrics` wants the metrics key (`--metrics-key`), or
+/// any API key if none is set: the numbers describe every tenant's traffic.
 async fn metrics_text(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
-    if let Err(e) = check_metrics_key(&state, &headers) {
+    if let Err(e) = state.guard.check_metrics(&headers) {
         return e.into_response();
     }
     let body = metrics::render(&state.engine.stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
-}
-
-/// Compares secrets without stopping at the first difference (the length
-/// is not secret).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves `app` on `listener` until `signal` resolves, with `limits` on
