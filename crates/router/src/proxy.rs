@@ -10,7 +10,7 @@
 //! - **Retry once, only before the first byte.** A replica that cannot be
 //!   reached (refused, reset, timed out before an answer) or that answers
 //!   502/503 is replaced by the next choice, once (counted in
-//!   `kvserve_router_retries_total`); a connection failure also marks it
+//!   `kvserve_router_retries_total`); a failed connection also marks it
 //!   down until `/health` says otherwise. Once an answer has started, a
 //!   failure ends the client's stream: for server-sent events with a last
 //!   `event: error` whose data is an OpenAI-style error, for anything else
@@ -121,10 +121,10 @@ pub(crate) async fn forward(
             }
             Ok(resp) => return relay(resp, d.ticket),
             Err(e) => {
+                // Refused, reset or closed before answering: down until
+                // its `/health` says otherwise.
                 tracing::warn!(replica = %d.url, error = %e, "replica failed before answering");
-                if e.is_connect() {
-                    shared.mark_down(d.id);
-                }
+                shared.mark_down(d.id);
                 if last {
                     return bad_gateway();
                 }
