@@ -496,3 +496,36 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use engine::Message;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn prompt_of_plans_bodies_as_the_handlers_do() {
+        let chat = json!({"model": "m", "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there"}]}]});
+        assert_eq!(
+            prompt_of(Endpoint::Chat, &chat).unwrap(),
+            Prompt::Chat(vec![Message::new("system", "Be brief."), Message::new("user", "Hello, there")])
+        );
+        // Tools are rendered into the messages, as the replica renders them.
+        let tools = json!({"model": "m", "messages": [{"role": "user", "content": "Weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]});
+        let Prompt::Chat(m) = prompt_of(Endpoint::Chat, &tools).unwrap() else { panic!("a chat prompt") };
+        assert!(m.iter().any(|m| m.content.contains("get_weather")));
+        assert_eq!(prompt_of(Endpoint::Completion, &json!({"prompt": ["once"]})).unwrap(), Prompt::Text("once".into()));
+        assert_eq!(prompt_of(Endpoint::Completion, &json!({"prompt": [1, 2]})).unwrap(), Prompt::Tokens(vec![1, 2]));
+        // What the handler refuses, this refuses with the same 400.
+        assert_eq!(prompt_of(Endpoint::Chat, &json!({"messages": []})).unwrap_err().param, Some("messages"));
+        assert_eq!(
+            prompt_of(Endpoint::Completion, &json!({"prompt": "x", "echo": true})).unwrap_err().param,
+            Some("echo")
+        );
+        assert_eq!(prompt_of(Endpoint::Chat, &json!({"messages": "hi"})).unwrap_err().status, 400);
+    }
+}
