@@ -58,7 +58,7 @@ impl ReplicaId {
 
     /// The id of the replica at `index`; `None` from [`ReplicaId::MAX`] on.
     pub fn new(index: usize) -> Option<Self> {
-        (index < Self::MAX).then(|| Self(index as u16))
+        (index < Self::MAX).then_some(Self(index as u16))
     }
 
     /// Its position in the table.

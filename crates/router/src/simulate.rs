@@ -86,7 +86,7 @@ fn mix(mut z: u64) -> u64 {
 /// The address of block `i` of chain `c` (hot prefixes are chains
 /// `u64::MAX - k`; new blocks use `salt`).
 fn address(seed: u64, c: u64, i: u64) -> BlockHash {
-    let a = mix(seed ^ mix(c) ^ mix(i.wrapping_add(0x51)));
+    let a = mix(mix(seed ^ mix(c)).wrapping_add(i));
     let b = mix(a ^ 0x6a09_e667_f3bc_c908);
     BlockHash::from_u128((u128::from(a) << 64) | u128::from(b))
 }
@@ -128,7 +128,7 @@ pub fn simulate(params: SimParams) -> SimReport {
         }
         let mut c = (r + 1) % r_count;
         while c < chains {
-            if mix(c) % 10 == 0 {
+            if mix(c).is_multiple_of(10) {
                 for i in 0..chain {
                     blocks.push((address(p.seed, c, i), Tier::Pool));
                 }
@@ -156,7 +156,7 @@ pub fn simulate(params: SimParams) -> SimReport {
     for d in 0..p.decisions as u64 {
         rng = mix(rng);
         let c = rng % chains;
-        let known = if rng % 5 == 0 { 0 } else { 1 + (rng >> 8) % chain };
+        let known = if rng.is_multiple_of(5) { 0 } else { 1 + (rng >> 8) % chain };
         let fresh = chain / 4 + 1;
         let mut prompt: Vec<BlockHash> = (0..known).map(|i| address(p.seed, c, i)).collect();
         prompt.extend((0..fresh).map(|i| address(p.seed ^ 0xf00d, d, i)));
