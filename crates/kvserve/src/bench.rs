@@ -42,6 +42,9 @@ enum BenchWhat {
     /// Constrained decoding: decode speed with a JSON schema vs without at
     /// 1 and 8 streams, and time to first token with a new tool schema.
     Grammar(crate::bench_grammar::GrammarBenchArgs),
+    /// The router's index and choice at fleet scale (`--simulate`: 100
+    /// replicas, 10M blocks): decisions per second, latency, memory.
+    Route(crate::bench_route::RouteBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -70,6 +73,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         BenchWhat::Tiers(args) => return crate::bench_tiers::bench_tiers(args),
         BenchWhat::Agents(args) => return crate::bench_agents::bench_agents(args),
         BenchWhat::Grammar(args) => return crate::bench_grammar::bench_grammar(args),
+        BenchWhat::Route(args) => return crate::bench_route::bench_route(args),
     };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;

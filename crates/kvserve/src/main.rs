@@ -5,7 +5,9 @@ mod bench;
 mod bench_agents;
 mod bench_engine;
 mod bench_grammar;
+mod bench_route;
 mod bench_tiers;
+mod route;
 mod run;
 mod serve;
 mod setup;
@@ -28,6 +30,9 @@ enum Command {
     /// Serve the OpenAI-compatible API (the main job): fetches the default
     /// model if needed and listens on 127.0.0.1:8080.
     Serve(serve::ServeArgs),
+    /// Route requests to `kvserve serve` replicas by where their prompts'
+    /// KV blocks are (agents stick to a home replica), within a load bound.
+    Route(route::RouteArgs),
     /// Answer one prompt with the chat template applied, streaming to stdout.
     Run(run::RunArgs),
     /// Measure throughput and print a table.
@@ -59,6 +64,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve::serve(args),
+        Command::Route(args) => route::route(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
         Command::Models => setup::list_models(),

@@ -78,14 +78,15 @@ pub(crate) struct ServeArgs {
 }
 
 /// Seconds as a duration, refused when zero or beyond a year.
-fn seconds(flag: &str, s: u64) -> Result<Duration> {
+pub(crate) fn seconds(flag: &str, s: u64) -> Result<Duration> {
     if s == 0 || s > 365 * 24 * 3600 {
         bail!("{flag} must be between 1 second and a year");
     }
     Ok(Duration::from_secs(s))
 }
 
-fn parse_keys(keys: &[String]) -> Result<HashMap<String, TenantId>> {
+/// API keys (`KEY` or `KEY:TENANT`) to their tenants.
+pub(crate) fn parse_keys(keys: &[String]) -> Result<HashMap<String, TenantId>> {
     let mut map = HashMap::new();
     for entry in keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
         let (key, tenant) = match entry.split_once(':') {
@@ -113,6 +114,17 @@ fn parse_quotas(quotas: &[String]) -> Result<Vec<(TenantId, u32)>> {
         .collect()
 }
 
+/// The host names an open server answers to besides loopback ones: the
+/// `--allowed-host` names and the `--host` address.
+pub(crate) fn allowed_hosts(host: IpAddr, extra: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = extra.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    names.push(match host {
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
+    });
+    names
+}
+
 pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let api_keys = parse_keys(&args.api_keys)?;
     let quotas = parse_quotas(&args.tenant_quotas)?;
@@ -135,11 +147,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     for origin in &args.cors_origins {
         server::check_cors_origin(origin).map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
     }
-    let mut allowed_hosts: Vec<String> = args.allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
-    allowed_hosts.push(match args.host {
-        IpAddr::V6(ip) => format!("[{ip}]"),
-        IpAddr::V4(ip) => ip.to_string(),
-    });
+    let allowed_hosts = allowed_hosts(args.host, &args.allowed_hosts);
     let mut engine_args = args.engine.clone();
     let tenants: std::collections::HashSet<_> = api_keys.values().collect();
     if engine_args.queue_limit_per_tenant.is_none() && tenants.len() > 1 {
