@@ -10,6 +10,12 @@
 //!        └── 410 events_gap, a skipped seq, a new epoch (restart)
 //! ```
 //!
+//! Every replica is checked against the router (fingerprint, block size,
+//! namespacing), so the replicas routed to agree with each other too. A
+//! replica is routed to only once its snapshot has matched: one without
+//! the event API (404) or that refuses the router's key (401) is never
+//! routed to, and the log says why once.
+//!
 //! A replica that does not answer keeps its entries (a stale hint costs a
 //! miss at worst) and is polled again after `retry_delay`; the health task
 //! decides whether it is routed to. The task never holds the state's lock
@@ -56,6 +62,9 @@ impl Expect {
     }
 }
 
+/// Longest a snapshot (every block a replica holds) may take to arrive.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How a follower talks to its replica.
 #[derive(Clone, Debug)]
 pub(crate) struct Follow {
@@ -82,7 +91,7 @@ impl Follow {
 
     async fn snapshot(&self, base: &str) -> Result<Snapshot> {
         let resp = self
-            .get(format!("{base}/v1/kv/snapshot"), self.wait + Duration::from_secs(30))
+            .get(format!("{base}/v1/kv/snapshot"), SNAPSHOT_TIMEOUT)
             .await
             .map_err(|source| Error::Unreachable { url: base.into(), source })?;
         if !resp.status().is_success() {
@@ -140,16 +149,33 @@ fn synced(snap: Snapshot, base: &str) -> Result<Synced> {
 /// router goes).
 pub(crate) async fn follow(shared: Arc<Shared>, id: ReplicaId, base: Arc<str>, f: Follow) {
     let mut resync = false;
+    // The last refusing status logged, so a replica that answers 404 (no
+    // KV event API) or 401 (another metrics key) is logged once, not
+    // every second.
+    let mut said: Option<u16> = None;
     loop {
         // Read the snapshot.
         let snap = match f.snapshot(&base).await {
             Ok(s) => s,
+            Err(Error::Status { status, .. }) => {
+                if said.replace(status) != Some(status) {
+                    let hint = match status {
+                        401 | 403 => " (give the router the replicas' --metrics-key)",
+                        404 => " (does it publish KV events? a kvserve without them is never routed to)",
+                        _ => "",
+                    };
+                    tracing::warn!(replica = %base, status, "KV snapshot refused{hint}");
+                }
+                tokio::time::sleep(f.retry_delay).await;
+                continue;
+            }
             Err(e) => {
                 tracing::debug!(replica = %base, error = %e, "KV snapshot unavailable");
                 tokio::time::sleep(f.retry_delay).await;
                 continue;
             }
         };
+        said = None;
         if let Some(why) = f.expect.mismatch(&snap.replica) {
             if shared.refuse(id, why.clone()) {
                 tracing::warn!(replica = %base, "replica refused, never routed to: {why}");
