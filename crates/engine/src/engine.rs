@@ -111,6 +111,7 @@ enum Command {
     Agents(TenantId, oneshot::Sender<Vec<AgentInfo>>),
     Agent(TenantId, AgentId, oneshot::Sender<Result<AgentInfo>>),
     DeleteAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
+    HandOverAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
     Offload(TenantId, AgentId, bool, oneshot::Sender<Result<BlockLocations>>),
     Flusher(oneshot::Sender<Option<tiers::Flusher>>),
     ForgetDiskCache(oneshot::Sender<()>),
@@ -439,6 +440,7 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
             let _ = reply.send(core.agent_info(&key).ok_or_else(|| Error::UnknownAgent(id.to_string())));
         }
         Command::DeleteAgent(tenant, id, reply) => core.delete_agent(&(tenant, id), reply),
+        Command::HandOverAgent(tenant, id, reply) => core.hand_over_agent(&(tenant, id), reply),
         Command::Offload(tenant, id, to_disk, reply) => {
             let _ = reply.send(core.offload_agent(&(tenant, id), to_disk));
         }
@@ -768,6 +770,17 @@ impl EngineHandle {
     pub async fn delete_agent(&self, tenant: &TenantId, id: &AgentId) -> Result<()> {
         let (tenant, id) = (tenant.clone(), id.clone());
         self.ask(|r| Command::DeleteAgent(tenant, id, r)).await?
+    }
+
+    /// Hands an idle agent over to another replica: forgotten here, kept in
+    /// the shared (remote) tier its next turn resumes from.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAgent`]; [`Error::InvalidRequest`] while a turn runs
+    /// or without a shared tier; [`Error::Storage`]; [`Error::EngineStopped`].
+    pub async fn hand_over_agent(&self, tenant: &TenantId, id: &AgentId) -> Result<()> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.ask(|r| Command::HandOverAgent(tenant, id, r)).await?
     }
 
     /// Changes an agent's retention or priority.

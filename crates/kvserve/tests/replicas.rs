@@ -129,3 +129,31 @@ fn redis_killed_and_restarted_fails_no_request_and_health_follows() {
         metric(&metrics(&a.addr), "kvserve_tier_remote_commits_total").unwrap_or(0.0) >= 2.0
     });
 }
+
+/// What a router asks of the replica an agent moved away from: the agent
+/// leaves it (listed nowhere there, its disk copy gone) but stays in Redis,
+/// and its next turn on another replica resumes from there.
+#[test]
+fn a_handed_over_agent_leaves_its_replica_and_resumes_on_another() {
+    let redis = Redis::start();
+    let (cache_a, cache_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = replica(cache_a.path(), &redis);
+    let mut messages = vec![
+        serde_json::json!({"role": "system", "content": "You keep the tide tables. ".repeat(30)}),
+        serde_json::json!({"role": "user", "content": "High tide today?"}),
+    ];
+    let first = turn(&a.addr, Some("tides"), &messages);
+    wait_until("the turn committed to Redis", Duration::from_secs(30), || {
+        metric(&metrics(&a.addr), "kvserve_tier_remote_commits_total").unwrap_or(0.0) >= 1.0
+    });
+    let r = post(&a.addr, "/v1/agents/tides/hand-over", "");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let listed = json_body(&get(&a.addr, "/v1/agents"));
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(0), "gone from here: {listed}");
+    messages.push(serde_json::json!({"role": "assistant", "content": content(&first)}));
+    messages.push(serde_json::json!({"role": "user", "content": "And tomorrow?"}));
+    let b = replica(cache_b.path(), &redis);
+    let (prompt, cached) = usage(&turn(&b.addr, Some("tides"), &messages));
+    // All but the new message and the partial last block.
+    assert!(cached + 32 >= prompt, "resumed from Redis: {cached} of {prompt}");
+}

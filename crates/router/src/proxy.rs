@@ -119,7 +119,13 @@ pub(crate) async fn forward(
             Ok(resp) if !last && matches!(resp.status().as_u16(), 502 | 503) => {
                 tracing::info!(replica = %d.url, status = resp.status().as_u16(), "replica refused; retrying on another");
             }
-            Ok(resp) => return relay(resp, d.ticket),
+            Ok(resp) => {
+                let mut ticket = d.ticket;
+                if let (Some(from), true) = (d.moved_from, resp.status().is_success()) {
+                    ticket.then = hand_over(client, &from, plan, headers);
+                }
+                return relay(resp, ticket);
+            }
             Err(e) => {
                 // Refused, reset or closed before answering: down until
                 // its `/health` says otherwise.
@@ -133,6 +139,44 @@ pub(crate) async fn forward(
         tried.push(d.id);
         shared.count_retry();
     }
+}
+
+/// Once a moved agent's turn is answered, asks the replica it left to hand
+/// it over (forget it there, keep it in the shared tier), so the agent lives
+/// on one replica at a time. Fire and forget: a failure leaves a stale copy
+/// there, which costs memory until its retention ends, never an answer.
+fn hand_over(
+    client: &reqwest::Client,
+    from: &str,
+    plan: &Plan,
+    headers: &HeaderMap,
+) -> Option<Box<dyn FnOnce() + Send>> {
+    let crate::state::Target::Completion { agent: Some(agent), .. } = &plan.target else { return None };
+    // Only ids a replica accepts (1 to 64 of [A-Za-z0-9_.:-]), and never a
+    // dot segment of the path.
+    let valid = (1..=64).contains(&agent.len())
+        && agent.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && !agent.bytes().all(|b| b == b'.');
+    if !valid {
+        return None;
+    }
+    let rt = tokio::runtime::Handle::try_current().ok()?;
+    let url = format!("{from}/v1/agents/{agent}/hand-over");
+    let auth = headers.get(header::AUTHORIZATION).cloned();
+    let client = client.clone();
+    Some(Box::new(move || {
+        rt.spawn(async move {
+            let mut req = client.post(&url);
+            if let Some(a) = auth {
+                req = req.header(header::AUTHORIZATION, a);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => tracing::debug!(%url, "agent handed over"),
+                Ok(r) => tracing::info!(%url, status = r.status().as_u16(), "agent not handed over"),
+                Err(e) => tracing::info!(%url, error = %e, "agent not handed over"),
+            }
+        });
+    }))
 }
 
 /// The client's answer: the replica's status, headers and streamed body.

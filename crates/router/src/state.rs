@@ -31,6 +31,7 @@
 //! (the index and counters stay consistent between operations, and a hint
 //! is better than a router that stops).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use kv::BlockHash;
@@ -109,7 +110,14 @@ pub(crate) struct Inner {
     counters: Counters,
     /// Decisions made: rotates ties.
     turn: usize,
+    /// Where each agent's last turn was sent: its turns stay there (a moved
+    /// agent does not move back), and a move hands it over.
+    homes: HashMap<(String, String), ReplicaId>,
 }
+
+/// Agents whose replica the router remembers at most; past it the map
+/// starts over (an agent then goes to its rendezvous home again).
+pub(crate) const MAX_HOMES: usize = 1 << 20;
 
 /// What a request asks of the choice.
 #[derive(Clone, Debug)]
@@ -137,19 +145,31 @@ pub(crate) struct Plan {
     pub(crate) target: Target,
 }
 
-/// A replica's load taken by a dispatched request; given back on drop.
-#[derive(Debug)]
+/// A replica's load taken by a dispatched request; given back on drop,
+/// when `then` (if set) runs: what follows the whole answer.
 pub(crate) struct InFlight {
     shared: Arc<Shared>,
     id: ReplicaId,
+    pub(crate) then: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight").field("id", &self.id).finish_non_exhaustive()
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut g = self.shared.lock();
-        if let Some(r) = g.replicas.get_mut(self.id.index()) {
-            debug_assert!(r.in_flight > 0, "an in-flight ticket outlived its count");
-            r.in_flight = r.in_flight.saturating_sub(1);
+        {
+            let mut g = self.shared.lock();
+            if let Some(r) = g.replicas.get_mut(self.id.index()) {
+                debug_assert!(r.in_flight > 0, "an in-flight ticket outlived its count");
+                r.in_flight = r.in_flight.saturating_sub(1);
+            }
+        }
+        if let Some(then) = self.then.take() {
+            then();
         }
     }
 }
@@ -161,6 +181,10 @@ pub(crate) struct Dispatch {
     pub(crate) url: Arc<str>,
     pub(crate) reason: Reason,
     pub(crate) ticket: InFlight,
+    /// An agent's turn sent away from the replica its last turn ran on:
+    /// that replica's URL (it hands the agent over once this turn is
+    /// answered).
+    pub(crate) moved_from: Option<Arc<str>>,
 }
 
 /// The load bound and weight of decisions.
@@ -213,7 +237,8 @@ impl Shared {
                 in_flight: 0,
             })
             .collect();
-        let inner = Inner { index: BlockIndex::new(), replicas, counters: Counters::default(), turn: 0 };
+        let inner =
+            Inner { index: BlockIndex::new(), replicas, counters: Counters::default(), turn: 0, homes: HashMap::new() };
         Self { inner: Mutex::new(inner), weights }
     }
 
@@ -238,10 +263,26 @@ impl Shared {
         inner.turn = inner.turn.wrapping_add(1);
         let limit = policy::load_limit(&candidates, self.weights.bound);
         let urls = |c: &Candidate| (c.id, &*inner.replicas[c.id.index()].url);
+        let mut moved_from = None;
         let (choice, counted): (Choice, bool) = match &plan.target {
             Target::Completion { agent: Some(agent), .. } => {
-                let order = policy::rendezvous_order(&plan.tenant, agent, candidates.iter().map(urls));
-                (policy::choose_agent(&order, &candidates, limit)?, true)
+                let mut order = policy::rendezvous_order(&plan.tenant, agent, candidates.iter().map(urls));
+                let key = (plan.tenant.clone(), agent.clone());
+                let last = inner.homes.get(&key).copied();
+                // Where its last turn ran comes first: a moved agent stays.
+                if let Some(pos) = last.and_then(|l| order.iter().position(|&id| id == l)) {
+                    let l = order.remove(pos);
+                    order.insert(0, l);
+                }
+                let c = policy::choose_agent(&order, &candidates, limit)?;
+                if let Some(l) = last.filter(|&l| l != c.id) {
+                    moved_from = inner.replicas.get(l.index()).map(|r| Arc::clone(&r.url));
+                }
+                if inner.homes.len() >= MAX_HOMES {
+                    inner.homes.clear();
+                }
+                inner.homes.insert(key, c.id);
+                (c, true)
             }
             Target::Completion { agent: None, chain: Some(chain) } => {
                 let costs = inner.index.prefix_costs(chain, inner.replicas.len());
@@ -270,7 +311,8 @@ impl Shared {
             id: choice.id,
             url,
             reason: choice.reason,
-            ticket: InFlight { shared: Arc::clone(self), id: choice.id },
+            ticket: InFlight { shared: Arc::clone(self), id: choice.id, then: None },
+            moved_from,
         })
     }
 
@@ -503,6 +545,34 @@ mod tests {
         assert_eq!(per, [2, 2, 2, 2]);
         drop(held);
         assert!(s.replicas().iter().all(|r| r.in_flight == 0), "tickets give the load back");
+    }
+
+    /// An agent moved off its home for load stays where its last turn ran
+    /// (no ping-pong), and the move names the replica it left, which then
+    /// hands it over: the agent lives on one replica at a time.
+    #[test]
+    fn a_moved_agent_stays_moved_and_names_the_replica_it_left() {
+        let s = shared(3);
+        let plan = Plan { tenant: "t".into(), target: Target::Completion { agent: Some("a".into()), chain: None } };
+        let first = s.decide(&plan, &[]).unwrap();
+        assert_eq!(first.moved_from, None, "a first turn moves nothing");
+        let home = first.id;
+        drop(first);
+        // The home is busy: hold enough of its load to pass the bound.
+        let busy: Vec<Dispatch> = (0..6)
+            .map(|_| {
+                let p = Plan { tenant: "t".into(), target: Target::AgentHome("a".into()) };
+                s.decide(&p, &[]).unwrap()
+            })
+            .collect();
+        assert!(busy.iter().all(|d| d.id == home));
+        let moved = s.decide(&plan, &[]).unwrap();
+        assert_ne!(moved.id, home, "over the bound: moved");
+        assert_eq!(moved.moved_from.as_deref(), Some(&*s.all()[home.index()].1));
+        let there = moved.id;
+        drop((moved, busy));
+        let next = s.decide(&plan, &[]).unwrap();
+        assert_eq!((next.id, next.moved_from.clone()), (there, None), "it stays where it ran last");
     }
 
     #[test]

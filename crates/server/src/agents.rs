@@ -7,6 +7,7 @@
 //! | `DELETE /v1/agents/{id}` | forget it, freeing its blocks |
 //! | `PATCH /v1/agents/{id}` | `{"pinned": true}`, `{"ttl_seconds": 600}`, `{"priority": 2}` |
 //! | `POST /v1/agents/{id}/pin`, `/unpin` | shorthands |
+//! | `POST /v1/agents/{id}/hand-over` | forget it here but keep it in the shared (remote) tier: a router moved it to another replica |
 //!
 //! An agent appears with its first turn. Ids are validated like the body's
 //! `agent_id` (400 when invalid); tenants see only their own agents.
@@ -51,6 +52,16 @@ pub(crate) async fn delete(
     let id = agent_id(&id)?;
     state.engine.delete_agent(&tenant, &id).await?;
     Ok(Json(json!({"id": id, "object": "agent.deleted", "deleted": true})))
+}
+
+pub(crate) async fn hand_over(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    AgentPath(id): AgentPath,
+) -> Result<Json<Value>, ApiError> {
+    let id = agent_id(&id)?;
+    state.engine.hand_over_agent(&tenant, &id).await?;
+    Ok(Json(json!({"id": id, "object": "agent.handed_over", "handed_over": true})))
 }
 
 #[derive(Debug, Deserialize)]

@@ -168,6 +168,7 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         .route("/v1/agents/{id}", get(agents::get).delete(agents::delete).patch(agents::patch))
         .route("/v1/agents/{id}/pin", post(agents::pin))
         .route("/v1/agents/{id}/unpin", post(agents::unpin))
+        .route("/v1/agents/{id}/hand-over", post(agents::hand_over))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/kv/snapshot", get(kv_events::snapshot))

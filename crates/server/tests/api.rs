@@ -628,3 +628,18 @@ async fn kv_events_and_snapshot_are_guarded_like_metrics() {
         );
     }
 }
+
+/// Handing an agent over needs a tier other replicas share: without one it
+/// is refused (400) and the agent stays; an unknown agent is 404.
+#[tokio::test]
+async fn hand_over_needs_a_shared_tier_and_a_known_agent() {
+    let app = app();
+    let r = call(&app, "POST", "/v1/agents/nobody/hand-over", None, &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = post(&app, "/v1/chat/completions", chat_body("hello there", json!({"agent_id": "stays"}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = call(&app, "POST", "/v1/agents/stays/hand-over", None, &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("shared tier"), "{}", r.body);
+    assert_eq!(call(&app, "GET", "/v1/agents/stays", None, &[]).await.status, StatusCode::OK, "still here");
+}

@@ -190,6 +190,12 @@ pub trait Tier: Send + std::fmt::Debug {
         false
     }
 
+    /// Whether other replicas read and write it too (a remote store): an
+    /// agent handed over to another replica keeps its copy there.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Whether it keeps agents' manifests, so they survive a restart.
     fn durable(&self) -> bool {
         false

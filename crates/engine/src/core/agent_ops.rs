@@ -142,21 +142,22 @@ impl EngineCore {
         self.stats.agent_releases += 1;
     }
 
-    /// Forgets an agent everywhere: its blocks nobody else uses leave
-    /// every tier, its manifest the disk; `done` runs when that is durable.
-    pub(super) fn forget_agent_then(&mut self, key: &AgentKey, done: Option<tiers::Done>) {
+    /// Forgets an agent everywhere (with `keep_shared`, everywhere but the
+    /// tiers other replicas share): its blocks nobody else uses leave the
+    /// tiers, its manifests go; `done` runs when that is durable.
+    pub(super) fn forget_agent_then(&mut self, key: &AgentKey, keep_shared: bool, done: Option<tiers::Done>) {
         let chain = self.agents.get(key).map(|ag| ag.chain.clone()).unwrap_or_default();
         if let Some(ag) = self.agents.get_mut(key) {
             if let Some(seq) = ag.seq.take() {
                 let _ = self.cache.remove(seq);
             }
         }
-        self.discard_agent(key, &chain, done);
+        self.discard_agent(key, &chain, keep_shared, done);
         self.agents.remove(key);
     }
 
     pub(super) fn forget_agent(&mut self, key: &AgentKey) {
-        self.forget_agent_then(key, None);
+        self.forget_agent_then(key, false, None);
     }
 
     pub(crate) fn agent_infos(&self, tenant: &TenantId) -> Vec<AgentInfo> {
@@ -167,6 +168,33 @@ impl EngineCore {
         let mut info = self.agents.info(key, self.agent_blocks(key), self.block_locations(key))?;
         info.window_pages = self.agent_pages(&[key]).map(|(held, _)| held);
         Some(info)
+    }
+
+    /// Hands an idle agent over to another replica: it is forgotten here
+    /// (pool, RAM, disk) but stays in the tiers replicas share, from which
+    /// its next turn resumes wherever it lands. What a router asks of the
+    /// replica an agent moved away from, so that an agent lives on one
+    /// replica at a time. `reply` hears back once that is durable.
+    pub(crate) fn hand_over_agent(&mut self, key: &AgentKey, reply: tokio::sync::oneshot::Sender<Result<()>>) {
+        let Some(ag) = self.agents.get(key) else {
+            let _ = reply.send(Err(Error::UnknownAgent(key.1.to_string())));
+            return;
+        };
+        if ag.busy.is_some() {
+            let _ = reply.send(Err(Error::InvalidRequest { field: "agent", problem: "a turn is running".into() }));
+            return;
+        }
+        if !self.tiers.list.iter().any(|t| t.shared()) {
+            let _ = reply.send(Err(Error::InvalidRequest {
+                field: "agent",
+                problem: "no shared tier (--remote-cache) to hand it over through".into(),
+            }));
+            return;
+        }
+        let done = move |result: std::result::Result<(), String>| {
+            let _ = reply.send(result.map_err(Error::Storage));
+        };
+        self.forget_agent_then(key, true, Some(Box::new(done)));
     }
 
     /// Deletes an agent; `reply` hears back once the deletion is durable
@@ -189,7 +217,7 @@ impl EngineCore {
                 a.agent = None;
             }
         }
-        self.forget_agent_then(key, Some(Box::new(done)));
+        self.forget_agent_then(key, false, Some(Box::new(done)));
     }
 
     /// Pinned agents: `tenant`'s, or every tenant's with `None`; never

@@ -755,9 +755,16 @@ impl EngineCore {
 
     /// An agent is being forgotten: its blocks that no other agent of its
     /// tenant and no running request uses leave the pool's cache and every
-    /// tier, and so do its manifests. `done` runs once that is durable (at
-    /// once without a durable tier).
-    pub(super) fn discard_agent(&mut self, key: &AgentKey, chain: &[BlockHash], done: Option<tiers::Done>) {
+    /// tier (with `keep_shared`, every tier but those other replicas share),
+    /// and so do its manifests. `done` runs once that is durable (at once
+    /// without a durable tier).
+    pub(super) fn discard_agent(
+        &mut self,
+        key: &AgentKey,
+        chain: &[BlockHash],
+        keep_shared: bool,
+        done: Option<tiers::Done>,
+    ) {
         let done = done.unwrap_or_else(|| Box::new(|_| {}));
         if !self.tiers.enabled() {
             done(Ok(()));
@@ -782,8 +789,10 @@ impl EngineCore {
         }
         let records: Vec<RecordKey> = mine.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
         let id = ManifestId::of(key.0.as_str(), key.1.as_str());
-        let parts = tiers::split_done(done, self.tiers.list.len());
-        for (t, part) in self.tiers.list.iter_mut().zip(parts) {
+        let here: Vec<&mut Box<dyn Tier>> =
+            self.tiers.list.iter_mut().filter(|t| !(keep_shared && t.shared())).collect();
+        let parts = tiers::split_done(done, here.len());
+        for (t, part) in here.into_iter().zip(parts) {
             let held = t.confirmed(&records);
             let gone = records
                 .iter()

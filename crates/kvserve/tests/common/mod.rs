@@ -43,8 +43,18 @@ pub fn serve(cache_dir: &std::path::Path) -> Server {
 
 /// [`serve`] with more flags.
 pub fn serve_with(cache_dir: &std::path::Path, extra: &[&str]) -> Server {
+    serve_on(cache_dir, 0, extra)
+}
+
+/// A free loopback port (for a server that must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port()
+}
+
+/// [`serve_with`] on `port` (0: any free one).
+pub fn serve_on(cache_dir: &std::path::Path, port: u16, extra: &[&str]) -> Server {
     let mut child = kvserve()
-        .args(["serve", "--port", "0", "--threads", "2", "--kv-memory", "256MiB", "--cache-dir"])
+        .args(["serve", "--port", &port.to_string(), "--threads", "2", "--kv-memory", "256MiB", "--cache-dir"])
         .arg(cache_dir)
         .args(extra)
         // The default matmul path, batch-invariant (README:
@@ -84,10 +94,30 @@ pub fn get(addr: &str, path: &str) -> String {
     http(addr, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
 }
 
-/// The JSON body of a response.
+/// The JSON body of a response (chunked transfer encoding undone, as a
+/// router relays a replica's answer as it streams).
 pub fn json_body(response: &str) -> serde_json::Value {
-    let body = response.split("\r\n\r\n").nth(1).expect("a body");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+    let (head, body) = response.split_once("\r\n\r\n").expect("a body");
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+/// Chunks may split a character: joined as bytes, then read as UTF-8.
+fn dechunk(body: &str) -> String {
+    let mut rest = body.as_bytes();
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&rest[..eol]).trim().to_owned();
+        let n = usize::from_str_radix(&size, 16).unwrap_or_else(|e| panic!("chunk size {size:?}: {e}"));
+        if n == 0 {
+            break;
+        }
+        let data = &rest[eol + 2..];
+        out.extend_from_slice(&data[..n]);
+        rest = data[n..].strip_prefix(b"\r\n").unwrap_or(&data[n..]);
+    }
+    String::from_utf8(out).expect("a UTF-8 body")
 }
 
 /// A `redis-server` (Debian's) on a free loopback port with its files in a
@@ -101,7 +131,7 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let port = free_port();
         let mut r = Self { child: None, port, dir: tempfile::tempdir().expect("a temp dir") };
         r.restart();
         r

@@ -40,6 +40,10 @@ impl Tier for RemoteTier {
         true
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn takes_evictions(&self) -> bool {
         self.shared.limits.take_evictions
     }
