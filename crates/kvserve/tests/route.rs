@@ -85,7 +85,7 @@ fn an_agent_sticks_to_one_replica_then_resumes_on_another_when_it_dies() {
     let redis = Redis::start();
     let (c0, c1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ports = [free_port(), free_port()];
-    let mut servers = vec![replica(c0.path(), ports[0], &redis), replica(c1.path(), ports[1], &redis)];
+    let mut servers = [replica(c0.path(), ports[0], &redis), replica(c1.path(), ports[1], &redis)];
     let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
