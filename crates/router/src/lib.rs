@@ -19,9 +19,13 @@
 //!
 //! 1. The tenant comes from the API key (as `serve` maps it), the agent
 //!    from the body's `agent_id` or the `x-agent-id` header.
-//! 2. An agent goes to its home: rendezvous hashing over the healthy
-//!    replicas, unless the home's load exceeds `bound × mean + 1`; then
-//!    the next replica in its rendezvous order within the bound.
+//! 2. An agent goes where its last turn ran, else to its home (rendezvous
+//!    hashing over the healthy replicas), unless that replica's load
+//!    exceeds `bound × mean + 1`; then the next replica in its rendezvous
+//!    order within the bound. A turn moved away from where the agent's
+//!    last one ran asks that replica, once answered, to hand the agent
+//!    over (`POST /v1/agents/{id}/hand-over`: forgotten there, kept in the
+//!    shared remote tier), so an agent lives on one replica at a time.
 //! 3. Otherwise the prompt is planned and encoded as a replica would, its
 //!    block addresses computed ([`kv::PrefixHashes`] in the namespace of
 //!    the model fingerprint and the tenant), and each replica's cost is
