@@ -41,7 +41,11 @@
 //!   (a hit refreshes the TTL), [`READ_CHUNK`] blocks per round trip, and
 //!   stops at the first miss: that block enters the negative cache, and the
 //!   chain's later blocks are reported missing without being fetched (the
-//!   engine imports only a verified prefix).
+//!   engine imports only a verified prefix). A chain longer than
+//!   [`SPLIT_BLOCKS`] × readers is split into one part per reader, read in
+//!   parallel over their own connections (a part after a miss may fetch
+//!   blocks the engine then discards: a bounded waste, for about half the
+//!   time on a long history).
 //! * **Presence** ([`Tier::holds`]) never does I/O. It is optimistic: the
 //!   store may hold any block another replica wrote, so every key is
 //!   presumed present, except recent misses (the negative cache, entries
@@ -125,6 +129,8 @@ pub use conn::redact_url;
 
 /// Blocks fetched per pipelined round trip.
 pub const READ_CHUNK: usize = 8;
+/// Blocks per reader below which a chain is read by one reader alone.
+pub const SPLIT_BLOCKS: usize = 4 * READ_CHUNK;
 /// Most keys the known set holds; the oldest go first.
 pub const KNOWN_MAX: usize = 1 << 20;
 /// Most keys the negative cache holds; the oldest go first.
@@ -182,6 +188,8 @@ struct State {
 
 /// The configured times and sizes the threads work within.
 struct Limits {
+    /// Reader threads (a long chain is split among them).
+    readers: usize,
     ttl: Duration,
     timeout: Duration,
     connect_timeout: Duration,
@@ -353,6 +361,7 @@ impl RemoteTier {
             fp_hex: conn::fp_hex(&fp),
             payload_len,
             limits: Limits {
+                readers: config.readers,
                 ttl: config.ttl,
                 timeout: config.timeout,
                 connect_timeout: config.connect_timeout,

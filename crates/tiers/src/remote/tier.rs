@@ -27,6 +27,21 @@ fn chains(tasks: Vec<LoadTask>) -> Vec<Vec<LoadTask>> {
         .collect()
 }
 
+/// A chain in `readers` consecutive parts when each gets at least
+/// [`SPLIT_BLOCKS`](super::SPLIT_BLOCKS) blocks; whole otherwise.
+fn split(mut chain: Vec<LoadTask>, readers: usize) -> Vec<Vec<LoadTask>> {
+    let parts = readers.min(chain.len() / super::SPLIT_BLOCKS).max(1);
+    let per = chain.len().div_ceil(parts);
+    let mut out = Vec::with_capacity(parts);
+    while chain.len() > per {
+        let rest = chain.split_off(per);
+        out.push(chain);
+        chain = rest;
+    }
+    out.push(chain);
+    out
+}
+
 impl Tier for RemoteTier {
     fn name(&self) -> &'static str {
         "remote"
@@ -73,7 +88,8 @@ impl Tier for RemoteTier {
     }
 
     fn load(&mut self, tasks: Vec<LoadTask>) -> Loading {
-        for chain in chains(tasks) {
+        let readers = self.shared.limits.readers.max(1);
+        for chain in chains(tasks).into_iter().flat_map(|c| split(c, readers)) {
             if let Err(ReadJob::Chain(chain)) = self.shared.reads.push(ReadJob::Chain(chain), 0, None) {
                 for t in chain {
                     let reason = "the remote tier is shutting down".to_string();
@@ -185,5 +201,29 @@ impl Tier for RemoteTier {
             disk: None,
             remote: Some(r),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv::Namespace;
+
+    fn tasks(n: usize) -> Vec<LoadTask> {
+        let ns = Namespace::new(b"m", b"");
+        (0..n)
+            .map(|i| LoadTask { load: 1, index: i, group: 0, expected: BlockKey::new(ns, None, &[i as u32]) })
+            .collect()
+    }
+
+    #[test]
+    fn a_long_chain_is_split_in_order_among_the_readers_and_a_short_one_is_not() {
+        let short = split(tasks(super::super::SPLIT_BLOCKS * 2 - 1), 2);
+        assert_eq!(short.len(), 1);
+        let parts = split(tasks(257), 2);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![129, 128]);
+        let order: Vec<usize> = parts.iter().flatten().map(|t| t.index).collect();
+        assert_eq!(order, (0..257).collect::<Vec<_>>(), "consecutive parts, every task once");
+        assert_eq!(split(tasks(257), 1).len(), 1);
     }
 }
