@@ -6,48 +6,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{free_port, get, json_body, metric, post, serve_on, wait_until, Redis, Server};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
-/// A running `kvserve route` (killed when dropped) and its address.
-struct Router {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn route(replicas: &[&str]) -> Router {
+/// `kvserve route` in front of `replicas` (killed when dropped).
+fn route(replicas: &[&str]) -> Server {
     let mut cmd = common::kvserve();
     cmd.args(["route", "--port", "0"]);
     for r in replicas {
         cmd.args(["--replica", r]);
     }
-    let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("the binary runs");
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(300)).expect("the router logs its address");
-        if let Some(rest) = line.split("routing on http://").nth(1) {
-            break rest.split_whitespace().next().expect("an address").to_owned();
-        }
-    };
-    Router { child, addr }
+    common::start_logged(&mut cmd, "routing on http://")
 }
 
 fn replica(cache: &std::path::Path, port: u16, redis: &Redis) -> Server {

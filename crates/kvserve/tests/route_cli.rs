@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{get, json_body, kvserve, post};
+use common::{get, json_body, kvserve, post, start_logged};
 
 #[cfg(unix)]
 #[test]
@@ -18,26 +17,10 @@ fn route_starts_without_weights_reports_its_replicas_and_exits_on_sigterm() {
     let gguf = dir.path().join("tiny.gguf");
     model::tiny::write_tiny_gguf(&gguf, &model::tiny::TinySpec::default()).expect("a tiny model");
     // Port 9 (discard) on loopback: nothing listens, the replica is down.
-    let mut child = kvserve()
-        .args(["route", "--port", "0", "--replica", "http://127.0.0.1:9", "--model"])
-        .arg(&gguf)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the binary runs");
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the router logs its address");
-        if let Some(rest) = line.split("routing on http://").nth(1) {
-            break rest.split_whitespace().next().expect("an address").to_owned();
-        }
-    };
+    let mut cmd = kvserve();
+    cmd.args(["route", "--port", "0", "--replica", "http://127.0.0.1:9", "--model"]).arg(&gguf);
+    let mut server = start_logged(&mut cmd, "routing on http://");
+    let addr = server.addr.clone();
     let health = get(&addr, "/health");
     assert!(health.starts_with("HTTP/1.1 503"), "{health}");
     assert_eq!(
@@ -53,11 +36,11 @@ fn route_starts_without_weights_reports_its_replicas_and_exits_on_sigterm() {
     let rebound = common::http(&addr, "GET /health HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n");
     assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
 
-    let pid = child.id().to_string();
+    let pid = server.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = server.child.try_wait().expect("wait") {
             break s;
         }
         assert!(Instant::now() < deadline, "the router did not exit after SIGTERM");

@@ -53,17 +53,20 @@ pub fn free_port() -> u16 {
 
 /// [`serve_with`] on `port` (0: any free one).
 pub fn serve_on(cache_dir: &std::path::Path, port: u16, extra: &[&str]) -> Server {
-    let mut child = kvserve()
-        .args(["serve", "--port", &port.to_string(), "--threads", "2", "--kv-memory", "256MiB", "--cache-dir"])
+    let mut cmd = kvserve();
+    cmd.args(["serve", "--port", &port.to_string(), "--threads", "2", "--kv-memory", "256MiB", "--cache-dir"])
         .arg(cache_dir)
         .args(extra)
         // The default matmul path, batch-invariant (README:
         // "Reproducibility"), whatever the environment says.
-        .env_remove("KVSERVE_MATMUL")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the binary runs");
+        .env_remove("KVSERVE_MATMUL");
+    start_logged(&mut cmd, "listening on http://")
+}
+
+/// Starts `cmd` with its log read on a thread, and waits (at most 300 s)
+/// for the line where it names its address after `marker`.
+pub fn start_logged(cmd: &mut Command, marker: &str) -> Server {
+    let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("the binary runs");
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -73,9 +76,9 @@ pub fn serve_on(cache_dir: &std::path::Path, port: u16, extra: &[&str]) -> Serve
     });
     let mut log = Vec::new();
     let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(300)).expect("the server logs its address");
+        let line = rx.recv_timeout(Duration::from_secs(300)).expect("the process logs its address");
         log.push(line.clone());
-        if let Some(rest) = line.split("listening on http://").nth(1) {
+        if let Some(rest) = line.split(marker).nth(1) {
             break rest.split_whitespace().next().expect("an address").to_owned();
         }
     };
