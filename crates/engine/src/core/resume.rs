@@ -194,19 +194,22 @@ impl EngineCore {
     }
 
     /// A prefetched block came back (or not): into the RAM tier, no longer
-    /// pending, and the next one asked for. False if `load` is no prefetch.
-    pub(crate) fn on_prefetched(&mut self, load: u64, index: usize, result: Result<Payload, Reject>) -> bool {
-        let Some((id, pf)) = self.tiers.prefetch.as_mut() else { return false };
-        if *id != load {
-            return false;
-        }
-        let Some(key) = pf.in_flight.remove(&index) else { return true };
+    /// pending, and the next one asked for. The result is handed back if
+    /// `load` is no prefetch.
+    pub(super) fn on_prefetched(
+        &mut self,
+        load: u64,
+        index: usize,
+        result: Result<Payload, Reject>,
+    ) -> Result<(), Result<Payload, Reject>> {
+        let Some((_, pf)) = self.tiers.prefetch.as_mut().filter(|(id, _)| *id == load) else { return Err(result) };
+        let Some(key) = pf.in_flight.remove(&index) else { return Ok(()) };
         let hash = key.hash;
         if let Ok(p) = result {
             super::tier_ops::keep_in_first(&mut self.tiers, key, p);
         }
         self.tiers.pending.arrived(load, &hash);
         self.prefetch_more();
-        true
+        Ok(())
     }
 }

@@ -187,6 +187,19 @@ fn dispatch(
     }
 }
 
+/// How many of the blocks read from tiers `from` (one entry per block) each
+/// queued tier serves: what the cost model weighs (tiers answering at once
+/// cost nothing to wait for).
+fn queued_per_tier(list: &[Box<dyn Tier>], from: &[usize]) -> Vec<usize> {
+    let mut per_tier = vec![0; list.len()];
+    for &t in from {
+        if !list[t].at_once() {
+            per_tier[t] += 1;
+        }
+    }
+    per_tier
+}
+
 /// Gives blocks a tier handed over at once (`results[j]`, read from tier
 /// `from[j]`), but that did not go into the pool, back to their tiers.
 fn give_back(
@@ -387,12 +400,7 @@ impl EngineCore {
         if n == 0 {
             return false;
         }
-        let mut per_tier = vec![0; self.tiers.list.len()];
-        for &t in from {
-            if !self.tiers.list[t].at_once() {
-                per_tier[t] += 1;
-            }
-        }
+        let per_tier = queued_per_tier(&self.tiers.list, from);
         let (load_time, compute_time) = (self.tiers.costs.load_time(&per_tier), self.tiers.costs.compute_time(n * bs));
         let budget = match self.tiers.policy {
             LoadPolicy::Measured if load_time >= compute_time => {
@@ -439,7 +447,7 @@ impl EngineCore {
     pub(crate) fn on_tier_event(&mut self, tier: usize, ev: TierEvent) {
         match ev {
             TierEvent::Loaded { load, index, result } => {
-                let Err(result) = self.prefetched(load, index, result) else { return };
+                let Err(result) = self.on_prefetched(load, index, result) else { return };
                 // A load already finished (deadline) or abandoned: stale.
                 let Some(l) = self.tiers.loads.get_mut(&load) else { return };
                 if let Some(slot) = l.results.get_mut(index) {
@@ -459,22 +467,6 @@ impl EngineCore {
                     ag.retry_commit = retry;
                 }
             }
-        }
-    }
-
-    /// Hands a prefetch's result to `on_prefetched`; the result back if the
-    /// load is not a prefetch.
-    fn prefetched(
-        &mut self,
-        load: u64,
-        index: usize,
-        result: Result<Payload, Reject>,
-    ) -> Result<(), Result<Payload, Reject>> {
-        if self.tiers.prefetch.as_ref().is_some_and(|(id, _)| *id == load) {
-            self.on_prefetched(load, index, result);
-            Ok(())
-        } else {
-            Err(result)
         }
     }
 
@@ -528,12 +520,7 @@ impl EngineCore {
         self.count_tier_hits(&mut a, load.base, &load.from[..imported]);
         // Rates from what came in (a miss ends a chain early and says
         // nothing of how fast the rest would have come).
-        let mut per_tier = vec![0; self.tiers.list.len()];
-        for &t in &load.from[..imported] {
-            if !self.tiers.list[t].at_once() {
-                per_tier[t] += 1;
-            }
-        }
+        let per_tier = queued_per_tier(&self.tiers.list, &load.from[..imported]);
         give_back(&mut self.tiers, &load.keys, &load.from, load.results, imported);
         let c = &mut self.tiers.counters;
         c.load_latency.observe(took);
