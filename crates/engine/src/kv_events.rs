@@ -16,11 +16,11 @@
 //! | `stored` ram / `removed` ram | the RAM tier keeps a block the pool evicted / hands it back, or lets it go for room |
 //! | `stored` disk / `stored` remote | a block is queued to the disk or the remote store (demotion, agent commit) |
 //! | `removed` *tier* | an agent's blocks leave a tier when it is deleted |
+//! | `removed` disk | the disk tier's writer evicts a record for its budget (told when the tier's event reaches the engine thread) |
 //!
-//! The disk tier's own budget evictions happen on its writer thread and are
-//! not reported: a router's index may believe a block is on disk after it
-//! is gone, which costs a cache miss, never a wrong answer (routing state
-//! is a hint). A block in "remote" is in the store every replica shares.
+//! A block in "remote" is in the store every replica shares; it leaves by
+//! its TTL, which nobody tells (a router treats a remote block as a hint
+//! with a cost, and a miss costs a recompute, never a wrong answer).
 //!
 //! Events carry consecutive sequence numbers from 0 and the log keeps the
 //! last [`EVENT_LOG_CAPACITY`]; a reader that asks from before the oldest

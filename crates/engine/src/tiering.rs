@@ -287,7 +287,13 @@ impl Default for Tiering {
 
 impl Tiering {
     /// `list`: the tiers, fastest first.
-    pub(crate) fn new(list: Vec<Box<dyn Tier>>, policy: LoadPolicy) -> Self {
+    pub(crate) fn new(mut list: Vec<Box<dyn Tier>>, policy: LoadPolicy) -> Self {
+        // A tier evicting on its own threads passes its evictions on only
+        // when a tier below it takes them.
+        for t in 0..list.len() {
+            let below = list[t + 1..].iter().any(|b| b.takes_evictions());
+            list[t].pass_evictions(below);
+        }
         let counters = TierCounters {
             tiers: list.iter().map(|t| TierMoves { name: t.name(), ..TierMoves::default() }).collect(),
             ..TierCounters::default()

@@ -96,9 +96,9 @@ pub(crate) struct TierArgs {
     #[arg(long, env = "KVSERVE_REMOTE_CACHE_TTL", default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) remote_cache_ttl: u64,
     /// What goes to the remote store: `agents` (every finished agent turn's
-    /// blocks and manifest) or `all` (also the blocks the local tiers
-    /// evict that reach it: with a disk tier, none; without one, what falls
-    /// out of RAM).
+    /// blocks and manifest) or `all` (also every block the local tiers
+    /// let go of for room: what the disk tier's budget evicts, or without a
+    /// disk tier what falls out of RAM).
     #[arg(long, env = "KVSERVE_REMOTE_WRITE", default_value = "agents", value_parser = ["agents", "all"])]
     pub(crate) remote_write: String,
 }

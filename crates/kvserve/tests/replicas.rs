@@ -157,3 +157,42 @@ fn a_handed_over_agent_leaves_its_replica_and_resumes_on_another() {
     // All but the new message and the partial last block.
     assert!(cached + 32 >= prompt, "resumed from Redis: {cached} of {prompt}");
 }
+
+/// `--remote-write all`: blocks the disk tier's budget pushes out are read
+/// back, verified and written to Redis (no agent here, so nothing else is),
+/// and their leaving the disk is told in the KV events.
+#[test]
+fn with_remote_write_all_what_the_disk_budget_evicts_goes_to_redis() {
+    let redis = Redis::start();
+    let cache = tempfile::tempdir().unwrap();
+    // A pool of 22 blocks, no RAM tier and a disk of 5 records: a few
+    // prompts push blocks through both.
+    let a = common::start_logged(
+        common::kvserve()
+            .args(["serve", "--port", "0", "--threads", "2", "--kv-memory", "8MiB", "--ram-cache", "0"])
+            .args(["--disk-cache", "2MiB", "--remote-write", "all", "--remote-cache", &redis.url(), "--cache-dir"])
+            .arg(cache.path())
+            .env_remove("KVSERVE_MATMUL"),
+        "listening on http://",
+    );
+    for topic in ["harbours", "glaciers", "orchards", "comets", "bridges"] {
+        let q = format!("Tell me about {topic}. {}", "Be thorough, precise and kind. ".repeat(20));
+        turn(&a.addr, None, &[serde_json::json!({"role": "user", "content": q})]);
+    }
+    wait_until("evicted blocks written to Redis", Duration::from_secs(10), || {
+        metric(&metrics(&a.addr), "kvserve_tier_remote_written_blocks_total").unwrap_or(0.0) > 0.0
+    });
+    let m = metrics(&a.addr);
+    assert_eq!(metric(&m, "kvserve_tier_remote_commits_total"), Some(0.0), "no agent, no commit");
+    let events = json_body(&get(&a.addr, "/v1/kv/events?since=0"));
+    let of = |kind: &str, tier: &str| -> std::collections::HashSet<String> {
+        let list = events["events"].as_array().expect("events");
+        list.iter()
+            .filter(|e| e["type"] == kind && e["tier"] == tier)
+            .map(|e| e["hash"].as_str().expect("a hash").to_owned())
+            .collect()
+    };
+    let (left_disk, to_remote) = (of("removed", "disk"), of("stored", "remote"));
+    assert!(!left_disk.is_empty(), "the disk budget's evictions are told: {events}");
+    assert!(!to_remote.is_empty() && to_remote.is_subset(&left_disk), "only what left the disk went up");
+}

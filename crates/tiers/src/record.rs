@@ -395,9 +395,7 @@ pub fn verify_at(
     expected: &BlockKey,
     payload_len: usize,
 ) -> Result<Payload, Reject> {
-    let ReadBuf { buf, at, len } = read;
-    let record = &buf[at..at + len];
-    let h = decode_header(record, fp)?;
+    let h = decode_header(&read.buf[read.at..read.at + read.len], fp)?;
     let differs = if h.group != group {
         Some("group")
     } else if h.key.hash != expected.hash {
@@ -414,6 +412,26 @@ pub fn verify_at(
     if let Some(what) = differs {
         return Err(Reject::OtherBlock { what });
     }
+    payload_of(&h, read, payload_len)
+}
+
+/// Checks a whole record for itself (header, lengths, payload checksum),
+/// with no block to compare it with, and returns what it says it holds and
+/// its payload: how a record leaving a tier is passed on.
+///
+/// # Errors
+/// The first [`Reject`] that applies; never [`Reject::OtherBlock`].
+pub fn decode(read: ReadBuf, fp: &StoreFingerprint, payload_len: usize) -> Result<(Header, Payload), Reject> {
+    let h = decode_header(&read.buf[read.at..read.at + read.len], fp)?;
+    let payload = payload_of(&h, read, payload_len)?;
+    Ok((h, payload))
+}
+
+/// The payload of a record whose header `h` passed: its length and
+/// checksum checked.
+fn payload_of(h: &Header, read: ReadBuf, payload_len: usize) -> Result<Payload, Reject> {
+    let ReadBuf { buf, at, len } = read;
+    let record = &buf[at..at + len];
     if h.payload_len != payload_len as u64 {
         return Err(Reject::PayloadLength {
             expected: payload_len,

@@ -80,6 +80,16 @@ pub enum TierEvent {
         /// opposed to full of pinned records (not worth retrying).
         retry: bool,
     },
+    /// Blocks the tier let go of on its own threads to keep its budget (a
+    /// disk tier's writer making room): told as removed, and, when the tier
+    /// was asked to pass its evictions on ([`Tier::pass_evictions`]), offered
+    /// to the tiers below it.
+    Evicted {
+        /// Every record that left.
+        gone: Vec<RecordKey>,
+        /// Those of them read back whole, to pass on.
+        blocks: Vec<Overflow>,
+    },
 }
 
 /// A callback for [`TierEvent`]s; called from a tier's threads. (A std
@@ -165,6 +175,14 @@ pub trait Tier: Send + std::fmt::Debug {
     /// remote store may take agents' turns only).
     fn takes_evictions(&self) -> bool {
         true
+    }
+
+    /// Asks a tier that evicts on its own threads to read what it evicts
+    /// back and report it in [`TierEvent::Evicted`], because a tier below
+    /// takes evictions. Tiers that hand their overflow back from
+    /// [`Tier::store`] ignore it.
+    fn pass_evictions(&mut self, on: bool) {
+        let _ = on;
     }
 
     /// For each key, whether the tier is sure it has that block (what

@@ -18,7 +18,7 @@ use kv::BlockKey;
 use tiers::fs::{Fs, HookedFs, StdFs};
 use tiers::{
     AgentManifest, DiskConfig, DiskTier, Error, LoadTask, ManifestId, ManifestRetention, Opened, Payload, RecordKey,
-    Reject, StoreFingerprint, TierEvent,
+    Reject, StoreFingerprint, Tier, TierEvent,
 };
 
 use common::{ns, sink, BS};
@@ -164,11 +164,49 @@ fn the_budget_evicts_least_recently_used_records_never_pinned_ones() {
     assert!(st.bytes <= 6 * record && st.blocks == 6, "{st:?}");
     assert_eq!(st.evictions, 2);
     assert_eq!(st.pinned_bytes, 2 * record);
+    // Both evictions were told, without payloads: nobody asked for them.
+    let told: Vec<_> = rx
+        .try_iter()
+        .filter_map(|e| match e {
+            TierEvent::Evicted { gone, blocks } => Some((gone, blocks.len())),
+            _ => None,
+        })
+        .collect();
+    let gone: Vec<RecordKey> = told.iter().flat_map(|(g, _)| g.iter().copied()).collect();
+    assert_eq!(gone, vec![RecordKey::new(0, plain[0].hash), RecordKey::new(0, plain[1].hash)]);
+    assert!(told.iter().all(|(_, n)| *n == 0));
     // The pinned agent's blocks are all there; the oldest plain ones went.
     assert!(load(&o.tier, &rx, &pinned).iter().all(Result::is_ok));
     let present = o.tier.present(&plain.iter().map(|k| RecordKey::new(0, k.hash)).collect::<Vec<_>>());
     assert_eq!(present, vec![false, false, true, true, true, true]);
     assert!(!s.record_path(&plain[0]).exists());
+    o.tier.check_invariants().unwrap();
+}
+
+#[test]
+fn evictions_asked_for_come_back_whole_for_the_tier_below() {
+    let s = Store::new();
+    let record = (tiers::record::header_len(BS) + PAYLOAD) as u64;
+    let (mut o, rx) = s.open(3 * record);
+    Tier::pass_evictions(&mut o.tier, true);
+    let keys = chain(5, 5);
+    for k in &keys {
+        o.tier.demote(0, k.clone(), payload(k));
+        assert!(o.tier.flush(Duration::from_secs(10)));
+    }
+    let mut passed = Vec::new();
+    for e in rx.try_iter() {
+        if let TierEvent::Evicted { gone, blocks } = e {
+            assert_eq!(gone.len(), blocks.len(), "every victim read back whole");
+            passed.extend(blocks);
+        }
+    }
+    assert_eq!(passed.len(), 2);
+    for (b, k) in passed.iter().zip(&keys) {
+        assert_eq!((b.group, &b.key), (0, k), "oldest first, exactly the block");
+        assert_eq!(b.payload, payload(k));
+    }
+    assert!(!s.record_path(&keys[0]).exists() && !s.record_path(&keys[1]).exists());
     o.tier.check_invariants().unwrap();
 }
 
@@ -375,15 +413,21 @@ fn two_writers_of_the_same_blocks_and_readers_racing_evictions_stay_consistent()
             .map(|(i, k)| LoadTask { load: round, index: i, group: 0, expected: k.clone() })
             .collect();
         tier.load(tasks);
-        for _ in 0..keys.len() {
+        let mut left = keys.len();
+        while left > 0 {
             match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
                 TierEvent::Loaded { index, result, .. } => match result {
                     Ok(p) => {
                         assert_eq!(p.bytes(), &payload(&keys[index])[..], "a load returned another block's bytes");
                         loaded += 1;
+                        left -= 1;
                     }
-                    Err(r) => assert!(!r.is_corrupt(), "a race produced a corrupt read: {r}"),
+                    Err(r) => {
+                        assert!(!r.is_corrupt(), "a race produced a corrupt read: {r}");
+                        left -= 1;
+                    }
                 },
+                TierEvent::Evicted { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
         }

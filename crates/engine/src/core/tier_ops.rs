@@ -457,6 +457,13 @@ impl EngineCore {
                     self.finish_load(load, false);
                 }
             }
+            TierEvent::Evicted { gone, blocks } => {
+                let name = self.tiers.list.get(tier).map_or("?", |t| t.name());
+                self.tiers.events.push(gone.iter().map(|k| (KvEventKind::Removed, name, Some(k.hash), None)));
+                for b in blocks {
+                    offer(&mut self.tiers, tier + 1, b);
+                }
+            }
             TierEvent::Agent { agent, manifest } => self.on_agent_manifest(agent, manifest.map(|m| *m)),
             TierEvent::CommitFailed { agent, retry } => {
                 let key = self.agents.keys().find(|k| ManifestId::of(k.0.as_str(), k.1.as_str()) == agent).cloned();

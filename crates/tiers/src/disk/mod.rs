@@ -28,7 +28,12 @@
 //! One mutex guards the record [`index::Index`] and the counters together
 //! (so a stats read is one consistent snapshot). Renames into final names
 //! and unlinks of final names happen while holding it, so the index and the
-//! directory change together: a reader that found a record corrupt removes
+//! directory change together, except a budget eviction's: its records
+//! leave the index under the lock, then the writer reads them back (when a
+//! tier below takes evictions, [`Tier::pass_evictions`]) and unlinks them
+//! without it; no reader opens a record the index lacks, and the writer,
+//! the only thread that creates records, cannot bring one back meanwhile. A
+//! reader that found a record corrupt removes
 //! it only if it is still the generation it read (the writer may have
 //! replaced it), and an eviction can race a read only in the safe way (an
 //! open file outlives its name; a read after the unlink is a miss). Writing
@@ -43,7 +48,7 @@ mod reader;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kv::BlockKey;
@@ -150,6 +155,9 @@ pub(crate) struct Shared {
     pub(crate) next_job: AtomicU64,
     pub(crate) tmp_counter: AtomicU64,
     pub(crate) sink: EventSink,
+    /// Whether budget evictions are read back and reported with their
+    /// payloads ([`Tier::pass_evictions`]).
+    pub(crate) pass_evictions: AtomicBool,
     pub(crate) lock: Mutex<Option<Box<dyn LockGuard>>>,
 }
 
@@ -335,6 +343,7 @@ impl DiskTier {
             next_job: AtomicU64::new(0),
             tmp_counter: AtomicU64::new(0),
             sink,
+            pass_evictions: AtomicBool::new(false),
             lock: Mutex::new(Some(lock)),
         });
         #[allow(unused_mut)] // no threads in a loom build: the model drives them
@@ -634,6 +643,10 @@ impl Tier for DiskTier {
 
     fn holds(&self, keys: &[RecordKey]) -> Vec<bool> {
         self.present(keys)
+    }
+
+    fn pass_evictions(&mut self, on: bool) {
+        self.shared.pass_evictions.store(on, Ordering::Relaxed);
     }
 
     fn load(&mut self, tasks: Vec<LoadTask>) -> Loading {

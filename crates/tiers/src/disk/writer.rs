@@ -13,7 +13,8 @@
 //!    references indexed) and `agents/` is synced: the commit point;
 //! 5. deletions (in queue order with the rest) unlink manifests and
 //!    orphaned records, and `agents/` is synced before their callers hear
-//!    back; records past the budget are evicted.
+//!    back; records past the budget are evicted, and told to the engine
+//!    as a [`TierEvent::Evicted`] (with their blocks when asked).
 //!
 //! A failed write, sync or rename marks the tier degraded: later writes of
 //! the batch are skipped (counted), temporary files are removed, failed
@@ -29,7 +30,8 @@ use kv::BlockKey;
 
 use super::{Shared, TierEvent, WriteJob};
 use crate::manifest::{AgentManifest, ManifestId};
-use crate::record::{encode_header, GroupId, RecordKey};
+use crate::record::{self, encode_header, GroupId, RecordKey};
+use crate::tier::Overflow;
 
 /// Jobs taken per batch at most.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -229,12 +231,16 @@ impl Writer<'_> {
             // Room first; only pinned records left means no room at all.
             let victims = st.index.evict_for(shared.record_len);
             st.counters.stats.evictions += victims.len() as u64;
-            for v in &victims {
-                let _ = shared.fs.remove_file(&shared.record_path(v));
-            }
-            if st.index.bytes() + shared.record_len > st.index.budget() {
+            let room = st.index.bytes() + shared.record_len <= st.index.budget();
+            if !room {
                 st.index.unqueue(&rk);
                 st.counters.stats.dropped_writes += 1;
+            }
+            drop(st);
+            // Out of the index already, so no reader opens them now; only
+            // this thread writes records, so none comes back meanwhile.
+            self.evict(victims);
+            if !room {
                 return false;
             }
         }
@@ -266,6 +272,30 @@ impl Writer<'_> {
         drop(st);
         written.push(path);
         true
+    }
+
+    /// Deletes records the budget pushed out and tells the engine, with the
+    /// blocks read back first when a tier below takes them (a record that
+    /// no longer reads whole is only deleted).
+    fn evict(&self, victims: Vec<RecordKey>) {
+        if victims.is_empty() {
+            return;
+        }
+        let shared = self.shared;
+        let pass = shared.pass_evictions.load(std::sync::atomic::Ordering::Relaxed);
+        let mut blocks = Vec::new();
+        for v in &victims {
+            let path = shared.record_path(v);
+            if pass {
+                let read = shared.fs.read_record(&path, shared.record_len as usize);
+                let block = read.ok().and_then(|r| record::decode(r, &shared.fp, shared.payload_len).ok());
+                if let Some((h, payload)) = block.filter(|(h, _)| h.group == v.group && h.key.hash == v.hash) {
+                    blocks.push(Overflow { group: h.group, key: h.key, payload: payload.bytes().to_vec() });
+                }
+            }
+            let _ = shared.fs.remove_file(&path);
+        }
+        (shared.sink)(TierEvent::Evicted { gone: victims, blocks });
     }
 
     /// Step 2: the manifest under a temporary name.

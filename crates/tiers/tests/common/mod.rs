@@ -50,9 +50,15 @@ pub fn load(
         keys.iter().enumerate().map(|(i, k)| LoadTask { load, index: i, group: 0, expected: k.clone() }).collect();
     tier.load(tasks);
     let mut out: Vec<Option<Result<Payload, Reject>>> = (0..keys.len()).map(|_| None).collect();
-    for _ in 0..keys.len() {
+    let mut left = keys.len();
+    while left > 0 {
         match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-            TierEvent::Loaded { load: l, index, result } if l == load => out[index] = Some(result),
+            TierEvent::Loaded { load: l, index, result } if l == load => {
+                out[index] = Some(result);
+                left -= 1;
+            }
+            // The budget's evictions are told as they happen.
+            TierEvent::Evicted { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     }
