@@ -85,12 +85,16 @@ pub(crate) struct TierArgs {
     #[arg(long, env = "KVSERVE_DISK_CACHE", default_value = "16GiB", value_parser = parse_size_or_zero)]
     pub(crate) disk_cache: u64,
     /// A Redis (or Valkey) server that replicas of this model share as a
-    /// KV tier: `redis://[:PASSWORD@]HOST:PORT[/DB]`. Every finished agent
-    /// turn is written there, so the agent resumes on any replica. Give a
-    /// password through the environment variable, not the command line.
-    /// Off by default.
+    /// KV tier: `redis://[:PASSWORD@]HOST:PORT[/DB]`, or `rediss://` for
+    /// TLS. Every finished agent turn is written there, so the agent
+    /// resumes on any replica. Give a password through the environment
+    /// variable, not the command line. Off by default.
     #[arg(long, env = "KVSERVE_REMOTE_CACHE", hide_env_values = true)]
     pub(crate) remote_cache: Option<String>,
+    /// A PEM file of the CA certificates a `rediss://` server's certificate
+    /// must chain to (a private CA), instead of the system's roots.
+    #[arg(long, env = "KVSERVE_REMOTE_CACHE_CA")]
+    pub(crate) remote_cache_ca: Option<PathBuf>,
     /// Seconds the remote store keeps a block or an agent's manifest after
     /// its last write or read.
     #[arg(long, env = "KVSERVE_REMOTE_CACHE_TTL", default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -111,6 +115,7 @@ impl TierArgs {
             cache_dir: None,
             disk_cache: 0,
             remote_cache: None,
+            remote_cache_ca: None,
             remote_cache_ttl: 24 * 3600,
             remote_write: "agents".into(),
         }
@@ -128,9 +133,17 @@ impl TierArgs {
             };
             Some(engine::DiskConfig::new(root, self.disk_cache))
         };
+        let ca_pem = match &self.remote_cache_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("reading --remote-cache-ca {}", path.display()))?,
+            ),
+            None => None,
+        };
         let remote = self.remote_cache.as_ref().map(|url| engine::RemoteConfig {
             ttl: Duration::from_secs(self.remote_cache_ttl),
             take_evictions: self.remote_write == "all",
+            ca_pem,
             ..engine::RemoteConfig::new(url.clone())
         });
         Ok(engine::TierConfig { ram_bytes, disk, remote, ..engine::TierConfig::default() })

@@ -575,3 +575,67 @@ fn a_password_never_shows_in_errors_logs_or_debug() {
     let zero = RemoteConfig { timeout: Duration::ZERO, ..RemoteConfig::new("redis://127.0.0.1:1") };
     assert!(matches!(RemoteTier::open(zero, fp(), BS, PAYLOAD, events), Err(Error::Config(_))));
 }
+
+/// Runs `openssl` (the CLI; Debian's `openssl` package) in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out =
+        Command::new("openssl").args(args).current_dir(dir).output().unwrap_or_else(|e| {
+            panic!("the TLS test needs the openssl command (Debian: apt-get install openssl): {e}")
+        });
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A private CA, and a certificate it signed for 127.0.0.1, in `dir`:
+/// `ca.pem`, `server.pem`, `server.key`.
+fn private_ca(dir: &Path) {
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    let run = |line: String| openssl(dir, &line.split(' ').collect::<Vec<_>>());
+    run(format!("req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=kvserve-test-ca"));
+    run(format!("req {ec} -keyout server.key -out server.csr -subj /CN=127.0.0.1"));
+    let ext = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n";
+    std::fs::write(dir.join("ext.cnf"), ext).unwrap();
+    run("x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf"
+        .into());
+}
+
+/// `rediss://`: with the private CA that signed the server's certificate
+/// the tier reads and writes over TLS; with the system's roots (which do
+/// not know that CA) it refuses the server, stays degraded and loads
+/// nothing, without failing anything else.
+#[test]
+fn rediss_checks_the_servers_certificate_and_round_trips_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    private_ca(dir.path());
+    let port = free_port();
+    let mut server = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--appendonly", "no", "--tls-auth-clients", "no"])
+        .args(["--tls-cert-file", "server.pem", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.pem"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian's is built with TLS) on PATH");
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let (mut tier, rx) = open_with(RemoteConfig { ca_pem: Some(ca), ..RemoteConfig::new(url.clone()) });
+    let up = wait_until(WAIT, || tier.degraded().is_none());
+    assert!(up.is_some(), "connected over TLS: {:?}", tier.stats());
+    let keys = chain(40, 3);
+    store_all(&mut tier, &keys);
+    for (k, r) in keys.iter().zip(load(&mut tier, &rx, 1, &keys)) {
+        assert_eq!(r.unwrap().bytes(), &payload(k)[..]);
+    }
+    // The system's roots do not know the private CA: never connected.
+    let (mut untrusting, rx) = open(&url);
+    std::thread::sleep(Duration::from_millis(1500));
+    let reason = untrusting.degraded().expect("a server whose certificate is not trusted is never used");
+    assert!(untrusting.holds(&[rk(&keys[0])]) == vec![false], "nothing presumed while degraded: {reason}");
+    assert!(load(&mut untrusting, &rx, 2, &keys).iter().all(Result::is_err));
+    // A CA for a plain URL is a mistake said at once.
+    let plain = RemoteConfig { ca_pem: Some(b"x".to_vec()), ..RemoteConfig::new("redis://127.0.0.1:1/0") };
+    let (sink, _rx) = sink();
+    assert!(matches!(RemoteTier::open(plain, fp(), BS, PAYLOAD, sink), Err(Error::Config(_))));
+    let _ = server.kill();
+    let _ = server.wait();
+}

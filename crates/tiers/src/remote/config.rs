@@ -9,8 +9,13 @@ use crate::error::{Error, Result};
 /// How the remote tier is set up.
 #[derive(Clone)]
 pub struct RemoteConfig {
-    /// `redis://[user:pass@]host:port[/db]` (or `redis+unix://`, `unix://`).
+    /// `redis://[user:pass@]host:port[/db]`, `rediss://` for TLS (the
+    /// server's certificate checked against the system's roots, or
+    /// [`RemoteConfig::ca_pem`]), or `redis+unix://`, `unix://`.
     pub url: String,
+    /// Certificates (PEM) a `rediss://` server's certificate must chain to,
+    /// instead of the system's roots: a private CA.
+    pub ca_pem: Option<Vec<u8>>,
     /// How long the store keeps a block or manifest after it was last
     /// written or read.
     pub ttl: Duration,
@@ -36,6 +41,7 @@ impl std::fmt::Debug for RemoteConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteConfig")
             .field("url", &redact_url(&self.url))
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -56,6 +62,7 @@ impl RemoteConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca_pem: None,
             ttl: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_millis(500),
@@ -78,6 +85,8 @@ impl RemoteConfig {
             Some("the remote write queue needs a size")
         } else if self.readers == 0 {
             Some("the remote tier needs at least one reader")
+        } else if self.ca_pem.is_some() && !self.url.starts_with("rediss://") {
+            Some("a CA certificate for the remote store needs a rediss:// URL")
         } else {
             None
         };

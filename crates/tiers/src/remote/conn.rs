@@ -37,6 +37,30 @@ use crate::record::{RecordKey, StoreFingerprint};
 
 use super::Shared;
 
+/// The client for `config`'s URL. A `rediss://` one speaks TLS through
+/// rustls with ring as its crypto (installed as the process's default
+/// provider once; nothing else in kvserve uses rustls), checking the
+/// server's certificate against `ca_pem` if given, else the system's roots;
+/// there is no way to skip the check.
+pub(super) fn client(config: &super::RemoteConfig) -> redis::RedisResult<redis::Client> {
+    if config.url.starts_with("rediss://") {
+        // ring lacks rustls's post-quantum key exchange (aws-lc-rs has it,
+        // at the price of a C toolchain build twice as long); classical
+        // ECDHE is what Redis itself offers. Err: a provider is installed
+        // already (ours, on a second open).
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let _ = provider.install_default();
+    }
+    match &config.ca_pem {
+        Some(pem) => redis::Client::build_with_tls(
+            config.url.as_str(),
+            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+        ),
+        None => redis::Client::open(config.url.as_str()),
+    }
+}
+
 /// First backoff after a failed connect.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 

@@ -342,7 +342,7 @@ impl RemoteTier {
             return Err(Error::Config("the remote tier needs a block and payload size".into()));
         }
         let url = redact_url(&config.url);
-        let client = redis::Client::open(config.url.as_str())
+        let client = conn::client(&config)
             .map_err(|e| Error::Config(format!("invalid Redis URL {url}: {}", conn::describe(&e))))?;
         let state = State {
             stats: RemoteStats { degraded: Some(format!("not connected yet to {url}")), ..RemoteStats::default() },
