@@ -16,6 +16,14 @@
 //! history as it wrote it. The splice depends only on the agent's recorded
 //! tokens, never on what the cache holds.
 //!
+//! "Its text" is the text the agent *sent*, which is what a client sends
+//! back: a token sequence that is not valid UTF-8 on its own (byte tokens
+//! of a character the model never finished, or wrote wrongly) reached the
+//! client as U+FFFD, and a character left incomplete at the very end of a
+//! reply was never released at all ([`sent_text`]). The splice compares
+//! the prompt with that, in one pass over the agent's tail and the prompt
+//! (linear, bounded by the context: no cap on a reply's length).
+//!
 //! Retention decides how long an agent holds its blocks:
 //! - [`Retention::Pinned`]: until deleted or unpinned;
 //! - [`Retention::Ttl`]: for that long after its last turn, then the agent is
@@ -300,5 +308,158 @@ impl Agents {
             busy: a.busy.is_some(),
             blocks,
         })
+    }
+}
+
+/// The text a client received for `bytes` of an agent's output, as the
+/// engine's text stream released it: each invalid UTF-8 sequence as one
+/// U+FFFD (as `String::from_utf8_lossy`), and a character left incomplete
+/// at the very end dropped (held back waiting for a token that never came).
+pub(crate) fn sent_text(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let mut chunks = bytes.utf8_chunks().peekable();
+    while let Some(c) = chunks.next() {
+        out.push_str(c.valid());
+        let bad = c.invalid();
+        let incomplete_at_end =
+            chunks.peek().is_none() && std::str::from_utf8(bad).is_err_and(|e| e.error_len().is_none());
+        if !bad.is_empty() && !incomplete_at_end {
+            out.push('\u{fffd}');
+        }
+    }
+    out
+}
+
+/// The prompt of an agent's next turn with the agent's own token ids where
+/// the prompt's text is what the agent sent (see the module doc): `had` is
+/// the agent's tokens, `prompt` the turn's, tokenized from the client's
+/// text. Control tokens must match id for id; the text between them must
+/// be [`sent_text`] of the agent's. `None` when there is nothing to splice
+/// or the texts differ (the caller falls back to the common token prefix).
+pub(crate) fn splice(had: &[u32], prompt: &[u32], codec: &dyn model::TextCodec) -> Option<Vec<u32>> {
+    let common = had.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    if common == had.len() || common == prompt.len() {
+        return None;
+    }
+    let control = |t: u32| codec.is_control(t);
+    let bytes = |ids: &[u32]| -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for &t in ids {
+            out.extend(codec.token_bytes(t).ok()?);
+        }
+        Some(out)
+    };
+    // The text run of `ids` from `at` up to its next control token.
+    let run_end = |ids: &[u32], at: usize| ids[at..].iter().position(|&t| control(t)).map_or(ids.len(), |n| at + n);
+    let (mut i, mut j) = (common, common);
+    let mut out = had[..common].to_vec();
+    while i < had.len() {
+        let a_end = run_end(had, i);
+        let sent = sent_text(&bytes(&had[i..a_end])?);
+        if a_end < had.len() {
+            // A whole run, then the same control token.
+            let p_end = run_end(prompt, j);
+            if bytes(&prompt[j..p_end])? != sent.as_bytes() || prompt.get(p_end) != had.get(a_end) {
+                return None;
+            }
+            out.extend_from_slice(&had[i..=a_end]);
+            (i, j) = (a_end + 1, p_end + 1);
+            continue;
+        }
+        // The agent's last run: the prompt's text continues it. Take
+        // prompt tokens until they cover it; one that straddles its end
+        // gives the rest of its bytes, encoded as the text they are.
+        let mut seen = Vec::with_capacity(sent.len() + 16);
+        while seen.len() < sent.len() {
+            let &t = prompt.get(j)?;
+            if control(t) {
+                return None;
+            }
+            seen.extend(codec.token_bytes(t).ok()?);
+            j += 1;
+        }
+        let rest = seen.strip_prefix(sent.as_bytes())?;
+        out.extend_from_slice(&had[i..]);
+        if !rest.is_empty() {
+            out.extend(codec.encode(std::str::from_utf8(rest).ok()?).ok()?);
+        }
+        out.extend_from_slice(&prompt[j..]);
+        return Some(out);
+    }
+    // The agent's tokens ended with a control token the prompt also has.
+    out.extend_from_slice(&prompt[j..]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FakeCodec, FAKE_EOS};
+
+    fn ids(b: &[u8]) -> Vec<u32> {
+        b.iter().map(|&x| u32::from(x)).collect()
+    }
+
+    #[test]
+    fn sent_text_is_lossy_and_drops_an_incomplete_last_character() {
+        assert_eq!(sent_text(b"plain"), "plain");
+        assert_eq!(sent_text(&[b'a', 0xE2, 0x82, b'b']), "a\u{fffd}b", "a broken character in the middle");
+        assert_eq!(sent_text(&[b'a', 0xFF, 0xFE]), "a\u{fffd}\u{fffd}", "bytes that start nothing");
+        assert_eq!(sent_text(&[b'x', 0xE2, 0x82]), "x", "never finished: never released");
+        assert_eq!(sent_text("é€".as_bytes()), "é€");
+    }
+
+    #[test]
+    fn a_reply_the_client_decoded_lossily_is_recognised() {
+        let codec = FakeCodec::new();
+        let mut had = ids(b"user: hi\nassistant: ");
+        had.extend(ids(&[b'a', 0xE2, 0x82, b'b', b'c']));
+        let prompt = ids("user: hi\nassistant: a\u{fffd}bc\nuser: next\nassistant: ".as_bytes());
+        let got = splice(&had, &prompt, &codec).expect("spliced");
+        let mut want = had.clone();
+        want.extend(ids(b"\nuser: next\nassistant: "));
+        assert_eq!(got, want, "the agent's own bytes, then the new message");
+    }
+
+    #[test]
+    fn an_incomplete_last_character_the_client_never_saw_still_splices() {
+        let codec = FakeCodec::new();
+        let mut had = ids(b"user: hi\nassistant: x");
+        had.extend([0xE2, 0x82]);
+        let prompt = ids(b"user: hi\nassistant: x\nuser: more\nassistant: ");
+        let got = splice(&had, &prompt, &codec).expect("spliced");
+        assert_eq!(&got[..had.len()], &had[..]);
+        assert_eq!(&got[had.len()..], &ids(b"\nuser: more\nassistant: ")[..]);
+    }
+
+    #[test]
+    fn runs_between_control_tokens_compare_as_sent_text() {
+        let codec = FakeCodec::new();
+        let mut had = ids(b"q: ");
+        had.extend([0xFF, u32::from(b'z'), FAKE_EOS]);
+        had.extend(ids(b"next"));
+        let mut prompt = ids("q: \u{fffd}z".as_bytes());
+        prompt.push(FAKE_EOS);
+        prompt.extend(ids(b"next more"));
+        let got = splice(&had, &prompt, &codec).expect("spliced");
+        let mut want = had.clone();
+        want.extend(ids(b" more"));
+        assert_eq!(got, want);
+        // Other text, or another control token, is no splice.
+        let mut edited = prompt.clone();
+        edited[3] = u32::from(b'y');
+        assert_eq!(splice(&had, &edited, &codec), None);
+    }
+
+    #[test]
+    fn a_reply_far_longer_than_any_cap_splices_in_one_pass() {
+        let codec = FakeCodec::new();
+        let reply: Vec<u8> = (0..20_000).map(|i| if i % 997 == 500 { 0xFF } else { b'a' + (i % 26) as u8 }).collect();
+        let mut had = ids(b"user: write\nassistant: ");
+        had.extend(ids(&reply));
+        let text = format!("user: write\nassistant: {}\nuser: title?\nassistant: ", String::from_utf8_lossy(&reply));
+        let got = splice(&had, &ids(text.as_bytes()), &codec).expect("spliced");
+        assert_eq!(&got[..had.len()], &had[..], "the whole reply from the agent's own tokens");
+        assert_eq!(&got[had.len()..], &ids(b"\nuser: title?\nassistant: ")[..]);
     }
 }

@@ -253,6 +253,14 @@ impl TextCodec for FakeCodec {
         1
     }
 
+    fn token_bytes(&self, id: u32) -> model::Result<Vec<u8>> {
+        match u8::try_from(id) {
+            Ok(b) => Ok(vec![b]),
+            Err(_) if (id as usize) < FAKE_VOCAB => Ok(Vec::new()),
+            Err(_) => Err(model::Error::Tokenizer(format!("id {id} is outside the vocabulary"))),
+        }
+    }
+
     fn stop_ids(&self) -> &[u32] {
         &self.stop
     }

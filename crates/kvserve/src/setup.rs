@@ -134,10 +134,9 @@ impl TierArgs {
             Some(engine::DiskConfig::new(root, self.disk_cache))
         };
         let ca_pem = match &self.remote_cache_ca {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .with_context(|| format!("reading --remote-cache-ca {}", path.display()))?,
-            ),
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("reading --remote-cache-ca {}", path.display()))?)
+            }
             None => None,
         };
         let remote = self.remote_cache.as_ref().map(|url| engine::RemoteConfig {

@@ -12,77 +12,14 @@ use crate::agents::{AgentInfo, AgentKey, AgentUpdate, Retention};
 use crate::error::{Error, Result};
 use crate::request::TenantId;
 
-/// Most agent tokens past the common prefix that a turn's splice compares
-/// (`EngineCore::continue_agent_tokens`).
-const MAX_SPLICE_TOKENS: usize = 4096;
-
 impl EngineCore {
     /// The prompt of an agent's next turn with the agent's own token ids
-    /// where its text is the same (see `agents.rs`): the history a client
-    /// sends back is re-tokenized canonically, while the model may have
-    /// generated the same text with other tokens (a grammar's `"` then `,`
-    /// where `",` is canonical). Control tokens must match id for id; the
-    /// text between them must match byte for byte. `None` when there is
-    /// nothing to splice or the texts differ.
+    /// where its text is what the agent sent (`agents::splice`), if that
+    /// prompt and `max_tokens` still fit.
     pub(super) fn continue_agent_tokens(&self, key: &AgentKey, prompt: &[u32], max_tokens: usize) -> Option<Vec<u32>> {
         let had = &self.agents.get(key)?.tokens;
-        let common = had.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        // Bounded work on the engine thread: the tail to compare is the
-        // agent's last turn or so, never a whole long history.
-        if common == had.len() || common == prompt.len() || had.len() - common > MAX_SPLICE_TOKENS {
-            return None;
-        }
-        let control = |t: u32| self.codec.is_control(t);
-        let text = |ids: &[u32]| -> Option<Vec<u8>> {
-            let mut out = Vec::new();
-            for &t in ids {
-                out.extend(self.codec.token_bytes(t).ok()?);
-            }
-            Some(out)
-        };
-        // The text run of `ids` from `at` up to its next control token.
-        let run_end = |ids: &[u32], at: usize| ids[at..].iter().position(|&t| control(t)).map_or(ids.len(), |n| at + n);
-        let (mut i, mut j) = (common, common);
-        let mut out = had[..common].to_vec();
-        while i < had.len() {
-            let a_end = run_end(had, i);
-            let a_text = text(&had[i..a_end])?;
-            if a_end < had.len() {
-                // A whole run, then the same control token.
-                let p_end = run_end(prompt, j);
-                if p_end - j > MAX_SPLICE_TOKENS * 2
-                    || text(&prompt[j..p_end])? != a_text
-                    || prompt.get(p_end) != had.get(a_end)
-                {
-                    return None;
-                }
-                out.extend_from_slice(&had[i..=a_end]);
-                (i, j) = (a_end + 1, p_end + 1);
-                continue;
-            }
-            // The agent's last run: the prompt's text continues it. Take
-            // prompt tokens until they cover it; one that straddles its end
-            // gives the rest of its bytes, encoded as the text they are.
-            let mut seen = Vec::with_capacity(a_text.len() + 16);
-            while seen.len() < a_text.len() {
-                let &t = prompt.get(j)?;
-                if control(t) {
-                    return None;
-                }
-                seen.extend(text(&[t])?);
-                j += 1;
-            }
-            let rest = seen.strip_prefix(a_text.as_slice())?;
-            out.extend_from_slice(&had[i..]);
-            if !rest.is_empty() {
-                out.extend(self.codec.encode(std::str::from_utf8(rest).ok()?).ok()?);
-            }
-            out.extend_from_slice(&prompt[j..]);
-            return self.fits(out, max_tokens);
-        }
-        // The agent's tokens ended with a control token the prompt also has.
-        out.extend_from_slice(&prompt[j..]);
-        self.fits(out, max_tokens)
+        let spliced = crate::agents::splice(had, prompt, self.codec.as_ref())?;
+        self.fits(spliced, max_tokens)
     }
 
     /// `prompt` if it and `max_tokens` still fit what validation allows
