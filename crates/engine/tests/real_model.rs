@@ -158,3 +158,31 @@ async fn greedy_output_is_identical_alone_in_a_busy_batch_and_from_the_cache() {
     assert_eq!(alone.tokens, busy[0].tokens, "alone vs in a batch of eight");
     assert_eq!(alone.tokens, cached.tokens, "cold vs prefix cached");
 }
+
+/// An agent's long sampled reply is not valid UTF-8 in places (byte tokens
+/// of characters the model broke), so the client receives U+FFFD there; sent
+/// back as the next turn's history it is still recognised as the agent's
+/// own text, and only the new message (and at most one block) is prefilled.
+#[tokio::test]
+async fn a_long_sampled_reply_with_broken_characters_stays_cached_for_the_next_turn() {
+    let engine = real_engine(true);
+    let mut history = vec![Message::new("user", "Write a long story about a lighthouse.")];
+    let mut r = Request::new(Prompt::Chat(history.clone()));
+    r.sampling = SamplingParams { temperature: 1.3, seed: Some(7), ..SamplingParams::default() };
+    r.max_tokens = Some(1000);
+    r.agent = Some(AgentId::new("storyteller").unwrap());
+    let o = collect(engine.generate(r).unwrap()).await;
+    assert_eq!(o.error, None);
+    assert!(
+        o.text.contains('\u{fffd}'),
+        "seed 7 writes broken characters within 1,000 tokens here; if the sampler changed, pick a seed that does"
+    );
+    history.push(Message::new("assistant", o.text.clone()));
+    let next = common::agent_turn(&engine, &mut history, "Now give it a title.", "storyteller", 8).await.usage;
+    let new_message = 19; // `<|im_end|>`, the user's turn, `<|im_start|>assistant\n`
+    assert!(
+        next.prompt_tokens - next.cached_tokens <= new_message + 16,
+        "the reply ({} tokens) came back from the cache: {next:?}",
+        o.usage.completion_tokens
+    );
+}
