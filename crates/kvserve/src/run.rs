@@ -46,6 +46,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     }
     let engine_args = EngineArgs {
         model: args.model.clone(),
+        served_model_names: Vec::new(),
         kv_memory: 256 << 20,
         block_size: kv::CacheSpec::DEFAULT_BLOCK_SIZE,
         kv_dtype: args.kv_dtype,

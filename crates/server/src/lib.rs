@@ -19,6 +19,7 @@
 //! every request is the default tenant (the binary then listens on loopback
 //! only).
 
+mod access_log;
 mod agents;
 mod completions;
 pub mod conn;
@@ -74,6 +75,10 @@ pub struct ServerConfig {
     pub metrics_key: Option<String>,
     /// Connection limits and timeouts (`conn.rs`).
     pub limits: conn::Limits,
+    /// More names the model answers to besides the engine's `model_name`
+    /// (the catalogue name, the file's stem, `--served-model-name`s), all
+    /// listed by `/v1/models`. Answers name the engine's.
+    pub model_aliases: Vec<String>,
 }
 
 /// Lowest `priority` a client may give.
@@ -89,6 +94,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             metrics_key: None,
             limits: conn::Limits::default(),
+            model_aliases: Vec::new(),
         }
     }
 }
@@ -106,7 +112,10 @@ pub(crate) fn check_priority(priority: i32, max: i32) -> Result<i32, ApiError> {
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) engine: EngineHandle,
+    /// The name answers carry (the engine's `model_name`).
     pub(crate) model_name: Arc<str>,
+    /// Every name a request may give: `model_name` first, then the aliases.
+    pub(crate) model_names: Arc<[String]>,
     /// API keys, host and origin rules.
     pub(crate) guard: Arc<Guard>,
     pub(crate) max_body_bytes: usize,
@@ -142,10 +151,22 @@ pub(crate) fn parse_json<T: DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(ApiError::bad_json)
 }
 
+/// `primary`, then each alias not already named (empty ones skipped).
+fn model_names(primary: &str, aliases: &[String]) -> Arc<[String]> {
+    let mut names = vec![primary.to_owned()];
+    for a in aliases {
+        if !a.is_empty() && !names.contains(a) {
+            names.push(a.clone());
+        }
+    }
+    names.into()
+}
+
 /// The application: every route, the body limit, JSON 404s.
 pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
     let state = AppState {
         model_name: engine.config().model_name.as_str().into(),
+        model_names: model_names(&engine.config().model_name, &config.model_aliases),
         engine,
         guard: Arc::new(Guard::new(
             config.api_keys,
@@ -176,6 +197,7 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard::check_host))
+        .layer(axum::middleware::from_fn(access_log::log_requests))
         .layer(DefaultBodyLimit::max(config.max_body_bytes));
     let router = match cors(&config.cors_origins) {
         Some(layer) => router.layer(layer),
@@ -235,7 +257,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 async fn models(State(state): State<AppState>, _tenant: Tenant) -> Json<serde_json::Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": &*state.model_name, "object": "model", "created": 0, "owned_by": "kvserve"}],
+        "data": state.model_names.iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "kvserve"})).collect::<Vec<_>>(),
     }))
 }
 

@@ -141,15 +141,15 @@ impl Common {
         self,
         prompt: Prompt,
         grammar: Option<engine::Grammar>,
-        served_model: &str,
+        served_models: &[String],
         tenant: TenantId,
         header_agent: Option<String>,
         max_priority: i32,
     ) -> Result<Request, ApiError> {
         match self.model.as_deref() {
             None | Some("") => return Err(invalid("model", "you must provide a model parameter")),
-            Some(m) if m != served_model => {
-                return Err(ApiError::model_not_found(m, served_model));
+            Some(m) if !served_models.iter().any(|s| s == m) => {
+                return Err(ApiError::model_not_found(m, served_models));
             }
             Some(_) => {}
         }

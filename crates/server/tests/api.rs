@@ -238,6 +238,27 @@ async fn error_of(app: &App, body: &str) -> (StatusCode, Value) {
     (r.status, r.json()["error"].clone())
 }
 
+/// The model answers to its aliases (catalogue name, file stem,
+/// `--served-model-name`s), lists them all, and names them when refusing
+/// another; answers carry the primary name.
+#[tokio::test]
+async fn a_model_answers_to_each_of_its_names() {
+    let aliases = vec!["smollm2-135m".to_owned(), "my-model".to_owned(), "fake".to_owned()];
+    let app = app_with(EngineConfig::default(), ServerConfig { model_aliases: aliases, ..ServerConfig::default() });
+    let v = call(&app, "GET", "/v1/models", None, &[]).await.json();
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["fake", "smollm2-135m", "my-model"], "primary first, no duplicates");
+    for name in ["smollm2-135m", "my-model"] {
+        let r = post(&app, "/v1/chat/completions", chat_body("hi", json!({"model": name, "max_tokens": 2}))).await;
+        assert_eq!(r.status, StatusCode::OK, "{name}");
+        assert_eq!(r.json()["model"], "fake");
+    }
+    let (s, e) = error_of(&app, &chat_body("x", json!({"model": "gpt-9"})).to_string()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("smollm2-135m") && msg.contains("my-model"), "{msg}");
+}
+
 #[tokio::test]
 async fn bad_requests_are_openai_errors_with_the_right_status() {
     let app = app();

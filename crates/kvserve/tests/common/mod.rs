@@ -26,7 +26,27 @@ pub fn http(addr: &str, request: &str) -> String {
 pub struct Server {
     pub child: std::process::Child,
     pub addr: String,
+    /// The log up to the line naming the address.
     pub log: Vec<String>,
+    /// The lines after it, as they come.
+    later: std::sync::Mutex<std::sync::mpsc::Receiver<String>>,
+}
+
+impl Server {
+    /// Waits (at most `limit`) for a log line containing `needle`, and
+    /// returns it.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> String {
+        let rx = self.later.lock().expect("one reader at a time");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?} within {limit:?}: {e}"),
+            }
+        }
+    }
 }
 
 impl Drop for Server {
@@ -82,7 +102,7 @@ pub fn start_logged(cmd: &mut Command, marker: &str) -> Server {
             break rest.split_whitespace().next().expect("an address").to_owned();
         }
     };
-    Server { child, addr, log }
+    Server { child, addr, log, later: std::sync::Mutex::new(rx) }
 }
 
 pub fn post(addr: &str, path: &str, body: &str) -> String {
