@@ -7,6 +7,7 @@ mod bench_engine;
 mod bench_grammar;
 mod bench_route;
 mod bench_tiers;
+mod cache;
 mod route;
 mod run;
 mod serve;
@@ -39,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List the models `--model NAME` fetches, and which are cached.
     Models,
+    /// Show what the disk tier keeps (per model, per agent), or clear it.
+    Cache(cache::CacheArgs),
 }
 
 /// Options shared by every command that loads a model.
@@ -68,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
         Command::Models => setup::list_models(),
+        Command::Cache(args) => cache::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

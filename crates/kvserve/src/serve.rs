@@ -156,6 +156,17 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     }
     let started = start_engine(&engine_args, None)?;
     tracing::info!("loaded {}", started.summary);
+    if let (Some(disk), Some(d)) = (
+        started.engine.stats().tiers.tiers.iter().find(|t| t.name == "disk").cloned(),
+        &started.engine.config().tiers.disk,
+    ) {
+        tracing::info!(
+            "KV disk cache in {}: {:.1} MiB of agents' and evicted blocks kept, up to {:.1} MiB (--disk-cache); `kvserve cache` shows and clears it",
+            d.root.display(),
+            disk.bytes as f64 / f64::from(1u32 << 20),
+            disk.budget as f64 / f64::from(1u32 << 20),
+        );
+    }
     // The grammar compiler's token trie, built while the server starts
     // listening rather than on the first request with tools or a schema.
     let warm = started.engine.clone();

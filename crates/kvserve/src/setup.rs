@@ -391,6 +391,10 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         rayon::current_num_threads(),
     );
     engine_config.model_name.clone_from(&model_name);
+    if let Some(d) = &mut engine_config.tiers.disk {
+        let file = path.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+        d.label = format!("{file}, blocks of {} tokens, K/V {:?}", args.block_size, args.kv_dtype);
+    }
     let block_bytes = kv::BlockStorage::block_bytes(model.store());
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
     Ok(Started { engine, model_name, model_aliases, summary, block_size: args.block_size as usize, block_bytes })

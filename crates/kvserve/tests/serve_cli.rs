@@ -114,6 +114,31 @@ fn an_agent_survives_kill_9_and_its_next_turn_comes_from_disk() {
         usage["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached tokens"),
     );
     assert!(cached * 10 >= prompt * 9, "at least 90% of the prompt came from disk: {usage}");
+
+    // `kvserve cache` shows the store, its model and the agent; clearing is
+    // refused while the server holds the store, then works per agent and
+    // whole.
+    let cache_cmd = |args: &[&str]| {
+        let out = kvserve().arg("cache").args(args).arg("--cache-dir").arg(cache.path()).output().expect("runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, shown) = cache_cmd(&[]);
+    assert!(ok, "{shown}");
+    assert!(shown.contains("SmolLM2-135M-Instruct.Q4_1.gguf") && shown.contains("1 agents"), "{shown}");
+    assert!(shown.contains("agent default/survivor: ") && shown.contains("in use"), "{shown}");
+    let (ok, said) = cache_cmd(&["clear", "--agent", "survivor"]);
+    assert!(!ok && said.contains("in use by another kvserve process"), "{said}");
+    drop(server);
+    let (ok, said) = cache_cmd(&["clear", "--agent", "survivor"]);
+    assert!(ok && said.contains("agent default/survivor deleted"), "{said}");
+    let (_, shown) = cache_cmd(&[]);
+    assert!(shown.contains("0 agents") && !shown.contains("in use"), "{shown}");
+    let (ok, said) = cache_cmd(&["clear", "--all"]);
+    assert!(ok && said.contains("deleted"), "{said}");
+    assert!(cache_cmd(&[]).1.contains("0 stores"));
 }
 
 #[test]

@@ -587,3 +587,38 @@ fn a_full_write_queue_drops_demotions_without_ever_blocking_the_caller() {
     assert_eq!(o.tier.demote(0, k.clone(), payload(k)), tiers::Demotion::Queued);
     o.tier.check_invariants().unwrap();
 }
+
+/// `kvserve cache`'s work: a store lists its agents; clearing one agent
+/// keeps the records another agent names; clearing is refused while a
+/// tier holds the store; a whole store goes.
+#[test]
+fn a_store_lists_its_agents_and_clears_one_without_touching_shared_records() {
+    use tiers::disk::stores;
+    let s = Store::new();
+    let shared = chain(60, 2);
+    let mut a = shared.clone();
+    a.extend(chain(61, 2));
+    let mut b = shared.clone();
+    b.extend(chain(62, 1));
+    {
+        let config = DiskConfig { label: "test model".into(), ..s.config(1 << 30) };
+        let (o, _rx) = s.open_with(config);
+        commit(&o.tier, "a", &a, ManifestRetention::Evictable);
+        commit(&o.tier, "b", &b, ManifestRetention::Pinned);
+        let listed = stores::list(&s.root).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].in_use);
+        assert!(matches!(stores::clear_agent(&listed[0].dir, "tenant", "a"), Err(Error::Locked { .. })));
+    }
+    let listed = stores::list(&s.root).unwrap();
+    let st = &listed[0];
+    assert_eq!((st.label.as_str(), st.records, st.agents.len(), st.in_use), ("test model", 5, 2, false));
+    assert_eq!(stores::clear_agent(&st.dir, "tenant", "a").unwrap(), Some(2), "only a's own two records");
+    assert_eq!(stores::clear_agent(&st.dir, "tenant", "a").unwrap(), None);
+    let (o, rx) = s.open(1 << 30);
+    assert_eq!(o.agents.iter().map(|m| m.agent.as_str()).collect::<Vec<_>>(), ["b"]);
+    assert!(load(&o.tier, &rx, &b).iter().all(Result::is_ok), "b's chain, shared part included, is whole");
+    drop(o);
+    assert!(stores::clear_store(&st.dir).unwrap() > 0);
+    assert!(stores::list(&s.root).unwrap().is_empty());
+}

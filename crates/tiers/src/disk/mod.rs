@@ -45,6 +45,7 @@
 
 mod index;
 mod reader;
+pub mod stores;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -82,6 +83,9 @@ pub struct DiskConfig {
     pub retry: Duration,
     /// The file system (real files unless a test injects faults).
     pub fs: std::sync::Arc<dyn Fs>,
+    /// Which model and layout the store holds, in words, written to its
+    /// `MODEL` file for people ([`stores`]); empty: none written.
+    pub label: String,
 }
 
 impl DiskConfig {
@@ -96,6 +100,7 @@ impl DiskConfig {
             readers: 4,
             retry: Duration::from_secs(2),
             fs: std::sync::Arc::new(StdFs),
+            label: String::new(),
         }
     }
 }
@@ -268,6 +273,10 @@ impl DiskTier {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { dir }),
             Err(e) => return Err(io_err(&dir)(e)),
         };
+        if !config.label.is_empty() {
+            // For people only: a failure here costs nothing else.
+            let _ = fs.write_new(&dir.join(stores::LABEL_FILE), &[config.label.as_bytes(), b"\n"]);
+        }
         let record_len = (record::header_len(block_size) + payload_len) as u64;
         let mut index = Index::new(config.budget);
         let mut temps_removed = 0;
