@@ -219,6 +219,19 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// Gives the calling thread the lowest CPU priority (nice 19): it runs when
+/// nothing else wants the CPU. Linux only (there a nice value is per
+/// thread); elsewhere nothing changes.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    // SAFETY: setpriority takes plain integers and touches no memory of
+    // ours; `who = 0` is the calling thread on Linux.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{parse_keys, parse_quotas};
@@ -238,18 +251,5 @@ mod tests {
         assert_eq!((q[0].0.as_str(), q[0].1), ("acme", 100));
         assert!(parse_quotas(&["acme".into()]).is_err());
         assert!(parse_quotas(&["acme:lots".into()]).is_err());
-    }
-}
-
-/// Gives the calling thread the lowest CPU priority (nice 19): it runs when
-/// nothing else wants the CPU. Linux only (there a nice value is per
-/// thread); elsewhere nothing changes.
-fn lowest_priority() {
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    // SAFETY: setpriority takes plain integers and touches no memory of
-    // ours; `who = 0` is the calling thread on Linux.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
     }
 }
