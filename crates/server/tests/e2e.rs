@@ -106,7 +106,7 @@ async fn the_server_over_a_real_socket_with_the_default_model() {
     let streamed: String =
         chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned)).collect();
     // Part of the prompt now comes from the cache, so the prefill runs fewer
-    // rows; greedy output must not notice (README: "Reproducibility").
+    // rows; greedy output must not notice (docs/operations.md: "Reproducibility").
     assert_eq!(streamed, answer, "the streamed answer, prefix from the cache, equals the cold one");
     assert!(chunks.iter().any(|c| c["choices"].get(0).is_some_and(|ch| ch["finish_reason"].is_string())));
     assert!(chunks.last().unwrap()["usage"]["total_tokens"].as_u64().unwrap() > 0);

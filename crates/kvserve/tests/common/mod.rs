@@ -77,7 +77,7 @@ pub fn serve_on(cache_dir: &std::path::Path, port: u16, extra: &[&str]) -> Serve
     cmd.args(["serve", "--port", &port.to_string(), "--threads", "2", "--kv-memory", "256MiB", "--cache-dir"])
         .arg(cache_dir)
         .args(extra)
-        // The default matmul path, batch-invariant (README:
+        // The default matmul path, batch-invariant (docs/operations.md:
         // "Reproducibility"), whatever the environment says.
         .env_remove("KVSERVE_MATMUL");
     start_logged(&mut cmd, "listening on http://")
