@@ -185,6 +185,9 @@ struct Active {
     /// Prompt tokens its latest admission found, by tier (counted when it
     /// is admitted, once).
     tier_hits: TierHits,
+    /// The prompt's log-probabilities so far, when asked for
+    /// (`Request::prompt_logprobs`), until sent.
+    prompt_logprobs: Option<Vec<Option<crate::Logprobs>>>,
 }
 
 /// Prompt tokens an admission found in the pool and in each tier (by
@@ -333,6 +336,7 @@ impl EngineCore {
             waits_for: None,
             producing: None,
             tier_hits: TierHits::default(),
+            prompt_logprobs: s.req.req.prompt_logprobs.map(|_| vec![None]),
             req: s.req,
         };
         self.waiting.insert(active.key(), active);
@@ -443,6 +447,20 @@ impl EngineCore {
             return false;
         }
         let refs: Vec<(SeqId, &[u32])> = work.iter().map(|(s, t)| (*s, t.as_slice())).collect();
+        // A prompt's own log-probabilities need every row of its prefill.
+        let rows: Vec<usize> = plan
+            .iter()
+            .zip(&work)
+            .map(|(&(i, n), (seq, _))| {
+                let a = &self.running[i];
+                let done = self.cache.seq_len(*seq).unwrap_or(usize::MAX);
+                if a.prompt_logprobs.is_some() && done < a.req.prompt.len() {
+                    n
+                } else {
+                    1
+                }
+            })
+            .collect();
         self.stats.steps += 1;
         let prefill: usize = work.iter().map(|(_, t)| t.len()).filter(|&n| n > 1).sum();
         let started = Instant::now();
@@ -468,7 +486,7 @@ impl EngineCore {
             },
             (_, _) => (false, constrained),
         };
-        let result = crate::txn::run_step(model, cache, &refs, &mut stash);
+        let result = crate::txn::run_step_rows(model, cache, &refs, &rows, &mut stash);
         if handed {
             match self.masks.as_ref().and_then(MaskWorker::recv) {
                 Some(back) => kept = back,
@@ -490,7 +508,7 @@ impl EngineCore {
             Ok(logits) => {
                 self.tiers.costs.prefilled(prefill, started.elapsed());
                 self.published(&plan);
-                self.after_step(&plan, logits);
+                self.after_step(&plan, &rows, logits);
             }
             Err(model::Error::Kv(e @ (kv::Error::QuotaExceeded { .. } | kv::Error::Exhausted { .. }))) => {
                 self.on_refused(&plan, &e);
@@ -765,15 +783,40 @@ impl EngineCore {
         }
     }
 
-    fn after_step(&mut self, plan: &[(usize, usize)], logits: Vec<Vec<f32>>) {
+    fn after_step(&mut self, plan: &[(usize, usize)], rows: &[usize], logits: Vec<Vec<f32>>) {
         let now = Instant::now();
         let mut ended = Vec::new();
         let mut generated = 0;
-        for (&(i, _), row) in plan.iter().zip(&logits) {
+        let mut logits = logits.into_iter();
+        for (&(i, _), &k) in plan.iter().zip(rows) {
+            let entry: Vec<Vec<f32>> = logits.by_ref().take(k).collect();
+            let Some(row) = entry.last() else { continue };
             let a = &mut self.running[i];
             let Some(done) = a.seq.and_then(|s| self.cache.seq_len(s).ok()) else { continue };
+            if let Some(lps) = a.prompt_logprobs.as_mut() {
+                // Row `r` of the chunk is position `done - k + r`, and
+                // predicts the prompt token after it.
+                let top = a.req.req.prompt_logprobs.unwrap_or(0);
+                for (r, l) in entry.iter().enumerate() {
+                    let next = done - k + r + 1;
+                    // Once per position (a recomputed chunk adds nothing).
+                    if next == lps.len() && next < a.req.prompt.len() {
+                        lps.push(Some(crate::sampling::logprobs_of(l, a.req.prompt[next], top)));
+                    }
+                }
+            }
             if done < a.tokens.len() {
                 continue; // a prefill chunk short of the end
+            }
+            if let Some(lps) = a.prompt_logprobs.take() {
+                if a.events.send(Event::Prompt { logprobs: lps }).is_err() {
+                    ended.push((i, End::Finished(FinishReason::Cancelled, String::new())));
+                    continue;
+                }
+            }
+            if a.req.max_tokens == 0 {
+                ended.push((i, End::Finished(FinishReason::Length, String::new())));
+                continue;
             }
             let (prompt, answer) = (&a.req.prompt, &a.tokens[a.req.prompt.len()..]);
             let sampled = match a.constraint.as_mut() {

@@ -679,7 +679,8 @@ impl EngineHandle {
             Some(n) => n,
             None => limit.saturating_sub(prompt.len()),
         };
-        if max_tokens == 0 || prompt.len().saturating_add(max_tokens) > limit {
+        let nothing = max_tokens == 0 && req.prompt_logprobs.is_none();
+        if nothing || prompt.len().saturating_add(max_tokens) > limit {
             return Err(Error::ContextExceeded { prompt: prompt.len(), max_tokens, limit });
         }
         let mut stop_ids = req.stop_token_ids.clone();

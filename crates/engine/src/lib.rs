@@ -39,6 +39,7 @@
 //!             assert_eq!(usage.completion_tokens, 5);
 //!         }
 //!         Event::Error(e) => return Err(e.into()),
+//!         Event::Prompt { .. } => {} // only with `Request::prompt_logprobs`
 //!     }
 //! }
 //! assert_eq!(text.len(), 5);

@@ -217,6 +217,12 @@ pub struct Request {
     /// What the output must match (`grammar.rs`): the grammar's end is
     /// the request's end, and stop strings do not apply.
     pub grammar: Option<crate::Grammar>,
+    /// Report the prompt's own log-probabilities ([`Event::Prompt`]), each
+    /// with this many most likely alternatives (at most 20): every prompt
+    /// token's, given the ones before it (the first has none). The prompt
+    /// is then computed whole, never taken from the cache (its K/V is;
+    /// its logits are not kept). Allows `max_tokens` 0: the prompt only.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Most `logit_bias` entries a request may carry.
@@ -243,14 +249,18 @@ impl Request {
             timeout: None,
             logit_bias: Vec::new(),
             grammar: None,
+            prompt_logprobs: None,
         }
     }
 
     /// Checks everything that does not need the model.
     pub(crate) fn validate_params(&self) -> Result<()> {
         self.sampling.validate()?;
-        if self.max_tokens == Some(0) {
+        if self.max_tokens == Some(0) && self.prompt_logprobs.is_none() {
             return Err(Error::InvalidRequest { field: "max_tokens", problem: "must be at least 1".into() });
+        }
+        if self.prompt_logprobs.is_some_and(|n| n > 20) {
+            return Err(Error::InvalidRequest { field: "logprobs", problem: "at most 20".into() });
         }
         if self.stop.len() > 4 {
             return Err(Error::InvalidRequest { field: "stop", problem: "at most 4 stop strings".into() });
@@ -363,6 +373,13 @@ pub enum Event {
         text: String,
         /// When asked for.
         logprobs: Option<Logprobs>,
+    },
+    /// The prompt's log-probabilities, when asked for
+    /// ([`Request::prompt_logprobs`]): one per prompt token, the first
+    /// `None`. Comes once, before the first token.
+    Prompt {
+        /// Per prompt token.
+        logprobs: Vec<Option<Logprobs>>,
     },
     /// The request ended normally; `text` is any text held back until now.
     Finished {

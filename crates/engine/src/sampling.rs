@@ -164,7 +164,10 @@ pub(crate) fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn logprobs_of(logits: &[f32], token: u32, n: usize) -> Logprobs {
+/// `token`'s log-probability under `logits` (a log-softmax), and the `n`
+/// most likely tokens' (best first): what a chosen token reports, and a
+/// prompt token's ([`crate::Request::prompt_logprobs`]).
+pub(crate) fn logprobs_of(logits: &[f32], token: u32, n: usize) -> Logprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_total = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
     let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |l| l - log_total);

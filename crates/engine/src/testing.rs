@@ -168,25 +168,35 @@ impl FakeModel {
                     .map(|slot| slot.block.index() * bs + slot.offset as usize)
                     .ok_or_else(|| model::Error::InvalidBatch(format!("position {pos} has no block")))
             };
-            let mut value = 0;
+            let from = s.tokens.len() - s.rows_out();
             for (i, &t) in s.tokens.iter().enumerate() {
                 let pos = s.start_pos + i;
                 let prev = if pos == 0 { 0x5eed } else { self.storage.slots[index(pos - 1)?] };
-                value = Self::mix(prev, t);
+                let value = Self::mix(prev, t);
                 let at = index(pos)?;
                 if s.slots.get(i).map(|slot| slot.block.index() * bs + slot.offset as usize) != Some(at) {
                     return Err(model::Error::InvalidBatch(format!("slot {i} does not match the block table")));
                 }
                 self.storage.slots[at] = value;
+                if i >= from {
+                    rows.push(Self::logits_of(value));
+                }
             }
-            let mut row = vec![-10.0; FAKE_VOCAB];
-            let next = ALPHABET[(value % ALPHABET.len() as u64) as usize];
-            let runner_up = ALPHABET[((value >> 8) % ALPHABET.len() as u64) as usize];
-            row[usize::from(runner_up)] = 4.0;
-            row[usize::from(next)] = 5.0;
-            rows.push(row);
         }
         Ok(rows)
+    }
+}
+
+impl FakeModel {
+    /// The logit row after a position whose value is `value`: the next
+    /// letter most likely, a runner-up, the rest far behind.
+    fn logits_of(value: u64) -> Vec<f32> {
+        let mut row = vec![-10.0; FAKE_VOCAB];
+        let next = ALPHABET[(value % ALPHABET.len() as u64) as usize];
+        let runner_up = ALPHABET[((value >> 8) % ALPHABET.len() as u64) as usize];
+        row[usize::from(runner_up)] = 4.0;
+        row[usize::from(next)] = 5.0;
+        row
     }
 }
 

@@ -45,8 +45,24 @@ pub fn run_step(
     work: &[(SeqId, &[u32])],
     on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
 ) -> model::Result<Vec<Vec<f32>>> {
+    run_step_rows(model, cache, work, &[], on_evicted)
+}
+
+/// [`run_step`], returning for entry `i` the logits of its last
+/// `logit_rows[i]` tokens (1 where the slice is short), entry after entry:
+/// a prompt's own log-probabilities need every row of its prefill.
+///
+/// # Errors
+/// As [`run_step`].
+pub fn run_step_rows(
+    model: &mut dyn Model,
+    cache: &mut KvCache,
+    work: &[(SeqId, &[u32])],
+    logit_rows: &[usize],
+    on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
+) -> model::Result<Vec<Vec<f32>>> {
     let mut starts = Vec::with_capacity(work.len());
-    let result = transact(model, cache, work, on_evicted, &mut starts);
+    let result = transact(model, cache, work, logit_rows, on_evicted, &mut starts);
     if result.is_err() {
         for (&(seq, _), &start) in work.iter().zip(&starts) {
             // Only sequences appended to are in `starts`; truncating back
@@ -61,6 +77,7 @@ fn transact(
     model: &mut dyn Model,
     cache: &mut KvCache,
     work: &[(SeqId, &[u32])],
+    logit_rows: &[usize],
     on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
     starts: &mut Vec<usize>,
 ) -> model::Result<Vec<Vec<f32>>> {
@@ -86,13 +103,22 @@ fn transact(
             .iter()
             .zip(starts.iter())
             .zip(slots.iter().zip(&tables))
-            .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots })
+            .enumerate()
+            .map(|(i, ((&(_, tokens), &start_pos), (slots, table)))| SeqStep {
+                tokens,
+                start_pos,
+                table,
+                slots,
+                logit_rows: logit_rows.get(i).copied().unwrap_or(1),
+            })
             .collect();
-        model.forward(Batch { seqs: &seqs })?
+        let want: usize = seqs.iter().map(SeqStep::rows_out).sum();
+        let logits = model.forward(Batch { seqs: &seqs })?;
+        if logits.len() != want {
+            return Err(model::Error::InvalidBatch(format!("{} logit rows, {want} expected", logits.len())));
+        }
+        logits
     };
-    if logits.len() != work.len() {
-        return Err(model::Error::InvalidBatch(format!("{} logit rows for {} sequences", logits.len(), work.len())));
-    }
     let whole = |b| model.holds_window_kv(b);
     for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
         cache.mark_computed_superseding(seq, start + tokens.len(), |indexed, ours| !whole(indexed) && whole(ours))?;

@@ -186,3 +186,32 @@ async fn a_long_sampled_reply_with_broken_characters_stays_cached_for_the_next_t
         o.usage.completion_tokens
     );
 }
+
+/// A prompt's own log-probabilities (`/v1/completions` `echo`) equal, bit
+/// for bit, those its tokens got when the model generated them: the prompt
+/// rows come out of one prefill with many logit rows, the generated ones
+/// out of one-row decode steps (row-independent kernels make them the same).
+#[tokio::test]
+async fn echoed_prompt_logprobs_equal_the_generated_tokens_logprobs() {
+    let engine = real_engine(true);
+    let prompt = engine.codec().encode_prompt("The lighthouse keeper climbed the stairs and").unwrap();
+    let mut r = Request::new(Prompt::Tokens(prompt.clone()));
+    r.sampling = SamplingParams { logprobs: Some(3), ..SamplingParams::greedy() };
+    r.max_tokens = Some(12);
+    let generated = collect(engine.generate(r).unwrap()).await;
+    assert_eq!(generated.error, None);
+    let mut all = prompt.clone();
+    all.extend(&generated.tokens);
+    let mut echo = Request::new(Prompt::Tokens(all.clone()));
+    echo.max_tokens = Some(0);
+    echo.prompt_logprobs = Some(3);
+    let echoed = collect(engine.generate(echo).unwrap()).await;
+    assert_eq!(echoed.error, None);
+    let lps = echoed.prompt_logprobs.expect("asked for");
+    assert_eq!(lps.len(), all.len());
+    for (i, (g, e)) in generated.logprobs.iter().zip(&lps[prompt.len()..]).enumerate() {
+        let (g, e) = (g.as_ref().unwrap(), e.as_ref().unwrap());
+        assert_eq!(g.logprob.to_bits(), e.logprob.to_bits(), "token {i}: {g:?} vs {e:?}");
+        assert_eq!(g.top, e.top, "token {i}");
+    }
+}

@@ -60,6 +60,7 @@ pub(crate) fn run_one(engine: &EngineHandle, req: Request) -> Result<Timing> {
                 let (ttft, decode) = (first - start, last.max(first) - first);
                 return Ok(Timing { ttft, decode, tokens, cached: usage.cached_tokens, prompt: usage.prompt_tokens });
             }
+            Event::Prompt { .. } => {}
             Event::Error(e) => return Err(e.into()),
         }
     }

@@ -90,6 +90,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
+            Some(Event::Prompt { .. }) => {}
             Some(Event::Finished { text, usage, .. }) => {
                 writeln!(out, "{text}")?;
                 let end = Instant::now();

@@ -887,8 +887,13 @@ mod tests {
         let tokens: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
         let appended = cache.append(seq, &tokens).expect("append");
         let table = cache.block_table(seq).expect("table").clone();
-        let batch =
-            [crate::llama::SeqStep { tokens: &tokens, start_pos: start, table: &table, slots: &appended.slots }];
+        let batch = [crate::llama::SeqStep {
+            tokens: &tokens,
+            start_pos: start,
+            table: &table,
+            slots: &appended.slots,
+            logit_rows: 1,
+        }];
         s.prepare(&batch)?;
         for (i, slot) in appended.slots.iter().enumerate() {
             for layer in 0..3 {

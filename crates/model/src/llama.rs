@@ -239,6 +239,17 @@ pub struct SeqStep<'a> {
     pub table: &'a BlockTable,
     /// Where each new token's K/V goes, as `kv` handed them out.
     pub slots: &'a [Slot],
+    /// How many of `tokens`' last rows return logits (1: the next token's
+    /// only; more for a prompt's own log-probabilities). Clamped to
+    /// `1..=tokens.len()`.
+    pub logit_rows: usize,
+}
+
+impl SeqStep<'_> {
+    /// The rows whose logits [`LlamaModel::forward`] returns for it.
+    pub fn rows_out(&self) -> usize {
+        self.logit_rows.clamp(1, self.tokens.len().max(1))
+    }
 }
 
 /// The token embedding table.
@@ -468,8 +479,8 @@ impl LlamaModel {
     }
 
     /// Runs one step over a ragged batch, writing every new token's K/V into
-    /// `store` and returning logits `[batch.len(), vocab]` for each sequence's
-    /// last token.
+    /// `store` and returning logits `[rows, vocab]`: each sequence's last
+    /// [`SeqStep::rows_out`] tokens', in batch order.
     ///
     /// # Errors
     /// [`Error::InvalidBatch`] for an inconsistent batch (nothing is written
@@ -561,7 +572,13 @@ impl LlamaModel {
             }
             x = (x + f)?;
         }
-        let last: Vec<u32> = queries.iter().map(|q| (q.row + q.len - 1) as u32).collect();
+        // Each row is its own: the rows asked for are computed exactly as
+        // the last one alone would be (row-independent kernels).
+        let last: Vec<u32> = queries
+            .iter()
+            .zip(batch)
+            .flat_map(|(q, s)| (q.row + q.len - s.rows_out()..q.row + q.len).map(|r| r as u32))
+            .collect();
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps)?;
         Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)

@@ -45,8 +45,9 @@ pub trait Model: Send {
     /// of the fingerprint persisted blocks carry.
     fn fingerprint(&self) -> &[u8];
     /// Runs `batch.seqs` as one ragged batch, writing every new token's K/V
-    /// into its slot, and returns the logits of each entry's last token (one
-    /// row of [`Model::vocab_size`] per entry).
+    /// into its slot, and returns logit rows of [`Model::vocab_size`]: for
+    /// each entry in order, its last [`SeqStep::rows_out`] tokens' (one row,
+    /// the next token's, unless the entry asks for more).
     ///
     /// # Errors
     /// [`crate::Error::InvalidBatch`] for a batch that does not fit the

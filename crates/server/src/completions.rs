@@ -311,6 +311,8 @@ async fn whole(state: &AppState, mut events: EventStream, meta: Meta) -> Result<
                 text.push_str(&t);
                 break (reason, usage);
             }
+            // Not asked for on this path (`legacy.rs` asks).
+            Some(Event::Prompt { .. }) => {}
             Some(Event::Error(e)) => return Err(e.into()),
             None => return Err(engine::Error::EngineStopped.into()),
         }
@@ -463,7 +465,7 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                 Phase::Running(mut events, mut held) => match events.next().await.inspect(|ev| match ev {
                     Event::Token { .. } => meta.log.token(),
                     Event::Finished { usage, .. } => meta.log.finished(*usage),
-                    Event::Error(_) => {}
+                    Event::Prompt { .. } | Event::Error(_) => {}
                 }) {
                     // A tool-format reply is held until it is known to be
                     // a plain answer (then its text streams as it comes)
@@ -492,6 +494,9 @@ fn sse_stream(state: AppState, events: EventStream, meta: Meta) -> impl Stream<I
                         let ev = meta.chunk(vec![meta.text_choice(&text, None, Some(finish_reason(reason)))], None);
                         let next = if meta.include_usage { Phase::Usage(usage) } else { Phase::Done };
                         Some((Ok(ev), next))
+                    }
+                    Some(Event::Prompt { .. }) => {
+                        Some((Ok(SseEvent::default().comment("")), Phase::Running(events, held)))
                     }
                     Some(Event::Error(e)) => {
                         let err = ApiError::from(e);

@@ -153,7 +153,7 @@ impl EngineCore {
             Err(e) => return Admission::Failed(a, e),
         };
         a.tier_hits = TierHits { pool: reused.min(a.req.prompt.len()), ..TierHits::default() };
-        if self.config.prefix_cache && self.tiers.enabled() {
+        if self.reuses_cache(&a) && self.tiers.enabled() {
             match self.extend_from_tiers(&mut a, seq, &hashes, plan) {
                 TierReuse::Extended(n) => reused += n,
                 TierReuse::Blocked(waits_for) => {
@@ -185,7 +185,7 @@ impl EngineCore {
         // running request (or loaded): wait for it rather than compute it
         // twice.
         let bs = self.cache.spec().block_size();
-        if self.config.prefix_cache && reused % bs == 0 {
+        if self.reuses_cache(&a) && reused % bs == 0 {
             if let Some(&h) = hashes.hashes().get(reused / bs) {
                 if let Some(p) = self.tiers.pending.producer_of(&h) {
                     let _ = self.cache.remove(seq);
@@ -239,6 +239,12 @@ impl EngineCore {
         Admission::Admitted(a, n)
     }
 
+    /// Whether `a` may start from cached K/V: not when it asked for its
+    /// prompt's log-probabilities, which need every prompt row computed.
+    fn reuses_cache(&self, a: &Active) -> bool {
+        self.config.prefix_cache && a.prompt_logprobs.is_none()
+    }
+
     /// Counts a request's first admission: its prompt tokens, how many came
     /// from cache (`reused`), and from which tier.
     pub(super) fn count_admission(&mut self, a: &mut Active, reused: usize) {
@@ -261,7 +267,7 @@ impl EngineCore {
     /// the agent's own conversation (fork and cut) or the prefix index,
     /// whichever covers more. Returns it and the tokens it covers.
     fn reuse_pool(&mut self, a: &Active, ns: Namespace, limit: usize, hashes: &PrefixHashes) -> Result<(SeqId, usize)> {
-        if !self.config.prefix_cache {
+        if !self.reuses_cache(a) {
             return Ok((self.cache.create_sequence(&a.owner, ns), 0));
         }
         let prompt = &a.tokens[..limit];

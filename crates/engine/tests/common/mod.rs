@@ -53,13 +53,22 @@ pub struct Outcome {
     pub reason: Option<FinishReason>,
     pub usage: Usage,
     pub error: Option<Error>,
+    /// Each generated token's, when asked for.
+    pub logprobs: Vec<Option<engine::Logprobs>>,
+    /// The prompt's, when asked for.
+    pub prompt_logprobs: Option<Vec<Option<engine::Logprobs>>>,
 }
 
 fn absorb(out: &mut Outcome, ev: Event) {
     match ev {
-        Event::Token { id, text, .. } => {
+        Event::Token { id, text, logprobs } => {
             out.tokens.push(id);
             out.text.push_str(&text);
+            out.logprobs.push(logprobs);
+        }
+        Event::Prompt { logprobs } => {
+            assert!(out.prompt_logprobs.is_none() && out.tokens.is_empty(), "once, before any token");
+            out.prompt_logprobs = Some(logprobs);
         }
         Event::Finished { reason, text, usage } => {
             out.text.push_str(&text);
@@ -71,7 +80,15 @@ fn absorb(out: &mut Outcome, ev: Event) {
 }
 
 fn empty() -> Outcome {
-    Outcome { text: String::new(), tokens: vec![], reason: None, usage: Usage::default(), error: None }
+    Outcome {
+        text: String::new(),
+        tokens: vec![],
+        reason: None,
+        usage: Usage::default(),
+        error: None,
+        logprobs: vec![],
+        prompt_logprobs: None,
+    }
 }
 
 /// Reads a stream to its end from a plain thread.

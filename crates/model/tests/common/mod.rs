@@ -31,7 +31,7 @@ pub fn forward(
         .iter()
         .zip(&starts)
         .zip(slots.iter().zip(&tables))
-        .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots })
+        .map(|((&(_, tokens), &start_pos), (slots, table))| SeqStep { tokens, start_pos, table, slots, logit_rows: 1 })
         .collect();
     let logits = model.forward(&batch, store)?;
     for (&(seq, tokens), &start) in work.iter().zip(&starts) {
