@@ -24,7 +24,7 @@
 //! tools, a history with tool calls and results still renders in the
 //! generic format.
 
-use engine::tools::{self, Reply, ToolCall, ToolChoice, ToolSpec, Turn};
+use engine::tools::{self, AnswerSchema, Reply, ToolCall, ToolChoice, ToolSpec, Turn};
 use engine::{Grammar, GrammarSpec};
 use serde::Deserialize;
 
@@ -68,7 +68,7 @@ impl Guided {
             return Err(invalid("guided_json", "send at most one of guided_json, guided_regex and guided_grammar"));
         }
         Ok(if let Some(schema) = self.guided_json.take() {
-            Some(Grammar::new(GrammarSpec::JsonSchema(schema), "guided_json"))
+            Some(Grammar::new(GrammarSpec::JsonSchema { schema, strict: false }, "guided_json"))
         } else if let Some(rx) = self.guided_regex.take() {
             Some(Grammar::new(GrammarSpec::Regex(rx), "guided_regex"))
         } else {
@@ -136,7 +136,7 @@ fn parse_tools(value: Option<&Vec<serde_json::Value>>) -> Result<Vec<ToolSpec>, 
             Some(p) if p.is_object() => p.clone(),
             Some(_) => return Err(invalid("tools", "a function's parameters must be a JSON schema object")),
         };
-        out.push(ToolSpec { name: name.to_owned(), description, parameters });
+        out.push(ToolSpec { name: name.to_owned(), description, parameters, strict: false });
     }
     Ok(out)
 }
@@ -226,17 +226,20 @@ pub(crate) fn plan(turns: Vec<Turn>, asked: Asked<'_>) -> Result<Plan, ApiError>
         let grammar = match format {
             Format::Text => asked.guided,
             Format::JsonObject => Some(Grammar::new(GrammarSpec::JsonObject, "response_format")),
-            Format::Schema(s) => Some(Grammar::new(GrammarSpec::JsonSchema(s), "response_format")),
+            Format::Schema(schema) => {
+                Some(Grammar::new(GrammarSpec::JsonSchema { schema, strict: false }, "response_format"))
+            }
         };
         return Ok(Plan { messages, grammar, tool_reply: false, structured_answer: false });
     };
-    let answer = match format {
+    let any_object = serde_json::json!({ "type": "object" });
+    let answer = match &format {
         Format::Text => None,
-        Format::JsonObject => Some(serde_json::json!({ "type": "object" })),
-        Format::Schema(s) => Some(s),
+        Format::JsonObject => Some(AnswerSchema { schema: &any_object, strict: false }),
+        Format::Schema(schema) => Some(AnswerSchema { schema, strict: false }),
     };
     let parallel = asked.parallel_tool_calls.unwrap_or(true);
-    let lark = tools::grammar(&specs, &choice, parallel, answer.as_ref(), &engine::json_layout())
+    let lark = tools::grammar(&specs, &choice, parallel, answer, &engine::grammar_schema)
         .map_err(|e| invalid("tool_choice", e))?;
     Ok(Plan {
         messages: tools::render_generic(&turns, &specs, answer.is_some()),
