@@ -66,7 +66,13 @@
 //! key is the rewritten text), a few hundred bytes more schema, and lexer
 //! states that now count characters: generating a bounded string or number
 //! visits a new lexer state per character where the unbounded form stayed
-//! in one.
+//! in one (on SmolLM2, compiling and decoding were as fast as before within
+//! the noise: masks are computed beside the forward pass).
+//!
+//! The string bound promises an end, not an early one: a loop of one
+//! character a token still runs about a thousand tokens before the quote is
+//! forced. Sampling penalties (`frequency_penalty`) break such a loop within
+//! a few tokens; a shorter default would cut legitimate prose.
 //!
 //! # Invariants
 //!
