@@ -40,6 +40,10 @@
 //!   end finishes with `length`: the output is incomplete and says so.
 //!   Stop strings do not apply to constrained requests: they could only cut
 //!   a structure short, and the grammar already decides where it ends.
+//! - **Schemas are rewritten before they compile** (`schema.rs`): every
+//!   number, string and open value gets a bound, so a model caught in a
+//!   loop (`1111…`) is made to end the value instead of running to
+//!   `max_tokens`; `strict` closes object schemas to the keys they name.
 //! - **JSON layout**: schemas compile with fixed separators (`", "`, `": "`)
 //!   and no free whitespace unless the schema's own `x-guidance` options say
 //!   otherwise. Small models otherwise wander into runs of newlines, and a
@@ -55,6 +59,7 @@ use llguidance::{Matcher, ParserFactory, TokenParser};
 use model::TextCodec;
 
 use crate::error::{Error, Result};
+use crate::schema::grammar_schema;
 
 /// Longest grammar text (a schema's JSON, a Lark grammar, a regex).
 pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
@@ -66,8 +71,15 @@ pub(crate) const CACHE_ENTRIES: usize = 64;
 pub enum GrammarSpec {
     /// Any JSON object.
     JsonObject,
-    /// A value valid against this JSON schema.
-    JsonSchema(serde_json::Value),
+    /// A value valid against this JSON schema; `strict`: object schemas
+    /// admit only the keys they name unless they say otherwise (see
+    /// `schema.rs`).
+    JsonSchema {
+        /// The schema, as the request gave it.
+        schema: serde_json::Value,
+        /// Whether the request asked for strict mode.
+        strict: bool,
+    },
     /// A Lark grammar in llguidance's dialect (which can embed JSON schemas
     /// with `%json { ... }`).
     Lark(String),
@@ -96,43 +108,33 @@ impl Grammar {
     /// cache key).
     fn to_llguidance(&self) -> Result<(TopLevelGrammar, String)> {
         let invalid = |problem: String| Error::InvalidRequest { field: self.field, problem };
-        let (grammar, key) = match &self.spec {
-            GrammarSpec::JsonObject => {
-                let schema = with_layout(serde_json::json!({ "type": "object" }));
-                let key = format!("json:{schema}");
-                (TopLevelGrammar::from_json_schema(schema), key)
+        let too_large = |body: usize| invalid(format!("the grammar is {body} bytes; at most {MAX_GRAMMAR_BYTES}"));
+        let json = |schema: &serde_json::Value, strict: bool| {
+            // The limit is on what the client sent; the rewrite adds a few
+            // keywords per schema node (llguidance's size limits still hold).
+            let sent = schema.to_string().len();
+            if sent > MAX_GRAMMAR_BYTES {
+                return Err(too_large(sent));
             }
-            GrammarSpec::JsonSchema(schema) => {
+            let schema = grammar_schema(schema, strict);
+            let key = format!("json:{schema}");
+            Ok((TopLevelGrammar::from_json_schema(schema), key))
+        };
+        match &self.spec {
+            GrammarSpec::JsonObject => json(&serde_json::json!({ "type": "object" }), false),
+            GrammarSpec::JsonSchema { schema, strict } => {
                 if !schema.is_object() && !schema.is_boolean() {
                     return Err(invalid("the schema must be a JSON object".into()));
                 }
-                let schema = with_layout(schema.clone());
-                let key = format!("json:{schema}");
-                (TopLevelGrammar::from_json_schema(schema), key)
+                json(schema, *strict)
             }
-            GrammarSpec::Lark(text) => (TopLevelGrammar::from_lark(text.clone()), format!("lark:{text}")),
-            GrammarSpec::Regex(text) => (TopLevelGrammar::from_regex(text), format!("regex:{text}")),
-        };
-        let body = key.split_once(':').map_or(key.len(), |(_, b)| b.len());
-        if body > MAX_GRAMMAR_BYTES {
-            return Err(invalid(format!("the grammar is {body} bytes; at most {MAX_GRAMMAR_BYTES}")));
+            GrammarSpec::Lark(text) | GrammarSpec::Regex(text) if text.len() > MAX_GRAMMAR_BYTES => {
+                Err(too_large(text.len()))
+            }
+            GrammarSpec::Lark(text) => Ok((TopLevelGrammar::from_lark(text.clone()), format!("lark:{text}"))),
+            GrammarSpec::Regex(text) => Ok((TopLevelGrammar::from_regex(text), format!("regex:{text}"))),
         }
-        Ok((grammar, key))
     }
-}
-
-/// The JSON layout every schema compiles with unless it sets its own
-/// `x-guidance` options: fixed separators, no free whitespace (see the
-/// module doc). Tool grammars embed it in each schema they splice in.
-pub fn json_layout() -> serde_json::Value {
-    serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " })
-}
-
-fn with_layout(mut schema: serde_json::Value) -> serde_json::Value {
-    if let Some(obj) = schema.as_object_mut() {
-        obj.entry("x-guidance").or_insert_with(json_layout);
-    }
-    schema
 }
 
 struct Compiler {
@@ -520,7 +522,7 @@ mod tests {
             "required": ["n"],
             "additionalProperties": false
         });
-        let mut c = constraint(GrammarSpec::JsonSchema(schema));
+        let mut c = constraint(GrammarSpec::JsonSchema { schema, strict: false });
         assert_eq!(allowed(&mut c), vec![u32::from(b'{')]);
         feed(&mut c, "{\"n\": ");
         let digits = allowed(&mut c);
@@ -543,8 +545,8 @@ mod tests {
         for spec in [
             GrammarSpec::Regex("(".into()),
             GrammarSpec::Lark("start: nothing_defined".into()),
-            GrammarSpec::JsonSchema(serde_json::json!({ "type": "no-such-type" })),
-            GrammarSpec::JsonSchema(serde_json::json!([1, 2])),
+            GrammarSpec::JsonSchema { schema: serde_json::json!({ "type": "no-such-type" }), strict: false },
+            GrammarSpec::JsonSchema { schema: serde_json::json!([1, 2]), strict: false },
             GrammarSpec::Regex("a".repeat(MAX_GRAMMAR_BYTES + 1)),
         ] {
             match g.compile(&Grammar::new(spec.clone(), "tools")) {

@@ -14,6 +14,7 @@
 //! | the scheduler's use of the tiers, durable agents | `core/tier_ops.rs` |
 //! | choosing tokens | `sampling.rs` |
 //! | constrained decoding (grammars, masks) | `grammar.rs` |
+//! | JSON schemas as compiled: bounded values, strict objects, layout | `schema.rs` |
 //! | streamed text and stop strings | `text.rs` |
 //! | the metrics snapshot | `metrics.rs` |
 //! | KV events and the snapshot a router follows | `kv_events.rs` |
@@ -55,6 +56,7 @@ mod kv_events;
 mod metrics;
 mod request;
 mod sampling;
+mod schema;
 pub mod testing;
 mod text;
 mod tiering;
@@ -63,7 +65,7 @@ pub mod txn;
 pub use agents::{AgentInfo, AgentUpdate, BlockLocations, Retention};
 pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
 pub use error::{Error, Result};
-pub use grammar::{json_layout, CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};
+pub use grammar::{CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};
 pub use kv_events::{Gap, KvEvent, KvEventBatch, KvEventKind, KvEvents, KvSnapshot, EVENT_LOG_CAPACITY};
 pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
 pub use model::{tools, Message};
@@ -71,6 +73,7 @@ pub use request::{
     AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
     MAX_ID_LEN, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TIMEOUT,
 };
+pub use schema::{grammar_schema, FRACTION_DIGITS, MAX_STRING_CHARS, NUMBER_LIMIT};
 pub use tiering::{LoadPolicy, TierConfig, TierCounters, TierMoves, TierStats};
 pub use tiers::{
     DiskConfig, DiskStats, RemoteConfig, RemoteStats, TierSnapshot, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS,

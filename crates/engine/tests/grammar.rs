@@ -39,7 +39,7 @@ fn constrained_and_free_requests_share_steps_and_each_gets_what_it_asked_for() {
         let prompt = format!("request {i}");
         let req = match i % 3 {
             0 => constrained(&prompt, GrammarSpec::Regex("[0-9]{3}-[a-z]{2}".into()), 40),
-            1 => constrained(&prompt, GrammarSpec::JsonSchema(schema()), 60),
+            1 => constrained(&prompt, GrammarSpec::JsonSchema { schema: schema(), strict: false }, 60),
             _ => greedy(&prompt, 10),
         };
         streams.push((i, engine.generate(req).unwrap()));
@@ -72,7 +72,9 @@ fn constrained_and_free_requests_share_steps_and_each_gets_what_it_asked_for() {
 #[test]
 fn max_tokens_before_the_grammar_can_end_finishes_with_length() {
     let (engine, _) = fake_engine(16, 64, config());
-    let o = collect_blocking(engine.generate(constrained("x", GrammarSpec::JsonSchema(schema()), 4)).unwrap());
+    let o = collect_blocking(
+        engine.generate(constrained("x", GrammarSpec::JsonSchema { schema: schema(), strict: false }, 4)).unwrap(),
+    );
     assert_eq!(o.reason, Some(FinishReason::Length), "{o:?}");
     assert_eq!(o.usage.completion_tokens, 4);
     assert!(serde_json::from_str::<serde_json::Value>(&o.text).is_err(), "incomplete, and reported so");
@@ -112,13 +114,15 @@ fn weather() -> engine::tools::ToolSpec {
             "required": ["city"],
             "additionalProperties": false
         }),
+        strict: false,
     }
 }
 
 fn tool_grammar(choice: engine::tools::ToolChoice) -> GrammarSpec {
-    let layout = engine::json_layout();
-    let answer = serde_json::json!({ "type": "string", "maxLength": 5 });
-    GrammarSpec::Lark(engine::tools::grammar(&[weather()], &choice, false, Some(&answer), &layout).expect("grammar"))
+    let schema = serde_json::json!({ "type": "string", "maxLength": 5 });
+    let answer = engine::tools::AnswerSchema { schema: &schema, strict: false };
+    let lark = engine::tools::grammar(&[weather()], &choice, false, Some(answer), &engine::grammar_schema);
+    GrammarSpec::Lark(lark.expect("grammar"))
 }
 
 #[test]
@@ -243,4 +247,27 @@ fn a_stop_id_the_grammar_needs_as_text_does_not_end_the_answer_early() {
     r.stop_token_ids = vec![u32::from(b'a'), u32::from(b'b')];
     let o = collect_blocking(engine.generate(r).unwrap());
     assert_eq!((o.text.as_str(), o.reason), ("ab", Some(FinishReason::Stop)), "{o:?}");
+}
+
+/// A model that would write a digit forever (`1111…` until `max_tokens`)
+/// is made to end the number, and with `strict` the object, well within
+/// the budget.
+#[test]
+fn a_number_the_model_would_repeat_forever_ends_at_the_bound() {
+    let (engine, _) = fake_engine(16, 64, config());
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "population_millions": { "type": "number" } },
+        "required": ["population_millions"]
+    });
+    let mut r = constrained("city?", GrammarSpec::JsonSchema { schema, strict: true }, 64);
+    r.logit_bias = vec![(u32::from(b'1'), 100.0)];
+    let o = collect_blocking(engine.generate(r).unwrap());
+    assert_eq!(o.reason, Some(FinishReason::Stop), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&o.text).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+    let number = o.text.trim_start_matches("{\"population_millions\": ").trim_end_matches('}');
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    assert_eq!(whole, "1".repeat(16), "{o:?}");
+    assert!(fraction.len() <= engine::FRACTION_DIGITS as usize, "{o:?}");
+    assert_eq!(v.as_object().map(|m| m.len()), Some(1), "strict: no other key");
 }

@@ -59,7 +59,8 @@ fn ask(i: usize, max_tokens: usize, constrained: bool) -> Request {
     r.max_tokens = Some(max_tokens);
     r.ignore_eos = !constrained;
     if constrained {
-        r.grammar = Some(Grammar::new(GrammarSpec::JsonSchema(report_schema()), "response_format"));
+        r.grammar =
+            Some(Grammar::new(GrammarSpec::JsonSchema { schema: report_schema(), strict: false }, "response_format"));
     }
     r
 }
@@ -83,6 +84,7 @@ fn tool(salt: usize) -> ToolSpec {
         name: format!("record_{salt}"),
         description: Some("Records a shipment in the harbour register".into()),
         parameters: serde_json::json!({ "type": "object", "properties": props, "required": required }),
+        strict: false,
     }
 }
 
@@ -98,7 +100,7 @@ fn tool_request(salt: usize, constrained: bool) -> Result<Request> {
     r.sampling = SamplingParams::greedy();
     r.max_tokens = Some(1);
     if constrained {
-        let lark = engine::tools::grammar(&[spec], &ToolChoice::Required, false, None, &engine::json_layout())
+        let lark = engine::tools::grammar(&[spec], &ToolChoice::Required, false, None, &engine::grammar_schema)
             .map_err(anyhow::Error::msg)?;
         r.grammar = Some(Grammar::new(GrammarSpec::Lark(lark), "tools"));
     }

@@ -58,7 +58,27 @@ pub struct ToolSpec {
     pub description: Option<String>,
     /// A JSON schema of its arguments (an object schema).
     pub parameters: serde_json::Value,
+    /// Whether the arguments follow the schema strictly (the engine closes
+    /// its object schemas to the keys they name); not part of the
+    /// description the model reads.
+    #[serde(skip)]
+    pub strict: bool,
 }
+
+/// The schema a plain answer follows when a `response_format` comes with
+/// the tools, and whether it is strict.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AnswerSchema<'a> {
+    /// The schema, as the request gave it.
+    pub schema: &'a serde_json::Value,
+    /// Whether the request asked for strict mode.
+    pub strict: bool,
+}
+
+/// The schema of a plain answer without a `response_format`: a JSON string
+/// of any length (free text, as a reply without tools is) with no
+/// whitespace before it.
+const PLAIN_ANSWER: &str = r#"{"type": "string", "x-guidance": {"whitespace_flexible": false}}"#;
 
 /// A call the model made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,9 +210,12 @@ fn lark_literal(s: &str) -> String {
 
 /// The grammar a reply must follow (llguidance's Lark dialect): calls of
 /// `tools` as `choice` allows, each call's arguments matching its schema,
-/// and for `auto` a plain answer, a string or, when `answer_schema` is
-/// given (a `response_format` beside the tools), a value of that schema.
-/// `json_layout` is spliced into every embedded schema (the engine's fixed
+/// and for `auto` a plain answer, a string or, when `answer` is given (a
+/// `response_format` beside the tools), a value of that schema.
+///
+/// `embed` turns each schema the request gave (and whether it is strict)
+/// into the schema the grammar embeds: the engine passes its rewrite
+/// (`engine::grammar_schema`: bounded values, strict objects, its fixed
 /// JSON layout).
 ///
 /// # Errors
@@ -202,8 +225,8 @@ pub fn grammar(
     tools: &[ToolSpec],
     choice: &ToolChoice,
     parallel: bool,
-    answer_schema: Option<&serde_json::Value>,
-    json_layout: &serde_json::Value,
+    answer: Option<AnswerSchema<'_>>,
+    embed: &dyn Fn(&serde_json::Value, bool) -> serde_json::Value,
 ) -> Result<String, String> {
     let callable: Vec<&ToolSpec> = match choice {
         ToolChoice::Named(name) => {
@@ -216,13 +239,6 @@ pub fn grammar(
     if callable.is_empty() && *choice != ToolChoice::None {
         return Err("no tools to call".into());
     }
-    let with_layout = |schema: &serde_json::Value| {
-        let mut schema = schema.clone();
-        if let Some(obj) = schema.as_object_mut() {
-            obj.entry("x-guidance").or_insert_with(|| json_layout.clone());
-        }
-        schema
-    };
     let mut g = String::new();
     g.push_str(match choice {
         ToolChoice::None => "start: answer\n",
@@ -242,12 +258,12 @@ pub fn grammar(
     for (i, t) in callable.iter().enumerate() {
         let head = format!("{{\"name\": {}, \"arguments\": ", json_string(&t.name));
         g.push_str(&format!("call_{i}: {} args_{i} \"}}\"\n", lark_literal(&head)));
-        g.push_str(&format!("args_{i}: %json {}\n", with_layout(&t.parameters)));
+        g.push_str(&format!("args_{i}: %json {}\n", embed(&t.parameters, t.strict)));
     }
     if matches!(choice, ToolChoice::Auto | ToolChoice::None) {
-        let schema = answer_schema.cloned().unwrap_or_else(|| serde_json::json!({ "type": "string" }));
+        let schema = answer.map_or_else(|| PLAIN_ANSWER.to_owned(), |a| embed(a.schema, a.strict).to_string());
         g.push_str(&format!("answer: {} answer_value \"}}\"\n", lark_literal("{\"response\": ")));
-        g.push_str(&format!("answer_value: %json {}\n", with_layout(&schema)));
+        g.push_str(&format!("answer_value: %json {schema}\n"));
     }
     Ok(g)
 }
@@ -310,6 +326,7 @@ mod tests {
                 "properties": { "city": { "type": "string" } },
                 "required": ["city"]
             }),
+            strict: false,
         }
     }
 
@@ -362,14 +379,29 @@ mod tests {
 
     #[test]
     fn the_grammar_names_every_callable_tool_and_the_answer_only_for_auto() {
-        let layout = serde_json::json!({ "whitespace_flexible": false });
-        let auto = grammar(&[weather()], &ToolChoice::Auto, true, None, &layout).expect("grammar");
+        let embed = |s: &serde_json::Value, _: bool| s.clone();
+        let auto = grammar(&[weather()], &ToolChoice::Auto, true, None, &embed).expect("grammar");
         assert!(auto.starts_with("start: calls | answer\n") && auto.contains("get_weather"), "{auto}");
-        let required = grammar(&[weather()], &ToolChoice::Required, false, None, &layout).expect("grammar");
+        let required = grammar(&[weather()], &ToolChoice::Required, false, None, &embed).expect("grammar");
         assert!(required.starts_with("start: calls\n") && !required.contains("answer"));
-        assert!(grammar(&[weather()], &ToolChoice::Named("nope".into()), true, None, &layout).is_err());
-        let none = grammar(&[weather()], &ToolChoice::None, true, None, &layout).expect("grammar");
+        assert!(grammar(&[weather()], &ToolChoice::Named("nope".into()), true, None, &embed).is_err());
+        let none = grammar(&[weather()], &ToolChoice::None, true, None, &embed).expect("grammar");
         assert!(none.starts_with("start: answer\n") && !none.contains("calls"), "{none}");
         assert!(valid_name("get_weather-2") && !valid_name("a b") && !valid_name("") && !valid_name("\"x"));
+    }
+
+    #[test]
+    fn every_schema_the_request_gave_goes_through_embed_with_its_strictness() {
+        let strict = ToolSpec { strict: true, ..weather() };
+        let int = serde_json::json!({ "type": "integer" });
+        let answer = AnswerSchema { schema: &int, strict: false };
+        let embed = |s: &serde_json::Value, strict: bool| serde_json::json!({ "embedded": strict, "of": s });
+        let g = grammar(&[strict], &ToolChoice::Auto, true, Some(answer), &embed).expect("grammar");
+        assert!(g.contains("args_0: %json {\"embedded\":true,\"of\":{"), "{g}");
+        assert!(g.contains("answer_value: %json {\"embedded\":false,\"of\":{\"type\":\"integer\"}}"), "{g}");
+        let plain = grammar(&[weather()], &ToolChoice::Auto, true, None, &embed).expect("grammar");
+        assert!(plain.contains(&format!("answer_value: %json {PLAIN_ANSWER}\n")), "free text is not rewritten");
+        let described = render_generic(&[], &[ToolSpec { strict: true, ..weather() }], false);
+        assert!(!described[0].content.contains("strict"), "strictness is not described to the model");
     }
 }

@@ -7,7 +7,10 @@
 //! - `response_format`: `{"type": "text"}`, `{"type": "json_object"}`,
 //!   `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
 //!   The output parses and matches the schema (`strict` or not: decoding is
-//!   constrained either way).
+//!   constrained either way). `strict: true` also closes every object
+//!   schema that does not say otherwise (`additionalProperties: false`), as
+//!   it does on a function tool; every schema's numbers, strings and open
+//!   values are bounded (the engine's `schema.rs`).
 //! - `tools` (functions with JSON-schema `parameters`), `tool_choice`
 //!   (`"none"`, `"auto"`, `"required"`, `{"type": "function", "function":
 //!   {"name"}}`), `parallel_tool_calls` (default true). With tools and
@@ -24,7 +27,7 @@
 //! tools, a history with tool calls and results still renders in the
 //! generic format.
 
-use engine::tools::{self, Reply, ToolCall, ToolChoice, ToolSpec, Turn};
+use engine::tools::{self, AnswerSchema, Reply, ToolCall, ToolChoice, ToolSpec, Turn};
 use engine::{Grammar, GrammarSpec};
 use serde::Deserialize;
 
@@ -68,7 +71,7 @@ impl Guided {
             return Err(invalid("guided_json", "send at most one of guided_json, guided_regex and guided_grammar"));
         }
         Ok(if let Some(schema) = self.guided_json.take() {
-            Some(Grammar::new(GrammarSpec::JsonSchema(schema), "guided_json"))
+            Some(Grammar::new(GrammarSpec::JsonSchema { schema, strict: false }, "guided_json"))
         } else if let Some(rx) = self.guided_regex.take() {
             Some(Grammar::new(GrammarSpec::Regex(rx), "guided_regex"))
         } else {
@@ -81,7 +84,16 @@ impl Guided {
 enum Format {
     Text,
     JsonObject,
-    Schema(serde_json::Value),
+    Schema { schema: serde_json::Value, strict: bool },
+}
+
+/// An optional `strict` flag.
+fn strict(v: Option<&serde_json::Value>, param: &'static str, what: &str) -> Result<bool, ApiError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(invalid(param, format!("{what} must be a boolean"))),
+    }
 }
 
 fn response_format(value: Option<&serde_json::Value>) -> Result<Format, ApiError> {
@@ -95,9 +107,10 @@ fn response_format(value: Option<&serde_json::Value>) -> Result<Format, ApiError
                 .get("json_schema")
                 .and_then(serde_json::Value::as_object)
                 .ok_or_else(|| invalid("response_format", "json_schema needs a \"json_schema\" object"))?;
+            let strict = strict(spec.get("strict"), "response_format", "json_schema.strict")?;
             match spec.get("schema") {
                 None => Ok(Format::JsonObject),
-                Some(s) if s.is_object() || s.is_boolean() => Ok(Format::Schema(s.clone())),
+                Some(s) if s.is_object() || s.is_boolean() => Ok(Format::Schema { schema: s.clone(), strict }),
                 Some(_) => Err(invalid("response_format", "json_schema.schema must be a JSON schema object")),
             }
         }
@@ -136,7 +149,8 @@ fn parse_tools(value: Option<&Vec<serde_json::Value>>) -> Result<Vec<ToolSpec>, 
             Some(p) if p.is_object() => p.clone(),
             Some(_) => return Err(invalid("tools", "a function's parameters must be a JSON schema object")),
         };
-        out.push(ToolSpec { name: name.to_owned(), description, parameters });
+        let strict = strict(f.get("strict"), "tools", "a function's strict")?;
+        out.push(ToolSpec { name: name.to_owned(), description, parameters, strict });
     }
     Ok(out)
 }
@@ -226,17 +240,20 @@ pub(crate) fn plan(turns: Vec<Turn>, asked: Asked<'_>) -> Result<Plan, ApiError>
         let grammar = match format {
             Format::Text => asked.guided,
             Format::JsonObject => Some(Grammar::new(GrammarSpec::JsonObject, "response_format")),
-            Format::Schema(s) => Some(Grammar::new(GrammarSpec::JsonSchema(s), "response_format")),
+            Format::Schema { schema, strict } => {
+                Some(Grammar::new(GrammarSpec::JsonSchema { schema, strict }, "response_format"))
+            }
         };
         return Ok(Plan { messages, grammar, tool_reply: false, structured_answer: false });
     };
-    let answer = match format {
+    let any_object = serde_json::json!({ "type": "object" });
+    let answer = match &format {
         Format::Text => None,
-        Format::JsonObject => Some(serde_json::json!({ "type": "object" })),
-        Format::Schema(s) => Some(s),
+        Format::JsonObject => Some(AnswerSchema { schema: &any_object, strict: false }),
+        Format::Schema { schema, strict } => Some(AnswerSchema { schema, strict: *strict }),
     };
     let parallel = asked.parallel_tool_calls.unwrap_or(true);
-    let lark = tools::grammar(&specs, &choice, parallel, answer.as_ref(), &engine::json_layout())
+    let lark = tools::grammar(&specs, &choice, parallel, answer, &engine::grammar_schema)
         .map_err(|e| invalid("tool_choice", e))?;
     Ok(Plan {
         messages: tools::render_generic(&turns, &specs, answer.is_some()),

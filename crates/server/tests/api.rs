@@ -289,6 +289,11 @@ async fn bad_requests_are_openai_errors_with_the_right_status() {
             json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}),
             "response_format",
         ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}}),
+            "response_format",
+        ),
+        (json!({"tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]}), "tools"),
         (json!({"guided_regex": "("}), "guided_regex"),
         (json!({"guided_regex": "a", "guided_json": {}}), "guided_json"),
     ] {
@@ -555,6 +560,42 @@ async fn structured_outputs_parse_and_a_tool_history_renders_literally() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let choice = &r.json()["choices"][0];
     assert!(["tool_calls", "stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()), "{choice}");
+}
+
+/// `strict: true` closes object schemas: a model pushed to write `,` after
+/// the last named key adds no key the schema does not name, in a response
+/// format or in a function's arguments; without `strict` it does.
+#[tokio::test]
+async fn strict_schemas_refuse_keys_they_do_not_name() {
+    let app = app();
+    let comma = json!({"44": 100});
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]});
+    for strict in [true, false] {
+        let format = json!({"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": strict}});
+        let body = chat_body("x", json!({"response_format": format, "max_tokens": 30, "logit_bias": comma}));
+        let choice = post(&app, "/v1/chat/completions", body).await.json()["choices"][0].clone();
+        let content = choice["message"]["content"].as_str().unwrap();
+        if strict {
+            assert_eq!(choice["finish_reason"], "stop", "{choice}");
+            let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+            assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["ok"]);
+        } else {
+            assert!(content.contains(", \""), "an unnamed key, as the schema allows: {content}");
+        }
+    }
+    let tool = json!([{"type": "function", "function": {"name": "get_weather", "strict": true,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}},
+                       "required": ["city"]}}}]);
+    let body = chat_body(
+        "weather?",
+        json!({"tools": tool, "tool_choice": "required", "parallel_tool_calls": false, "max_tokens": 80,
+               "logit_bias": comma}),
+    );
+    let choice = post(&app, "/v1/chat/completions", body).await.json()["choices"][0].clone();
+    assert_eq!(choice["finish_reason"], "tool_calls", "{choice}");
+    let args = choice["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap();
+    let args: Value = serde_json::from_str(args).unwrap_or_else(|e| panic!("{e}: {args}"));
+    assert_eq!(args.as_object().unwrap().keys().collect::<Vec<_>>(), ["city"], "{args}");
 }
 
 #[tokio::test]
