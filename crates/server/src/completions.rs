@@ -93,13 +93,14 @@ pub fn prompt_of(endpoint: Endpoint, body: &serde_json::Value) -> Result<Prompt,
             Ok(Prompt::Chat(req.plan()?.messages))
         }
         Endpoint::Completion => {
+            // A batch goes to one replica: its first prompt decides where.
             let mut req = CompletionRequest::deserialize(body).map_err(ApiError::bad_json)?;
-            req.prompt()
+            Ok(req.prompts()?.swap_remove(0))
         }
     }
 }
 
-fn header_agent(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn header_agent(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get(AGENT_HEADER) {
         None => Ok(None),
         Some(v) => v
@@ -109,7 +110,7 @@ fn header_agent(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -154,7 +155,11 @@ pub(crate) async fn completion(
     headers: HeaderMap,
     JsonBody(mut req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let prompt = req.prompt()?;
+    let mut prompts = req.prompts()?;
+    if req.legacy(prompts.len()) {
+        return crate::legacy::complete(&state, req, prompts, tenant, (&headers, log)).await;
+    }
+    let prompt = prompts.remove(0);
     let grammar = req.common.guided.grammar()?;
     let shape = Shape { grammar, tool_reply: false, structured_answer: false, logprobs: None };
     respond(&state, Kind::Text, req.common, prompt, tenant, (&headers, log), shape).await
@@ -204,7 +209,7 @@ async fn respond(
 /// takes a CPU for a while, and the runtime's few threads must keep
 /// answering everyone else (`/health` included). At most
 /// `AppState::prep` prompts are prepared at once; more wait for a turn.
-async fn validate(state: &AppState, request: engine::Request) -> Result<engine::ValidRequest, ApiError> {
+pub(crate) async fn validate(state: &AppState, request: engine::Request) -> Result<engine::ValidRequest, ApiError> {
     let permit = std::sync::Arc::clone(&state.prep).acquire_owned().await.map_err(|_| ApiError::internal())?;
     let engine = state.engine.clone();
     let prepared = tokio::task::spawn_blocking(move || {
@@ -542,9 +547,12 @@ mod tests {
         // What the handler refuses, this refuses with the same 400.
         assert_eq!(prompt_of(Endpoint::Chat, &json!({"messages": []})).unwrap_err().param, Some("messages"));
         assert_eq!(
-            prompt_of(Endpoint::Completion, &json!({"prompt": "x", "echo": true})).unwrap_err().param,
-            Some("echo")
+            prompt_of(Endpoint::Completion, &json!({"prompt": "x", "suffix": "y"})).unwrap_err().param,
+            Some("suffix")
         );
+        // A batch is routed by its first prompt.
+        let batch = json!({"prompt": [[5, 6], [7]], "echo": true, "logprobs": 1});
+        assert_eq!(prompt_of(Endpoint::Completion, &batch).unwrap(), Prompt::Tokens(vec![5, 6]));
         assert_eq!(prompt_of(Endpoint::Chat, &json!({"messages": "hi"})).unwrap_err().status, 400);
     }
 }

@@ -26,6 +26,7 @@ pub mod conn;
 mod error;
 mod guard;
 pub mod kv_events;
+mod legacy;
 pub mod metrics;
 mod openai;
 mod structured;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 /// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum Stop {
     One(String),
@@ -54,14 +54,14 @@ pub(crate) struct ChatMessage {
     tool_call_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub(crate) struct StreamOptions {
     #[serde(default)]
     pub(crate) include_usage: bool,
 }
 
 /// Fields shared by chat and text completions.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub(crate) struct Common {
     pub(crate) model: Option<String>,
     #[serde(default)]
@@ -117,7 +117,12 @@ pub(crate) enum PromptInput {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<u32>),
+    /// Several prompts as token ids (lm-evaluation-harness sends these).
+    TokenLists(Vec<Vec<u32>>),
 }
+
+/// Most prompts one `/v1/completions` request may carry.
+pub(crate) const MAX_PROMPTS: usize = 64;
 
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
@@ -300,23 +305,33 @@ impl ChatRequest {
 }
 
 impl CompletionRequest {
-    pub(crate) fn prompt(&mut self) -> Result<Prompt, ApiError> {
-        if self.echo {
-            return Err(invalid("echo", "echo is not supported"));
-        }
-        if self.logprobs.is_some() {
-            return Err(invalid("logprobs", "logprobs are supported on /v1/chat/completions only"));
-        }
+    /// The prompts (one, or a batch answered with one choice each), after
+    /// the checks of what the endpoint refuses.
+    pub(crate) fn prompts(&mut self) -> Result<Vec<Prompt>, ApiError> {
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(invalid("suffix", "suffix (insertion) is not supported"));
         }
-        match self.prompt.take() {
-            None => Err(invalid("prompt", "prompt is required")),
-            Some(PromptInput::Text(t)) => Ok(Prompt::Text(t)),
-            Some(PromptInput::Texts(mut v)) if v.len() == 1 => Ok(Prompt::Text(v.remove(0))),
-            Some(PromptInput::Texts(_)) => Err(invalid("prompt", "exactly one prompt per request is supported")),
-            Some(PromptInput::Tokens(t)) => Ok(Prompt::Tokens(t)),
+        if self.logprobs.is_some_and(|n| n > 20) {
+            return Err(invalid("logprobs", "must be between 0 and 20"));
         }
+        let prompts: Vec<Prompt> = match self.prompt.take() {
+            None => return Err(invalid("prompt", "prompt is required")),
+            Some(PromptInput::Text(t)) => vec![Prompt::Text(t)],
+            Some(PromptInput::Texts(v)) => v.into_iter().map(Prompt::Text).collect(),
+            Some(PromptInput::Tokens(t)) => vec![Prompt::Tokens(t)],
+            Some(PromptInput::TokenLists(v)) => v.into_iter().map(Prompt::Tokens).collect(),
+        };
+        match prompts.len() {
+            0 => Err(invalid("prompt", "the list of prompts is empty")),
+            n if n > MAX_PROMPTS => Err(invalid("prompt", format!("at most {MAX_PROMPTS} prompts per request"))),
+            _ => Ok(prompts),
+        }
+    }
+
+    /// Whether the answer needs the legacy shape (`legacy.rs`): the prompt
+    /// echoed, log-probabilities, or one choice per prompt.
+    pub(crate) fn legacy(&self, prompts: usize) -> bool {
+        self.echo || self.logprobs.is_some() || prompts > 1
     }
 }
 

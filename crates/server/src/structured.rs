@@ -56,7 +56,7 @@ struct WireFunctionCall {
 }
 
 /// The vLLM-style grammar extensions (`guided_*`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub(crate) struct Guided {
     guided_json: Option<serde_json::Value>,
     guided_regex: Option<String>,

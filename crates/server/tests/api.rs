@@ -705,3 +705,62 @@ async fn hand_over_needs_a_shared_tier_and_a_known_agent() {
     assert!(r.body.contains("shared tier"), "{}", r.body);
     assert_eq!(call(&app, "GET", "/v1/agents/stays", None, &[]).await.status, StatusCode::OK, "still here");
 }
+
+/// The legacy completions shape lm-evaluation-harness's `local-completions`
+/// scores with: prompts as token-id lists in a batch, `echo`, integer
+/// `logprobs`, `max_tokens` 1 and 0. It reads `token_logprobs[ctxlen:-1]`
+/// and compares each with `max(top_logprobs[i].values())` for greediness.
+#[tokio::test]
+async fn legacy_completions_echo_logprobs_and_batches_as_lm_eval_reads_them() {
+    let app = app();
+    let ids = |s: &str| s.bytes().map(u32::from).collect::<Vec<_>>();
+    let (context, continuation) = (ids("the tide is "), ids("out"));
+    let whole: Vec<u32> = context.iter().chain(&continuation).copied().collect();
+    let body = json!({"model": "fake", "prompt": [whole.clone(), ids("sea")], "echo": true,
+                      "logprobs": 1, "max_tokens": 1, "temperature": 0});
+    let r = post(&app, "/v1/completions", body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = r.json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!((choices[0]["index"].clone(), choices[1]["index"].clone()), (json!(0), json!(1)));
+    let lp = &choices[0]["logprobs"];
+    let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_logprobs.len(), whole.len() + 1, "the prompt's tokens, then the one generated");
+    assert!(token_logprobs[0].is_null() && token_logprobs[1..].iter().all(Value::is_number));
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens[..whole.len()].iter().map(|t| t.as_str().unwrap()).collect::<String>(), "the tide is out");
+    assert!(choices[0]["text"].as_str().unwrap().starts_with("the tide is out"), "echoed");
+    let ctxlen = context.len();
+    let top = lp["top_logprobs"].as_array().unwrap();
+    for i in ctxlen..whole.len() {
+        let best = top[i].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!(token_logprobs[i].as_f64().unwrap() <= best, "position {i}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert_eq!(&offsets[..3], &[0, 1, 2]);
+    assert_eq!(v["usage"]["prompt_tokens"], json!(whole.len() + 3));
+
+    // The same echo with max_tokens 0: the prompt alone, same numbers.
+    let body = json!({"model": "fake", "prompt": whole.clone(), "echo": true, "logprobs": 1, "max_tokens": 0});
+    let v = post(&app, "/v1/completions", body).await.json();
+    let zero = &v["choices"][0];
+    assert_eq!(zero["text"], "the tide is out");
+    assert_eq!(zero["logprobs"]["token_logprobs"].as_array().unwrap()[..], token_logprobs[..whole.len()]);
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+
+    // What stays refused, said clearly.
+    for (extra, param) in [
+        (json!({"logprobs": 21}), "logprobs"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+        (json!({"echo": true, "stream": true}), "stream"),
+        (json!({"prompt": []}), "prompt"),
+    ] {
+        let mut body = json!({"model": "fake", "prompt": "x"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = post(&app, "/v1/completions", body).await;
+        assert_eq!((r.status, r.json()["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!(param)));
+    }
+}
