@@ -264,6 +264,8 @@ pub(crate) struct Prefetch {
     pub(crate) in_flight: HashMap<usize, BlockKey>,
     /// The next task index.
     pub(crate) next_index: usize,
+    /// When it started (its duration is logged at the end).
+    pub(crate) started: Option<std::time::Instant>,
 }
 
 /// How long an agent's turn waits for a tier to find the agent's manifest

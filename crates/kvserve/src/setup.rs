@@ -29,7 +29,8 @@ pub(crate) struct EngineArgs {
     /// `/v1/models` lists them all.
     #[arg(long = "served-model-name", env = "KVSERVE_SERVED_MODEL_NAME", value_delimiter = ',')]
     pub(crate) served_model_names: Vec<String>,
-    /// Memory for the KV cache, e.g. `512MiB`, `2GiB`, `100000000`.
+    /// Memory for the KV cache, e.g. `512MiB`, `2GiB`, `100000000`; made
+    /// resident in the background at start.
     #[arg(long, env = "KVSERVE_KV_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
     pub(crate) kv_memory: u64,
     /// Tokens per KV block.
@@ -396,6 +397,10 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         d.label = format!("{file}, blocks of {} tokens, K/V {:?}", args.block_size, args.kv_dtype);
     }
     let block_bytes = kv::BlockStorage::block_bytes(model.store());
+    // Resident before the first turns need it (`kv_store.rs`: Residency).
+    let prefaulting = std::time::Instant::now();
+    let resident = model.store().prefault();
+    tracing::debug!(mib = resident >> 20, ms = prefaulting.elapsed().as_millis() as u64, "KV pool resident");
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
     Ok(Started { engine, model_name, model_aliases, summary, block_size: args.block_size as usize, block_bytes })
 }

@@ -154,7 +154,8 @@ impl EngineCore {
         let n = queue.len();
         if n > 0 {
             let id = self.tiers.next_producer();
-            self.tiers.prefetch = Some((id, Prefetch { queue, ..Prefetch::default() }));
+            let started = Some(Instant::now());
+            self.tiers.prefetch = Some((id, Prefetch { queue, started, ..Prefetch::default() }));
             self.prefetch_more();
         }
         n
@@ -182,6 +183,8 @@ impl EngineCore {
         }
         if pf.in_flight.is_empty() {
             self.tiers.pending.resolve(id);
+            let ms = pf.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+            tracing::debug!(blocks = pf.next_index, ms, "restored agents' blocks are back in RAM");
             return;
         }
         self.tiers.prefetch = Some((id, pf));
