@@ -71,12 +71,23 @@ fn a_read_racing_the_eviction_of_its_record_gets_it_whole_or_a_miss() {
         writer.join().unwrap();
         reader.join().unwrap();
         let events = events.lock().unwrap();
-        assert_eq!(events.len(), 1);
-        match &events[0] {
+        let loaded: Vec<_> = events.iter().filter(|e| matches!(e, TierEvent::Loaded { .. })).collect();
+        assert_eq!(loaded.len(), 1);
+        match loaded[0] {
             TierEvent::Loaded { result: Ok(p), .. } => assert_eq!(p.bytes(), &payload(1)[..]),
             TierEvent::Loaded { result: Err(Reject::Missing), .. } => {}
             other => panic!("unexpected {other:?}"),
         }
+        // The eviction was told (unlinked after leaving the index, outside
+        // the lock: the read above is still whole or a miss).
+        let evicted: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                TierEvent::Evicted { gone, .. } => Some(gone.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(evicted, vec![vec![RecordKey::new(0, key(1).hash)]]);
         t.check_invariants().unwrap();
         t.check_files(&[RecordKey::new(0, key(1).hash), RecordKey::new(0, key(2).hash)]).unwrap();
         assert!(t.present(&[RecordKey::new(0, key(2).hash)])[0], "the newer record stays");
