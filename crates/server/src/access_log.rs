@@ -7,8 +7,8 @@
 //! A middleware ([`log_requests`]) puts an empty [`GenerationLog`] in the
 //! request's extensions; the completion handlers fill it as the request
 //! runs (agent at admission, TTFT at the first token, usage at the end).
-//! The line is written when the response *body* ends or is dropped, not
-//! when the handler returns: a streamed answer is logged once, complete,
+//! The line is written when the response *body* ends or is dropped
+//! (`end_body.rs`), not when the handler returns: a streamed answer is logged once, complete,
 //! with the status it was sent with (a client that went away mid-stream
 //! shows as `ended early`). The body is wrapped, never buffered or
 //! re-chunked; its size hint passes through, so `Content-Length` stays.
@@ -17,9 +17,7 @@
 //! would drown the rest); everything else at info, under the
 //! `kvserve::request` target (`--log kvserve::request=warn` silences it).
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -27,6 +25,8 @@ use axum::extract::Request;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+
+use crate::end_body::EndBody;
 
 /// What a generation adds to its request's line.
 #[derive(Debug, Default)]
@@ -83,9 +83,9 @@ pub(crate) async fn log_requests(mut req: Request, next: Next) -> Response {
     let log = GenerationLog::new(started);
     req.extensions_mut().insert(log.clone());
     let response = next.run(req).await;
-    let line = Line { method, path, status: response.status(), log, complete: false };
+    let line = Line { method, path, status: response.status(), log };
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, Body::new(LoggedBody { inner: body, line: Some(line) }))
+    Response::from_parts(parts, Body::new(EndBody::new(body, move |complete| line.write(complete))))
 }
 
 /// The line of one request, written once.
@@ -94,15 +94,14 @@ struct Line {
     path: String,
     status: StatusCode,
     log: GenerationLog,
-    /// The body was sent to its end.
-    complete: bool,
 }
 
 impl Line {
-    fn write(self) {
+    /// Writes it; `complete`: the body was sent to its end.
+    fn write(self, complete: bool) {
         let ms = self.log.started.elapsed().as_secs_f64() * 1e3;
         let (method, path, status) = (self.method.as_str(), self.path.as_str(), self.status.as_u16());
-        let ended = if self.complete { "" } else { " (ended early)" };
+        let ended = if complete { "" } else { " (ended early)" };
         let g = self.log.facts.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
         if g.usage.is_some() || g.ttft.is_some() {
             let u = g.usage.unwrap_or_default();
@@ -119,50 +118,6 @@ impl Line {
             tracing::debug!(target: "kvserve::request", "{method} {path} {status} ms={ms:.1}{ended}");
         } else {
             tracing::info!(target: "kvserve::request", "{method} {path} {status} ms={ms:.1}{ended}");
-        }
-    }
-}
-
-/// A response body that writes its request's line when it ends or drops.
-struct LoggedBody {
-    inner: Body,
-    line: Option<Line>,
-}
-
-impl http_body::Body for LoggedBody {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None)) {
-            if let Some(mut line) = self.line.take() {
-                line.complete = true;
-                line.write();
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for LoggedBody {
-    fn drop(&mut self) {
-        if let Some(mut line) = self.line.take() {
-            // A body hyper never polled to its end because it knew it was
-            // complete (a full body with a size) was sent whole.
-            line.complete = http_body::Body::is_end_stream(&self.inner);
-            line.write();
         }
     }
 }

@@ -34,6 +34,8 @@ use axum::Router;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
+
+use crate::end_body::EndBody;
 use tower::ServiceExt;
 
 /// Connection limits (see the module doc).
@@ -185,47 +187,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// A response body that tells the [`Watch`] when it has been sent (or
-/// dropped).
-struct DoneBody {
-    inner: Body,
-    watch: Option<Arc<Watch>>,
-}
-
-impl http_body::Body for DoneBody {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None)) {
-            if let Some(w) = self.watch.take() {
-                w.response_done();
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for DoneBody {
-    fn drop(&mut self) {
-        if let Some(w) = self.watch.take() {
-            w.response_done();
-        }
-    }
-}
-
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\nContent-Length: 109\r\n\r\n{\"error\":{\"message\":\"too many open connections; retry later\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
 
 /// Serves `app` on `listener` with `limits` until `signal` resolves; then
@@ -321,7 +282,7 @@ async fn connection(
         async move {
             watch.request_started();
             let resp = app.oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {});
-            Ok::<_, std::convert::Infallible>(resp.map(|b| DoneBody { inner: b, watch: Some(watch) }))
+            Ok::<_, std::convert::Infallible>(resp.map(|b| EndBody::new(b, move |_| watch.response_done())))
         }
     });
     let conn = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, service);

@@ -23,6 +23,7 @@ mod access_log;
 mod agents;
 mod completions;
 pub mod conn;
+mod end_body;
 mod error;
 mod guard;
 pub mod kv_events;
