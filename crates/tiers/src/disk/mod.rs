@@ -241,6 +241,16 @@ fn io_err(dir: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { dir: dir.to_path_buf(), source }
 }
 
+/// The store's advisory lock in `dir`, without waiting: [`Error::Locked`]
+/// while another live process (a server) holds it.
+fn take_lock(fs: &dyn Fs, dir: &Path) -> Result<Box<dyn LockGuard>> {
+    match fs.lock(&dir.join("LOCK")) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::Locked { dir: dir.to_path_buf() }),
+        Err(e) => Err(io_err(dir)(e)),
+    }
+}
+
 impl DiskTier {
     /// Opens (creating if needed) the store of `fp` under `config.root`;
     /// records hold payloads of `payload_len` bytes for blocks of
@@ -268,11 +278,7 @@ impl DiskTier {
         for d in [&config.root, &dir, &blocks, &agents] {
             fs.create_dir_all(d).map_err(io_err(d))?;
         }
-        let lock = match fs.lock(&dir.join("LOCK")) {
-            Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { dir }),
-            Err(e) => return Err(io_err(&dir)(e)),
-        };
+        let lock = take_lock(fs.as_ref(), &dir)?;
         if !config.label.is_empty() {
             // For people only: a failure here costs nothing else.
             let _ = fs.write_new(&dir.join(stores::LABEL_FILE), &[config.label.as_bytes(), b"\n"]);

@@ -21,6 +21,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use super::io_err;
 use crate::error::{Error, Result};
 use crate::fs::{Fs, StdFs};
 use crate::manifest::{AgentManifest, ManifestId};
@@ -78,7 +79,7 @@ pub fn list(root: &Path) -> Result<Vec<StoreInfo>> {
         }
         agents.sort_by_key(|a| std::cmp::Reverse(a.last_used_unix_ms));
         let label = std::fs::read_to_string(dir.join(LABEL_FILE)).unwrap_or_default().trim().to_owned();
-        let in_use = matches!(fs.lock(&dir.join("LOCK")), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        let in_use = matches!(super::take_lock(&fs, &dir), Err(Error::Locked { .. }));
         out.push(StoreInfo { dir, label, records, bytes, agents, in_use });
     }
     out.sort_by(|a, b| a.dir.cmp(&b.dir));
@@ -114,7 +115,7 @@ pub fn clear_store(dir: &Path) -> Result<u64> {
 /// As [`clear_store`].
 pub fn clear_agent(dir: &Path, tenant: &str, agent: &str) -> Result<Option<usize>> {
     let _lock = lock(dir)?;
-    let fp = dir.file_name().and_then(|n| fingerprint_of(&n.to_string_lossy())).ok_or_else(not_a_store(dir))?;
+    let fp = dir.file_name().and_then(|n| fingerprint_of(&n.to_string_lossy())).ok_or_else(|| not_a_store(dir))?;
     let (agents_dir, blocks_dir) = (dir.join("agents"), dir.join("blocks"));
     let target = ManifestId::of(tenant, agent);
     let mut theirs = None;
@@ -145,13 +146,9 @@ pub fn clear_agent(dir: &Path, tenant: &str, agent: &str) -> Result<Option<usize
 /// The store's lock, as a server takes it.
 fn lock(dir: &Path) -> Result<Box<dyn crate::fs::LockGuard>> {
     if !dir.join("blocks").is_dir() {
-        return Err(not_a_store(dir)());
+        return Err(not_a_store(dir));
     }
-    match StdFs.lock(&dir.join("LOCK")) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::Locked { dir: dir.to_owned() }),
-        Err(e) => Err(io_err(dir)(e)),
-    }
+    super::take_lock(&StdFs, dir)
 }
 
 /// The fingerprint a store directory is named by.
@@ -164,10 +161,6 @@ fn fingerprint_of(name: &str) -> Option<StoreFingerprint> {
     (fp.hex() == name).then_some(fp)
 }
 
-fn not_a_store(dir: &Path) -> impl Fn() -> Error + '_ {
-    move || Error::Config(format!("{} is not a kvserve KV store", dir.display()))
-}
-
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { dir: path.to_owned(), source }
+fn not_a_store(dir: &Path) -> Error {
+    Error::Config(format!("{} is not a kvserve KV store", dir.display()))
 }
