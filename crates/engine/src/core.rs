@@ -435,32 +435,22 @@ impl EngineCore {
         // Plan entries and model rows stay aligned: an entry whose sequence
         // cannot be read (never expected) leaves both lists together.
         let mut work: Vec<(SeqId, Vec<u32>)> = Vec::with_capacity(plan.len());
+        // Logit rows per entry: a prompt's own log-probabilities need every
+        // row of its prefill, everything else the last one.
+        let mut rows: Vec<usize> = Vec::with_capacity(plan.len());
         plan.retain(|&(i, n)| {
             let a = &self.running[i];
             let chunk = a.seq.and_then(|seq| {
                 let done = self.cache.seq_len(seq).ok()?;
-                Some((seq, a.tokens.get(done..done + n)?.to_vec()))
+                let all = a.prompt_logprobs.is_some() && done < a.req.prompt.len();
+                Some(((seq, a.tokens.get(done..done + n)?.to_vec()), if all { n } else { 1 }))
             });
-            chunk.map(|c| work.push(c)).is_some()
+            chunk.map(|(c, r)| (work.push(c), rows.push(r))).is_some()
         });
         if plan.is_empty() {
             return false;
         }
         let refs: Vec<(SeqId, &[u32])> = work.iter().map(|(s, t)| (*s, t.as_slice())).collect();
-        // A prompt's own log-probabilities need every row of its prefill.
-        let rows: Vec<usize> = plan
-            .iter()
-            .zip(&work)
-            .map(|(&(i, n), (seq, _))| {
-                let a = &self.running[i];
-                let done = self.cache.seq_len(*seq).unwrap_or(usize::MAX);
-                if a.prompt_logprobs.is_some() && done < a.req.prompt.len() {
-                    n
-                } else {
-                    1
-                }
-            })
-            .collect();
         self.stats.steps += 1;
         let prefill: usize = work.iter().map(|(_, t)| t.len()).filter(|&n| n > 1).sum();
         let started = Instant::now();

@@ -9,6 +9,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{bail, Result};
 use tiers::disk::stores::{self, StoreInfo};
 
+use crate::setup::mib;
+
 /// `kvserve cache [clear ...]`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct CacheArgs {
@@ -127,8 +129,4 @@ fn clear(found: &[StoreInfo], c: &ClearArgs) -> Result<()> {
 /// A store's id: its directory's name (the store fingerprint).
 fn id(s: &StoreInfo) -> String {
     s.dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }

@@ -161,10 +161,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         &started.engine.config().tiers.disk,
     ) {
         tracing::info!(
-            "KV disk cache in {}: {:.1} MiB of agents' and evicted blocks kept, up to {:.1} MiB (--disk-cache); `kvserve cache` shows and clears it",
+            "KV disk cache in {}: {} of agents' and evicted blocks kept, up to {} (--disk-cache); `kvserve cache` shows and clears it",
             d.root.display(),
-            disk.bytes as f64 / f64::from(1u32 << 20),
-            disk.budget as f64 / f64::from(1u32 << 20),
+            crate::setup::mib(disk.bytes),
+            crate::setup::mib(disk.budget),
         );
     }
     // The grammar compiler's token trie, built soon after start rather than

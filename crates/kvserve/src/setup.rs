@@ -261,7 +261,7 @@ pub(crate) fn resolve_known(args: &ModelArgs) -> Result<(PathBuf, Option<&'stati
 }
 
 /// A size as the progress bar shows it: binary megabytes, one decimal.
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 

@@ -265,7 +265,7 @@ fn chat_message(meta: &Meta, text: String, reason: FinishReason) -> (serde_json:
     (json!({"role": "assistant", "content": text}), finish_reason(reason))
 }
 
-fn finish_reason(r: FinishReason) -> &'static str {
+pub(crate) fn finish_reason(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
@@ -274,7 +274,7 @@ fn finish_reason(r: FinishReason) -> &'static str {
 
 /// OpenAI's stand-in for a probability that rounds to zero (JSON has no
 /// `-inf`; serde would write `null`).
-const MIN_LOGPROB: f32 = -9999.0;
+pub(crate) const MIN_LOGPROB: f32 = -9999.0;
 
 fn token_logprobs(state: &AppState, id: u32, lp: &Logprobs) -> TokenLogprob {
     let codec = state.engine.codec();

@@ -31,7 +31,7 @@ use engine::{Event, Logprobs, Prompt, TenantId, Usage};
 use serde_json::{json, Map, Value};
 
 use crate::access_log::GenerationLog;
-use crate::completions::{header_agent, now_secs, random_id, validate};
+use crate::completions::{finish_reason, header_agent, now_secs, random_id, validate, MIN_LOGPROB};
 use crate::error::ApiError;
 use crate::openai::{CompletionRequest, UsageBody};
 use crate::AppState;
@@ -122,10 +122,7 @@ pub(crate) async fn complete(
             "index": index,
             "text": text,
             "logprobs": lp,
-            "finish_reason": match answer.finish {
-                engine::FinishReason::Length => "length",
-                _ => "stop",
-            },
+            "finish_reason": finish_reason(answer.finish),
         }));
     }
     log.finished(total);
@@ -205,7 +202,3 @@ fn legacy_logprobs(state: &AppState, a: &Answer, prompt: Option<&[u32]>, n: usiz
         "text_offset": text_offset,
     })
 }
-
-/// OpenAI's stand-in for a probability that rounds to zero (JSON has no
-/// `-inf`).
-const MIN_LOGPROB: f32 = -9999.0;
