@@ -307,9 +307,6 @@ impl EngineCore {
                 return;
             }
             self.agents.entry(key.clone());
-            if let Some(prompt) = self.continue_agent_tokens(key, &s.req.prompt, s.req.max_tokens) {
-                s.req.prompt = prompt;
-            }
         }
         let now = Instant::now();
         let timeout = s.req.req.timeout.or(self.config.default_timeout);

@@ -7,6 +7,9 @@
 //!
 //! 1. **Skip** it if its agent is mid-turn, or if it waits for blocks a
 //!    producer is bringing into the pool (`tiering.rs`, pending blocks).
+//!    Otherwise an agent's turn is matched against the agent's history now
+//!    (`agents::splice`: its own token ids where the text is what it sent),
+//!    since the previous turn may have ended after this one arrived.
 //! 2. **Reuse the pool**: the agent's held conversation (fork and truncate
 //!    to the common prefix, partial blocks included) or the prefix index
 //!    (whole blocks), whichever covers more.
@@ -92,6 +95,7 @@ impl EngineCore {
                 skipped.push((key, a));
                 continue;
             }
+            self.continue_agent_turn(&mut a);
             match self.try_admit(a, *budget, plan) {
                 Admission::Admitted(a, n) => {
                     a.events.admitted();
