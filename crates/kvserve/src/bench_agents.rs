@@ -72,6 +72,11 @@ pub(crate) struct AgentBenchArgs {
     /// Seconds one request may take.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Also list the slowest tenth of turns by time to first token (when
+    /// each started, its agent and turn, prompt and cached tokens), to see
+    /// where a tail comes from. The JSON output always lists every turn.
+    #[arg(long)]
+    trace: bool,
 }
 
 /// Common workload shapes.
@@ -157,6 +162,7 @@ fn words(rng: &mut impl Rng, n: usize) -> String {
 
 /// One agent's conversation so far.
 struct Agent {
+    index: usize,
     id: String,
     messages: Vec<Value>,
     turns_done: usize,
@@ -166,6 +172,11 @@ struct Agent {
 /// What one request measured.
 #[derive(Clone, Debug, Default)]
 struct Sample {
+    /// The agent (its index) and which of its turns, from 1.
+    agent: usize,
+    turn: usize,
+    /// Seconds from the workload's start to the request's.
+    started: f64,
     ttft: f64,
     itl: Vec<f64>,
     tokens: usize,
@@ -225,6 +236,7 @@ async fn run(args: AgentBenchArgs) -> Result<()> {
             let mut arng = rand::rngs::StdRng::seed_from_u64(args.seed ^ ((i as u64 + 1) * 0x9e37_79b9));
             let brief = format!("Agent {i} brief: {}", words(&mut arng, shape.brief_words));
             Arc::new(Mutex::new(Agent {
+                index: i,
                 id: format!("bench-{run_tag:08x}-{i}"),
                 messages: vec![json!({"role": "system", "content": format!("{system}\n\n{brief}")})],
                 turns_done: 0,
@@ -260,7 +272,9 @@ async fn run(args: AgentBenchArgs) -> Result<()> {
             let mut queue = mine;
             while let Some(agent) = queue.pop_front() {
                 let i = next_base.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % bases.len();
-                let sample = turn(&client, &bases[i], &model, api_key.as_deref(), &agent, kvserve, shape).await?;
+                let how =
+                    How { client: &client, model: &model, api_key: api_key.as_deref(), kvserve, shape, epoch: started };
+                let sample = turn(&how, &bases[i], &agent).await?;
                 if let Ok(mut s) = samples.lock() {
                     s.push(sample);
                 }
@@ -283,17 +297,22 @@ async fn run(args: AgentBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One turn of `agent`: a new user message, a streamed answer.
-async fn turn(
-    client: &reqwest::Client,
-    base: &str,
-    model: &str,
-    api_key: Option<&str>,
-    agent: &Mutex<Agent>,
+/// What every turn is sent with.
+struct How<'a> {
+    client: &'a reqwest::Client,
+    model: &'a str,
+    api_key: Option<&'a str>,
+    /// Whether the server is kvserve (the request names its agent).
     kvserve: bool,
     shape: Shape,
-) -> Result<Sample> {
-    let (body, id) = {
+    /// The workload's start.
+    epoch: Instant,
+}
+
+/// One turn of `agent`: a new user message, a streamed answer.
+async fn turn(how: &How<'_>, base: &str, agent: &Mutex<Agent>) -> Result<Sample> {
+    let How { client, model, api_key, kvserve, shape, epoch } = *how;
+    let (body, id, agent_index, turn) = {
         let mut a = agent.lock().map_err(|_| anyhow::anyhow!("agent lock"))?;
         let user = words(&mut a.rng, shape.user_words);
         a.messages.push(json!({"role": "user", "content": user}));
@@ -309,7 +328,7 @@ async fn turn(
         if kvserve {
             body["agent_id"] = json!(a.id);
         }
-        (body, a.id.clone())
+        (body, a.id.clone(), a.index, a.turns_done + 1)
     };
     let mut req = client.post(format!("{base}/v1/chat/completions")).json(&body);
     if let Some(k) = api_key {
@@ -321,7 +340,7 @@ async fn turn(
         let status = resp.status();
         bail!("agent {id}: HTTP {status}: {}", resp.text().await.unwrap_or_default());
     }
-    let mut sample = Sample::default();
+    let mut sample = Sample { agent: agent_index, turn, started: (start - epoch).as_secs_f64(), ..Sample::default() };
     let mut text = String::new();
     let mut last: Option<Instant> = None;
     let mut buf = Vec::new();
@@ -386,6 +405,10 @@ fn report(args: &AgentBenchArgs, shape: Shape, model: &str, kvserve: bool, wall:
             "ttft_s": {"p50": percentile(&ttft, 0.5), "p95": percentile(&ttft, 0.95), "p99": percentile(&ttft, 0.99)},
             "itl_s": {"mean": itl_mean, "p50": percentile(&itl, 0.5), "p95": percentile(&itl, 0.95)},
             "prompt_tokens": prompt, "cached_tokens": cached, "cached_share": cached_share,
+            "turns": samples.iter().map(|s| json!({
+                "agent": s.agent, "turn": s.turn, "started_s": s.started, "ttft_s": s.ttft,
+                "prompt_tokens": s.prompt, "cached_tokens": s.cached,
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return;
@@ -416,4 +439,25 @@ fn report(args: &AgentBenchArgs, shape: Shape, model: &str, kvserve: bool, wall:
         tokens as f64 / wall,
         cached_share.map_or("not reported".into(), |c| format!("{:.2}", c)),
     );
+    if args.trace {
+        let mut slow: Vec<&Sample> = samples.iter().collect();
+        slow.sort_by(|a, b| b.ttft.total_cmp(&a.ttft));
+        println!();
+        println!("The slowest tenth of turns:");
+        println!();
+        println!("| agent | turn | started s | TTFT ms | prompt | cached |");
+        println!("|---|---|---|---|---|---|");
+        let show = |n: Option<u64>| n.map_or("-".into(), |n| n.to_string());
+        for s in slow.iter().take(samples.len().div_ceil(10)) {
+            println!(
+                "| {} | {} | {:.2} | {:.0} | {} | {} |",
+                s.agent,
+                s.turn,
+                s.started,
+                s.ttft * 1e3,
+                show(s.prompt),
+                show(s.cached)
+            );
+        }
+    }
 }
