@@ -75,6 +75,73 @@ fn prompts_arriving_together_finish_one_after_another_and_short_ones_share_steps
     assert_pool_full(&engine);
 }
 
+/// A short prompt arriving while a long one is prefilled goes first: it is
+/// admitted at the next step and answered long before the long prompt's
+/// prefill ends, and steps shared with other work hold at most 128 prefill
+/// rows (alone, the long prompt takes the whole 512-row budget).
+#[test]
+fn a_short_prompt_is_not_stuck_behind_a_long_prefill() {
+    let cfg = EngineConfig { max_batch_tokens: 512, max_running: 16, ..config() };
+    let (engine, control) = fake_engine(16, 512, cfg);
+    control.step_delay_ms.store(20, Ordering::SeqCst);
+    let long_prompt = "z".repeat(3000);
+    let long = engine.generate(greedy(&long_prompt, 2)).unwrap();
+    wait_for(&engine, "the long prompt running", |s| s.steps >= 1);
+    let short = collect_blocking(engine.generate(greedy("hi", 2)).unwrap());
+    let long_rows_before_short_ended: usize =
+        control.batches.lock().unwrap().iter().flatten().filter(|&&n| n > 2).sum();
+    let long = collect_blocking(long);
+    assert_eq!((short.error, long.error), (None, None));
+    assert!(
+        long_rows_before_short_ended < 3000,
+        "the short prompt was answered mid-prefill ({long_rows_before_short_ended} of 3000 rows done)"
+    );
+    let batches = control.batches.lock().unwrap().clone();
+    let prefill_rows = |b: &Vec<usize>| b.iter().filter(|&&n| n > 1).sum::<usize>();
+    assert!(batches.iter().any(|b| b == &vec![512]), "alone, the long prompt took whole steps: {batches:?}");
+    assert!(batches.iter().filter(|b| b.len() > 1).all(|b| prefill_rows(b) <= 128), "shared steps: {batches:?}");
+    assert_pool_full(&engine);
+}
+
+/// Prompts that each fill a step's prefill room keep arriving while a long
+/// prompt waits: shortest-first would starve it, but one kept waiting past
+/// half a second goes first, so it finishes while they are still coming.
+#[test]
+fn a_long_prefill_is_not_starved_by_a_stream_of_shorter_prompts() {
+    let cfg = EngineConfig { max_batch_tokens: 512, max_running: 32, ..config() };
+    let (engine, control) = fake_engine(16, 2048, cfg);
+    control.step_delay_ms.store(5, Ordering::SeqCst);
+    let busy = engine.generate(greedy("hi", 8)).unwrap();
+    wait_for(&engine, "a request decoding", |s| s.generated_tokens >= 1);
+    let long = engine.generate(greedy(&"w".repeat(700), 1)).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (engine, done) = (engine.clone(), std::sync::Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut served = 0;
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while !done.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    // 100 rows each: one fills a step's prefill room.
+                    let o = collect_blocking(
+                        engine.generate(greedy(&format!("{t}{served:03}{}", "q".repeat(96)), 1)).unwrap(),
+                    );
+                    assert_eq!(o.error, None);
+                    served += 1;
+                }
+                served
+            })
+        })
+        .collect();
+    let long = collect_blocking(long);
+    let shorts_still_coming = !done.swap(true, Ordering::SeqCst);
+    let served: usize = senders.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(long.error, None);
+    assert!(shorts_still_coming && served > 0, "the long prompt finished while short ones kept arriving ({served})");
+    assert_eq!(collect_blocking(busy).error, None);
+    assert_pool_full(&engine);
+}
+
 #[test]
 fn preemption_under_block_pressure_finishes_everything_with_the_same_text() {
     // Alone, each request needs 40 + 40 = 80 tokens = 20 blocks of 4; the

@@ -537,6 +537,7 @@ impl EngineCore {
         self.tiers.costs.loaded(&per_tier, took);
         self.count_admission(&mut a, upto);
         a.events.admitted();
+        a.progressed = Instant::now();
         self.running.push(a);
     }
 
