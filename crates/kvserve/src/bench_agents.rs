@@ -14,7 +14,10 @@
 //! Reported: wall time, time to first token (p50/p95/p99), inter-token
 //! latency, output tokens per second, and the share of prompt tokens the
 //! server reports as cached (`usage.prompt_tokens_details.cached_tokens`,
-//! where it reports it), as a table or JSON.
+//! where it reports it), as a table or JSON. `--trace` lists the slowest
+//! tenth of turns (when each started, its agent, turn and cached share);
+//! `--beside-words N` sends uncached N-word prompts one after another for
+//! the whole run, to see the agents' latency beside long prefills.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -77,6 +80,12 @@ pub(crate) struct AgentBenchArgs {
     /// where a tail comes from. The JSON output always lists every turn.
     #[arg(long)]
     trace: bool,
+    /// Also send uncached prompts of this many words one after another for
+    /// the whole run (`/v1/completions`, one output token), as a client
+    /// summarising documents would: the agents' latency beside long
+    /// prefills.
+    #[arg(long)]
+    beside_words: Option<usize>,
 }
 
 /// Common workload shapes.
@@ -255,6 +264,34 @@ async fn run(args: AgentBenchArgs) -> Result<()> {
     bar.set_message(format!("{} agents x {} turns, {} clients", shape.agents, shape.turns, shape.clients));
     let samples = Arc::new(Mutex::new(Vec::with_capacity(total)));
     let started = Instant::now();
+    let beside_took = Arc::new(Mutex::new(Vec::new()));
+    let beside = args.beside_words.map(|n| {
+        let (client, base, model, key) = (client.clone(), base.clone(), model.clone(), args.api_key.clone());
+        let took = Arc::clone(&beside_took);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0xb5e1_de00);
+        tokio::spawn(async move {
+            loop {
+                // A fresh first word each time: nothing of it is cached.
+                let prompt = format!("{} {}", rng.random::<u64>(), words(&mut rng, n));
+                let body = json!({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0});
+                let mut req = client.post(format!("{base}/v1/completions")).json(&body);
+                if let Some(k) = &key {
+                    req = req.bearer_auth(k);
+                }
+                let t = Instant::now();
+                let ok = match req.send().await {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
+                    bail!("a long prompt beside the agents failed");
+                }
+                if let Ok(mut took) = took.lock() {
+                    took.push(t.elapsed().as_secs_f64());
+                }
+            }
+        })
+    });
     let mut tasks = Vec::new();
     for c in 0..shape.clients {
         let mine: VecDeque<Arc<Mutex<Agent>>> =
@@ -291,9 +328,18 @@ async fn run(args: AgentBenchArgs) -> Result<()> {
         t.await.context("a client task")??;
     }
     let wall = started.elapsed().as_secs_f64();
+    if let Some(b) = beside {
+        if b.is_finished() {
+            // It only ends by failing.
+            b.await.context("the long prompts' task")??;
+        } else {
+            b.abort();
+        }
+    }
     bar.finish_and_clear();
     let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    report(&args, shape, &model, kvserve, wall, &samples);
+    let beside = beside_took.lock().map(|t| t.clone()).unwrap_or_default();
+    report(&args, shape, &model, kvserve, wall, &samples, &beside);
     Ok(())
 }
 
@@ -382,7 +428,17 @@ async fn turn(how: &How<'_>, base: &str, agent: &Mutex<Agent>) -> Result<Sample>
 }
 
 #[allow(clippy::print_stdout)]
-fn report(args: &AgentBenchArgs, shape: Shape, model: &str, kvserve: bool, wall: f64, samples: &[Sample]) {
+/// `beside`: how long each long prompt sent beside the agents took.
+fn report(
+    args: &AgentBenchArgs,
+    shape: Shape,
+    model: &str,
+    kvserve: bool,
+    wall: f64,
+    samples: &[Sample],
+    beside: &[f64],
+) {
+    let beside_mean = (!beside.is_empty()).then(|| beside.iter().sum::<f64>() / beside.len() as f64);
     let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
     ttft.sort_by(f64::total_cmp);
     let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.itl.iter().copied()).collect();
@@ -405,6 +461,7 @@ fn report(args: &AgentBenchArgs, shape: Shape, model: &str, kvserve: bool, wall:
             "ttft_s": {"p50": percentile(&ttft, 0.5), "p95": percentile(&ttft, 0.95), "p99": percentile(&ttft, 0.99)},
             "itl_s": {"mean": itl_mean, "p50": percentile(&itl, 0.5), "p95": percentile(&itl, 0.95)},
             "prompt_tokens": prompt, "cached_tokens": cached, "cached_share": cached_share,
+            "beside": args.beside_words.map(|w| json!({"words": w, "prompts": beside.len(), "mean_s": beside_mean})),
             "turns": samples.iter().map(|s| json!({
                 "agent": s.agent, "turn": s.turn, "started_s": s.started, "ttft_s": s.ttft,
                 "prompt_tokens": s.prompt, "cached_tokens": s.cached,
@@ -439,6 +496,14 @@ fn report(args: &AgentBenchArgs, shape: Shape, model: &str, kvserve: bool, wall:
         tokens as f64 / wall,
         cached_share.map_or("not reported".into(), |c| format!("{:.2}", c)),
     );
+    if let Some(w) = args.beside_words {
+        println!();
+        println!(
+            "Beside the agents: {} prompts of {w} words, {} each on average.",
+            beside.len(),
+            beside_mean.map_or("none finished".into(), |m| format!("{m:.2} s"))
+        );
+    }
     if args.trace {
         let mut slow: Vec<&Sample> = samples.iter().collect();
         slow.sort_by(|a, b| b.ttft.total_cmp(&a.ttft));
