@@ -39,7 +39,10 @@ pub(crate) struct EngineArgs {
     /// K/V element type: f16, bf16 or f32.
     #[arg(long, env = "KVSERVE_KV_DTYPE", default_value = "f16", value_parser = parse_kv_dtype)]
     pub(crate) kv_dtype: KvDType,
-    /// Tokens per model step (decodes plus prefill chunks).
+    /// Tokens per model step (decodes plus prefill chunks). A prefill alone
+    /// takes them all; a step shared with other work holds at most 128
+    /// prefill rows, so a new turn waits at most about one step behind a
+    /// long prompt.
     #[arg(long, env = "KVSERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub(crate) max_batch_tokens: usize,
     /// Sequences decoded together at most.
