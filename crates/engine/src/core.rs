@@ -193,8 +193,9 @@ struct Active {
     started: Instant,
     deadline: Option<(Instant, Duration)>,
     last_token: Option<Instant>,
-    /// When its prefill last got a chunk (or it was admitted): one kept
-    /// waiting past [`PREFILL_MAX_WAIT`] goes before shorter prompts.
+    /// When the last step it ran in ended (at first: when it arrived, or
+    /// when its tier load finished): a prefill kept waiting past
+    /// [`PREFILL_MAX_WAIT`] goes before shorter prompts.
     progressed: Instant,
     ticket: Option<QueueTicket>,
     /// The next block it needs is on its way into the pool (a load, or
@@ -556,8 +557,9 @@ impl EngineCore {
         plan
     }
 
-    /// Prompt tokens `a` still has to compute, plus one (the token it
-    /// samples next): 1 for a decode; 0 if its sequence is gone.
+    /// Tokens of `a` its sequence has not computed yet: 1 for a decode (the
+    /// token it sampled last), the rest of its prompt for a prefill; 0 if
+    /// its sequence is gone.
     fn remaining(&self, a: &Active) -> usize {
         a.seq.and_then(|s| self.cache.seq_len(s).ok()).map_or(0, |done| a.tokens.len().saturating_sub(done))
     }
