@@ -589,9 +589,7 @@ impl EngineCore {
             if *budget == 0 || !Self::takes_more_prefill(plan) {
                 break;
             }
-            let alone = plan.is_empty() && self.running.len() == 1;
-            let cap = if alone { usize::MAX } else { Self::shared_room(plan) };
-            let n = self.remaining(&self.running[i]).min(*budget).min(cap);
+            let n = self.remaining(&self.running[i]).min(*budget).min(self.prefill_cap(plan, true));
             if n == 0 {
                 break;
             }
@@ -600,9 +598,15 @@ impl EngineCore {
         }
     }
 
-    /// Prefill rows a step with other work may still take: up to
-    /// [`SHARED_CHUNK_ROWS`] in all.
-    pub(super) fn shared_room(plan: &[(usize, usize)]) -> usize {
+    /// The most rows a prefill may add to `plan`: any number if it is the
+    /// step's only work (nothing planned, no other request running; `running`
+    /// says whether it is itself one of the running ones), else what is left
+    /// of [`SHARED_CHUNK_ROWS`] prefill rows.
+    pub(super) fn prefill_cap(&self, plan: &[(usize, usize)], running: bool) -> usize {
+        let others = self.running.len() - usize::from(running);
+        if plan.is_empty() && others == 0 {
+            return usize::MAX;
+        }
         let rows: usize = plan.iter().map(|&(_, n)| n).filter(|&n| n > 1).sum();
         SHARED_CHUNK_ROWS.saturating_sub(rows)
     }

@@ -199,8 +199,7 @@ impl EngineCore {
         }
         // A long prompt's first chunk is a shared one unless nothing else
         // runs in this step (`core.rs`, SHARED_CHUNK_ROWS).
-        let cap = if plan.is_empty() && self.running.is_empty() { budget } else { Self::shared_room(plan).max(1) };
-        let mut n = (a.tokens.len() - reused).min(budget).min(cap);
+        let mut n = (a.tokens.len() - reused).min(budget).min(self.prefill_cap(plan, false).max(1));
         let planned = self.plan_cost(plan);
         let mut cost = self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
         let needed = planned.saturating_add(cost);
