@@ -46,7 +46,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use kv::{BlockHash, SeqId};
+use kv::{BlockHash, BlockKey, SeqId};
 use serde::Serialize;
 
 use crate::request::{AgentId, RequestId, TenantId};
@@ -90,6 +90,11 @@ pub(crate) struct Agent {
     /// The addresses of its conversation's full blocks (what a tier holds
     /// them under).
     pub(crate) chain: Vec<BlockHash>,
+    /// The partial block after `chain` that durable tiers hold (its
+    /// manifest's tail, `tiers::manifest`): its position in the chain and
+    /// its key. Content-addressed, so a stale one is only a miss: a prompt
+    /// uses it where the prompt's tokens and parent are the key's.
+    pub(crate) tail: Option<(usize, BlockKey)>,
     /// The durable tiers (a bit per position in the tier list) its latest
     /// turn is not committed to yet: the commit was deferred (write queue
     /// full, tier failing) or failed.
@@ -195,6 +200,7 @@ impl Agents {
             seq: None,
             tokens: Vec::new(),
             chain: Vec::new(),
+            tail: None,
             dirty: 0,
             retry_commit: false,
             retention: Retention::default(),

@@ -503,6 +503,7 @@ impl EngineCore {
         // Waits are counted from the end of a request's last step: a
         // 512-row step alone must not make its prefill overdue at once.
         let ended = Instant::now();
+        tracing::trace!(entries = plan.len(), prefill, us = (ended - started).as_micros() as u64, "step");
         for &(i, _) in &plan {
             self.running[i].progressed = ended;
         }

@@ -430,7 +430,10 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
         Command::Submit(s) if shutdown.is_some() => {
             let _ = s.events.send(Event::Error(Error::EngineStopped));
         }
-        Command::Submit(s) => core.submit(*s),
+        Command::Submit(s) => {
+            tracing::trace!(request = s.id.0, "submitted");
+            core.submit(*s)
+        }
         Command::Cancel(id) => core.cancel(id),
         Command::Agents(tenant, reply) => {
             let _ = reply.send(core.agent_infos(&tenant));

@@ -106,9 +106,17 @@ async fn reference_of(prefix: &str) -> Vec<String> {
 }
 
 /// Tokens of a turn's conversation held in whole blocks afterwards (its
-/// last answer token is sampled, never fed): what a later turn must find.
+/// last answer token is sampled, never fed): what a later turn finds in the
+/// tiers' blocks.
 fn held_blocks_tokens(u: &Usage) -> usize {
-    (u.prompt_tokens + u.completion_tokens - 1) / BS as usize * BS as usize
+    held_tokens(u) / BS as usize * BS as usize
+}
+
+/// Tokens of a turn's conversation whose K/V exists afterwards: all but
+/// its last answer token. What a later turn finds after a restart, the
+/// partial last block included (the manifest's tail).
+fn held_tokens(u: &Usage) -> usize {
+    u.prompt_tokens + u.completion_tokens - 1
 }
 
 #[tokio::test]
@@ -206,6 +214,9 @@ async fn an_agent_resumes_after_a_restart_with_its_cache_and_the_same_tokens() {
     let mut h = Vec::new();
     let first = session(dir.path(), Arc::new(StdFs), &mut h, &USERS[..2]).await;
     assert_eq!((first[0].0.as_str(), first[1].0.as_str()), (want[0].as_str(), want[1].as_str()));
+    // Its full blocks and one tail: the first turn's tail went when the
+    // second turn's manifest replaced it.
+    assert_eq!(records(dir.path()).len(), held_blocks_tokens(&first[1].1) / BS as usize + 1);
 
     let (engine, _) = fake_engine(BS, 64, with_tiers(disk(dir.path())));
     let listed = engine.agents(&tenant()).await.unwrap();
@@ -215,9 +226,35 @@ async fn an_agent_resumes_after_a_restart_with_its_cache_and_the_same_tokens() {
     assert_eq!(engine.stats().tiers.counters.agents_restored, 1);
     let (t3, u3) = say(&engine, &mut h, "a", USERS[2]).await;
     assert_eq!(t3, want[2], "the same answer after a restart");
-    // Everything stored came back: only the partial last block, the last
-    // answer token and the new message were prefilled.
-    assert_eq!(u3.cached_tokens, held_blocks_tokens(&first[1].1), "{:?} then {u3:?}", first[1].1);
+    // Everything stored came back, the partial last block included: only
+    // the last answer token and the new message were prefilled.
+    assert_ne!(held_tokens(&first[1].1) % BS as usize, 0, "the conversation ends inside a block");
+    assert_eq!(u3.cached_tokens, held_tokens(&first[1].1), "{:?} then {u3:?}", first[1].1);
+}
+
+/// A restored agent's tail (its partial last block) is used only where the
+/// next prompt continues it: a client that rewrites the agent's last answer
+/// gets the tokens of an engine that never stored anything.
+#[tokio::test]
+async fn a_restored_tail_is_used_only_where_the_prompt_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Vec::new();
+    let first = session(dir.path(), Arc::new(StdFs), &mut h, &USERS[..2]).await;
+    // Its next to last character: inside the tail (whose last token is the
+    // answer's next to last one).
+    let last = h.len() - 1;
+    let mut answer: Vec<char> = first[1].0.chars().collect();
+    let i = answer.len() - 2;
+    answer[i] = if answer[i] == 'x' { 'y' } else { 'x' };
+    h[last] = Message::new("assistant", answer.into_iter().collect::<String>());
+    let mut plain_h = h.clone();
+    let (engine, _) = fake_engine(BS, 64, with_tiers(disk(dir.path())));
+    let (t3, u3) = say(&engine, &mut h, "a", USERS[2]).await;
+    let (plain, _) = fake_engine(BS, 1024, base());
+    let (want, _) = say(&plain, &mut plain_h, "ref", USERS[2]).await;
+    assert_eq!(t3, want, "the rewritten history's answer");
+    assert!(u3.cached_tokens < held_tokens(&first[1].1), "{u3:?}");
+    engine.check_invariants().await.unwrap();
 }
 
 /// A restart warms restored agents up: their blocks are loaded back into
@@ -237,7 +274,7 @@ async fn after_a_restart_restored_agents_come_back_into_ram_before_their_next_tu
     wait_until("the prefetch", || engine.stats().tiers.counters.prefetched as usize >= stored).await;
     let (t3, u3) = say(&engine, &mut h, "a", USERS[2]).await;
     assert_eq!(t3, want[2], "the same answer from prefetched blocks");
-    assert_eq!(u3.cached_tokens, held_blocks_tokens(&first[1].1));
+    assert_eq!(u3.cached_tokens, held_tokens(&first[1].1));
     let c = engine.stats().tiers.counters;
     assert_eq!(c.tier("ram").hit_tokens as usize, u3.cached_tokens, "all of it from RAM: {c:?}");
     assert_eq!(c.tier("disk").to_pool, 0, "no load of its own: {c:?}");
@@ -256,10 +293,11 @@ async fn a_turn_arriving_mid_prefetch_waits_for_it_instead_of_loading_twice() {
     let (engine, _) = fake_engine(BS, 64, with_tiers(tiers));
     // At once: the prefetch has just been queued.
     let (_, u3) = say(&engine, &mut h, "a", USERS[2]).await;
-    assert_eq!(u3.cached_tokens, held_blocks_tokens(&first[1].1));
+    assert_eq!(u3.cached_tokens, held_tokens(&first[1].1));
     let s = engine.stats();
     let d = s.tiers.disk.clone().unwrap();
-    let stored = held_blocks_tokens(&first[1].1) / BS as usize;
+    // Its full blocks and its tail.
+    let stored = held_blocks_tokens(&first[1].1) / BS as usize + 1;
     assert!(d.read_blocks as usize <= stored, "each record read once: {d:?} {:?}", s.tiers.counters);
     engine.check_invariants().await.unwrap();
 }
@@ -322,7 +360,7 @@ async fn a_corrupt_record_is_a_counted_miss_recomputed_to_the_same_tokens() {
     let (engine, _) = fake_engine(BS, 64, with_tiers(disk(dir.path())));
     let (t3, u3) = say(&engine, &mut h, "a", USERS[2]).await;
     assert_eq!(t3, want[2]);
-    assert_eq!(u3.cached_tokens, held_blocks_tokens(&u2), "{u2:?} then {u3:?}");
+    assert_eq!(u3.cached_tokens, held_tokens(&u2), "{u2:?} then {u3:?}");
     assert_eq!(engine.stats().tiers.disk.unwrap().rejected_total(), 0);
 }
 

@@ -103,7 +103,7 @@ pub mod tier;
 pub use chain::{chain_len, GroupRule};
 pub use disk::{Demotion, DiskConfig, DiskTier, Flusher, Opened};
 pub use error::{Error, Result};
-pub use manifest::{AgentManifest, ManifestId, ManifestRetention};
+pub use manifest::{AgentManifest, ManifestId, ManifestRetention, ManifestTail};
 pub use ram::RamTier;
 pub use record::{GroupId, Payload, RecordKey, Reject, StoreFingerprint};
 #[cfg(not(loom))]

@@ -9,12 +9,26 @@
 //! rename and directory sync, so a manifest that exists after a crash is
 //! whole and its blocks are there.
 //!
-//! # Format, version 1 (little-endian)
+//! # The partial last block
+//!
+//! A conversation rarely ends on a block boundary: the K/V of its last
+//! `len % block_size` computed tokens sit in a block that is not full,
+//! which no prefix lookup can name. Without it a restored agent would
+//! recompute those tokens (up to a block less one) on its next turn, where a
+//! warm one computes only its new ones. So the manifest may name a *tail*:
+//! a record of that partial block, addressed like any block
+//! ([`kv::BlockKey`] of its parent and its own, fewer, tokens, so it can
+//! never be mistaken for a full block), holding the whole block's payload
+//! of which only its first `tokens` positions count. The tail belongs to the
+//! manifest: only a manifest names it, and the disk tier deletes it when the
+//! manifest that named it is replaced or deleted.
+//!
+//! # Format, version 2 (little-endian)
 //!
 //! | offset | bytes | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KVSAGENT` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version (2; version 1, without the tail, is read too) |
 //! | 12 | 4 | zero |
 //! | 16 | 16 | store fingerprint |
 //! | 32 | 8 | body length `B` |
@@ -25,7 +39,8 @@
 //! namespace (u128), retention (u8: 0 evictable, 1 pinned, 2 TTL) and TTL
 //! seconds (u64), priority (i32), turns (u64), last use (u64, ms since the
 //! Unix epoch), token count (u32) and tokens (u32 each), block count (u32)
-//! and blocks (u8 group, u128 address each).
+//! and blocks (u8 group, u128 address each); from version 2, tail count (u32,
+//! 0 or 1) and the tail (u8 group, u128 address, u32 token count).
 //!
 //! The file name is a hash of the tenant and agent id ([`ManifestId`]),
 //! never the client's strings.
@@ -38,7 +53,9 @@ use crate::record::{RecordKey, Reject, StoreFingerprint};
 /// The magic at offset 0.
 pub const MAGIC: &[u8; 8] = b"KVSAGENT";
 /// The format version written.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest format version read.
+pub const OLDEST_VERSION: u32 = 1;
 /// Longest tenant or agent id stored (the engine allows 64).
 pub const MAX_ID: usize = 255;
 /// Most tokens a manifest may hold (far beyond any context).
@@ -79,6 +96,18 @@ pub struct AgentManifest {
     pub tokens: Vec<TokenId>,
     /// The block records of that conversation, in order.
     pub blocks: Vec<RecordKey>,
+    /// The record of the conversation's partial last block, right after
+    /// `blocks` (module doc).
+    pub tail: Option<ManifestTail>,
+}
+
+/// The partial last block a manifest names (module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManifestTail {
+    /// Its record.
+    pub record: RecordKey,
+    /// The tokens of the conversation it holds, fewer than a block.
+    pub tokens: u32,
 }
 
 /// Names an agent's manifest: a hash of its tenant and id.
@@ -121,6 +150,11 @@ impl AgentManifest {
         ManifestId::of(&self.tenant, &self.agent)
     }
 
+    /// Every record it names: its blocks, then its tail.
+    pub fn records(&self) -> impl Iterator<Item = RecordKey> + '_ {
+        self.blocks.iter().copied().chain(self.tail.map(|t| t.record))
+    }
+
     /// Whether its blocks must stay on disk.
     pub fn pinned(&self) -> bool {
         self.retention == ManifestRetention::Pinned
@@ -154,6 +188,12 @@ impl AgentManifest {
             body.push(k.group);
             body.extend_from_slice(&k.hash.to_u128().to_le_bytes());
         }
+        body.extend_from_slice(&u32::from(self.tail.is_some()).to_le_bytes());
+        if let Some(t) = &self.tail {
+            body.push(t.record.group);
+            body.extend_from_slice(&t.record.hash.to_u128().to_le_bytes());
+            body.extend_from_slice(&t.tokens.to_le_bytes());
+        }
         let mut out = Vec::with_capacity(48 + body.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -180,7 +220,7 @@ impl AgentManifest {
         }
         let mut r = Reader { b, at: 8 };
         let version = r.u32()?;
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(Reject::Version(version));
         }
         r.at = 32;
@@ -216,10 +256,22 @@ impl AgentManifest {
             let group = r.u8()?;
             blocks.push(RecordKey::new(group, BlockHash::from_u128(r.u128()?)));
         }
+        let tail = match version {
+            1 => None,
+            _ => match r.u32()? {
+                0 => None,
+                1 => {
+                    let group = r.u8()?;
+                    let record = RecordKey::new(group, BlockHash::from_u128(r.u128()?));
+                    Some(ManifestTail { record, tokens: r.u32()? })
+                }
+                _ => return Err(Reject::OtherBlock { what: "tail count" }),
+            },
+        };
         if r.at != end {
             return Err(Reject::OtherBlock { what: "body length" });
         }
-        Ok(Self { tenant, agent, ns, retention, priority, turns, last_used_unix_ms, tokens, blocks })
+        Ok(Self { tenant, agent, ns, retention, priority, turns, last_used_unix_ms, tokens, blocks, tail })
     }
 }
 
@@ -302,6 +354,7 @@ mod tests {
                 RecordKey::new(0, BlockHash::from_u128(5)),
                 RecordKey::new(1, BlockHash::from_u128(u128::MAX)),
             ],
+            tail: Some(ManifestTail { record: RecordKey::new(0, BlockHash::from_u128(9)), tokens: 5 }),
         }
     }
 
@@ -324,9 +377,9 @@ mod tests {
             bad[i] ^= 0x10;
             assert!(AgentManifest::decode(&bad, &fp()).is_err(), "flip at {i} accepted");
         }
-        let mut v2 = b.clone();
-        v2[8] = 2;
-        assert_eq!(AgentManifest::decode(&v2, &fp()), Err(Reject::Version(2)));
+        let mut v3 = b.clone();
+        v3[8] = 3;
+        assert_eq!(AgentManifest::decode(&v3, &fp()), Err(Reject::Version(3)));
         assert_eq!(AgentManifest::decode(&b, &StoreFingerprint::from_bytes([2; 16])), Err(Reject::Fingerprint));
     }
 
@@ -335,14 +388,31 @@ mod tests {
         let mut m = manifest();
         m.tokens.clear();
         m.blocks.clear();
+        m.tail = None;
         let mut b = m.encode(&fp());
         // Point the token count at u32::MAX and re-seal the checksum: a
         // well-formed file that lies about its sizes.
-        let at = b.len() - 8 - 4 - 4;
+        let at = b.len() - 8 - 4 - 4 - 4;
         b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         let end = b.len() - 8;
         let sum = xxh3_64(&b[..end]);
         b[end..].copy_from_slice(&sum.to_le_bytes());
         assert!(matches!(AgentManifest::decode(&b, &fp()), Err(Reject::Truncated { .. })));
+    }
+
+    /// A manifest written before tails existed (version 1: no tail section)
+    /// still restores its agent, without a tail.
+    #[test]
+    fn a_version_1_manifest_reads_without_a_tail() {
+        let m = AgentManifest { tail: None, ..manifest() };
+        let mut b = m.encode(&fp());
+        // Version 1 is version 2 without the trailing tail count.
+        b.truncate(b.len() - 8 - 4);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let body = (b.len() - 40) as u64;
+        b[32..40].copy_from_slice(&body.to_le_bytes());
+        let sum = xxh3_64(&b);
+        b.extend_from_slice(&sum.to_le_bytes());
+        assert_eq!(AgentManifest::decode(&b, &fp()), Ok(m));
     }
 }

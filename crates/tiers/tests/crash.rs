@@ -86,6 +86,7 @@ fn manifest(a: u32, t: u32) -> AgentManifest {
         last_used_unix_ms: u64::from(t),
         tokens: keys.iter().flat_map(|k| k.tokens.iter().copied()).collect(),
         blocks: keys.iter().map(|k| RecordKey::new(0, k.hash)).collect(),
+        tail: None,
     }
 }
 

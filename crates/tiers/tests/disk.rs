@@ -88,6 +88,7 @@ fn manifest(agent: &str, keys: &[BlockKey], retention: ManifestRetention) -> Age
         last_used_unix_ms: 1,
         tokens: keys.iter().flat_map(|k| k.tokens.iter().copied()).collect(),
         blocks: keys.iter().map(|k| RecordKey::new(0, k.hash)).collect(),
+        tail: None,
     }
 }
 

@@ -163,6 +163,7 @@ fn a_delete_after_a_commit_wins_whatever_the_writer_is_doing() {
             last_used_unix_ms: 0,
             tokens: vec![4, 4],
             blocks: vec![RecordKey::new(0, key(4).hash)],
+            tail: None,
         };
         let id = m.id();
         let writer = {

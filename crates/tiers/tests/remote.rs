@@ -214,6 +214,7 @@ fn manifest(agent: &str, keys: &[BlockKey], turns: u64) -> AgentManifest {
         last_used_unix_ms: 1_700_000_000_000 + turns,
         tokens: keys.iter().flat_map(|k| k.tokens.iter().copied()).collect(),
         blocks: keys.iter().map(rk).collect(),
+        tail: None,
     }
 }
 

@@ -98,6 +98,7 @@ impl EngineCore {
             self.continue_agent_turn(&mut a);
             match self.try_admit(a, *budget, plan) {
                 Admission::Admitted(a, n) => {
+                    tracing::trace!(request = a.id.0, cached = a.usage.cached_tokens, first_chunk = n, "admitted");
                     a.events.admitted();
                     *budget -= n;
                     self.running.push(a);

@@ -52,6 +52,7 @@ impl EngineCore {
             if !durable {
                 ag.tokens = Vec::new();
                 ag.chain = Vec::new();
+                ag.tail = None;
             }
             if let Some(seq) = ag.seq.take() {
                 let _ = self.cache.remove(seq);

@@ -138,6 +138,13 @@ impl EngineCore {
                 wanted.push((i, BlockKey { hash: *h, parent: i.checked_sub(1).map(|p| chain[p]), ns, tokens }));
                 room -= 1;
             }
+            // And the partial block after them (`Agent::tail`).
+            if let Some((k, key)) = ag.tail.as_ref().filter(|(k, _)| *k == chain.len() && room > 0) {
+                if seen.insert(key.hash) {
+                    wanted.push((*k, key.clone()));
+                    room -= 1;
+                }
+            }
         }
         let keys: Vec<RecordKey> = wanted.iter().map(|(_, k)| RecordKey::new(0, k.hash)).collect();
         // Each block from the first queued tier that holds it.

@@ -29,6 +29,13 @@
 //!   for a commit to it; a full queue defers the commit (retried). Agents
 //!   are restored from their manifests at start. Deleting an agent removes
 //!   its blocks nobody else uses from every tier and its manifests.
+//! * **Tails**: the conversation's partial last block goes with the
+//!   commit as the manifest's tail (`tiers::manifest`), a block key of
+//!   fewer tokens. At admission, a chain from the tiers that reaches the
+//!   agent's tail position ends with the tail when the prompt continues its
+//!   tokens (`agent_tail`): the load imports it like any block and marks
+//!   only its tokens computed, so a restored agent prefills only its new
+//!   tokens. It is never published nor registered as pending for others.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -271,31 +278,78 @@ impl EngineCore {
         // redone from where they end, since what the import evicted from
         // the pool may have pushed blocks of this chain down a tier.
         let start = len / bs;
-        let mut promoted = 0;
-        let from = loop {
-            let from = self.find_in_tiers(hashes.hashes(), start + promoted, room - promoted);
+        let (mut promoted, mut tokens) = (0, 0);
+        let (keys, from) = loop {
+            let (keys, from) = self.find_run(a, ns, hashes, start + promoted, room - promoted);
             let lead = from.iter().take_while(|&&t| self.tiers.list[t].at_once()).count();
             if lead == 0 {
-                break from;
+                break (keys, from);
             }
-            let took = self.take_now(a, seq, ns, hashes, start + promoted, &from[..lead]);
+            let took = self.take_now(a, seq, (start + promoted) * bs, &keys[..lead], &from[..lead]);
             promoted += took;
-            if took < lead {
+            tokens += keys[..took].iter().map(|k| k.tokens.len()).sum::<usize>();
+            if took < lead || keys[..took].last().is_some_and(|k| k.tokens.len() < bs) {
                 // Not all came in (no room after all, or a miss): the rest
-                // of the prompt is computed.
-                return TierReuse::Extended(promoted * bs);
+                // of the prompt is computed. Or the tail came in: nothing
+                // follows it.
+                return TierReuse::Extended(tokens);
             }
         };
         let next = start + promoted;
-        if let Some(&h) = hashes.hashes().get(next) {
+        // The next block, or the agent's tail there, on its way in (a
+        // prefetch): wait for it.
+        let tail = self.agent_tail(a, ns, hashes, next).map(|k| k.hash);
+        for h in hashes.hashes().get(next).copied().into_iter().chain(tail) {
             if let Some(p) = self.tiers.pending.producer_of(&h) {
                 return TierReuse::Blocked((p, h));
             }
         }
-        if self.start_load(a, seq, ns, hashes, next, &from) {
+        if self.start_load(a, seq, next * bs, keys, &from) {
             return TierReuse::Loading;
         }
-        TierReuse::Extended(promoted * bs)
+        TierReuse::Extended(tokens)
+    }
+
+    /// The agent's stored tail (`Agent::tail`) if `a`'s prompt continues
+    /// it at block `at`: its parent is the prompt's block before, its
+    /// tokens the prompt's next ones, and at least one prompt token is
+    /// left to compute after it.
+    fn agent_tail(&self, a: &Active, ns: Namespace, hashes: &PrefixHashes, at: usize) -> Option<BlockKey> {
+        let (k, key) = a.agent.as_ref().and_then(|k| self.agents.get(k))?.tail.as_ref()?;
+        let from = at * self.block_size();
+        let fits = from + key.tokens.len() < a.tokens.len();
+        let parent = at.checked_sub(1).map(|p| hashes.hashes().get(p).copied());
+        let same = *k == at && key.ns == ns && parent.is_none_or(|p| p == key.parent) && fits;
+        (same && a.tokens[from..from + key.tokens.len()] == *key.tokens).then(|| key.clone())
+    }
+
+    /// The run of blocks from block `start` on (at most `room`) that the
+    /// tiers hold ([`Self::find_in_tiers`]), ended by the agent's tail if
+    /// the run reaches it: their keys and the tier of each.
+    fn find_run(
+        &self,
+        a: &Active,
+        ns: Namespace,
+        hashes: &PrefixHashes,
+        start: usize,
+        room: usize,
+    ) -> (Vec<BlockKey>, Vec<usize>) {
+        let (hs, bs) = (hashes.hashes(), self.block_size());
+        let mut from = self.find_in_tiers(hs, start, room);
+        let mut keys: Vec<BlockKey> =
+            (start..start + from.len()).map(|i| block_key(ns, hs, &a.tokens, i, bs)).collect();
+        let next = start + from.len();
+        if from.len() < room {
+            if let Some(tail) = self.agent_tail(a, ns, hashes, next) {
+                let rk = [RecordKey::new(GROUP, tail.hash)];
+                let pending = self.tiers.pending.producer_of(&tail.hash).is_some();
+                if let Some(t) = self.tiers.list.iter().position(|t| t.holds(&rk) == [true]).filter(|_| !pending) {
+                    from.push(t);
+                    keys.push(tail);
+                }
+            }
+        }
+        (keys, from)
     }
 
     /// For the blocks from `start` on (at most `room`), the first tier that
@@ -319,32 +373,24 @@ impl EngineCore {
             .collect()
     }
 
-    /// Imports the blocks from block `start` on that tiers answering at
-    /// once hold (`from[j]`: the tier of block `start + j`); returns how
-    /// many went in. Blocks that do not fit stay where they were.
-    fn take_now(
-        &mut self,
-        a: &mut Active,
-        seq: SeqId,
-        ns: Namespace,
-        hashes: &PrefixHashes,
-        start: usize,
-        from: &[usize],
-    ) -> usize {
+    /// Imports the blocks `keys` (the sequence's next ones, from token
+    /// `at`) that tiers answering at once hold (`from[j]`: the tier of
+    /// `keys[j]`); returns how many went in. Blocks that do not fit stay
+    /// where they were.
+    fn take_now(&mut self, a: &mut Active, seq: SeqId, at: usize, keys: &[BlockKey], from: &[usize]) -> usize {
         if from.is_empty() {
             return 0;
         }
         let bs = self.block_size();
-        let hs = hashes.hashes();
         let started = Instant::now();
         let n = from.len();
-        let at = start * bs;
-        let expected: Vec<BlockKey> = (start..start + n).map(|i| block_key(ns, hs, &a.tokens, i, bs)).collect();
+        let expected = keys.to_vec();
+        let len: usize = expected.iter().map(|k| k.tokens.len()).sum();
         // Taken out first, so what the append evicts into the same tiers
         // cannot push them further down meanwhile.
         let mut results: Vec<Option<Result<Payload, Reject>>> = (0..n).map(|_| None).collect();
         dispatch(&mut self.tiers.list, &self.tiers.events, 0, &expected, from, &mut results, |_| true);
-        let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + n * bs]) else {
+        let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + len]) else {
             // No room or quota for them now: they go back.
             give_back(&mut self.tiers, &expected, from, results, 0);
             return 0;
@@ -356,7 +402,7 @@ impl EngineCore {
         let verified: Vec<&[u8]> =
             results.iter().map_while(|r| r.as_ref()?.as_ref().ok().map(Payload::bytes)).collect();
         let imported = self.import_blocks(&blocks[..verified.len()], verified.into_iter());
-        let upto = at + imported * bs;
+        let upto = at + expected[..imported].iter().map(|k| k.tokens.len()).sum::<usize>();
         let _ = self.cache.mark_computed(seq, upto);
         if imported < n {
             let _ = self.cache.truncate(seq, upto);
@@ -364,44 +410,37 @@ impl EngineCore {
         // Taken but not imported (a miss before them, or an import that
         // failed): back where they came from.
         give_back(&mut self.tiers, &expected, from, results, imported);
-        self.count_tier_hits(a, at, &from[..imported]);
+        self.count_tier_hits(a, at, &expected[..imported], &from[..imported]);
         self.tiers.counters.promote_seconds += started.elapsed().as_secs_f64();
         imported
     }
 
-    /// Counts blocks brought into `a`'s sequence from tiers (`from[j]`: the
-    /// tier of the `j`-th block after token `base`): hit tokens (counted
-    /// when the request is admitted, as it may not be now) and moves.
-    fn count_tier_hits(&mut self, a: &mut Active, base: usize, from: &[usize]) {
-        let bs = self.block_size();
+    /// Counts blocks brought into `a`'s sequence from tiers (`keys[j]`
+    /// from tier `from[j]`, the first after token `base`): hit tokens
+    /// (counted when the request is admitted, as it may not be now) and
+    /// moves.
+    fn count_tier_hits(&mut self, a: &mut Active, base: usize, keys: &[BlockKey], from: &[usize]) {
         let prompt = a.req.prompt.len();
-        for (j, &t) in from.iter().enumerate() {
-            let first = base + j * bs;
-            a.tier_hits.add(t, bs.min(prompt.saturating_sub(first)));
+        let mut first = base;
+        for (k, &t) in keys.iter().zip(from) {
+            a.tier_hits.add(t, k.tokens.len().min(prompt.saturating_sub(first)));
+            first += k.tokens.len();
             self.tiers.counters.tiers[t].to_pool += 1;
         }
     }
 
-    /// Starts loading the blocks from block `start` on that the tiers hold
-    /// (`from[j]`: the tier of block `start + j`), if that beats
-    /// recomputing them; true if a load started.
-    fn start_load(
-        &mut self,
-        a: &Active,
-        seq: SeqId,
-        ns: Namespace,
-        hashes: &PrefixHashes,
-        start: usize,
-        from: &[usize],
-    ) -> bool {
+    /// Starts loading the blocks `keys` (the sequence's next ones, from
+    /// token `at`) that the tiers hold (`from[j]`: the tier of `keys[j]`),
+    /// if that beats recomputing them; true if a load started.
+    fn start_load(&mut self, a: &Active, seq: SeqId, at: usize, keys: Vec<BlockKey>, from: &[usize]) -> bool {
         let bs = self.block_size();
-        let hs = hashes.hashes();
         let n = from.len();
         if n == 0 {
             return false;
         }
+        let len: usize = keys.iter().map(|k| k.tokens.len()).sum();
         let per_tier = queued_per_tier(&self.tiers.list, from);
-        let (load_time, compute_time) = (self.tiers.costs.load_time(&per_tier), self.tiers.costs.compute_time(n * bs));
+        let (load_time, compute_time) = (self.tiers.costs.load_time(&per_tier), self.tiers.costs.compute_time(len));
         let budget = match self.tiers.policy {
             LoadPolicy::Measured if load_time >= compute_time => {
                 self.tiers.counters.loads_skipped += 1;
@@ -411,27 +450,27 @@ impl EngineCore {
             LoadPolicy::Measured => compute_time + Duration::from_millis(100),
             LoadPolicy::Always { deadline } => deadline,
         };
-        let at = start * bs;
         let id = self.tiers.next_producer();
-        let expected: Vec<BlockKey> = (start..start + n).map(|i| block_key(ns, hs, &a.tokens, i, bs)).collect();
         // Blocks of tiers that answer at once are taken before the append
         // (see `take_now`); the queued tiers are asked once the pool
         // blocks exist.
         let mut results: Vec<Option<Result<Payload, Reject>>> = (0..n).map(|_| None).collect();
-        dispatch(&mut self.tiers.list, &self.tiers.events, id, &expected, from, &mut results, |t| t.at_once());
-        let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + n * bs]) else {
-            give_back(&mut self.tiers, &expected, from, results, 0);
+        dispatch(&mut self.tiers.list, &self.tiers.events, id, &keys, from, &mut results, |t| t.at_once());
+        let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + len]) else {
+            give_back(&mut self.tiers, &keys, from, results, 0);
             return false;
         };
         self.stash_evicted();
         let blocks: Vec<BlockId> = (0..n).map(|j| appended.slots[j * bs].block).collect();
-        self.tiers.pending.register(id, start, &hs[start..start + n]);
+        // Others may wait for its full blocks (a tail is the agent's own).
+        let full: Vec<BlockHash> = keys.iter().filter(|k| k.tokens.len() == bs).map(|k| k.hash).collect();
+        self.tiers.pending.register(id, at / bs, &full);
         let now = Instant::now();
         let mut load = Load {
             request: a.id,
             seq,
             base: at,
-            keys: expected,
+            keys,
             blocks,
             from: from.to_vec(),
             results,
@@ -510,7 +549,6 @@ impl EngineCore {
             return;
         };
         let mut a = self.loading.swap_remove(i);
-        let bs = self.block_size();
         let verified: Vec<&[u8]> =
             load.results.iter().map_while(|r| r.as_ref()?.as_ref().ok().map(|p| p.bytes())).collect();
         if let Some(Some(Err(reject))) = load.results.get(verified.len()) {
@@ -519,12 +557,12 @@ impl EngineCore {
             }
         }
         let imported = self.import_blocks(&load.blocks[..verified.len()], verified.into_iter());
-        let upto = load.base + imported * bs;
+        let upto = load.base + load.keys[..imported].iter().map(|k| k.tokens.len()).sum::<usize>();
         let _ = self.cache.mark_computed(load.seq, upto);
         let _ = self.cache.truncate(load.seq, upto);
         let upto = self.cut_to_usable(load.seq, upto);
         let took = load.started.elapsed();
-        self.count_tier_hits(&mut a, load.base, &load.from[..imported]);
+        self.count_tier_hits(&mut a, load.base, &load.keys[..imported], &load.from[..imported]);
         // Rates from what came in (a miss ends a chain early and says
         // nothing of how fast the rest would have come).
         let per_tier = queued_per_tier(&self.tiers.list, &load.from[..imported]);
@@ -588,6 +626,7 @@ impl EngineCore {
         struct Part {
             tier: usize,
             known: Vec<bool>,
+            tail_known: bool,
             /// The tier keeps the first copy of a block for good: a block
             /// whose K/V is not whole (a hybrid model's, outside its
             /// window) must not reach it.
@@ -596,30 +635,45 @@ impl EngineCore {
             named: usize,
             ended: bool,
         }
+        // The partial block after the chain (the manifest's tail): the
+        // tokens of a block not full yet, whose K/V a restored agent would
+        // otherwise recompute. Only right after a whole chain, and only in
+        // a record the size of a full block's.
+        let computed = ag.seq.and_then(|s| self.cache.computed(s).ok()).unwrap_or(0).min(ag.tokens.len());
+        let tail = (computed / bs == chain.len()
+            && computed % bs != 0
+            && tiers::record::header_len(computed % bs) == tiers::record::header_len(bs))
+        .then(|| BlockKey::new(ns, chain.last().copied(), &ag.tokens[chain.len() * bs..computed]));
+        let tail_record = tail.as_ref().map(|k| RecordKey::new(GROUP, k.hash));
         let mut parts: Vec<Part> = (0..self.tiers.list.len())
             .filter(|&t| self.tiers.list[t].durable() && mask & (1 << t) != 0)
-            .map(|tier| Part {
-                tier,
-                known: self.tiers.list[tier].known(&records),
-                whole_only: self.tiers.list[tier].keeps_first_copy(),
-                blocks: Vec::new(),
-                named: 0,
-                ended: false,
+            .map(|tier| {
+                let t = &self.tiers.list[tier];
+                Part {
+                    tier,
+                    known: t.known(&records),
+                    tail_known: tail_record.is_some_and(|k| t.known(&[k]) == [true]),
+                    whole_only: t.keeps_first_copy(),
+                    blocks: Vec::new(),
+                    named: 0,
+                    ended: false,
+                }
             })
             .collect();
         let whole: Vec<bool> =
-            (0..records.len()).map(|i| held(i).is_some_and(|b| self.model.holds_window_kv(b))).collect();
+            (0..=records.len()).map(|i| held(i).is_some_and(|b| self.model.holds_window_kv(b))).collect();
         let storage = self.model.storage();
+        let export = |i: usize| {
+            let mut payload = vec![0u8; storage.block_bytes()];
+            held(i).filter(|&b| storage.export_block(b, &mut payload).is_ok()).map(|_| payload)
+        };
         // Each tier's manifest names the chain as far as the tier has it or
         // gets it with this commit: data first, so it never names a block
         // that was never written (a block released meanwhile ends the
         // chain there). A block is exported once, whichever tiers lack it.
-        for (i, &whole) in whole.iter().enumerate() {
+        for (i, &whole) in whole[..records.len()].iter().enumerate() {
             let lacking = parts.iter().any(|p| !p.ended && !p.known[i]);
-            let payload = lacking.then(|| {
-                let mut payload = vec![0u8; storage.block_bytes()];
-                held(i).filter(|&b| storage.export_block(b, &mut payload).is_ok()).map(|_| payload)
-            });
+            let payload = lacking.then(|| export(i));
             for p in parts.iter_mut().filter(|p| !p.ended) {
                 if p.known[i] {
                     p.named = i + 1;
@@ -630,6 +684,25 @@ impl EngineCore {
                     p.named = i + 1;
                 } else {
                     p.ended = true;
+                }
+            }
+        }
+        // The tail goes where the whole chain went.
+        let tail_whole = whole[records.len()];
+        let mut tail_named = vec![false; parts.len()];
+        if let Some(key) = &tail {
+            let wanting = |p: &Part| p.named == records.len() && (tail_whole || !p.whole_only);
+            let lacking = parts.iter().any(|p| wanting(p) && !p.tail_known);
+            let payload = if lacking { export(records.len()) } else { None };
+            for (p, named) in parts.iter_mut().zip(&mut tail_named) {
+                if !wanting(p) {
+                    continue;
+                }
+                if p.tail_known {
+                    *named = true;
+                } else if let Some(payload) = &payload {
+                    p.blocks.push((GROUP, key.clone(), payload.clone()));
+                    *named = true;
                 }
             }
         }
@@ -646,15 +719,23 @@ impl EngineCore {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             tokens: ag.tokens.clone(),
             blocks: Vec::new(),
+            tail: None,
         };
         let mut deferred = 0u64;
-        for p in parts {
-            let manifest = AgentManifest { blocks: records[..p.named].to_vec(), ..manifest.clone() };
+        let mut tail_kept = false;
+        for (p, named) in parts.into_iter().zip(tail_named) {
+            let tail = tail_record
+                .filter(|_| named)
+                .map(|record| tiers::ManifestTail { record, tokens: (computed % bs) as u32 });
+            let manifest = AgentManifest { blocks: records[..p.named].to_vec(), tail, ..manifest.clone() };
             let tier = &mut self.tiers.list[p.tier];
-            let sent: Vec<BlockHash> = p.blocks.iter().map(|b| b.1.hash).collect();
+            // A tail is no block a router could look up: not told.
+            let sent: Vec<BlockHash> =
+                p.blocks.iter().map(|b| b.1.hash).filter(|h| tail_record.is_none_or(|t| t.hash != *h)).collect();
             if tier.commit(manifest, p.blocks, ended).is_err() {
                 deferred |= 1 << p.tier;
             } else {
+                tail_kept |= named;
                 let name = tier.name();
                 self.tiers.events.push(sent.into_iter().map(|h| (KvEventKind::Stored, name, Some(h), None)));
             }
@@ -666,6 +747,9 @@ impl EngineCore {
         if let Some(ag) = self.agents.get_mut(key) {
             ag.dirty = (ag.dirty & !mask) | deferred;
             ag.retry_commit = deferred != 0;
+            if let Some(t) = tail.filter(|_| tail_kept) {
+                ag.tail = Some((computed / bs, t));
+            }
         }
     }
 
@@ -713,6 +797,16 @@ impl EngineCore {
                 self.delete_manifest(m.id());
                 continue;
             }
+            // Its tail must be the partial block right after that chain,
+            // of the manifest's own tokens; otherwise it is ignored (the
+            // tokens are recomputed).
+            let bs = self.block_size();
+            let tail = m.tail.and_then(|t| {
+                let (at, n) = (chain.len() * bs, t.tokens as usize);
+                let tokens = m.tokens.get(at..at + n).filter(|_| n > 0 && n < bs && t.record.group == GROUP)?;
+                let key = BlockKey::new(ns, chain.last().copied(), tokens);
+                (key.hash == t.record.hash).then_some((chain.len(), key))
+            });
             let last_wall = SystemTime::UNIX_EPOCH + Duration::from_millis(m.last_used_unix_ms);
             let age = now_wall.duration_since(last_wall).unwrap_or(Duration::ZERO);
             let retention = match m.retention {
@@ -731,6 +825,7 @@ impl EngineCore {
             let ag = self.agents.entry((tenant, agent));
             ag.tokens = m.tokens;
             ag.chain = chain;
+            ag.tail = tail;
             ag.retention = retention;
             ag.priority = m.priority;
             ag.turns = m.turns;
@@ -782,7 +877,10 @@ impl EngineCore {
         if !others.is_empty() {
             stash(&mut self.tiers, self.model.storage(), others);
         }
-        let records: Vec<RecordKey> = mine.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
+        let mut records: Vec<RecordKey> = mine.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
+        // Its tail is its own (a disk tier deletes it with the manifest).
+        records
+            .extend(self.agents.get(key).and_then(|ag| ag.tail.as_ref()).map(|(_, k)| RecordKey::new(GROUP, k.hash)));
         let id = ManifestId::of(key.0.as_str(), key.1.as_str());
         let here: Vec<&mut Box<dyn Tier>> =
             self.tiers.list.iter_mut().filter(|t| !(keep_shared && t.shared())).collect();

@@ -14,6 +14,9 @@
 //! unpinned agents' ones; a pinned agent's records are never evicted
 //! (pinning is refused past the budget, above this layer). Deleting an
 //! agent drops its references; records no other manifest names go with it.
+//! A manifest's tail (its partial last block, `manifest.rs`) is named by
+//! that manifest alone: replaced by a newer manifest that does not name it,
+//! it goes too, where a full block stays as a plain cached record.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -44,7 +47,9 @@ struct Refs {
 
 #[derive(Debug)]
 struct AgentRefs {
+    /// Every record the manifest names, its tail included.
     blocks: Vec<RecordKey>,
+    tail: Option<RecordKey>,
     pinned: bool,
 }
 
@@ -232,12 +237,21 @@ impl Index {
         out
     }
 
-    /// Records `id`'s manifest as naming `blocks` (replacing what it named
-    /// before).
-    pub(crate) fn set_agent(&mut self, id: ManifestId, blocks: Vec<RecordKey>, pinned: bool) {
+    /// Records `id`'s manifest as naming `blocks` and `tail` (replacing
+    /// what it named before). Returns the old manifest's tail if nothing
+    /// names it now: it has left the index, and the caller deletes it.
+    pub(crate) fn set_agent(
+        &mut self,
+        id: ManifestId,
+        mut blocks: Vec<RecordKey>,
+        tail: Option<RecordKey>,
+        pinned: bool,
+    ) -> Option<RecordKey> {
+        let old_tail = self.agents.get(&id).and_then(|a| a.tail);
         // Records the old manifest named and the new one does not stay, as
-        // plain cached records (evicted first).
+        // plain cached records (evicted first), except its tail.
         let _ = self.drop_refs(id);
+        blocks.extend(tail);
         for k in &blocks {
             self.unorder(k);
             let r = self.refs.entry(*k).or_default();
@@ -245,7 +259,8 @@ impl Index {
             r.pinned += u32::from(pinned);
             self.reorder(k);
         }
-        self.agents.insert(id, AgentRefs { blocks, pinned });
+        self.agents.insert(id, AgentRefs { blocks, tail, pinned });
+        old_tail.filter(|k| !self.refs.contains_key(k) && self.remove(k, None))
     }
 
     /// Drops `id`'s references; returns the present records no manifest
@@ -292,6 +307,11 @@ impl Index {
             self.reorder(k);
         }
         unnamed
+    }
+
+    /// Whether a manifest names `k`.
+    pub(crate) fn is_named(&self, k: &RecordKey) -> bool {
+        self.refs.contains_key(k)
     }
 
     /// Whether `id` has a manifest.
@@ -367,8 +387,8 @@ mod tests {
         }
         assert!(!ix.mark_queued(k(0)), "present: no second write");
         // Record 0 (oldest) belongs to an unpinned agent, 1 to a pinned one.
-        ix.set_agent(ManifestId::of("t", "a"), vec![k(0)], false);
-        ix.set_agent(ManifestId::of("t", "p"), vec![k(1)], true);
+        ix.set_agent(ManifestId::of("t", "a"), vec![k(0)], None, false);
+        ix.set_agent(ManifestId::of("t", "p"), vec![k(1)], None, true);
         ix.check().unwrap();
         assert_eq!(ix.pinned_bytes(), 100);
         assert_eq!(ix.evict_for(100), vec![k(2)], "unreferenced before the agent's older record");
@@ -387,8 +407,8 @@ mod tests {
         ix.mark_queued(k(9));
         let a = ManifestId::of("t", "a");
         let b = ManifestId::of("t", "b");
-        ix.set_agent(a, vec![k(0), k(1), k(9)], false);
-        ix.set_agent(b, vec![k(0)], true);
+        ix.set_agent(a, vec![k(0), k(1), k(9)], None, false);
+        ix.set_agent(b, vec![k(0)], None, true);
         let mut gone = ix.remove_agent(a);
         gone.sort();
         assert_eq!(gone, vec![k(1)]);
@@ -418,11 +438,33 @@ mod tests {
             ix.install(k(i), 10, None);
         }
         let a = ManifestId::of("t", "a");
-        ix.set_agent(a, vec![k(0), k(1)], true);
-        ix.set_agent(a, vec![k(1), k(2)], false);
+        ix.set_agent(a, vec![k(0), k(1)], None, true);
+        ix.set_agent(a, vec![k(1), k(2)], None, false);
         assert_eq!(ix.pinned_bytes(), 0);
         assert!(ix.present(&k(0)).is_some(), "a replaced manifest deletes nothing");
         ix.check().unwrap();
         assert_eq!(ix.evict_for(10), vec![k(0)], "no longer named: evicted first");
+    }
+
+    /// A replaced manifest's tail leaves with it (nobody else could ever
+    /// look it up), unless the new manifest names it too.
+    #[test]
+    fn replacing_a_manifest_deletes_its_old_tail() {
+        let mut ix = Index::new(100);
+        for i in 0..4 {
+            ix.install(k(i), 10, None);
+        }
+        let a = ManifestId::of("t", "a");
+        assert_eq!(ix.set_agent(a, vec![k(0)], Some(k(1)), false), None);
+        assert_eq!(ix.set_agent(a, vec![k(0)], Some(k(1)), false), None, "the same tail named again stays");
+        assert!(ix.present(&k(1)).is_some());
+        assert_eq!(ix.set_agent(a, vec![k(0), k(2)], Some(k(3)), false), Some(k(1)));
+        assert_eq!(ix.present(&k(1)), None, "the old tail left the index");
+        assert_eq!(ix.bytes(), 30);
+        ix.check().unwrap();
+        let mut gone = ix.remove_agent(a);
+        gone.sort();
+        assert_eq!(gone, vec![k(0), k(2), k(3)], "a deleted agent's tail goes with its blocks");
+        ix.check().unwrap();
     }
 }

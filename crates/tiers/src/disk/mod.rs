@@ -318,7 +318,7 @@ impl DiskTier {
                 .and_then(|m| if m.id() == id { Ok(m) } else { Err(Reject::OtherBlock { what: "agent" }) });
             match parsed {
                 Ok(m) => {
-                    index.set_agent(id, m.blocks.clone(), m.pinned());
+                    let _ = index.set_agent(id, m.blocks.clone(), m.tail.map(|t| t.record), m.pinned());
                     index.durable(id, m.turns);
                     manifests.push(m);
                 }

@@ -128,7 +128,7 @@ pub fn clear_agent(dir: &Path, tenant: &str, agent: &str) -> Result<Option<usize
         if id == target {
             theirs = Some(m);
         } else {
-            others.extend(m.blocks);
+            others.extend(m.records());
         }
     }
     let Some(m) = theirs else { return Ok(None) };
@@ -136,7 +136,7 @@ pub fn clear_agent(dir: &Path, tenant: &str, agent: &str) -> Result<Option<usize
     std::fs::remove_file(&path).map_err(io_err(&path))?;
     StdFs.sync_dir(&agents_dir).map_err(io_err(&agents_dir))?;
     let mut deleted = 0;
-    for k in m.blocks.iter().filter(|k| !others.contains(k)) {
+    for k in m.records().filter(|k| !others.contains(k)) {
         deleted += usize::from(std::fs::remove_file(blocks_dir.join(k.file_name())).is_ok());
     }
     StdFs.sync_dir(&blocks_dir).map_err(io_err(&blocks_dir))?;

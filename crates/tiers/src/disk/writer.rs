@@ -84,7 +84,7 @@ impl Writer<'_> {
         let committing: Vec<RecordKey> = jobs
             .iter()
             .filter_map(|j| match j {
-                WriteJob::Commit(c) => Some(c.manifest.blocks.iter().copied()),
+                WriteJob::Commit(c) => Some(c.manifest.records()),
                 _ => None,
             })
             .flatten()
@@ -118,7 +118,7 @@ impl Writer<'_> {
                     let mut cancelled = Vec::new();
                     for s in staged.extract_if(.., |s| s.id == id) {
                         let _ = self.shared.fs.remove_file(&s.tmp);
-                        cancelled.extend(s.manifest.blocks);
+                        cancelled.extend(s.manifest.records());
                     }
                     let result = self.delete_agent(id, &cancelled);
                     deleted.push((done, result));
@@ -159,12 +159,16 @@ impl Writer<'_> {
         }
         shared.state().counters.stats.syncs += 1;
         let mut renamed = Vec::new();
+        // Replaced manifests' tails, out of the index already (nobody loads
+        // them now): unlinked once the new manifests are durable.
+        let mut old_tails = Vec::new();
         for s in staged {
             let path = shared.manifest_path(&s.id);
             let mut st = shared.state();
             match shared.fs.rename(&s.tmp, &path) {
                 Ok(()) => {
-                    st.index.set_agent(s.id, s.manifest.blocks.clone(), s.manifest.pinned());
+                    let m = &s.manifest;
+                    old_tails.extend(st.index.set_agent(s.id, m.blocks.clone(), m.tail.map(|t| t.record), m.pinned()));
                     drop(st);
                     renamed.push(s);
                 }
@@ -190,6 +194,17 @@ impl Writer<'_> {
                 st.index.durable(s.id, s.manifest.turns);
                 st.counters.stats.commits += 1;
                 st.counters.stats.durability_lag.observe(now.saturating_duration_since(s.ended));
+            }
+        }
+        for k in old_tails {
+            let mut st = shared.state();
+            if st.index.is_named(&k) {
+                // Another manifest of this batch names the same tail (two
+                // agents with one history): it stays.
+                st.index.install(k, shared.record_len, None);
+            } else {
+                drop(st);
+                let _ = shared.fs.remove_file(&shared.record_path(&k));
             }
         }
         // Durable now: their pages need not stay cached.
