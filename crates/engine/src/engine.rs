@@ -42,6 +42,11 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 /// Sleep when work exists but none could run (the pool is full of pinned
 /// agents, or every waiting request waits for its agent).
 const STALL_TICK: Duration = Duration::from_millis(5);
+/// Commands handled between two scheduling steps at most. Tier threads
+/// report as fast as they read (a restart's prewarm: thousands of blocks,
+/// each report asking for the next read), so draining until the channel is
+/// empty could keep a waiting turn from being admitted until they stop.
+const COMMANDS_PER_STEP: usize = 32;
 /// Longest shutdown grace honoured (a longer one is cut to this).
 const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
 
@@ -373,7 +378,7 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
             rx.recv_timeout(wait).map_err(|e| matches!(e, RecvTimeoutError::Disconnected))
         };
         let mut next = first;
-        loop {
+        for handled in 1.. {
             match next {
                 Ok(Command::HandlesGone) => disconnected = true,
                 Ok(Command::Publish(reply)) => {
@@ -388,6 +393,9 @@ fn run_loop(mut core: EngineCore, rx: &mpsc::Receiver<Command>, published: &Mute
                     disconnected |= gone;
                     break;
                 }
+            }
+            if handled == COMMANDS_PER_STEP {
+                break;
             }
             next = rx.try_recv().map_err(|e| matches!(e, TryRecvError::Disconnected));
         }

@@ -419,3 +419,38 @@ fn requests_arriving_together_compute_a_shared_prefix_once() {
     assert!(cached >= 3 * 256, "three of four adopted the prefix: {cached}");
     assert_pool_full(&engine);
 }
+
+/// Commands that keep coming (as a restart's prewarm floods the engine with
+/// tier reports, each asking for the next read) do not keep the engine from
+/// stepping: a request runs to its end while the flood goes on.
+#[test]
+fn a_flood_of_commands_does_not_keep_the_engine_from_stepping() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let (engine, control) = fake_engine(16, 256, config());
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let (engine, stop) = (engine.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // A request long gone: nothing to do, but a command.
+                    let _ = engine.cancel(engine::RequestId(u64::MAX));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let stream = engine.generate(greedy("a turn during the flood", 8)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(collect_blocking(stream)));
+    // Generous: the request takes milliseconds; without steps it never ends.
+    let out = rx.recv_timeout(Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    let out = out.expect("the request never finished while commands kept coming");
+    assert_eq!(out.reason, Some(FinishReason::Length), "{out:?}");
+    assert!(control.steps.load(Ordering::SeqCst) > 0);
+}

@@ -109,6 +109,7 @@ impl EngineCore {
                     self.loading.push(a);
                 }
                 Admission::Blocked(mut a, waits_for) => {
+                    tracing::trace!(request = a.id.0, producer = ?waits_for.0, block = %waits_for.1, "waits for a block on its way");
                     a.waits_for = Some(waits_for);
                     skipped.push((key, a));
                 }
