@@ -443,7 +443,9 @@ fn a_flood_of_commands_does_not_keep_the_engine_from_stepping() {
     std::thread::sleep(Duration::from_millis(50));
     let stream = engine.generate(greedy("a turn during the flood", 8)).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(collect_blocking(stream)));
+    std::thread::spawn(move || {
+        let _ = tx.send(collect_blocking(stream));
+    });
     // Generous: the request takes milliseconds; without steps it never ends.
     let out = rx.recv_timeout(Duration::from_secs(30));
     stop.store(true, Ordering::Relaxed);
