@@ -76,6 +76,7 @@ use crate::grammar::{Accepted, Constraint, MaskWorker};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
 use crate::sampling::Sampler;
+use crate::speculative::{self, Drafting, Speculation};
 use crate::text::TextStream;
 use crate::tiering::{ProducerId, Tiering};
 use crate::EngineConfig;
@@ -211,6 +212,10 @@ struct Active {
     /// The prompt's log-probabilities so far, when asked for
     /// (`Request::prompt_logprobs`), until sent.
     prompt_logprobs: Option<Vec<Option<crate::Logprobs>>>,
+    /// Tokens drafted for the step being planned (`speculative.rs`).
+    draft: Vec<u32>,
+    /// Its drafting record.
+    drafting: Drafting,
 }
 
 /// Prompt tokens an admission found in the pool and in each tier (by
@@ -234,6 +239,14 @@ impl Active {
     fn key(&self) -> (Reverse<i32>, u64) {
         (Reverse(self.req.req.priority), self.arrival)
     }
+}
+
+/// What became of a request after one token ([`EngineCore::take_token`]).
+enum Taken {
+    /// It goes on; this token was taken.
+    Next(u32),
+    /// It ends so.
+    Last(End),
 }
 
 /// How a request ended.
@@ -358,6 +371,8 @@ impl EngineCore {
             producing: None,
             tier_hits: TierHits::default(),
             prompt_logprobs: s.req.req.prompt_logprobs.map(|_| vec![None]),
+            draft: Vec::new(),
+            drafting: Drafting::default(),
             req: s.req,
         };
         self.waiting.insert(active.key(), active);
@@ -452,30 +467,47 @@ impl EngineCore {
         let mut plan = self.plan_running(&mut budget, now);
         self.admit(&mut plan, &mut budget);
         self.plan_prefills(&mut plan, &mut budget, now, true);
+        self.plan_drafts(&mut plan, &mut budget);
         if !self.make_room(&mut plan) {
+            for &(i, _) in &plan {
+                self.running[i].draft.clear();
+            }
             return false;
         }
         // Plan entries and model rows stay aligned: an entry whose sequence
         // cannot be read (never expected) leaves both lists together.
         let mut work: Vec<(SeqId, Vec<u32>)> = Vec::with_capacity(plan.len());
         // Logit rows per entry: a prompt's own log-probabilities need every
-        // row of its prefill, everything else the last one.
+        // row of its prefill, a decode with drafts every row, everything
+        // else the last one.
         let mut rows: Vec<usize> = Vec::with_capacity(plan.len());
+        // Drafted tokens per entry (`speculative.rs`).
+        let mut drafts: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
+        let running = &mut self.running;
+        let cache = &self.cache;
         plan.retain(|&(i, n)| {
-            let a = &self.running[i];
+            let a = &mut running[i];
+            let draft = std::mem::take(&mut a.draft);
             let chunk = a.seq.and_then(|seq| {
-                let done = self.cache.seq_len(seq).ok()?;
+                let done = cache.seq_len(seq).ok()?;
+                if !draft.is_empty() {
+                    let mut t = a.tokens.get(done..done + 1)?.to_vec();
+                    t.extend_from_slice(&draft);
+                    return Some(((seq, t), n));
+                }
                 let all = a.prompt_logprobs.is_some() && done < a.req.prompt.len();
                 Some(((seq, a.tokens.get(done..done + n)?.to_vec()), if all { n } else { 1 }))
             });
-            chunk.map(|(c, r)| (work.push(c), rows.push(r))).is_some()
+            chunk.map(|(c, r)| (work.push(c), rows.push(r), drafts.push(draft))).is_some()
         });
         if plan.is_empty() {
             return false;
         }
         let refs: Vec<(SeqId, &[u32])> = work.iter().map(|(s, t)| (*s, t.as_slice())).collect();
+        let tentative: Vec<usize> = drafts.iter().map(Vec::len).collect();
         self.stats.steps += 1;
-        let prefill: usize = work.iter().map(|(_, t)| t.len()).filter(|&n| n > 1).sum();
+        let prefill: usize =
+            work.iter().zip(&drafts).filter(|(_, d)| d.is_empty()).map(|((_, t), _)| t.len()).filter(|&n| n > 1).sum();
         let started = Instant::now();
         // Every live sequence's window (the admitted ones included), so
         // this step's copies and page allocations reclaim none of it.
@@ -499,7 +531,7 @@ impl EngineCore {
             },
             (_, _) => (false, constrained),
         };
-        let result = crate::txn::run_step_rows(model, cache, &refs, &rows, &mut stash);
+        let result = crate::txn::run_step_drafts(model, cache, &refs, &rows, &tentative, &mut stash);
         // Waits are counted from the end of a request's last step: a
         // 512-row step alone must not make its prefill overdue at once.
         let ended = Instant::now();
@@ -528,7 +560,7 @@ impl EngineCore {
             Ok(logits) => {
                 self.tiers.costs.prefilled(prefill, started.elapsed());
                 self.published(&plan);
-                self.after_step(&plan, &rows, logits);
+                self.after_step(&plan, &rows, &drafts, logits);
             }
             Err(model::Error::Kv(e @ (kv::Error::QuotaExceeded { .. } | kv::Error::Exhausted { .. }))) => {
                 self.on_refused(&plan, &e);
@@ -851,14 +883,16 @@ impl EngineCore {
         }
     }
 
-    fn after_step(&mut self, plan: &[(usize, usize)], rows: &[usize], logits: Vec<Vec<f32>>) {
+    fn after_step(&mut self, plan: &[(usize, usize)], rows: &[usize], drafts: &[Vec<u32>], logits: Vec<Vec<f32>>) {
         let now = Instant::now();
         let mut ended = Vec::new();
         let mut generated = 0;
         let mut logits = logits.into_iter();
-        for (&(i, _), &k) in plan.iter().zip(rows) {
+        for ((&(i, _), &k), draft) in plan.iter().zip(rows).zip(drafts) {
             let entry: Vec<Vec<f32>> = logits.by_ref().take(k).collect();
-            let Some(row) = entry.last() else { continue };
+            if entry.is_empty() {
+                continue;
+            }
             let a = &mut self.running[i];
             let Some(done) = a.seq.and_then(|s| self.cache.seq_len(s).ok()) else { continue };
             if let Some(lps) = a.prompt_logprobs.as_mut() {
@@ -886,60 +920,23 @@ impl EngineCore {
                 ended.push((i, End::Finished(FinishReason::Length, String::new())));
                 continue;
             }
-            let (prompt, answer) = (&a.req.prompt, &a.tokens[a.req.prompt.len()..]);
-            let sampled = match a.constraint.as_mut() {
-                None => Ok(a.sampler.sample(row, prompt, answer)),
-                Some(c) => a.sampler.sample_masked(row, prompt, answer, |l| c.apply(l, &a.req.stop_ids)),
-            };
-            let (token, logprobs) = match sampled {
-                Ok(t) => t,
-                Err(e) => {
-                    ended.push((i, End::Failed(e)));
-                    continue;
+            // Without drafts the last row gives the next token. With them,
+            // row `r` is valid while the tokens before it were the drafts:
+            // each row's token is taken until one differs from its draft
+            // (or the request ends), exactly what plain decoding produces.
+            let from = if draft.is_empty() { entry.len() - 1 } else { 0 };
+            for (r, row) in entry[from..].iter().enumerate() {
+                match self.take_token(i, row, now, &mut generated) {
+                    Taken::Next(token) if draft.get(r) == Some(&token) => {}
+                    Taken::Next(_) => break,
+                    Taken::Last(how) => {
+                        ended.push((i, how));
+                        break;
+                    }
                 }
-            };
-            a.sampler.accept(token);
-            a.tokens.push(token);
-            a.usage.completion_tokens += 1;
-            generated += 1;
-            match a.last_token {
-                None => self.stats.ttft.observe(now - a.started),
-                Some(t) => self.stats.inter_token.observe(now - t),
             }
-            a.last_token = Some(now);
-            // With a grammar, a stop id ends only where the grammar may end.
-            let is_end = match &a.constraint {
-                Some(c) => c.is_end(token, &a.req.stop_ids),
-                None => a.req.stop_ids.contains(&token),
-            };
-            if is_end {
-                ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
-                continue;
-            }
-            let grammar_done = match a.constraint.as_mut().map(|c| c.accept(token)) {
-                Some(Ok(step)) => step == Accepted::Complete,
-                Some(Err(e)) => {
-                    ended.push((i, End::Failed(e)));
-                    continue;
-                }
-                None => false,
-            };
-            let released = match a.text.push(self.codec.as_ref(), token) {
-                Ok(r) => r,
-                Err(e) => {
-                    ended.push((i, End::Failed(Error::Model(e.to_string()))));
-                    continue;
-                }
-            };
-            let stopped = released.stopped;
-            if a.events.send(Event::Token { id: token, text: released.text, logprobs }).is_err() {
-                ended.push((i, End::Finished(FinishReason::Cancelled, String::new())));
-            } else if stopped {
-                ended.push((i, End::Finished(FinishReason::Stop, String::new())));
-            } else if grammar_done {
-                ended.push((i, End::Finished(FinishReason::Stop, a.text.flush())));
-            } else if a.usage.completion_tokens >= a.req.max_tokens {
-                ended.push((i, End::Finished(FinishReason::Length, a.text.flush())));
+            if !draft.is_empty() {
+                self.settle_drafts(i, draft.len());
             }
         }
         self.stats.generated_tokens += generated;
@@ -949,6 +946,129 @@ impl EngineCore {
             let a = self.running.swap_remove(i);
             self.end(a, how);
         }
+    }
+
+    /// Samples request `i`'s next token from `row` and hands it on: to its
+    /// tokens, its grammar, its stream. `Last` when the request ends with
+    /// it (or without it: a sampling or grammar failure).
+    fn take_token(&mut self, i: usize, row: &[f32], now: Instant, generated: &mut u64) -> Taken {
+        let a = &mut self.running[i];
+        let (prompt, answer) = (&a.req.prompt, &a.tokens[a.req.prompt.len()..]);
+        let sampled = match a.constraint.as_mut() {
+            None => Ok(a.sampler.sample(row, prompt, answer)),
+            Some(c) => a.sampler.sample_masked(row, prompt, answer, |l| c.apply(l, &a.req.stop_ids)),
+        };
+        let (token, logprobs) = match sampled {
+            Ok(t) => t,
+            Err(e) => return Taken::Last(End::Failed(e)),
+        };
+        a.sampler.accept(token);
+        a.tokens.push(token);
+        a.usage.completion_tokens += 1;
+        *generated += 1;
+        match a.last_token {
+            None => self.stats.ttft.observe(now - a.started),
+            Some(t) => self.stats.inter_token.observe(now - t),
+        }
+        a.last_token = Some(now);
+        // With a grammar, a stop id ends only where the grammar may end.
+        let is_end = match &a.constraint {
+            Some(c) => c.is_end(token, &a.req.stop_ids),
+            None => a.req.stop_ids.contains(&token),
+        };
+        if is_end {
+            return Taken::Last(End::Finished(FinishReason::Stop, a.text.flush()));
+        }
+        let grammar_done = match a.constraint.as_mut().map(|c| c.accept(token)) {
+            Some(Ok(step)) => step == Accepted::Complete,
+            Some(Err(e)) => return Taken::Last(End::Failed(e)),
+            None => false,
+        };
+        let released = match a.text.push(self.codec.as_ref(), token) {
+            Ok(r) => r,
+            Err(e) => return Taken::Last(End::Failed(Error::Model(e.to_string()))),
+        };
+        let stopped = released.stopped;
+        if a.events.send(Event::Token { id: token, text: released.text, logprobs }).is_err() {
+            Taken::Last(End::Finished(FinishReason::Cancelled, String::new()))
+        } else if stopped {
+            Taken::Last(End::Finished(FinishReason::Stop, String::new()))
+        } else if grammar_done {
+            Taken::Last(End::Finished(FinishReason::Stop, a.text.flush()))
+        } else if a.usage.completion_tokens >= a.req.max_tokens {
+            Taken::Last(End::Finished(FinishReason::Length, a.text.flush()))
+        } else {
+            Taken::Next(token)
+        }
+    }
+
+    /// Drafts tokens for the plan's decodes where it pays
+    /// (`speculative.rs`): greedy, unconstrained requests that did not opt
+    /// out, in a step of few decodes, on a model without sliding windows,
+    /// with the pool's room for them and no quota to meet; each draft takes
+    /// budget rows.
+    fn plan_drafts(&mut self, plan: &mut [(usize, usize)], budget: &mut usize) {
+        if self.config.speculative == Speculation::Off || self.model.window_blocks().is_some() {
+            return;
+        }
+        let decodes: Vec<usize> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, &(i, n))| n == 1 && self.remaining(&self.running[i]) == 1)
+            .map(|(j, _)| j)
+            .collect();
+        if decodes.is_empty() || decodes.len() > speculative::MAX_BATCH {
+            return;
+        }
+        let mut spare = self.cache.stats().available_blocks().saturating_sub(self.plan_cost(plan));
+        for j in decodes {
+            let i = plan[j].0;
+            let a = &self.running[i];
+            let eligible = a.req.req.speculative
+                && a.req.req.sampling.temperature <= 0.0
+                && a.constraint.is_none()
+                && a.prompt_logprobs.is_none()
+                && self.cache.owner_usage(&a.owner).quota.is_none();
+            // The first row's token is the model's own: drafts past the
+            // request's last token would be wasted.
+            let k =
+                speculative::MAX_DRAFT.min(a.req.max_tokens.saturating_sub(a.usage.completion_tokens + 1)).min(*budget);
+            let Some(seq) = a.seq.filter(|_| eligible && k > 0) else { continue };
+            if !self.running[i].drafting.wants() {
+                continue;
+            }
+            let draft = speculative::propose(&self.running[i].tokens, k);
+            let cost = |n| self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
+            let extra = cost(1 + draft.len()).saturating_sub(cost(1));
+            if draft.is_empty() || extra > spare {
+                continue;
+            }
+            spare -= extra;
+            *budget -= draft.len();
+            plan[j].1 = 1 + draft.len();
+            self.running[i].draft = draft;
+        }
+    }
+
+    /// After a step that verified `drafted` drafts of request `i`: its
+    /// sequence keeps the K/V of every token it took but the newest (as
+    /// after any decode), the rejected drafts' K/V is cut before anything
+    /// publishes it, and the acceptance is counted.
+    fn settle_drafts(&mut self, i: usize, drafted: usize) {
+        let a = &mut self.running[i];
+        let Some(seq) = a.seq else { return };
+        let Ok(len) = self.cache.seq_len(seq) else { return };
+        // The step appended the last token and the drafts.
+        let start = len - 1 - drafted;
+        let keep = (a.tokens.len() - 1).min(len);
+        let accepted = keep.saturating_sub(start + 1);
+        let _ = self.cache.truncate(seq, keep);
+        let _ = self.cache.mark_computed(seq, keep);
+        a.usage.drafted_tokens += drafted;
+        a.usage.accepted_tokens += accepted;
+        a.drafting.record(drafted, accepted);
+        self.stats.drafted_tokens += drafted as u64;
+        self.stats.accepted_tokens += accepted as u64;
     }
 
     /// The one exit: report, then give the sequence to the agent or free it.

@@ -35,6 +35,7 @@ use crate::core::{EngineCore, QueueCounts, Submission};
 use crate::error::{Error, Result};
 use crate::metrics::EngineStats;
 use crate::request::{AgentId, Event, Prompt, Request, RequestId, TenantId, ValidRequest};
+use crate::speculative::Speculation;
 use crate::tiering::{TierConfig, Tiering};
 
 /// Longest the idle loop sleeps before looking at deadlines again.
@@ -89,6 +90,9 @@ pub struct EngineConfig {
     pub tenant_weights: std::collections::HashMap<TenantId, u32>,
     /// The tiers below the pool (RAM, disk). None by default.
     pub tiers: TierConfig,
+    /// Whether decoding drafts tokens to verify several per step
+    /// (`speculative.rs`).
+    pub speculative: Speculation,
 }
 
 impl Default for EngineConfig {
@@ -106,6 +110,7 @@ impl Default for EngineConfig {
             max_pinned_share_total: 0.8,
             tenant_weights: std::collections::HashMap::new(),
             tiers: TierConfig::default(),
+            speculative: Speculation::default(),
         }
     }
 }

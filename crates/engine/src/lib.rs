@@ -57,6 +57,7 @@ mod metrics;
 mod request;
 mod sampling;
 mod schema;
+mod speculative;
 pub mod testing;
 mod text;
 mod tiering;
@@ -74,6 +75,7 @@ pub use request::{
     MAX_ID_LEN, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TIMEOUT,
 };
 pub use schema::{grammar_schema, FRACTION_DIGITS, MAX_STRING_CHARS, NUMBER_LIMIT};
+pub use speculative::Speculation;
 pub use tiering::{LoadPolicy, TierConfig, TierCounters, TierMoves, TierStats};
 pub use tiers::{
     DiskConfig, DiskStats, RemoteConfig, RemoteStats, TierSnapshot, LATENCY_BUCKETS_S as TIER_LATENCY_BUCKETS,

@@ -67,6 +67,10 @@ pub struct EngineStats {
     pub cached_prompt_tokens: u64,
     /// Tokens generated.
     pub generated_tokens: u64,
+    /// Tokens drafted for speculative decoding.
+    pub drafted_tokens: u64,
+    /// Of those, the ones the model agreed with.
+    pub accepted_tokens: u64,
     /// Requests finished, by outcome.
     pub finished: Finished,
     /// Running requests preempted for lack of blocks.

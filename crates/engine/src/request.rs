@@ -223,6 +223,9 @@ pub struct Request {
     /// is then computed whole, never taken from the cache (its K/V is;
     /// its logits are not kept). Allows `max_tokens` 0: the prompt only.
     pub prompt_logprobs: Option<usize>,
+    /// May its decoding draft tokens (`speculative.rs`)? The output is the
+    /// same either way; false opts out.
+    pub speculative: bool,
 }
 
 /// Most `logit_bias` entries a request may carry.
@@ -250,6 +253,7 @@ impl Request {
             logit_bias: Vec::new(),
             grammar: None,
             prompt_logprobs: None,
+            speculative: true,
         }
     }
 
@@ -349,6 +353,11 @@ pub struct Usage {
     pub cached_tokens: usize,
     /// Generated tokens.
     pub completion_tokens: usize,
+    /// Tokens drafted for speculative decoding (`speculative.rs`).
+    pub drafted_tokens: usize,
+    /// Of those, the ones the model agreed with: generated without a step
+    /// of their own.
+    pub accepted_tokens: usize,
 }
 
 /// Log-probabilities of one generated token.

@@ -14,7 +14,9 @@
 //!      the old one, which a later entry's append may evict and reuse.
 //! 2. **Forward**: the model runs the ragged batch, writing every new
 //!    token's K/V into its slot.
-//! 3. **Mark computed**: full blocks are published to the prefix index. A
+//! 3. **Mark computed**: full blocks are published to the prefix index
+//!    (an entry's drafted tokens, `speculative.rs`, are left to the caller,
+//!    which marks what the model agreed with and truncates the rest). A
 //!    new block takes the place of an indexed copy of the same tokens that
 //!    lost its sliding-window K/V (hybrid models): that copy would send
 //!    every later user of the prefix back to recomputing it.
@@ -61,8 +63,26 @@ pub fn run_step_rows(
     logit_rows: &[usize],
     on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
 ) -> model::Result<Vec<Vec<f32>>> {
+    run_step_drafts(model, cache, work, logit_rows, &[], on_evicted)
+}
+
+/// [`run_step_rows`] where the last `tentative[i]` tokens of entry `i`
+/// are drafts (`speculative.rs`): computed, but not marked computed, so
+/// nothing of them is published; the caller marks what it accepts and
+/// truncates the rest.
+///
+/// # Errors
+/// As [`run_step`].
+pub(crate) fn run_step_drafts(
+    model: &mut dyn Model,
+    cache: &mut KvCache,
+    work: &[(SeqId, &[u32])],
+    logit_rows: &[usize],
+    tentative: &[usize],
+    on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
+) -> model::Result<Vec<Vec<f32>>> {
     let mut starts = Vec::with_capacity(work.len());
-    let result = transact(model, cache, work, logit_rows, on_evicted, &mut starts);
+    let result = transact(model, cache, work, logit_rows, tentative, on_evicted, &mut starts);
     if result.is_err() {
         for (&(seq, _), &start) in work.iter().zip(&starts) {
             // Only sequences appended to are in `starts`; truncating back
@@ -78,6 +98,7 @@ fn transact(
     cache: &mut KvCache,
     work: &[(SeqId, &[u32])],
     logit_rows: &[usize],
+    tentative: &[usize],
     on_evicted: &mut dyn FnMut(&mut dyn BlockStorage, Vec<Evicted>),
     starts: &mut Vec<usize>,
 ) -> model::Result<Vec<Vec<f32>>> {
@@ -120,8 +141,9 @@ fn transact(
         logits
     };
     let whole = |b| model.holds_window_kv(b);
-    for (&(seq, tokens), &start) in work.iter().zip(starts.iter()) {
-        cache.mark_computed_superseding(seq, start + tokens.len(), |indexed, ours| !whole(indexed) && whole(ours))?;
+    for (i, (&(seq, tokens), &start)) in work.iter().zip(starts.iter()).enumerate() {
+        let upto = start + tokens.len() - tentative.get(i).copied().unwrap_or(0).min(tokens.len());
+        cache.mark_computed_superseding(seq, upto, |indexed, ours| !whole(indexed) && whole(ours))?;
     }
     Ok(logits)
 }

@@ -45,6 +45,9 @@ enum BenchWhat {
     /// The router's index and choice at fleet scale (`--simulate`: 100
     /// replicas, 10M blocks): decisions per second, latency, memory.
     Route(crate::bench_route::RouteBenchArgs),
+    /// Speculative decoding: decode speed with drafting off and on,
+    /// alternated on one engine, copy-heavy and plain chat, 1 and 8 streams.
+    Spec(crate::bench_spec::SpecBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -74,6 +77,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         BenchWhat::Agents(args) => return crate::bench_agents::bench_agents(args),
         BenchWhat::Grammar(args) => return crate::bench_grammar::bench_grammar(args),
         BenchWhat::Route(args) => return crate::bench_route::bench_route(args),
+        BenchWhat::Spec(args) => return crate::bench_spec::bench_spec(args),
     };
     init_threads(args.model.threads)?;
     let path = resolve_model(&args.model)?;

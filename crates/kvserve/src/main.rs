@@ -6,6 +6,7 @@ mod bench_agents;
 mod bench_engine;
 mod bench_grammar;
 mod bench_route;
+mod bench_spec;
 mod bench_tiers;
 mod cache;
 mod route;

@@ -52,6 +52,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         kv_dtype: args.kv_dtype,
         max_batch_tokens: 512,
         max_running: 1,
+        speculative: engine::Speculation::Auto,
         queue_limit: 1,
         request_timeout: 3600,
         max_agents_per_tenant: 1,

@@ -48,6 +48,13 @@ pub(crate) struct EngineArgs {
     /// Sequences decoded together at most.
     #[arg(long, env = "KVSERVE_MAX_RUNNING", default_value_t = 64)]
     pub(crate) max_running: usize,
+    /// Speculative decoding: `auto` lets a greedy request's decode draft
+    /// tokens from its own text (prompt lookup) and verify them in the same
+    /// step, when few sequences decode together; the output is identical
+    /// either way. `off` never drafts. A request opts out with
+    /// `"speculative": false`.
+    #[arg(long, env = "KVSERVE_SPECULATIVE", default_value = "auto", value_parser = parse_speculation)]
+    pub(crate) speculative: engine::Speculation,
     /// Requests waiting before new ones are refused as overloaded.
     #[arg(long, env = "KVSERVE_QUEUE_LIMIT", default_value_t = 256)]
     pub(crate) queue_limit: usize,
@@ -332,6 +339,7 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
         max_pinned_share_total: args.max_pinned_share_total,
         tenant_weights: parse_weights(&args.tenant_weights)?,
         tiers: args.tiers.config()?,
+        speculative: args.speculative,
     };
     engine_config.validate()?;
     let (path, catalogue_name) = resolve_known(&args.model)?;
@@ -406,6 +414,14 @@ pub(crate) fn start_engine(args: &EngineArgs, matmul: Option<MatmulPath>) -> Res
     tracing::debug!(mib = resident >> 20, ms = prefaulting.elapsed().as_millis() as u64, "KV pool resident");
     let engine = engine::start(Box::new(model), Arc::new(text), engine_config)?;
     Ok(Started { engine, model_name, model_aliases, summary, block_size: args.block_size as usize, block_bytes })
+}
+
+fn parse_speculation(s: &str) -> std::result::Result<engine::Speculation, String> {
+    match s {
+        "auto" => Ok(engine::Speculation::Auto),
+        "off" => Ok(engine::Speculation::Off),
+        _ => Err(format!("`{s}`: expected `auto` or `off`")),
+    }
 }
 
 /// `kvserve models`: the known names, their sizes, and whether each is in

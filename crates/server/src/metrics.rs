@@ -56,6 +56,20 @@ pub fn render(s: &EngineStats) -> String {
     );
     gauge(&mut o, "kvserve_prefix_hit_rate", "Share of prompt tokens served from cache.", "gauge", s.prefix_hit_rate());
     gauge(&mut o, "kvserve_generated_tokens_total", "Tokens generated.", "counter", s.generated_tokens as f64);
+    gauge(
+        &mut o,
+        "kvserve_speculative_drafted_tokens_total",
+        "Tokens drafted for speculative decoding.",
+        "counter",
+        s.drafted_tokens as f64,
+    );
+    gauge(
+        &mut o,
+        "kvserve_speculative_accepted_tokens_total",
+        "Drafted tokens the model agreed with (generated without a step of their own).",
+        "counter",
+        s.accepted_tokens as f64,
+    );
     gauge(&mut o, "kvserve_kv_evictions_total", "Cached blocks evicted.", "counter", c.evictions as f64);
     gauge(
         &mut o,

@@ -4,7 +4,11 @@
 //!
 //! Extensions beyond OpenAI's schema, accepted in the body (the official
 //! clients send them through `extra_body`): `agent_id`, `top_k`, `min_p`,
-//! `repetition_penalty`, `priority`, `ignore_eos`, `stop_token_ids`.
+//! `repetition_penalty`, `priority`, `ignore_eos`, `stop_token_ids`,
+//! `speculative` (false opts out of speculative decoding). Usage reports
+//! speculative decoding's drafted tokens as OpenAI reports predicted
+//! outputs: `completion_tokens_details.accepted_prediction_tokens` and
+//! `rejected_prediction_tokens`.
 //!
 //! What the server cannot honour is refused with a 400 naming the field,
 //! never silently ignored: `n` > 1, `best_of` > 1, `suffix`, `echo`, legacy
@@ -85,6 +89,9 @@ pub(crate) struct Common {
     #[serde(default)]
     pub(crate) stop_token_ids: Vec<u32>,
     pub(crate) agent_id: Option<String>,
+    /// `false` opts out of speculative decoding (the output is the same
+    /// either way).
+    pub(crate) speculative: Option<bool>,
     /// Token id (as a string, per OpenAI) to a bias in `[-100, 100]`.
     pub(crate) logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     pub(crate) best_of: Option<u32>,
@@ -235,6 +242,7 @@ impl Common {
         };
         req.stop_token_ids = self.stop_token_ids;
         req.ignore_eos = self.ignore_eos;
+        req.speculative = self.speculative.unwrap_or(true);
         req.agent = agent;
         req.tenant = tenant;
         req.priority = self.priority.map_or(Ok(0), |p| crate::check_priority(p, max_priority))?;
@@ -342,11 +350,21 @@ pub(crate) struct UsageBody {
     pub(crate) completion_tokens: usize,
     pub(crate) total_tokens: usize,
     pub(crate) prompt_tokens_details: PromptTokensDetails,
+    #[serde(default)]
+    pub(crate) completion_tokens_details: CompletionTokensDetails,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, Copy)]
 pub(crate) struct PromptTokensDetails {
     pub(crate) cached_tokens: usize,
+}
+
+/// OpenAI's predicted-output counts, here for speculative decoding: drafted
+/// tokens the model agreed with, and those it did not.
+#[derive(Debug, Serialize, Deserialize, Clone, Copy, Default)]
+pub(crate) struct CompletionTokensDetails {
+    pub(crate) accepted_prediction_tokens: usize,
+    pub(crate) rejected_prediction_tokens: usize,
 }
 
 impl From<engine::Usage> for UsageBody {
@@ -356,6 +374,10 @@ impl From<engine::Usage> for UsageBody {
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
             prompt_tokens_details: PromptTokensDetails { cached_tokens: u.cached_tokens },
+            completion_tokens_details: CompletionTokensDetails {
+                accepted_prediction_tokens: u.accepted_tokens,
+                rejected_prediction_tokens: u.drafted_tokens - u.accepted_tokens,
+            },
         }
     }
 }

@@ -766,3 +766,30 @@ async fn legacy_completions_echo_logprobs_and_batches_as_lm_eval_reads_them() {
         assert_eq!((r.status, r.json()["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!(param)));
     }
 }
+
+/// Speculative decoding shows in the usage as OpenAI shows predicted
+/// outputs, a request opts out with `"speculative": false` (same answer),
+/// and a wrong type is a 400.
+#[tokio::test]
+async fn drafted_tokens_show_in_the_usage_and_a_request_may_opt_out() {
+    let app = app();
+    let text = "abc abc abc abc abc abc abc abc abc abc";
+    let on = post(&app, "/v1/chat/completions", chat_body(text, json!({"max_tokens": 32}))).await;
+    assert_eq!(on.status, StatusCode::OK, "{}", on.body);
+    let details = &on.json()["usage"]["completion_tokens_details"];
+    let drafted = details["accepted_prediction_tokens"].as_u64().unwrap()
+        + details["rejected_prediction_tokens"].as_u64().unwrap();
+    assert!(drafted > 0, "the prompt's repeats were drafted: {}", on.body);
+    let off =
+        post(&app, "/v1/chat/completions", chat_body(text, json!({"max_tokens": 32, "speculative": false}))).await;
+    assert_eq!(off.status, StatusCode::OK, "{}", off.body);
+    assert_eq!(off.json()["choices"][0]["message"]["content"], on.json()["choices"][0]["message"]["content"]);
+    assert_eq!(
+        off.json()["usage"]["completion_tokens_details"],
+        json!({"accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0})
+    );
+    let bad = post(&app, "/v1/chat/completions", chat_body(text, json!({"speculative": "yes"}))).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+    let m = call(&app, "GET", "/metrics", None, &[]).await.body;
+    assert!(m.contains(&format!("kvserve_speculative_drafted_tokens_total {drafted}")), "{m}");
+}
