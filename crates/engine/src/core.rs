@@ -1003,8 +1003,8 @@ impl EngineCore {
     }
 
     /// Drafts tokens for the plan's decodes where it pays
-    /// (`speculative.rs`): greedy, unconstrained requests that did not opt
-    /// out, in a step of few decodes, on a model without sliding windows,
+    /// (`speculative.rs`): unconstrained requests that did not opt out,
+    /// in a step of few decodes, on a model without sliding windows,
     /// with the pool's room for them and no quota to meet; each draft takes
     /// budget rows.
     fn plan_drafts(&mut self, plan: &mut [(usize, usize)], budget: &mut usize) {
@@ -1025,7 +1025,6 @@ impl EngineCore {
             let i = plan[j].0;
             let a = &self.running[i];
             let eligible = a.req.req.speculative
-                && a.req.req.sampling.temperature <= 0.0
                 && a.constraint.is_none()
                 && a.prompt_logprobs.is_none()
                 && self.cache.owner_usage(&a.owner).quota.is_none();

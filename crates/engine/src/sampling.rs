@@ -15,11 +15,22 @@
 //!
 //! Cost: O(vocab) per token, plus a sort of the candidates only when a
 //! filter needs an order (top-k, top-p or logprobs alternatives).
+//!
+//! # Draws are keyed by position
+//!
+//! The random number for the answer's `n`-th token is word `n` of a ChaCha12
+//! stream keyed by the request's seed (a drawn one without a seed): a
+//! counter-based generator, so a token's draw depends on its position only,
+//! not on how many draws came before in this process. Speculative decoding
+//! (`speculative.rs`) samples several positions in one step and discards
+//! some; each position still gets exactly the draw plain decoding would
+//! have given it. (It is the stream `StdRng` gave before, word for word, as
+//! each draw takes one word.)
 
 use std::collections::HashMap;
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 
 use crate::request::{Logprobs, SamplingParams};
 
@@ -28,7 +39,8 @@ pub(crate) struct Sampler {
     params: SamplingParams,
     /// Added to these logits first (`logit_bias`).
     bias: Vec<(u32, f32)>,
-    rng: StdRng,
+    /// Read at the word of the position drawn for (module doc).
+    rng: ChaCha12Rng,
     /// Occurrences of each token in the answer so far.
     counts: HashMap<u32, u32>,
 }
@@ -41,8 +53,8 @@ impl Sampler {
 
     pub(crate) fn new(params: SamplingParams, bias: Vec<(u32, f32)>) -> Self {
         let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
+            Some(seed) => ChaCha12Rng::seed_from_u64(seed),
+            None => ChaCha12Rng::from_os_rng(),
         };
         Self { params, bias, rng, counts: HashMap::new() }
     }
@@ -52,7 +64,7 @@ impl Sampler {
     pub(crate) fn sample(&mut self, logits: &[f32], prompt: &[u32], answer: &[u32]) -> (u32, Option<Logprobs>) {
         let mut logits = logits.to_vec();
         self.penalize(&mut logits, prompt, answer);
-        self.choose(&logits)
+        self.choose(&logits, answer.len())
     }
 
     /// [`Sampler::sample`] with a grammar's mask applied after the bias and
@@ -70,11 +82,12 @@ impl Sampler {
         let mut logits = logits.to_vec();
         self.penalize(&mut logits, prompt, answer);
         mask(&mut logits)?;
-        Ok(self.choose(&logits))
+        Ok(self.choose(&logits, answer.len()))
     }
 
-    fn choose(&mut self, logits: &[f32]) -> (u32, Option<Logprobs>) {
-        let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.draw(logits) };
+    /// The token for answer position `at`.
+    fn choose(&mut self, logits: &[f32], at: usize) -> (u32, Option<Logprobs>) {
+        let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.draw(logits, at) };
         let logprobs = self.params.logprobs.map(|n| logprobs_of(logits, token, n));
         (token, logprobs)
     }
@@ -110,7 +123,7 @@ impl Sampler {
         }
     }
 
-    fn draw(&mut self, logits: &[f32]) -> u32 {
+    fn draw(&mut self, logits: &[f32], at: usize) -> u32 {
         let p = &self.params;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if !max.is_finite() {
@@ -142,6 +155,7 @@ impl Sampler {
         if !(mass.is_finite() && mass > 0.0) {
             return argmax(logits);
         }
+        self.rng.set_word_pos(at as u128);
         let mut r = self.rng.random::<f32>() * mass;
         for &(id, w) in &probs {
             if r < w {
@@ -195,10 +209,35 @@ mod tests {
 
     fn draws(p: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
         let mut s = Sampler::new(p, Vec::new());
-        (0..n).map(|_| s.sample(logits, &[], &[]).0).collect()
+        let mut answer = Vec::new();
+        for _ in 0..n {
+            let t = s.sample(logits, &[], &answer).0;
+            s.accept(t);
+            answer.push(t);
+        }
+        answer
     }
 
     const LOGITS: [f32; 5] = [1.0, 3.0, 2.9, 2.8, -1.0];
+
+    /// A position's draw is the same whatever was drawn before it (what
+    /// lets speculative decoding sample positions out of order), and the
+    /// stream is the one a seeded `StdRng` gives, so seeded answers did not
+    /// change.
+    #[test]
+    fn a_draw_depends_on_its_position_only_and_keeps_the_seeded_stream() {
+        let p = params(|_| {});
+        let seq = draws(p, &LOGITS, 12);
+        let mut fresh = Sampler::new(p, Vec::new());
+        assert_eq!(fresh.sample(&LOGITS, &[], &seq[..9]).0, seq[9], "position 9 drawn alone");
+        let mut std = rand::rngs::StdRng::seed_from_u64(7);
+        let mut s = Sampler::new(p, Vec::new());
+        for at in 0..12 {
+            let u: f32 = std.random();
+            s.rng.set_word_pos(at as u128);
+            assert_eq!(s.rng.random::<f32>(), u);
+        }
+    }
 
     #[test]
     fn greedy_takes_the_best_and_a_seed_reproduces_a_draw() {

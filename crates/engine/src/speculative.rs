@@ -18,11 +18,15 @@
 //! plain decoding's step at that position, and the kernels are
 //! batch-invariant (a row's bits never depend on the other rows of its
 //! step, nor on how many rows of its own sequence run with it), so its
-//! logits are bit-identical. Greedy sampling takes the argmax of row 0; if
-//! it equals draft 1, row 1 is valid and gives the next token, and so on:
-//! the first disagreement ends the run, its token is the model's own. Only
-//! greedy requests draft for now (sampling with temperature needs draws
-//! keyed to the position, not a stream, to stay exact).
+//! logits are bit-identical. The token of row 0 is sampled as plain
+//! decoding samples it; if it equals draft 1, row 1 is valid and gives the
+//! next token, and so on: the first disagreement ends the run, its token
+//! is the model's own. With a temperature, each position's random number
+//! is keyed by the request's seed and the position (`sampling.rs`, a
+//! counter-based ChaCha12), so a position sampled in a speculative step
+//! draws exactly what plain decoding would have drawn there, and the run
+//! is the sequence plain decoding samples; a draft is accepted with the
+//! probability the model gives it.
 //!
 //! # K/V of rejected drafts
 //!

@@ -1,6 +1,6 @@
 //! Speculative decoding (`speculative.rs`) changes how many tokens a step
-//! yields, never which: greedy output with drafting on is token for token
-//! the output with it off, on the strict fake model (whose every token
+//! yields, never which: greedy and seeded output with drafting on is token
+//! for token the output with it off, on the strict fake model (whose every token
 //! depends on the K/V of the whole history, so a rejected draft's K/V left
 //! behind would change it) and on the default model (whose rows are
 //! batch-invariant).
@@ -37,13 +37,24 @@ fn repetitive(i: usize) -> String {
     format!("{i} alpha beta gamma delta {i} alpha beta gamma delta {i} alpha beta gamma")
 }
 
+/// A seeded request at temperature `t`.
+fn seeded(mut r: Request, t: f32, seed: u64) -> Request {
+    r.sampling = SamplingParams { temperature: t, seed: Some(seed), ..SamplingParams::default() };
+    r
+}
+
 #[tokio::test]
 async fn drafts_rolled_back_on_the_fake_model_leave_the_output_unchanged() {
-    let reqs = || (0..4).map(|i| greedy(&repetitive(i), 40)).collect::<Vec<_>>();
+    // Greedy, then seeded at a temperature; at most 4 at once (more do not
+    // draft).
+    let greedy_reqs = || (0..4).map(|i| greedy(&repetitive(i), 40)).collect::<Vec<_>>();
+    let seeded_reqs = || (0..2).map(|i| seeded(greedy(&repetitive(i), 40), 0.7, 11 + i as u64)).collect::<Vec<_>>();
     let (plain, _) = fake_engine(16, 256, config(Speculation::Off));
-    let want = together(&plain, reqs()).await;
+    let mut want = together(&plain, greedy_reqs()).await;
+    want.extend(together(&plain, seeded_reqs()).await);
     let (spec, _) = fake_engine(16, 256, config(Speculation::Auto));
-    let got = together(&spec, reqs()).await;
+    let mut got = together(&spec, greedy_reqs()).await;
+    got.extend(together(&spec, seeded_reqs()).await);
     for (g, w) in got.iter().zip(&want) {
         assert_eq!((&g.tokens, &g.text, g.reason), (&w.tokens, &w.text, w.reason));
         assert_eq!(w.usage.drafted_tokens, 0);
@@ -93,6 +104,8 @@ async fn greedy_output_on_the_default_model_is_identical_with_speculation_on_and
             copy_request(7, &[]),
             copy_request(64, &["logbook"]),
             greedy("Write one sentence about the sea.", 24),
+            seeded(copy_request(64, &[]), 0.7, 42),
+            seeded(greedy("Write one sentence about the sea.", 24), 1.0, 7),
         ]
     };
     let plain = real_engine(Speculation::Off);
@@ -117,5 +130,6 @@ async fn greedy_output_on_the_default_model_is_identical_with_speculation_on_and
     assert_eq!(alone[1].usage.completion_tokens, 7);
     let copied = alone[0].usage;
     assert!(copied.accepted_tokens * 2 >= copied.completion_tokens, "most of a copy is drafted: {copied:?}");
+    assert!(alone[4].usage.accepted_tokens > 0, "a sampled copy is drafted too: {:?}", alone[4].usage);
     spec.check_invariants().await.unwrap();
 }
