@@ -1003,8 +1003,8 @@ impl EngineCore {
     }
 
     /// Drafts tokens for the plan's decodes where it pays
-    /// (`speculative.rs`): unconstrained requests that did not opt out,
-    /// in a step of few decodes, on a model without sliding windows,
+    /// (`speculative.rs`): requests that did not opt out, in a step of few
+    /// decodes, on a model without sliding windows,
     /// with the pool's room for them and no quota to meet; each draft takes
     /// budget rows.
     fn plan_drafts(&mut self, plan: &mut [(usize, usize)], budget: &mut usize) {
@@ -1025,7 +1025,6 @@ impl EngineCore {
             let i = plan[j].0;
             let a = &self.running[i];
             let eligible = a.req.req.speculative
-                && a.constraint.is_none()
                 && a.prompt_logprobs.is_none()
                 && self.cache.owner_usage(&a.owner).quota.is_none();
             // The first row's token is the model's own: drafts past the
@@ -1036,7 +1035,13 @@ impl EngineCore {
             if !self.running[i].drafting.wants() {
                 continue;
             }
-            let draft = speculative::propose(&self.running[i].tokens, k);
+            // A grammar's forced tokens first (certain), else the text's
+            // own repeats; a draft the grammar forbids is simply rejected.
+            let a = &mut self.running[i];
+            let mut draft = a.constraint.as_mut().map(|c| c.forced(k, self.codec.as_ref())).unwrap_or_default();
+            if draft.is_empty() {
+                draft = speculative::propose(&a.tokens, k);
+            }
             let cost = |n| self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
             let extra = cost(1 + draft.len()).saturating_sub(cost(1));
             if draft.is_empty() || extra > spare {

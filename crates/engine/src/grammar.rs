@@ -445,6 +445,28 @@ impl Constraint {
         }
     }
 
+    /// Tokens the grammar forces next, at most `k` (JSON keys, a tool call's
+    /// scaffolding): nothing else can follow, whatever the model says, so
+    /// they make drafts that are not guesses (`speculative.rs`). Empty where
+    /// the grammar leaves a choice. Changes no state.
+    ///
+    /// llguidance gives forced *bytes* (its forced tokens need a canonical
+    /// tokenizer, which the approximate trie here is not); they are
+    /// tokenized as plain text, less the last token, which could merge with
+    /// what follows. A model that spells them otherwise only rejects the
+    /// draft.
+    pub(crate) fn forced(&mut self, k: usize, codec: &dyn model::TextCodec) -> Vec<u32> {
+        if self.poisoned || k == 0 {
+            return Vec::new();
+        }
+        let bytes = self.matcher.compute_ff_bytes();
+        let Ok(text) = std::str::from_utf8(&bytes) else { return Vec::new() };
+        let mut forced = if text.is_empty() { Vec::new() } else { codec.encode(text).unwrap_or_default() };
+        forced.pop();
+        forced.truncate(k);
+        forced
+    }
+
     /// Whether `token` ends the request: an end token where the grammar may
     /// end (elsewhere a stop id the grammar allowed is text).
     pub(crate) fn is_end(&self, token: u32, stop_ids: &[u32]) -> bool {

@@ -36,9 +36,18 @@
 //! never published to the prefix index, so no other request and no tier
 //! ever sees it.
 //!
-//! # Proposer: prompt lookup
+//! # Proposers
 //!
-//! The most recent earlier occurrence of the sequence's last `n` tokens
+//! **Forced tokens.** Under constrained decoding (`grammar.rs`), the tokens
+//! the grammar forces next (a JSON object's keys and punctuation, a tool
+//! call's scaffolding): the only ones the mask will allow, so the model's
+//! masked choice agrees with them unless it spells the same bytes with
+//! other tokens. Each verified row after the first computes its mask on the
+//! engine thread (the mask worker computes the first row's beside the
+//! forward pass).
+//!
+//! **Prompt lookup**, otherwise:
+//! the most recent earlier occurrence of the sequence's last `n` tokens
 //! (`n` from [`MAX_NGRAM`] down to [`MIN_NGRAM`], longest first) in its own
 //! prompt and output, looking back at most [`LOOKBACK`] tokens; the tokens
 //! that followed it are the draft. No memory beyond the sequence, and a few

@@ -93,9 +93,27 @@ fn copy_request(max_tokens: usize, stop: &[&str]) -> Request {
     r
 }
 
+/// A JSON answer under a schema (constrained decoding): its keys are forced.
+fn json_request() -> Request {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "harbour_name": { "type": "string", "maxLength": 40 },
+            "number_of_fishing_boats": { "type": "integer" },
+            "has_a_lighthouse": { "type": "boolean" }
+        },
+        "required": ["harbour_name", "number_of_fishing_boats", "has_a_lighthouse"],
+        "additionalProperties": false
+    });
+    let mut r = greedy("Describe a small harbour as JSON.", 64);
+    r.grammar = Some(engine::Grammar::new(engine::GrammarSpec::JsonSchema { schema, strict: true }, "response_format"));
+    r
+}
+
 /// Copy-heavy greedy decoding on the default model: the same tokens with
 /// drafting off and on, alone, beside other requests, with a stop string,
-/// with `max_tokens` landing inside an accepted run, and from the cache.
+/// with `max_tokens` landing inside an accepted run, sampled with a seed,
+/// under a JSON schema, and from the cache.
 #[tokio::test]
 async fn greedy_output_on_the_default_model_is_identical_with_speculation_on_and_off() {
     let cases = || {
@@ -106,6 +124,7 @@ async fn greedy_output_on_the_default_model_is_identical_with_speculation_on_and
             greedy("Write one sentence about the sea.", 24),
             seeded(copy_request(64, &[]), 0.7, 42),
             seeded(greedy("Write one sentence about the sea.", 24), 1.0, 7),
+            json_request(),
         ]
     };
     let plain = real_engine(Speculation::Off);
@@ -131,5 +150,8 @@ async fn greedy_output_on_the_default_model_is_identical_with_speculation_on_and
     let copied = alone[0].usage;
     assert!(copied.accepted_tokens * 2 >= copied.completion_tokens, "most of a copy is drafted: {copied:?}");
     assert!(alone[4].usage.accepted_tokens > 0, "a sampled copy is drafted too: {:?}", alone[4].usage);
+    let json = alone[6].usage;
+    assert!(json.accepted_tokens > 0, "a schema's forced keys are drafted: {json:?}");
+    assert!(serde_json::from_str::<serde_json::Value>(&alone[6].text).is_ok(), "{:?}", alone[6].text);
     spec.check_invariants().await.unwrap();
 }

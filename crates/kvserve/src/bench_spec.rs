@@ -6,6 +6,8 @@
 //! Workloads, greedy:
 //! * **copy**: an agent asked to return a 300-word text with small edits
 //!   (what prompt lookup is for);
+//! * **tool**: a tool call's JSON arguments under a strict schema
+//!   (constrained decoding: the keys and punctuation are forced tokens);
 //! * **chat**: a short story, nothing to copy from the prompt.
 //!
 //! Each at one stream (decode tokens/s of the stream, from its first token
@@ -40,7 +42,35 @@ read slowly by the stove while the kettle sang and the wind pressed against the 
 sounded the horn every thirty seconds through the night, counting aloud to stay awake, and in the spring he painted \
 the railings white again and watched the terns return to the rocks below the tower.";
 
+/// A tool call's arguments, as constrained decoding produces them.
+fn tool_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "harbour_name": { "type": "string", "maxLength": 40 },
+            "number_of_fishing_boats": { "type": "integer", "minimum": 0, "maximum": 500 },
+            "has_a_lighthouse": { "type": "boolean" },
+            "keeper_name": { "type": "string", "maxLength": 40 },
+            "opening_hours_of_the_harbour_office": { "type": "string", "maxLength": 40 },
+            "main_catch_of_the_fishing_fleet": { "type": "string", "maxLength": 40 }
+        },
+        "required": ["harbour_name", "number_of_fishing_boats", "has_a_lighthouse", "keeper_name",
+            "opening_hours_of_the_harbour_office", "main_catch_of_the_fishing_fleet"],
+        "additionalProperties": false
+    })
+}
+
 fn workload(name: &str, i: usize, tokens: usize, speculative: bool) -> Request {
+    if name == "tool" {
+        let text = format!("Harbour {i}: fill in the record for the harbour registry.");
+        let mut r = Request::new(Prompt::Chat(vec![Message::new("user", text)]));
+        r.sampling = SamplingParams::greedy();
+        r.max_tokens = Some(tokens);
+        r.speculative = speculative;
+        let spec = engine::GrammarSpec::JsonSchema { schema: tool_schema(), strict: true };
+        r.grammar = Some(engine::Grammar::new(spec, "tools"));
+        return r;
+    }
     let messages = match name {
         "copy" => vec![
             Message::new("system", "You repeat texts exactly, word for word."),
@@ -126,7 +156,7 @@ pub(crate) fn bench_spec(args: SpecBenchArgs) -> Result<()> {
     println!();
     println!("| workload | streams | off tok/s | auto tok/s | auto / off | drafted | accepted | same output |");
     println!("|---|---|---|---|---|---|---|---|");
-    for name in ["copy", "chat"] {
+    for name in ["copy", "tool", "chat"] {
         for streams in [1, 8] {
             let (mut off, mut auto, mut same) = (Vec::new(), Vec::new(), true);
             let (mut drafted, mut accepted) = (0, 0);
