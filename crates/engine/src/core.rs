@@ -76,7 +76,7 @@ use crate::grammar::{Accepted, Constraint, MaskWorker};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
 use crate::sampling::Sampler;
-use crate::speculative::{self, Drafting, Speculation};
+use crate::speculative::{self, Drafting, Speculation, SuffixIndexes};
 use crate::text::TextStream;
 use crate::tiering::{ProducerId, Tiering};
 use crate::EngineConfig;
@@ -273,6 +273,8 @@ pub(crate) struct EngineCore {
     /// Computes grammar masks beside the forward pass (started on the first
     /// constrained step).
     masks: Option<MaskWorker>,
+    /// Tenants' recent answers, for drafting (`speculative.rs`).
+    suffixes: SuffixIndexes,
 }
 
 impl EngineCore {
@@ -303,6 +305,7 @@ impl EngineCore {
             rate: RateWindow::default(),
             counter: 0,
             masks: None,
+            suffixes: SuffixIndexes::default(),
         }
     }
 
@@ -1035,12 +1038,16 @@ impl EngineCore {
             if !self.running[i].drafting.wants() {
                 continue;
             }
-            // A grammar's forced tokens first (certain), else the text's
-            // own repeats; a draft the grammar forbids is simply rejected.
+            // The sequence's own repeats, the tenant's recent answers, a
+            // grammar's forced bytes (module doc); a draft the grammar
+            // forbids is simply rejected.
             let a = &mut self.running[i];
-            let mut draft = a.constraint.as_mut().map(|c| c.forced(k, self.codec.as_ref())).unwrap_or_default();
+            let mut draft = speculative::propose(&a.tokens, k);
             if draft.is_empty() {
-                draft = speculative::propose(&a.tokens, k);
+                draft = self.suffixes.propose(&a.req.req.tenant, &a.tokens, k);
+            }
+            if draft.is_empty() {
+                draft = a.constraint.as_mut().map(|c| c.forced(k, self.codec.as_ref())).unwrap_or_default();
             }
             let cost = |n| self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
             let extra = cost(1 + draft.len()).saturating_sub(cost(1));
@@ -1077,6 +1084,12 @@ impl EngineCore {
 
     /// The one exit: report, then give the sequence to the agent or free it.
     fn end(&mut self, mut a: Active, how: End) {
+        if matches!(how, End::Finished(FinishReason::Stop | FinishReason::Length, _))
+            && self.config.speculative != Speculation::Off
+        {
+            let answer = a.tokens.get(a.req.prompt.len()..).unwrap_or_default();
+            self.suffixes.add(&a.req.req.tenant, answer);
+        }
         self.abandon_load(a.id);
         self.stop_producing(&mut a);
         let agent = a.agent.as_ref().and_then(|k| self.agents.get_mut(k)).filter(|ag| ag.busy == Some(a.id));

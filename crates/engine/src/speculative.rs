@@ -53,6 +53,17 @@
 //! that followed it are the draft. No memory beyond the sequence, and a few
 //! microseconds per step.
 //!
+//! **Suffix index**, where the sequence itself has no match: the tenant's
+//! recent answers (other agents' turns, this agent's earlier ones, earlier
+//! tool calls' arguments spelled as the model spells them), in a ring of
+//! [`SUFFIX_TOKENS`] tokens with an n-gram map, for at most
+//! [`SUFFIX_TENANTS`] tenants: bounded memory (about 2 MB a tenant). A
+//! tenant's drafts come only from its own answers, so no tenant's text
+//! speeds up, or is revealed by the timing of, another's.
+//!
+//! Order: the sequence's own text, then the tenant's answers, then (under a
+//! grammar) the grammar's forced bytes.
+//!
 //! # When to draft
 //!
 //! Only while it pays: extra rows are nearly free at small batch (weights
@@ -114,6 +125,129 @@ pub(crate) fn propose(tokens: &[u32], k: usize) -> Vec<u32> {
         }
     }
     Vec::new()
+}
+
+/// Tokens a tenant's suffix index keeps (the most recent answers).
+pub(crate) const SUFFIX_TOKENS: usize = 16 * 1024;
+/// Tenants with a suffix index at most (the least recently fed go first).
+pub(crate) const SUFFIX_TENANTS: usize = 32;
+/// Between two sequences in a suffix index: never a token.
+const SEPARATOR: u32 = u32::MAX;
+
+/// Recent answers of one tenant (module doc, "Suffix index"): a ring of
+/// [`SUFFIX_TOKENS`] tokens and, for each n-gram of [`MIN_NGRAM`] to
+/// [`MAX_NGRAM`] tokens in it, where it last ended. Bounded: the ring
+/// overwrites its oldest tokens, and the map is rebuilt from the ring when
+/// stale entries make it twice the ring's n-grams.
+#[derive(Debug)]
+pub(crate) struct SuffixIndex {
+    ring: Vec<u32>,
+    /// Tokens ever added (the next one's absolute position).
+    total: u64,
+    /// N-gram hash to the absolute position right after its latest end.
+    ends: std::collections::HashMap<u64, u64>,
+}
+
+impl Default for SuffixIndex {
+    fn default() -> Self {
+        Self { ring: vec![SEPARATOR; SUFFIX_TOKENS], total: 0, ends: std::collections::HashMap::new() }
+    }
+}
+
+fn ngram_key(tokens: &[u32]) -> u64 {
+    let mut bytes = Vec::with_capacity(4 * tokens.len());
+    for t in tokens {
+        bytes.extend_from_slice(&t.to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+impl SuffixIndex {
+    fn at(&self, pos: u64) -> Option<u32> {
+        let live = pos < self.total && pos + SUFFIX_TOKENS as u64 >= self.total;
+        live.then(|| self.ring[(pos % SUFFIX_TOKENS as u64) as usize])
+    }
+
+    /// The last `n` tokens before absolute position `end`, if all are live
+    /// and none is a separator.
+    fn gram(&self, end: u64, n: usize) -> Option<Vec<u32>> {
+        let start = end.checked_sub(n as u64)?;
+        let g: Vec<u32> = (start..end).map(|p| self.at(p)).collect::<Option<_>>()?;
+        (!g.contains(&SEPARATOR)).then_some(g)
+    }
+
+    /// Adds one sequence's tokens (an answer), after a separator.
+    pub(crate) fn add(&mut self, tokens: &[u32]) {
+        for &t in std::iter::once(&SEPARATOR).chain(tokens) {
+            self.ring[(self.total % SUFFIX_TOKENS as u64) as usize] = t;
+            self.total += 1;
+            for n in MIN_NGRAM..=MAX_NGRAM {
+                if let Some(g) = self.gram(self.total, n) {
+                    self.ends.insert(ngram_key(&g), self.total);
+                }
+            }
+        }
+        if self.ends.len() > 2 * (MAX_NGRAM - MIN_NGRAM + 1) * SUFFIX_TOKENS {
+            self.rebuild();
+        }
+    }
+
+    /// Keeps only the entries that still point into the ring.
+    fn rebuild(&mut self) {
+        let total = self.total;
+        self.ends.retain(|_, &mut end| end <= total && end + SUFFIX_TOKENS as u64 > total);
+    }
+
+    /// Up to `k` tokens that followed the longest n-gram ending `context`
+    /// where it last occurred; empty without a match.
+    pub(crate) fn propose(&self, context: &[u32], k: usize) -> Vec<u32> {
+        for n in (MIN_NGRAM..=MAX_NGRAM).rev() {
+            let Some(tail) = context.len().checked_sub(n).map(|s| &context[s..]) else { continue };
+            let Some(&end) = self.ends.get(&ngram_key(tail)) else { continue };
+            // A hash collision is a miss: the stored n-gram must be the tail.
+            if self.gram(end, n).as_deref() != Some(tail) {
+                continue;
+            }
+            let next: Vec<u32> = (end..end + k as u64).map_while(|p| self.at(p).filter(|&t| t != SEPARATOR)).collect();
+            if !next.is_empty() {
+                return next;
+            }
+        }
+        Vec::new()
+    }
+
+    /// Entries in its map (for the memory bound's test).
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+/// The suffix indexes of the most recently active tenants.
+#[derive(Debug, Default)]
+pub(crate) struct SuffixIndexes {
+    /// Least recently fed first.
+    tenants: Vec<(crate::TenantId, SuffixIndex)>,
+}
+
+impl SuffixIndexes {
+    /// Adds a finished answer of `tenant`'s.
+    pub(crate) fn add(&mut self, tenant: &crate::TenantId, tokens: &[u32]) {
+        let mut index = match self.tenants.iter().position(|(t, _)| t == tenant) {
+            Some(i) => self.tenants.remove(i).1,
+            None => SuffixIndex::default(),
+        };
+        index.add(tokens);
+        if self.tenants.len() >= SUFFIX_TENANTS {
+            self.tenants.remove(0);
+        }
+        self.tenants.push((tenant.clone(), index));
+    }
+
+    /// [`SuffixIndex::propose`] from `tenant`'s index.
+    pub(crate) fn propose(&self, tenant: &crate::TenantId, context: &[u32], k: usize) -> Vec<u32> {
+        self.tenants.iter().find(|(t, _)| t == tenant).map_or_else(Vec::new, |(_, i)| i.propose(context, k))
+    }
 }
 
 /// A sequence's drafting record: its running acceptance, and a pause after
@@ -187,6 +321,61 @@ mod tests {
         assert!(propose(&[1, 2, 1, 2], 0).is_empty());
         // The proposal stops where the sequence ends.
         assert_eq!(propose(&[1, 2, 5, 1, 2], 4), vec![5, 1, 2]);
+    }
+
+    #[test]
+    fn a_suffix_index_proposes_what_followed_in_earlier_answers() {
+        let mut ix = SuffixIndex::default();
+        ix.add(&[1, 2, 3, 4, 5, 6]);
+        ix.add(&[9, 2, 3, 7, 8]);
+        // The longest match, then its most recent occurrence.
+        assert_eq!(ix.propose(&[0, 1, 2, 3], 3), vec![4, 5, 6]);
+        assert_eq!(ix.propose(&[0, 2, 3], 4), vec![7, 8], "stops at the end of its answer");
+        assert!(ix.propose(&[4, 9], 4).is_empty(), "no n-gram across two answers");
+        assert!(ix.propose(&[42, 43], 4).is_empty());
+    }
+
+    /// Memory stays bounded however much goes in: the ring has a fixed size
+    /// and the map is pruned to what the ring holds.
+    #[test]
+    fn a_suffix_index_stays_bounded_under_a_long_soak() {
+        let mut ix = SuffixIndex::default();
+        let mut x: u32 = 1;
+        let (mut most, mut first, mut last) = (0, Vec::new(), Vec::new());
+        for i in 0..2_000 {
+            let answer: Vec<u32> = (0..200)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    x >> 8 & 0xff_ffff
+                })
+                .collect();
+            ix.add(&answer);
+            most = most.max(ix.entries());
+            if i == 0 {
+                first.clone_from(&answer);
+            }
+            last = answer;
+        }
+        assert_eq!(ix.ring.len(), SUFFIX_TOKENS);
+        assert!(most <= 2 * (MAX_NGRAM - MIN_NGRAM + 1) * SUFFIX_TOKENS + MAX_NGRAM * 201, "{most}");
+        // What is recent is found; what the ring overwrote is not.
+        assert_eq!(ix.propose(&last[..4], 3), last[4..7].to_vec());
+        assert!(ix.propose(&first[..4], 3).is_empty());
+    }
+
+    #[test]
+    fn tenants_have_their_own_indexes_and_the_oldest_goes() {
+        let mut all = SuffixIndexes::default();
+        let a = crate::TenantId::new("a").unwrap();
+        let b = crate::TenantId::new("b").unwrap();
+        all.add(&a, &[1, 2, 3, 4]);
+        assert_eq!(all.propose(&a, &[1, 2], 2), vec![3, 4]);
+        assert!(all.propose(&b, &[1, 2], 2).is_empty(), "another tenant's answers are never proposed");
+        for i in 0..SUFFIX_TENANTS {
+            all.add(&crate::TenantId::new(&format!("t{i}")).unwrap(), &[5, 6, 7]);
+        }
+        assert!(all.propose(&a, &[1, 2], 2).is_empty(), "the least recently fed tenant went");
+        assert_eq!(all.tenants.len(), SUFFIX_TENANTS);
     }
 
     #[test]
