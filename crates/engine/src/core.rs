@@ -493,7 +493,7 @@ impl EngineCore {
             let draft = std::mem::take(&mut a.draft);
             let chunk = a.seq.and_then(|seq| {
                 let done = cache.seq_len(seq).ok()?;
-                if !draft.is_empty() {
+                if !draft.is_empty() && n == 1 + draft.len() {
                     let mut t = a.tokens.get(done..done + 1)?.to_vec();
                     t.extend_from_slice(&draft);
                     return Some(((seq, t), n));
@@ -501,6 +501,8 @@ impl EngineCore {
                 let all = a.prompt_logprobs.is_some() && done < a.req.prompt.len();
                 Some(((seq, a.tokens.get(done..done + n)?.to_vec()), if all { n } else { 1 }))
             });
+            // Drafts are verified only as the entry they were planned for.
+            let draft = if n == 1 + draft.len() { draft } else { Vec::new() };
             chunk.map(|(c, r)| (work.push(c), rows.push(r), drafts.push(draft))).is_some()
         });
         if plan.is_empty() {
@@ -817,7 +819,9 @@ impl EngineCore {
     /// Takes running request `i` out, keeping `plan`'s indices right.
     fn take_running(&mut self, i: usize, plan: &mut Vec<(usize, usize)>) -> Active {
         let last = self.running.len() - 1;
-        let a = self.running.swap_remove(i);
+        let mut a = self.running.swap_remove(i);
+        // Its drafts were for this step only.
+        a.draft.clear();
         plan.retain(|&(j, _)| j != i);
         for entry in plan.iter_mut() {
             if entry.0 == last {

@@ -63,6 +63,17 @@ async fn drafts_rolled_back_on_the_fake_model_leave_the_output_unchanged() {
     assert!(s.drafted_tokens > 0, "the prompts' repeats were proposed: {s:?}");
     assert_eq!(got.iter().map(|o| o.usage.drafted_tokens as u64).sum::<u64>(), s.drafted_tokens);
     spec.check_invariants().await.unwrap();
+    // A pool too small for all of them: requests are preempted (their
+    // drafts with them) and recomputed, with the same tokens.
+    let (tight_plain, _) = fake_engine(16, 11, config(Speculation::Off));
+    let want_tight = together(&tight_plain, greedy_reqs()).await;
+    let (tight, _) = fake_engine(16, 11, config(Speculation::Auto));
+    let got_tight = together(&tight, greedy_reqs()).await;
+    for (g, w) in got_tight.iter().zip(&want_tight) {
+        assert_eq!((&g.tokens, &g.text, g.reason), (&w.tokens, &w.text, w.reason));
+    }
+    assert!(tight.stats().preemptions > 0, "{:?}", tight.stats());
+    tight.check_invariants().await.unwrap();
     // A request that opts out drafts nothing.
     let mut r = greedy(&repetitive(9), 40);
     r.speculative = false;
