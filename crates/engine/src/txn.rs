@@ -214,6 +214,31 @@ mod tests {
         cache.check_invariants().expect("consistent");
     }
 
+    /// Drafts (`speculative.rs`) are computed but not marked computed: a
+    /// block they fill is not published, so no prefix lookup finds a
+    /// rejected draft; what the caller then accepts and marks is.
+    #[test]
+    fn drafted_tokens_are_not_published_until_accepted() {
+        let (mut model, _) = FakeModel::new(4, 8);
+        let mut cache = KvCache::new(model.spec().clone());
+        let ns = Namespace::new(b"fake", b"");
+        let a = cache.create_sequence(&owner(), ns);
+        let none = &mut |_: &mut dyn BlockStorage, _: Vec<Evicted>| {};
+        run_step(&mut model, &mut cache, &[(a, &[1, 2, 3][..])], none).expect("runs");
+        // Last token 4, drafts 5 6 7 8: positions 3..=7, the second block
+        // all drafts.
+        let work = [(a, &[4, 5, 6, 7, 8][..])];
+        let rows = run_step_drafts(&mut model, &mut cache, &work, &[5], &[4], none).expect("runs");
+        assert_eq!(rows.len(), 5, "a logit row per token");
+        assert_eq!((cache.seq_len(a).expect("a"), cache.computed(a).expect("a")), (8, 4));
+        assert_eq!(cache.lookup_prefix(ns, &[1, 2, 3, 4, 5, 6, 7, 8, 9]), 4, "only the real block");
+        // The model agreed with draft 5 only: the rest is cut, 5 marked.
+        cache.truncate(a, 5).expect("truncate");
+        cache.mark_computed(a, 5).expect("mark");
+        assert_eq!(cache.lookup_prefix(ns, &[1, 2, 3, 4, 5, 6, 7, 8, 9]), 4, "6 7 8 were never published");
+        cache.check_invariants().expect("consistent");
+    }
+
     /// The tiers' premise: an evicted block reaches the sink, with its key,
     /// while it still holds what was written to it.
     #[test]
