@@ -21,6 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use engine::{EngineHandle, Event, Message, Prompt, Request, SamplingParams, Usage};
 
+use crate::bench_grammar::median;
 use crate::setup::{start_engine, EngineArgs};
 
 #[derive(clap::Args, Debug)]
@@ -140,11 +141,6 @@ fn rate(runs: &[Run], wall: f64) -> f64 {
         [one] => (one.usage.completion_tokens.saturating_sub(1)) as f64 / one.decode_s.max(1e-9),
         _ => tokens as f64 / wall.max(1e-9),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 #[allow(clippy::print_stdout)] // the table on stdout is this command's output
