@@ -148,6 +148,11 @@ fn block_key(ns: Namespace, hashes: &[BlockHash], tokens: &[u32], i: usize, bs: 
     }
 }
 
+/// Tokens `keys` cover: a block each, the last one perhaps a tail.
+fn tokens_of(keys: &[BlockKey]) -> usize {
+    keys.iter().map(|k| k.tokens.len()).sum()
+}
+
 fn manifest_retention(r: Retention) -> ManifestRetention {
     match r {
         Retention::Evictable => ManifestRetention::Evictable,
@@ -287,7 +292,7 @@ impl EngineCore {
             }
             let took = self.take_now(a, seq, (start + promoted) * bs, &keys[..lead], &from[..lead]);
             promoted += took;
-            tokens += keys[..took].iter().map(|k| k.tokens.len()).sum::<usize>();
+            tokens += tokens_of(&keys[..took]);
             if took < lead || keys[..took].last().is_some_and(|k| k.tokens.len() < bs) {
                 // Not all came in (no room after all, or a miss): the rest
                 // of the prompt is computed. Or the tail came in: nothing
@@ -384,15 +389,14 @@ impl EngineCore {
         let bs = self.block_size();
         let started = Instant::now();
         let n = from.len();
-        let expected = keys.to_vec();
-        let len: usize = expected.iter().map(|k| k.tokens.len()).sum();
+        let len = tokens_of(keys);
         // Taken out first, so what the append evicts into the same tiers
         // cannot push them further down meanwhile.
         let mut results: Vec<Option<Result<Payload, Reject>>> = (0..n).map(|_| None).collect();
-        dispatch(&mut self.tiers.list, &self.tiers.events, 0, &expected, from, &mut results, |_| true);
+        dispatch(&mut self.tiers.list, &self.tiers.events, 0, keys, from, &mut results, |_| true);
         let Ok(appended) = self.cache.append(seq, &a.tokens[at..at + len]) else {
             // No room or quota for them now: they go back.
-            give_back(&mut self.tiers, &expected, from, results, 0);
+            give_back(&mut self.tiers, keys, from, results, 0);
             return 0;
         };
         // The append may have evicted blocks it now reuses: keep their
@@ -402,15 +406,15 @@ impl EngineCore {
         let verified: Vec<&[u8]> =
             results.iter().map_while(|r| r.as_ref()?.as_ref().ok().map(Payload::bytes)).collect();
         let imported = self.import_blocks(&blocks[..verified.len()], verified.into_iter());
-        let upto = at + expected[..imported].iter().map(|k| k.tokens.len()).sum::<usize>();
+        let upto = at + tokens_of(&keys[..imported]);
         let _ = self.cache.mark_computed(seq, upto);
         if imported < n {
             let _ = self.cache.truncate(seq, upto);
         }
         // Taken but not imported (a miss before them, or an import that
         // failed): back where they came from.
-        give_back(&mut self.tiers, &expected, from, results, imported);
-        self.count_tier_hits(a, at, &expected[..imported], &from[..imported]);
+        give_back(&mut self.tiers, keys, from, results, imported);
+        self.count_tier_hits(a, at, &keys[..imported], &from[..imported]);
         self.tiers.counters.promote_seconds += started.elapsed().as_secs_f64();
         imported
     }
@@ -438,7 +442,7 @@ impl EngineCore {
         if n == 0 {
             return false;
         }
-        let len: usize = keys.iter().map(|k| k.tokens.len()).sum();
+        let len = tokens_of(&keys);
         let per_tier = queued_per_tier(&self.tiers.list, from);
         let (load_time, compute_time) = (self.tiers.costs.load_time(&per_tier), self.tiers.costs.compute_time(len));
         let budget = match self.tiers.policy {
@@ -557,7 +561,7 @@ impl EngineCore {
             }
         }
         let imported = self.import_blocks(&load.blocks[..verified.len()], verified.into_iter());
-        let upto = load.base + load.keys[..imported].iter().map(|k| k.tokens.len()).sum::<usize>();
+        let upto = load.base + tokens_of(&load.keys[..imported]);
         let _ = self.cache.mark_computed(load.seq, upto);
         let _ = self.cache.truncate(load.seq, upto);
         let upto = self.cut_to_usable(load.seq, upto);
