@@ -71,6 +71,8 @@ pub struct EngineStats {
     pub drafted_tokens: u64,
     /// Of those, the ones the model agreed with.
     pub accepted_tokens: u64,
+    /// Decode entries that carried drafts (one per sequence and step).
+    pub draft_verifications: u64,
     /// Requests finished, by outcome.
     pub finished: Finished,
     /// Running requests preempted for lack of blocks.

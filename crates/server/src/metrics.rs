@@ -70,6 +70,28 @@ pub fn render(s: &EngineStats) -> String {
         "counter",
         s.accepted_tokens as f64,
     );
+    gauge(
+        &mut o,
+        "kvserve_speculative_verifications_total",
+        "Decode entries that verified drafted tokens (one per sequence and step).",
+        "counter",
+        s.draft_verifications as f64,
+    );
+    let (drafted, accepted, checks) = (s.drafted_tokens as f64, s.accepted_tokens as f64, s.draft_verifications as f64);
+    gauge(
+        &mut o,
+        "kvserve_speculative_acceptance_rate",
+        "Share of drafted tokens the model agreed with, since start (0 before any draft).",
+        "gauge",
+        if drafted > 0.0 { accepted / drafted } else { 0.0 },
+    );
+    gauge(
+        &mut o,
+        "kvserve_speculative_tokens_per_step",
+        "Tokens a sequence generated per step that verified drafts (1 plus the accepted ones), since start.",
+        "gauge",
+        if checks > 0.0 { (checks + accepted) / checks } else { 0.0 },
+    );
     gauge(&mut o, "kvserve_kv_evictions_total", "Cached blocks evicted.", "counter", c.evictions as f64);
     gauge(
         &mut o,

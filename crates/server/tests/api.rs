@@ -792,4 +792,13 @@ async fn drafted_tokens_show_in_the_usage_and_a_request_may_opt_out() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
     let m = call(&app, "GET", "/metrics", None, &[]).await.body;
     assert!(m.contains(&format!("kvserve_speculative_drafted_tokens_total {drafted}")), "{m}");
+    let value = |name: &str| -> f64 {
+        let line = m.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {m}"));
+        line[name.len() + 1..].parse().unwrap()
+    };
+    let accepted = details["accepted_prediction_tokens"].as_f64().unwrap();
+    let checks = value("kvserve_speculative_verifications_total");
+    assert!(checks >= 1.0, "{m}");
+    assert_eq!(value("kvserve_speculative_acceptance_rate"), accepted / drafted as f64);
+    assert_eq!(value("kvserve_speculative_tokens_per_step"), (checks + accepted) / checks);
 }
