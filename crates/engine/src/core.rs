@@ -76,7 +76,7 @@ use crate::grammar::{Accepted, Constraint, MaskWorker};
 use crate::metrics::{EngineStats, RateWindow};
 use crate::request::{Event, FinishReason, RequestId, TenantId, Usage, ValidRequest};
 use crate::sampling::Sampler;
-use crate::speculative::{self, Drafting, Speculation, SuffixIndexes};
+use crate::speculative::{self, Drafting, Source, Speculation, StepCosts, SuffixIndexes};
 use crate::text::TextStream;
 use crate::tiering::{ProducerId, Tiering};
 use crate::EngineConfig;
@@ -214,6 +214,8 @@ struct Active {
     prompt_logprobs: Option<Vec<Option<crate::Logprobs>>>,
     /// Tokens drafted for the step being planned (`speculative.rs`).
     draft: Vec<u32>,
+    /// The proposer `draft` came from.
+    draft_source: Source,
     /// Its drafting record.
     drafting: Drafting,
 }
@@ -275,6 +277,8 @@ pub(crate) struct EngineCore {
     masks: Option<MaskWorker>,
     /// Tenants' recent answers, for drafting (`speculative.rs`).
     suffixes: SuffixIndexes,
+    /// Steps' wall time by rows, for deciding what to draft.
+    step_costs: StepCosts,
 }
 
 impl EngineCore {
@@ -306,6 +310,7 @@ impl EngineCore {
             counter: 0,
             masks: None,
             suffixes: SuffixIndexes::default(),
+            step_costs: StepCosts::default(),
         }
     }
 
@@ -375,6 +380,7 @@ impl EngineCore {
             tier_hits: TierHits::default(),
             prompt_logprobs: s.req.req.prompt_logprobs.map(|_| vec![None]),
             draft: Vec::new(),
+            draft_source: Source::Lookup,
             drafting: Drafting::default(),
             req: s.req,
         };
@@ -566,6 +572,9 @@ impl EngineCore {
                 self.tiers.costs.prefilled(prefill, started.elapsed());
                 self.published(&plan);
                 self.after_step(&plan, &rows, &drafts, logits);
+                // After the step's sampling and masks: a drafted row's cost
+                // is all of it.
+                self.step_costs.record(work.iter().map(|(_, t)| t.len()).sum(), started.elapsed());
             }
             Err(model::Error::Kv(e @ (kv::Error::QuotaExceeded { .. } | kv::Error::Exhausted { .. }))) => {
                 self.on_refused(&plan, &e);
@@ -1009,11 +1018,12 @@ impl EngineCore {
         }
     }
 
-    /// Drafts tokens for the plan's decodes where it pays
-    /// (`speculative.rs`): requests that did not opt out, in a step of few
-    /// decodes, on a model without sliding windows,
-    /// with the pool's room for them and no quota to meet; each draft takes
-    /// budget rows.
+    /// Drafts tokens for the plan's decodes where they pay
+    /// (`speculative.rs`): requests that did not opt out, on a model without
+    /// sliding windows, with the pool's room for them and no quota to meet;
+    /// how many each carries is [`speculative::choose`]'s call, from the
+    /// measured step costs and each sequence's acceptance. Each drafted
+    /// token takes a budget row.
     fn plan_drafts(&mut self, plan: &mut [(usize, usize)], budget: &mut usize) {
         if self.config.speculative == Speculation::Off || self.model.window_blocks().is_some() {
             return;
@@ -1027,41 +1037,62 @@ impl EngineCore {
         if decodes.is_empty() || decodes.len() > speculative::MAX_BATCH {
             return;
         }
-        let mut spare = self.cache.stats().available_blocks().saturating_sub(self.plan_cost(plan));
+        let rows: usize = plan.iter().map(|&(_, n)| n).sum();
+        let count = decodes.len();
+        // Not even the likeliest single token could pay: no proposals.
+        let likeliest = decodes.iter().map(|&j| self.running[plan[j].0].drafting.likeliest()).fold(0.0_f32, f32::max);
+        let curve = self.step_costs.curve();
+        if speculative::choose(&curve, rows, count, &[(likeliest, 1)]) == [0] {
+            for j in decodes {
+                self.running[plan[j].0].drafting.skipped();
+            }
+            return;
+        }
+        // Each decode's proposal: the sequence's own repeats, the tenant's
+        // recent answers, a grammar's forced bytes (module doc); a draft the
+        // grammar forbids is simply rejected.
+        let mut offers: Vec<(usize, Vec<u32>, Source)> = Vec::with_capacity(decodes.len());
         for j in decodes {
-            let i = plan[j].0;
-            let a = &self.running[i];
-            let eligible = a.req.req.speculative
-                && a.prompt_logprobs.is_none()
-                && self.cache.owner_usage(&a.owner).quota.is_none();
+            let a = &mut self.running[plan[j].0];
+            let eligible = a.req.req.speculative && a.prompt_logprobs.is_none() && a.seq.is_some();
             // The first row's token is the model's own: drafts past the
             // request's last token would be wasted.
-            let k =
-                speculative::MAX_DRAFT.min(a.req.max_tokens.saturating_sub(a.usage.completion_tokens + 1)).min(*budget);
-            let Some(seq) = a.seq.filter(|_| eligible && k > 0) else { continue };
-            if !self.running[i].drafting.wants() {
+            let k = speculative::MAX_DRAFT.min(a.req.max_tokens.saturating_sub(a.usage.completion_tokens + 1));
+            if !eligible || k == 0 || self.cache.owner_usage(&a.owner).quota.is_some() {
                 continue;
             }
-            // The sequence's own repeats, the tenant's recent answers, a
-            // grammar's forced bytes (module doc); a draft the grammar
-            // forbids is simply rejected.
-            let a = &mut self.running[i];
-            let mut draft = speculative::propose(&a.tokens, k);
-            if draft.is_empty() {
-                draft = self.suffixes.propose(&a.req.req.tenant, &a.tokens, k);
+            let mut offer = (speculative::propose(&a.tokens, k), Source::Lookup);
+            if offer.0.is_empty() {
+                offer = (self.suffixes.propose(&a.req.req.tenant, &a.tokens, k), Source::Suffix);
             }
-            if draft.is_empty() {
-                draft = a.constraint.as_mut().map(|c| c.forced(k, self.codec.as_ref())).unwrap_or_default();
+            if offer.0.is_empty() {
+                let forced = a.constraint.as_mut().map(|c| c.forced(k, self.codec.as_ref()));
+                offer = (forced.unwrap_or_default(), Source::Forced);
             }
+            if !offer.0.is_empty() {
+                offers.push((j, offer.0, offer.1));
+            }
+        }
+        let rates: Vec<(f32, usize)> =
+            offers.iter().map(|(j, d, src)| (self.running[plan[*j].0].drafting.rate(*src), d.len())).collect();
+        let keep = speculative::choose(&curve, rows, count, &rates);
+        let mut spare = self.cache.stats().available_blocks().saturating_sub(self.plan_cost(plan));
+        for ((j, mut draft, source), k) in offers.into_iter().zip(keep) {
+            let i = plan[j].0;
+            draft.truncate(k.min(*budget));
+            let Some(seq) = self.running[i].seq else { continue };
             let cost = |n| self.cache.append_cost(seq, n).unwrap_or(usize::MAX);
             let extra = cost(1 + draft.len()).saturating_sub(cost(1));
             if draft.is_empty() || extra > spare {
+                self.running[i].drafting.skipped();
                 continue;
             }
             spare -= extra;
             *budget -= draft.len();
             plan[j].1 = 1 + draft.len();
-            self.running[i].draft = draft;
+            let a = &mut self.running[i];
+            a.draft = draft;
+            a.draft_source = source;
         }
     }
 
@@ -1081,8 +1112,9 @@ impl EngineCore {
         let _ = self.cache.mark_computed(seq, keep);
         a.usage.drafted_tokens += drafted;
         a.usage.accepted_tokens += accepted;
-        a.drafting.record(drafted, accepted);
+        a.drafting.record(a.draft_source, drafted, accepted);
         self.stats.drafted_tokens += drafted as u64;
+        self.stats.draft_verifications += 1;
         self.stats.accepted_tokens += accepted as u64;
     }
 

@@ -64,14 +64,38 @@
 //! Order: the sequence's own text, then the tenant's answers, then (under a
 //! grammar) the grammar's forced bytes.
 //!
-//! # When to draft
+//! # When to draft: the step's cost against the tokens it should gain
 //!
-//! Only while it pays: extra rows are nearly free at small batch (weights
-//! dominate) and cost compute at large batch. A sequence drafts when the
-//! step's decodes are at most [`MAX_BATCH`], it has a proposal, and its
-//! running acceptance ([`Drafting`]) has not fallen below [`MIN_RATE`]; a
-//! sequence that keeps missing pauses for [`PAUSE_STEPS`] steps, then tries
-//! again.
+//! Extra rows are nearly free at small batch (the weights dominate) and
+//! cost compute at large batch, so the engine decides each step how many
+//! drafted tokens each decoding sequence carries, from two measured facts:
+//!
+//! - **The step's cost by rows** ([`StepCosts`]): a running mean of the
+//!   wall time of steps of `n` rows, for `n` up to [`COST_ROWS`]. Between
+//!   measured sizes it interpolates; beyond them, and before anything is
+//!   measured, it assumes a step costs in proportion to `n + KNEE` (a fixed
+//!   part for the weights, then a part per row), a prior that the
+//!   measurements replace as steps of each size run.
+//! - **Each sequence's acceptance** ([`Drafting`]): per proposer, the
+//!   discounted share of drafted tokens the model took, counted as trials
+//!   (a draft of `k` with `a` accepted is `a` successes, and one failure
+//!   when `a < k`). The `j`-th token of a draft is kept with probability
+//!   `rate^j`.
+//!
+//! [`choose`] ranks every candidate drafted token of the step by that
+//! probability and keeps the count `m` that maximizes expected tokens per
+//! second, `(decodes + gains of the first m) / cost(rows + m)`, if that beats
+//! not drafting by a margin ([`MARGIN`]): a sequence
+//! that keeps missing gets no rows, a step of many decodes (compute-bound)
+//! gets few or none, and a long copy at batch one gets all [`MAX_DRAFT`].
+//! A sequence that got no rows for a while (its pause, doubling up to
+//! [`MAX_PAUSE`] steps after each retry that did not pay) has its rates
+//! reset to the priors and is tried again, so a text that starts to repeat
+//! is noticed.
+//!
+//! The step's wall time includes what a drafted row costs besides the
+//! forward pass (a grammar mask per verified constrained row), so rows that
+//! are dear to verify are drafted less.
 
 /// Drafted tokens per step at most.
 pub(crate) const MAX_DRAFT: usize = 4;
@@ -81,12 +105,28 @@ pub(crate) const MAX_NGRAM: usize = 4;
 pub(crate) const MIN_NGRAM: usize = 2;
 /// Tokens looked back at most for a match.
 pub(crate) const LOOKBACK: usize = 8192;
-/// Decoding sequences in a step at most for any of them to draft.
-pub(crate) const MAX_BATCH: usize = 4;
-/// Running acceptance below which a sequence pauses drafting.
-pub(crate) const MIN_RATE: f32 = 0.3;
-/// Steps a sequence that kept missing waits before drafting again.
+/// Decoding sequences in a step at most for any of them to draft (bounds
+/// the proposers' work per step).
+pub(crate) const MAX_BATCH: usize = 16;
+/// Steps a sequence that got no rows waits before it is tried again.
 pub(crate) const PAUSE_STEPS: u32 = 16;
+/// The longest such wait (each retry that does not pay doubles it).
+pub(crate) const MAX_PAUSE: u32 = 256;
+/// Step sizes whose cost is measured, in rows.
+pub(crate) const COST_ROWS: usize = 64;
+/// The cost prior's fixed part, in rows: a step of `n` rows costs as
+/// `n + KNEE` (measured on the default model: 5 rows cost ~1.8x one).
+const KNEE: f64 = 4.0;
+/// How much faster than not drafting a step's drafts must expect to make
+/// it: the costs and rates are estimates, and a wrong guess at many
+/// streams costs more than it gains.
+const MARGIN: f64 = 1.05;
+/// Acceptance priors by proposer ([`Source`]), before a sequence drafted.
+const PRIORS: [f32; 3] = [0.6, 0.5, 0.9];
+/// Weight of the prior, in trials.
+const PRIOR_TRIALS: f32 = 2.0;
+/// Weight of older trials against a new one.
+const DECAY: f32 = 0.8;
 
 /// Whether the engine drafts tokens (`--speculative`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -250,12 +290,26 @@ impl SuffixIndexes {
     }
 }
 
-/// A sequence's drafting record: its running acceptance, and a pause after
-/// it kept missing.
+/// Where a draft came from (module doc: Proposers); each proposer has its
+/// own acceptance per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    Lookup = 0,
+    Suffix = 1,
+    Forced = 2,
+}
+
+/// A sequence's drafting record: its acceptance per proposer, and how long
+/// it has gone without drafting.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Drafting {
-    rate: f32,
-    paused: u32,
+    /// Discounted accepted tokens and trials, per [`Source`].
+    hits: [f32; 3],
+    trials: [f32; 3],
+    /// Steps in a row it had a proposal but got no rows, and how many it
+    /// waits before being tried again.
+    idle: u32,
+    pause: u32,
     /// Tokens drafted and accepted so far (reported in the usage).
     pub(crate) drafted: usize,
     pub(crate) accepted: usize,
@@ -263,37 +317,170 @@ pub(crate) struct Drafting {
 
 impl Default for Drafting {
     fn default() -> Self {
-        // Optimistic at first: one good step keeps it going.
-        Self { rate: 0.5, paused: 0, drafted: 0, accepted: 0 }
+        let mut d = Self { hits: [0.0; 3], trials: [0.0; 3], idle: 0, pause: PAUSE_STEPS, drafted: 0, accepted: 0 };
+        d.reset();
+        d
     }
 }
 
 impl Drafting {
-    /// Whether to draft this step (counts a paused step down).
-    pub(crate) fn wants(&mut self) -> bool {
-        if self.paused > 0 {
-            self.paused -= 1;
-            if self.paused == 0 {
-                self.rate = MIN_RATE;
-            }
-            return false;
-        }
-        true
+    fn reset(&mut self) {
+        self.trials = [PRIOR_TRIALS; 3];
+        self.hits = PRIORS.map(|p| p * PRIOR_TRIALS);
     }
 
-    /// Records a step that drafted `drafted` tokens of which the model
-    /// agreed with `accepted`.
-    pub(crate) fn record(&mut self, drafted: usize, accepted: usize) {
+    /// The chance that each further token of a draft from `source` is kept.
+    pub(crate) fn rate(&self, source: Source) -> f32 {
+        let s = source as usize;
+        self.hits[s] / self.trials[s]
+    }
+
+    /// Its best rate over the proposers.
+    pub(crate) fn likeliest(&self) -> f32 {
+        [Source::Lookup, Source::Suffix, Source::Forced].map(|s| self.rate(s)).into_iter().fold(0.0, f32::max)
+    }
+
+    /// A step in which it had a proposal but got no rows; after its pause
+    /// its rates go back to the priors, so that it is tried again.
+    pub(crate) fn skipped(&mut self) {
+        self.idle += 1;
+        if self.idle >= self.pause {
+            self.reset();
+            self.idle = 0;
+            self.pause = (self.pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// Records a step that drafted `drafted` tokens from `source` of which
+    /// the model agreed with `accepted`.
+    pub(crate) fn record(&mut self, source: Source, drafted: usize, accepted: usize) {
         if drafted == 0 {
             return;
         }
         self.drafted += drafted;
         self.accepted += accepted;
-        self.rate = 0.7 * self.rate + 0.3 * (accepted as f32 / drafted as f32);
-        if self.rate < MIN_RATE {
-            self.paused = PAUSE_STEPS;
+        self.idle = 0;
+        let s = source as usize;
+        self.hits[s] = DECAY * self.hits[s] + accepted as f32;
+        self.trials[s] = DECAY * self.trials[s] + accepted as f32 + f32::from(u8::from(accepted < drafted));
+        if accepted == drafted {
+            self.pause = PAUSE_STEPS;
         }
     }
+}
+
+/// The wall time of steps by their rows (module doc).
+#[derive(Clone, Debug)]
+pub(crate) struct StepCosts {
+    /// Running mean in microseconds of steps of `n` rows at `[n]`, and the
+    /// steps it counts (0 where none ran yet).
+    us: [f64; COST_ROWS + 1],
+    steps: [u32; COST_ROWS + 1],
+}
+
+impl Default for StepCosts {
+    fn default() -> Self {
+        Self { us: [0.0; COST_ROWS + 1], steps: [0; COST_ROWS + 1] }
+    }
+}
+
+/// A mean counts this many steps at most, as a weight in the fit.
+const FULL_WEIGHT: u32 = 20;
+
+impl StepCosts {
+    /// Counts a step of `rows` rows that took `took`.
+    pub(crate) fn record(&mut self, rows: usize, took: std::time::Duration) {
+        let (Some(mean), Some(steps)) = (self.us.get_mut(rows), self.steps.get_mut(rows)) else { return };
+        if rows == 0 {
+            return;
+        }
+        let t = took.as_secs_f64() * 1e6;
+        *mean = if *steps == 0 { t } else { 0.9 * *mean + 0.1 * t };
+        *steps = (*steps + 1).min(FULL_WEIGHT);
+    }
+
+    /// The cost curve the measurements give: a step never costs less for
+    /// more rows, so the means are fitted by isotonic regression (pool
+    /// adjacent violators, weighted by their steps), which irons out a
+    /// size measured once in a noisy moment.
+    pub(crate) fn curve(&self) -> Curve {
+        // Blocks of pooled sizes: (first size, last size, weighted sum, weight).
+        let mut blocks: Vec<(usize, usize, f64, f64)> = Vec::new();
+        for n in 1..=COST_ROWS {
+            if self.steps[n] == 0 {
+                continue;
+            }
+            let w = f64::from(self.steps[n]);
+            blocks.push((n, n, self.us[n] * w, w));
+            while let [.., (a0, _, s0, w0), (_, b1, s1, w1)] = blocks[..] {
+                if s0 / w0 <= s1 / w1 {
+                    break;
+                }
+                blocks.truncate(blocks.len() - 2);
+                blocks.push((a0, b1, s0 + s1, w0 + w1));
+            }
+        }
+        let mut points = Vec::new();
+        for (a, b, sum, w) in blocks {
+            points.extend((a..=b).filter(|&n| self.steps[n] > 0).map(|n| (n, sum / w)));
+        }
+        Curve { points }
+    }
+}
+
+/// Step cost by rows, from [`StepCosts::curve`].
+#[derive(Clone, Debug)]
+pub(crate) struct Curve {
+    /// Measured sizes and their fitted cost in microseconds, by size.
+    points: Vec<(usize, f64)>,
+}
+
+impl Curve {
+    /// The expected cost of a step of `rows` rows: microseconds where steps
+    /// near that size were measured (module doc).
+    pub(crate) fn at(&self, rows: usize) -> f64 {
+        let after = self.points.partition_point(|&(n, _)| n < rows);
+        if let Some(&(n, t)) = self.points.get(after).filter(|p| p.0 == rows) {
+            debug_assert_eq!(n, rows);
+            return t;
+        }
+        let scale = |(n, t): (usize, f64)| t * (rows as f64 + KNEE) / (n as f64 + KNEE);
+        let below = after.checked_sub(1).and_then(|i| self.points.get(i)).copied();
+        match (below, self.points.get(after).copied()) {
+            (Some((b, tb)), Some((a, ta))) => tb + (ta - tb) * (rows - b) as f64 / (a - b) as f64,
+            (Some(p), None) | (None, Some(p)) => scale(p),
+            (None, None) => rows as f64 + KNEE,
+        }
+    }
+}
+
+/// How many tokens each sequence drafts this step (module doc). `rows`:
+/// the step's rows without drafts; `decodes`: its decoding sequences;
+/// `offers[s]`: sequence `s`'s acceptance rate and proposal length. Returns
+/// the tokens each keeps, in the same order.
+pub(crate) fn choose(costs: &Curve, rows: usize, decodes: usize, offers: &[(f32, usize)]) -> Vec<usize> {
+    // Every candidate token, likeliest kept first (a sequence's own tokens
+    // stay in order: rate^j falls with j, and the sort is stable).
+    let mut candidates: Vec<(f32, usize)> = offers
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &(rate, len))| (1..=len).map(move |j| (rate.clamp(0.0, 1.0).powi(j as i32), s)))
+        .collect();
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let base = decodes.max(1) as f64;
+    let (mut best, mut best_value, mut gain) = (0, MARGIN * base / costs.at(rows), 0.0);
+    for (m, &(g, _)) in candidates.iter().enumerate() {
+        gain += f64::from(g);
+        let value = (base + gain) / costs.at(rows + m + 1);
+        if value > best_value {
+            (best, best_value) = (m + 1, value);
+        }
+    }
+    let mut keep = vec![0; offers.len()];
+    for &(_, s) in &candidates[..best] {
+        keep[s] += 1;
+    }
+    keep
 }
 
 #[cfg(test)]
@@ -379,15 +566,87 @@ mod tests {
     }
 
     #[test]
-    fn a_sequence_that_keeps_missing_pauses_then_tries_again() {
+    fn a_sequence_that_keeps_missing_loses_its_rows_then_is_tried_again() {
         let mut d = Drafting::default();
-        assert!(d.wants());
-        d.record(4, 0);
-        d.record(4, 0);
-        assert!((0..PAUSE_STEPS).all(|_| !d.wants()), "paused");
-        assert!(d.wants(), "tries again");
-        d.record(4, 4);
-        assert!(d.wants());
-        assert_eq!((d.drafted, d.accepted), (12, 4));
+        assert!((d.rate(Source::Forced) - 0.9).abs() < 1e-6);
+        d.record(Source::Lookup, 4, 0);
+        d.record(Source::Lookup, 4, 0);
+        assert!(d.rate(Source::Lookup) < 0.4, "{}", d.rate(Source::Lookup));
+        assert!((d.rate(Source::Suffix) - 0.5).abs() < 1e-6, "each proposer has its own rate");
+        for _ in 0..PAUSE_STEPS {
+            d.skipped();
+        }
+        assert!((d.rate(Source::Lookup) - 0.6).abs() < 1e-6, "tried again with the prior");
+        // The next retry waits twice as long.
+        d.record(Source::Lookup, 4, 0);
+        for _ in 0..PAUSE_STEPS {
+            d.skipped();
+        }
+        assert!(d.rate(Source::Lookup) < 0.6);
+        for _ in 0..PAUSE_STEPS {
+            d.skipped();
+        }
+        assert!((d.rate(Source::Lookup) - 0.6).abs() < 1e-6);
+        d.record(Source::Lookup, 4, 4);
+        assert!(d.rate(Source::Lookup) > 0.7);
+        assert_eq!((d.drafted, d.accepted), (16, 4));
+    }
+
+    #[test]
+    fn step_costs_interpolate_between_measured_sizes_and_scale_beyond() {
+        let us = std::time::Duration::from_micros;
+        let mut c = StepCosts::default();
+        assert_eq!(c.curve().at(1), 5.0, "the prior alone");
+        c.record(1, us(6000));
+        c.record(5, us(10000));
+        let curve = c.curve();
+        assert_eq!(curve.at(1), 6000.0);
+        assert_eq!(curve.at(3), 8000.0);
+        assert_eq!(curve.at(9), 10000.0 * 13.0 / 9.0);
+        c.record(5, us(20000));
+        assert_eq!(c.curve().at(5), 11000.0, "a running mean");
+        c.record(0, us(1));
+        c.record(COST_ROWS + 1, us(1));
+        assert_eq!(c.curve().at(COST_ROWS + 1), 11000.0 * (COST_ROWS as f64 + 1.0 + KNEE) / 9.0, "not recorded");
+    }
+
+    #[test]
+    fn a_size_measured_in_a_noisy_moment_is_pooled_with_its_neighbours() {
+        let us = std::time::Duration::from_micros;
+        let mut c = StepCosts::default();
+        for _ in 0..FULL_WEIGHT {
+            c.record(8, us(16000));
+            c.record(12, us(20000));
+        }
+        // Once, cheaper than a smaller step: pooled with 8, by weight.
+        c.record(10, us(4000));
+        let curve = c.curve();
+        let pooled = (16000.0 * 20.0 + 4000.0) / 21.0;
+        assert!((curve.at(8) - pooled).abs() < 1e-6 && (curve.at(10) - pooled).abs() < 1e-6);
+        assert_eq!(curve.at(12), 20000.0);
+        assert!((1..=COST_ROWS).all(|n| curve.at(n) <= curve.at(n + 1)), "never cheaper for more rows");
+    }
+
+    #[test]
+    fn drafts_go_where_they_pay() {
+        let mut costs = StepCosts::default();
+        for (rows, us) in [(1, 6000), (2, 7000), (3, 8000), (4, 9000), (5, 10000)] {
+            costs.record(rows, std::time::Duration::from_micros(us));
+        }
+        let c = costs.curve();
+        // One stream: a sequence that is usually right drafts all it has,
+        // one that is usually wrong nothing, one in between a little.
+        assert_eq!(choose(&c, 1, 1, &[(0.9, 4)]), vec![4]);
+        assert_eq!(choose(&c, 1, 1, &[(0.1, 4)]), vec![0]);
+        assert_eq!(choose(&c, 1, 1, &[(0.5, 4)]), vec![2]);
+        assert_eq!(choose(&c, 1, 1, &[(0.9, 0)]), vec![0], "no proposal, no rows");
+        // The likelier sequence goes first.
+        assert_eq!(choose(&c, 2, 2, &[(0.3, 4), (0.95, 2)]), vec![0, 2]);
+        // A compute-bound step (cost in proportion to rows) drafts nothing.
+        let mut busy = StepCosts::default();
+        for rows in 8..=COST_ROWS {
+            busy.record(rows, std::time::Duration::from_micros(1000 * rows as u64));
+        }
+        assert_eq!(choose(&busy.curve(), 8, 8, &[(0.8, 4); 8]), vec![0; 8]);
     }
 }

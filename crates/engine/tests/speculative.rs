@@ -161,6 +161,9 @@ async fn greedy_output_on_the_default_model_is_identical_with_speculation_on_and
     let copied = alone[0].usage;
     assert!(copied.accepted_tokens * 2 >= copied.completion_tokens, "most of a copy is drafted: {copied:?}");
     assert!(alone[4].usage.accepted_tokens > 0, "a sampled copy is drafted too: {:?}", alone[4].usage);
+    // Copies are all but sure drafts: they pay beside six other decodes too.
+    let busy_drafted: usize = busy.iter().map(|g| g.usage.drafted_tokens).sum();
+    assert!(busy_drafted > 0, "drafts in a busy batch: {:?}", busy.iter().map(|g| g.usage).collect::<Vec<_>>());
     let json = alone[6].usage;
     assert!(json.accepted_tokens > 0, "a schema's forced keys are drafted: {json:?}");
     assert!(serde_json::from_str::<serde_json::Value>(&alone[6].text).is_ok(), "{:?}", alone[6].text);

@@ -48,11 +48,12 @@ pub(crate) struct EngineArgs {
     /// Sequences decoded together at most.
     #[arg(long, env = "KVSERVE_MAX_RUNNING", default_value_t = 64)]
     pub(crate) max_running: usize,
-    /// Speculative decoding: `auto` lets a greedy request's decode draft
-    /// tokens from its own text (prompt lookup) and verify them in the same
-    /// step, when few sequences decode together; the output is identical
-    /// either way. `off` never drafts. A request opts out with
-    /// `"speculative": false`.
+    /// Speculative decoding: `auto` lets a request's decode draft tokens
+    /// (from its own text, its tenant's recent answers, or what its grammar
+    /// forces) and verify them in the same step, as many as the measured
+    /// step cost and the sequence's acceptance say pay; the output,
+    /// greedy or seeded, is identical either way. `off` never drafts. A
+    /// request opts out with `"speculative": false`.
     #[arg(long, env = "KVSERVE_SPECULATIVE", default_value = "auto", value_parser = parse_speculation)]
     pub(crate) speculative: engine::Speculation,
     /// Requests waiting before new ones are refused as overloaded.
