@@ -119,6 +119,7 @@ enum Command {
     Submit(Box<Submission>),
     Cancel(RequestId),
     Agents(TenantId, oneshot::Sender<Vec<AgentInfo>>),
+    PrefixTree(TenantId, oneshot::Sender<crate::PrefixTree>),
     Agent(TenantId, AgentId, oneshot::Sender<Result<AgentInfo>>),
     DeleteAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
     HandOverAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
@@ -451,6 +452,9 @@ fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<Stopping>) 
         Command::Agents(tenant, reply) => {
             let _ = reply.send(core.agent_infos(&tenant));
         }
+        Command::PrefixTree(tenant, reply) => {
+            let _ = reply.send(core.prefix_tree(&tenant));
+        }
         Command::Agent(tenant, id, reply) => {
             let key = (tenant, id.clone());
             let _ = reply.send(core.agent_info(&key).ok_or_else(|| Error::UnknownAgent(id.to_string())));
@@ -768,6 +772,16 @@ impl EngineHandle {
     pub async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentInfo>> {
         let tenant = tenant.clone();
         self.ask(|r| Command::Agents(tenant, r)).await
+    }
+
+    /// The prefix tree of a tenant's agents: their shared and own blocks,
+    /// and where those are (`prefix_tree.rs`).
+    ///
+    /// # Errors
+    /// [`Error::EngineStopped`].
+    pub async fn prefix_tree(&self, tenant: &TenantId) -> Result<crate::PrefixTree> {
+        let tenant = tenant.clone();
+        self.ask(|r| Command::PrefixTree(tenant, r)).await
     }
 
     /// One agent.

@@ -54,6 +54,7 @@ mod error;
 mod grammar;
 mod kv_events;
 mod metrics;
+mod prefix_tree;
 mod request;
 mod sampling;
 mod schema;
@@ -70,6 +71,7 @@ pub use grammar::{CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};
 pub use kv_events::{Gap, KvEvent, KvEventBatch, KvEventKind, KvEvents, KvSnapshot, EVENT_LOG_CAPACITY};
 pub use metrics::{EngineStats, Finished, Histogram, LATENCY_BUCKETS};
 pub use model::{tools, Message};
+pub use prefix_tree::{PrefixTree, TreeNode, NOWHERE};
 pub use request::{
     AgentId, Event, FinishReason, Logprobs, Prompt, Request, RequestId, SamplingParams, TenantId, Usage, ValidRequest,
     MAX_ID_LEN, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TIMEOUT,

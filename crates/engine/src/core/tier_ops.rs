@@ -917,6 +917,37 @@ impl EngineCore {
         loc
     }
 
+    /// The prefix tree of `tenant`'s agents (`prefix_tree.rs`): each
+    /// distinct block's place is the pool where the pool holds it (the
+    /// agent's sequence, or cached), else the first tier that confirms it.
+    pub(crate) fn prefix_tree(&self, tenant: &crate::TenantId) -> crate::PrefixTree {
+        let keys = self.agents.keys_of(tenant);
+        let agents: Vec<_> = keys.iter().filter_map(|k| self.agents.get(k).map(|ag| (k.1.clone(), ag))).collect();
+        let chains: Vec<(crate::AgentId, &[kv::BlockHash])> =
+            agents.iter().map(|(id, ag)| (id.clone(), ag.chain.as_slice())).collect();
+        crate::prefix_tree::build(self.block_size(), &chains, |a, indices| {
+            let ag = agents[a].1;
+            let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
+            let held = |i: usize| table.is_some_and(|t| i >= t.first_block() && i < t.logical_len());
+            let mut places: Vec<Option<&'static str>> =
+                indices.iter().map(|&i| (held(i) || self.cache.is_indexed(ag.chain[i])).then_some("pool")).collect();
+            for t in &self.tiers.list {
+                let missing: Vec<usize> = (0..indices.len()).filter(|&j| places[j].is_none()).collect();
+                if missing.is_empty() {
+                    break;
+                }
+                let keys: Vec<RecordKey> =
+                    missing.iter().map(|&j| RecordKey::new(GROUP, ag.chain[indices[j]])).collect();
+                for (&j, found) in missing.iter().zip(t.confirmed(&keys)) {
+                    if found {
+                        places[j] = Some(t.name());
+                    }
+                }
+            }
+            places.into_iter().map(|p| p.unwrap_or(crate::NOWHERE)).collect()
+        })
+    }
+
     /// Moves an idle agent's blocks out of the pool into the first tier or
     /// (with `to_disk`) on past it to the next, as memory pressure would:
     /// for benchmarks and operators. Returns where its blocks are
