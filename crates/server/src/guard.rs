@@ -17,7 +17,12 @@
 //!   refused (403): browsers send `Origin` on cross-origin requests, and a
 //!   body-less POST (`/v1/agents/{id}/pin`) needs no preflight, so neither
 //!   the JSON rule nor CORS would stop a page from sending it. Clients that
-//!   are not browsers send no `Origin`.
+//!   are not browsers send no `Origin`. The one exception is the server's
+//!   own origin: an `Origin` of `http://` or `https://` followed by the
+//!   request's own `Host` (what a browser sends from kvserve's own page,
+//!   `ui.rs`). A page elsewhere cannot claim it: its browser writes the
+//!   `Origin`, and a page that reaches this server under its own name (DNS
+//!   rebinding) fails the Host rule below without API keys.
 //! * Path parameters that do not decode (`/v1/agents/%FF`) are a 400 in
 //!   the OpenAI error shape, like everything else.
 
@@ -173,7 +178,9 @@ impl Guard {
         if !safe {
             if let Some(origin) = headers.get(header::ORIGIN) {
                 let allowed = self.cors_any
-                    || origin.to_str().is_ok_and(|o| self.cors_origins.iter().any(|c| c.eq_ignore_ascii_case(o)));
+                    || origin.to_str().is_ok_and(|o| {
+                        self.cors_origins.iter().any(|c| c.eq_ignore_ascii_case(o)) || same_origin(o, headers)
+                    });
                 if !allowed {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
@@ -197,6 +204,14 @@ impl Guard {
         }
         Ok(())
     }
+}
+
+/// Whether `origin` is the request's own: `http://` or `https://` and
+/// exactly its `Host` header (name and port), ignoring case.
+fn same_origin(origin: &str, headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::trim) else { return false };
+    let rest = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    !host.is_empty() && rest.is_some_and(|r| r.eq_ignore_ascii_case(host))
 }
 
 /// The key of `Authorization: Bearer KEY`, if given.
@@ -225,6 +240,21 @@ pub(crate) async fn check_host(State(state): State<AppState>, req: Request<Body>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_requests_own_host_is_its_origin() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        assert!(same_origin("http://127.0.0.1:8080", &h));
+        assert!(same_origin("https://127.0.0.1:8080", &h));
+        assert!(!same_origin("http://127.0.0.1:8081", &h), "another port is another origin");
+        assert!(!same_origin("http://127.0.0.1", &h));
+        assert!(!same_origin("http://evil.com", &h));
+        assert!(!same_origin("ftp://127.0.0.1:8080", &h));
+        assert!(!same_origin("http://127.0.0.1:8080/", &h));
+        assert!(!same_origin("null", &h));
+        assert!(!same_origin("http://", &HeaderMap::new()), "no Host, no own origin");
+    }
 
     #[test]
     fn host_names_lose_their_port_and_case() {
