@@ -55,6 +55,10 @@ pub(crate) struct ServeArgs {
     /// `https://app.example.com`; none by default.
     #[arg(long = "cors-origin", env = "KVSERVE_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    /// Serve no web page: without it, `/` is a chat with the model and a
+    /// live view of the cache (assets built in, no network needed).
+    #[arg(long, env = "KVSERVE_NO_UI")]
+    no_ui: bool,
     /// The key `/metrics` requires (`Authorization: Bearer KEY`); without
     /// it, with API keys, any API key reads the metrics.
     #[arg(long, env = "KVSERVE_METRICS_KEY", hide_env_values = true)]
@@ -196,6 +200,9 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         };
         let also = started.model_aliases.join(", ");
         tracing::info!(model = %started.model_name, also = %also, "listening on http://{addr} {auth}");
+        if !args.no_ui {
+            tracing::info!("web page: chat and cache view at http://{addr}/ (--no-ui turns it off)");
+        }
         let engine = started.engine.clone();
         for (tenant, blocks) in &quotas {
             engine.set_quota(tenant, Some(*blocks)).await?;
@@ -210,6 +217,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             metrics_key: args.metrics_key,
             limits,
             model_aliases: started.model_aliases.clone(),
+            ui: !args.no_ui,
         };
         let app = server::router(started.engine, config);
         // A dead engine ends `serve` with an error: the process then exits

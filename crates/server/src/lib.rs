@@ -10,9 +10,12 @@
 //! | the agent API | `agents.rs` |
 //! | Prometheus text exposition | `metrics.rs` |
 //! | errors as OpenAI JSON with status codes | `error.rs` |
+//! | Host, Origin and API-key rules | `guard.rs` |
+//! | the web page at `/` and its dashboard JSON | `ui.rs`, assets in `ui/` |
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`,
-//! `GET /v1/models`, `/v1/agents...`, `GET /health`, `GET /metrics`.
+//! `GET /v1/models`, `/v1/agents...`, `GET /health`, `GET /metrics`, and
+//! (unless `--no-ui`) `GET /`, `GET /v1/dashboard`.
 //!
 //! Tenants come from API keys: with keys configured, every `/v1` route needs
 //! `Authorization: Bearer KEY` and the key names the tenant; without keys,
@@ -31,6 +34,7 @@ mod legacy;
 pub mod metrics;
 mod openai;
 mod structured;
+mod ui;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -81,6 +85,8 @@ pub struct ServerConfig {
     /// (the catalogue name, the file's stem, `--served-model-name`s), all
     /// listed by `/v1/models`. Answers name the engine's.
     pub model_aliases: Vec<String>,
+    /// Serve the web page at `/` (`ui.rs`); `--no-ui` turns it off.
+    pub ui: bool,
 }
 
 /// Lowest `priority` a client may give.
@@ -97,6 +103,7 @@ impl Default for ServerConfig {
             metrics_key: None,
             limits: conn::Limits::default(),
             model_aliases: Vec::new(),
+            ui: true,
         }
     }
 }
@@ -126,6 +133,8 @@ pub(crate) struct AppState {
     pub(crate) prep: Arc<tokio::sync::Semaphore>,
     /// Longest a request body may take to arrive (408 beyond).
     pub(crate) body_timeout: Duration,
+    /// The web page's state (`ui.rs`); `None` with `--no-ui`.
+    pub(crate) ui: Option<Arc<ui::Ui>>,
 }
 
 /// The request's tenant, from its API key.
@@ -169,7 +178,6 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
     let state = AppState {
         model_name: engine.config().model_name.as_str().into(),
         model_names: model_names(&engine.config().model_name, &config.model_aliases),
-        engine,
         guard: Arc::new(Guard::new(
             config.api_keys,
             config.metrics_key.clone(),
@@ -182,6 +190,8 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get).max(2),
         )),
         body_timeout: config.limits.body_timeout,
+        ui: config.ui.then(|| ui::start(&engine)),
+        engine,
     };
     let router = Router::new()
         .route("/v1/chat/completions", post(completions::chat))
@@ -195,7 +205,9 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/kv/snapshot", get(kv_events::snapshot))
-        .route("/v1/kv/events", get(kv_events::events))
+        .route("/v1/kv/events", get(kv_events::events));
+    let router = if state.ui.is_some() { ui::routes(router) } else { router };
+    let router = router
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard::check_host))

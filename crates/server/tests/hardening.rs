@@ -366,3 +366,110 @@ async fn a_prompt_longer_than_the_context_by_bytes_alone_is_refused_before_token
     // token count instead).
     assert!(r.error()["message"].as_str().unwrap().contains("bytes"), "{}", r.body);
 }
+
+/// The server's own page posts with an `Origin` equal to its own scheme and
+/// `Host`: allowed, and only that exact origin (another port, another name,
+/// a forged Host on an open server all stay refused).
+#[tokio::test]
+async fn the_servers_own_page_may_post_and_delete_and_no_one_else() {
+    let app = app();
+    let own = [("host", "127.0.0.1:8000"), ("origin", "http://127.0.0.1:8000")];
+    let r = chat(&app, &chat_body("hi", json!({"agent_id": "page"})), &own).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(raw(&app, "DELETE", "/v1/agents/page", "", &own).await.status, StatusCode::OK);
+    for (host, origin) in [
+        ("127.0.0.1:8000", "http://127.0.0.1:8001"),
+        ("127.0.0.1:8000", "http://localhost:8000"),
+        ("127.0.0.1:8000", "https://evil.example"),
+        ("attacker.example", "http://attacker.example"),
+    ] {
+        let r = chat(&app, &chat_body("hi", json!({})), &[("host", host), ("origin", origin)]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{host} {origin}: {}", r.body);
+    }
+}
+
+/// The page and its parts come with a strict Content-Security-Policy;
+/// `--no-ui` leaves them out (a JSON 404, like any unknown route).
+#[tokio::test]
+async fn the_page_is_served_with_a_strict_policy_unless_turned_off() {
+    let app = app();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+        ("/favicon.svg", "image/svg+xml"),
+        ("/favicon.ico", "image/svg+xml"),
+    ] {
+        let r = raw(&app, "GET", path, "", &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert!(r.headers["content-type"].to_str().unwrap().starts_with(kind), "{path}: {:?}", r.headers);
+        let csp = r.headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    }
+    let page = raw(&app, "GET", "/", "", &[]).await.body;
+    assert!(!page.contains("<script>") && !page.contains(" style="), "nothing inline");
+    for id in ["chat-input", "chat-send", "chat-stop", "agent-id", "agents-table", "tier-stats"] {
+        assert!(page.contains(&format!("data-testid=\"{id}\"")), "{id}");
+    }
+    // The page's Host rule is the API's.
+    assert_eq!(raw(&app, "GET", "/", "", &[("host", "attacker.example")]).await.status, StatusCode::FORBIDDEN);
+
+    let off = app_with(EngineConfig::default(), ServerConfig { ui: false, ..ServerConfig::default() });
+    for path in ["/", "/ui/app.js", "/v1/dashboard"] {
+        let r = raw(&off, "GET", path, "", &[]).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(r.error()["type"], "not_found_error", "{}", r.body);
+    }
+}
+
+/// The dashboard shows a tenant its own agents and their prefix tree, and
+/// the server-wide numbers only to whoever may read `/metrics`.
+#[tokio::test]
+async fn the_dashboard_shows_each_tenant_its_own_and_server_numbers_to_metrics_readers() {
+    let app = app_with(EngineConfig::default(), ServerConfig { metrics_key: Some("scrape-key".into()), ..keyed() });
+    let system = "shared system prompt ".repeat(8);
+    for (key, agent) in [("key-a", "a1"), ("key-a", "a2"), ("key-b", "b1")] {
+        let body = json!({"model": "fake", "max_tokens": 4, "temperature": 0, "agent_id": agent,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": format!("I am {agent}")}]});
+        let r = chat(&app, &body, &[("authorization", &format!("Bearer {key}"))]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    assert_eq!(raw(&app, "GET", "/v1/dashboard", "", &[]).await.status, StatusCode::UNAUTHORIZED);
+    let a = raw(&app, "GET", "/v1/dashboard", "", &[("authorization", "Bearer key-a")]).await.json();
+    let ids: Vec<&str> = a["agents"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a1", "a2"], "its own agents only");
+    assert_eq!(a["server"], Value::Null, "a tenant key is not the metrics key");
+    assert_eq!(a["keys_required"], true);
+    // One root (the shared system prompt) that both agents run through,
+    // then one branch each.
+    let nodes = a["tree"]["nodes"].as_array().unwrap();
+    let roots: Vec<&Value> = nodes.iter().filter(|n| n["parent"].is_null()).collect();
+    assert_eq!(roots.len(), 1, "{nodes:?}");
+    assert_eq!(roots[0]["agents"], 2);
+    assert!(roots[0]["tokens"].as_u64().unwrap() >= 16, "{nodes:?}");
+    assert_eq!(roots[0]["blocks"]["pool"], roots[0]["tokens"].as_u64().unwrap() / 16);
+    let mut ends: Vec<&str> =
+        nodes.iter().flat_map(|n| n["ends"].as_array().unwrap()).map(|e| e.as_str().unwrap()).collect();
+    ends.sort_unstable();
+    assert_eq!(ends, ["a1", "a2"]);
+    let b = raw(&app, "GET", "/v1/dashboard", "", &[("authorization", "Bearer key-b")]).await.json();
+    assert_eq!(b["agents"].as_array().unwrap().len(), 1);
+    assert_eq!(b["tree"]["nodes"][0]["agents"], 1);
+
+    // The metrics key sees the server: pool, queue, history.
+    let s = raw(&app, "GET", "/v1/dashboard", "", &[("authorization", "Bearer scrape-key")]).await.json();
+    assert!(s["server"]["pool"]["total_blocks"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!((s["agents"].as_array().unwrap().len(), s["tree"]["nodes"].as_array().unwrap().len()), (0, 0));
+    assert_eq!(
+        raw(&app, "GET", "/v1/dashboard", "", &[("authorization", "Bearer nope")]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Without a metrics key, any API key reads the metrics, as `/metrics`.
+    let app = app_with(EngineConfig::default(), keyed());
+    let any = raw(&app, "GET", "/v1/dashboard", "", &[("authorization", "Bearer key-b")]).await.json();
+    let server = &any["server"];
+    assert!(server["pool"]["total_blocks"].as_u64().unwrap() > 0, "{server}");
+    assert!(server["history"].is_array() && server["tiers"].is_array(), "{server}");
+}
