@@ -380,7 +380,10 @@ function showServer(server) {
   }
   document.getElementById("pool-text").textContent =
     `${used} blocks held by sequences, ${cached} cached for reuse, ${pool.free_blocks} free, of ${pool.total_blocks} ` +
-    `(${pool.block_size} tokens each) · prefix hit rate ${(100 * server.prefix_hit_rate).toFixed(1)}%`;
+    `(${pool.block_size} tokens each) · prefix hit rate ${(100 * server.prefix_hit_rate).toFixed(1)}%` +
+    (server.sliding_pages
+      ? ` · sliding-window layers: ${server.sliding_pages.held} of ${server.sliding_pages.total} pages hold K/V`
+      : "");
   $("queue").textContent = `${server.running} running, ${server.waiting} waiting · ${server.tokens_per_second.toFixed(1)} tokens/s`;
   const rows = document.getElementById("tier-rows");
   rows.replaceChildren();
