@@ -55,6 +55,10 @@ pub(crate) struct ServeArgs {
     /// `https://app.example.com`; none by default.
     #[arg(long = "cors-origin", env = "KVSERVE_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    /// Seconds a stored response (`POST /v1/responses` with `store`) is
+    /// kept; 30 days by default, as OpenAI keeps them.
+    #[arg(long, env = "KVSERVE_RESPONSES_TTL", default_value_t = 30 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    responses_ttl: u64,
     /// Serve no web page: without it, `/` is a chat with the model and a
     /// live view of the cache (assets built in, no network needed).
     #[arg(long, env = "KVSERVE_NO_UI")]
@@ -218,6 +222,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             limits,
             model_aliases: started.model_aliases.clone(),
             ui: !args.no_ui,
+            responses_dir: args.engine.tiers.responses_dir()?,
+            responses_ttl: std::time::Duration::from_secs(args.responses_ttl),
         };
         let app = server::router(started.engine, config);
         // A dead engine ends `serve` with an error: the process then exits

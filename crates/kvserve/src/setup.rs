@@ -140,6 +140,19 @@ impl TierArgs {
         }
     }
 
+    /// Where stored responses live (`responses/` beside the disk tier's
+    /// models), when there is a disk tier; `None`: in memory.
+    pub(crate) fn responses_dir(&self) -> Result<Option<PathBuf>> {
+        if self.disk_cache == 0 {
+            return Ok(None);
+        }
+        let root = match &self.cache_dir {
+            Some(d) => d.clone(),
+            None => model::fetch::cache_dir()?.join("kv"),
+        };
+        Ok(Some(root.join("responses")))
+    }
+
     /// The engine's tier configuration.
     pub(crate) fn config(&self) -> Result<engine::TierConfig> {
         let ram_bytes = self.ram_cache.unwrap_or_else(default_ram_cache);

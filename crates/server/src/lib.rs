@@ -10,11 +10,15 @@
 //! | the agent API | `agents.rs` |
 //! | Prometheus text exposition | `metrics.rs` |
 //! | errors as OpenAI JSON with status codes | `error.rs` |
+//! | the Responses API: items to turns, streaming events | `responses.rs` |
+//! | stored responses, durable on disk | `response_store.rs` |
 //! | Host, Origin and API-key rules | `guard.rs` |
 //! | the web page at `/` and its dashboard JSON | `ui.rs`, assets in `ui/` |
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`,
-//! `GET /v1/models`, `/v1/agents...`, `GET /health`, `GET /metrics`, and
+//! `POST /v1/responses`, `/v1/responses/{id}` (GET, DELETE) and its
+//! `input_items`, `GET /v1/models`, `/v1/agents...`, `GET /health`,
+//! `GET /metrics`, and
 //! (unless `--no-ui`) `GET /`, `GET /v1/dashboard`.
 //!
 //! Tenants come from API keys: with keys configured, every `/v1` route needs
@@ -33,6 +37,8 @@ pub mod kv_events;
 mod legacy;
 pub mod metrics;
 mod openai;
+mod response_store;
+mod responses;
 mod structured;
 mod ui;
 
@@ -87,6 +93,11 @@ pub struct ServerConfig {
     pub model_aliases: Vec<String>,
     /// Serve the web page at `/` (`ui.rs`); `--no-ui` turns it off.
     pub ui: bool,
+    /// Where stored responses are kept (`response_store.rs`); `None`: in
+    /// memory.
+    pub responses_dir: Option<std::path::PathBuf>,
+    /// How long a stored response is kept.
+    pub responses_ttl: Duration,
 }
 
 /// Lowest `priority` a client may give.
@@ -104,6 +115,8 @@ impl Default for ServerConfig {
             limits: conn::Limits::default(),
             model_aliases: Vec::new(),
             ui: true,
+            responses_dir: None,
+            responses_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -135,6 +148,8 @@ pub(crate) struct AppState {
     pub(crate) body_timeout: Duration,
     /// The web page's state (`ui.rs`); `None` with `--no-ui`.
     pub(crate) ui: Option<Arc<ui::Ui>>,
+    /// Stored responses (`response_store.rs`).
+    pub(crate) responses: Option<response_store::ResponseStore>,
 }
 
 /// The request's tenant, from its API key.
@@ -191,11 +206,21 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         )),
         body_timeout: config.limits.body_timeout,
         ui: config.ui.then(|| ui::start(&engine)),
+        responses: Some(match &config.responses_dir {
+            Some(dir) => response_store::ResponseStore::disk(dir.clone(), config.responses_ttl).unwrap_or_else(|e| {
+                tracing::error!(error = %e, dir = %dir.display(), "the response store cannot use its directory; keeping responses in memory");
+                response_store::ResponseStore::memory(config.responses_ttl)
+            }),
+            None => response_store::ResponseStore::memory(config.responses_ttl),
+        }),
         engine,
     };
     let router = Router::new()
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::completion))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::get).delete(responses::delete))
+        .route("/v1/responses/{id}/input_items", get(responses::input_items_list))
         .route("/v1/models", get(models))
         .route("/v1/agents", get(agents::list))
         .route("/v1/agents/{id}", get(agents::get).delete(agents::delete).patch(agents::patch))
