@@ -57,6 +57,25 @@ fn the_official_client_calls_tools_and_parses_structured_outputs() {
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
 }
 
+/// The Responses API through the official client (`openai_responses.py`):
+/// create, a `previous_response_id` chain with its prefix cached, a stream
+/// through the client's helper, a fork, a function tool round trip, a
+/// Pydantic `text_format`, retrieve, input items, delete, `store: false`,
+/// and the 400s for what cannot be honoured.
+#[cfg(unix)]
+#[test]
+fn the_official_client_drives_the_responses_api() {
+    let py = venv();
+    let cache = tempfile::tempdir().expect("a temp dir");
+    let server = common::serve(cache.path());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("openai_responses.py");
+    let out = Command::new(py).arg(script).arg(format!("http://{}", server.addr)).output().expect("the script runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success(), "the client's checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+}
+
 /// The base URL the README's examples use; the test points it at its server.
 const README_BASE: &str = "http://127.0.0.1:8080/v1";
 

@@ -177,3 +177,66 @@ fn an_open_server_refuses_a_forged_host_header() {
         http(&server.addr, &format!("GET /v1/agents HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", server.addr));
     assert!(by_ip.starts_with("HTTP/1.1 200"), "{by_ip}");
 }
+
+/// A `previous_response_id` chain across `kill -9`: the stored responses
+/// and the chain's agent come back, and the next response in the chain is
+/// served from the disk tier (cached tokens ≥ the previous turn's input and
+/// output, less a block's worth and the turn's own new tokens).
+#[cfg(unix)]
+#[test]
+fn a_response_chain_survives_kill_9_and_continues_from_disk() {
+    let cache = tempfile::tempdir().expect("a temp dir");
+    let instructions = "You are the harbour master's assistant. Answer in one sentence. ".repeat(20);
+    let create = |addr: &str, input: &str, previous: Option<&str>| {
+        let body = serde_json::json!({
+            "model": "smollm2-135m", "instructions": instructions, "input": input,
+            "previous_response_id": previous, "temperature": 0, "max_output_tokens": 24,
+        });
+        let r = post(addr, "/v1/responses", &body.to_string());
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        json_body(&r)
+    };
+    let (first, second) = {
+        let mut server = serve(cache.path());
+        let first = create(&server.addr, "When does the ferry leave?", None);
+        let id = first["id"].as_str().expect("an id").to_owned();
+        let second = create(&server.addr, "And when does it come back?", Some(&id));
+        // The chain's agent is named after its first response; killed once
+        // its latest turn is durable.
+        let started = Instant::now();
+        loop {
+            let info = json_body(&get(&server.addr, &format!("/v1/agents/{id}")));
+            if info["blocks"]["durable"] == true && info["turns"] == 2 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "never durable: {info}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = server.child.id().to_string();
+        assert!(Command::new("kill").args(["-9", &pid]).status().expect("kill runs").success());
+        let _ = server.child.wait();
+        (first, second)
+    };
+    let server = serve(cache.path());
+    let second_id = second["id"].as_str().expect("an id");
+    let got = json_body(&get(&server.addr, &format!("/v1/responses/{second_id}")));
+    assert_eq!(got["output"], second["output"], "the stored response came back");
+    assert_eq!(got["previous_response_id"], first["id"]);
+    let third = create(&server.addr, "Is there a ferry on Sundays?", Some(second_id));
+    let (prev_in, prev_out) = (
+        second["usage"]["input_tokens"].as_u64().expect("input"),
+        second["usage"]["output_tokens"].as_u64().expect("output"),
+    );
+    let cached = third["usage"]["input_tokens_details"]["cached_tokens"].as_u64().expect("cached");
+    assert!(cached + 32 >= prev_in + prev_out, "cached {cached} after a restart, previous turn {prev_in} + {prev_out}");
+    // Deleting is durable too: gone after another restart.
+    let deleted = http_delete(&server.addr, &format!("/v1/responses/{second_id}"));
+    assert!(deleted.starts_with("HTTP/1.1 200"), "{deleted}");
+    drop(server);
+    let server = serve(cache.path());
+    assert!(get(&server.addr, &format!("/v1/responses/{second_id}")).starts_with("HTTP/1.1 404"));
+}
+
+fn http_delete(addr: &str, path: &str) -> String {
+    http(addr, &format!("DELETE {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+}

@@ -28,6 +28,18 @@ use tower::ServiceExt;
 
 const FIELDS: &[&str] = &[
     "model",
+    "input",
+    "instructions",
+    "previous_response_id",
+    "store",
+    "text",
+    "max_output_tokens",
+    "truncation",
+    "background",
+    "reasoning",
+    "include",
+    "metadata",
+    "conversation",
     "messages",
     "prompt",
     "max_tokens",
@@ -216,6 +228,7 @@ fn case() -> impl Strategy<Value = Case> {
         &[
             ("POST", "/v1/chat/completions"),
             ("POST", "/v1/completions"),
+            ("POST", "/v1/responses"),
             ("PATCH", "/v1/agents/fuzzed"),
             ("POST", "/v1/agents/fuzzed/pin"),
         ][..],
@@ -224,7 +237,7 @@ fn case() -> impl Strategy<Value = Case> {
         4 => (endpoint, body()).prop_map(|((m, p), b)| Case::Json(m, p, b)),
         2 => (schema(), any::<u8>()).prop_map(|(s, how)| Case::Json("POST", "/v1/chat/completions", constrained_body(s, how))),
         1 => (
-            proptest::sample::select(&["/v1/chat/completions", "/v1/completions"][..]),
+            proptest::sample::select(&["/v1/chat/completions", "/v1/completions", "/v1/responses"][..]),
             proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             proptest::option::of(any::<usize>()),
         )
@@ -264,7 +277,12 @@ async fn send(app: &Router, method: &str, path: &str, body: Vec<u8>) -> Result<(
         return Err(format!("{method} {path}: {} {text}", parts.status));
     }
     let sse = parts.headers.get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if sse {
+    if sse && path == "/v1/responses" {
+        let last = text.trim_end().lines().rev().find(|l| l.starts_with("event: ")).unwrap_or_default();
+        if !matches!(last, "event: response.completed" | "event: response.incomplete" | "event: response.failed") {
+            return Err(format!("{method} {path}: a stream that does not end: {text}"));
+        }
+    } else if sse {
         if !text.trim_end().ends_with("data: [DONE]") {
             return Err(format!("{method} {path}: a stream that does not end: {text}"));
         }
@@ -286,6 +304,11 @@ fn fuzzed_requests_get_typed_answers_never_a_5xx_or_a_hang() {
         "logit_bias": {"97": 5}, "stop": ["x"], "stream": false,
     }))
     .unwrap();
+    let valid_responses = serde_json::to_vec(&json!({
+        "model": "fake", "input": [{"role": "user", "content": "hello"}], "instructions": "Be brief.",
+        "max_output_tokens": 4, "store": true, "stream": false,
+    }))
+    .unwrap();
     let secs = std::env::var("KVSERVE_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let started = Instant::now();
     let (mut cases, mut batch) = (0, 0u64);
@@ -299,7 +322,7 @@ fn fuzzed_requests_get_typed_answers_never_a_5xx_or_a_hang() {
             let (method, path, bytes) = match case {
                 Case::Json(m, p, b) => (m, p, serde_json::to_vec(&b).unwrap()),
                 Case::Bytes(p, flips, cut) => {
-                    let mut b = valid.clone();
+                    let mut b = if p == "/v1/responses" { valid_responses.clone() } else { valid.clone() };
                     for (i, x) in flips {
                         let i = i % b.len();
                         b[i] = x;
