@@ -19,7 +19,8 @@ fn python() -> String {
     std::env::var("KVSERVE_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// A venv with `openai` and `pydantic`, made on first use (once per test
+/// A venv with `openai` (pinned: the Responses and Conversations tests
+/// follow its types) and `pydantic`, made on first use (once per test
 /// binary: the tests run in parallel and must not build it twice at once).
 fn venv() -> PathBuf {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
@@ -34,7 +35,7 @@ fn make_venv() -> PathBuf {
         let made = Command::new(python()).args(["-m", "venv"]).arg(&dir).status().expect("python3 runs");
         assert!(made.success(), "python3 -m venv failed");
         let pip = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai>=1.40,<3", "pydantic>=2"])
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai==2.54.0", "pydantic>=2"])
             .status()
             .expect("pip runs");
         assert!(pip.success(), "pip install openai pydantic failed");
@@ -61,6 +62,7 @@ fn the_official_client_calls_tools_and_parses_structured_outputs() {
 /// create, a `previous_response_id` chain with its prefix cached, a stream
 /// through the client's helper, a fork, a function tool round trip, a
 /// Pydantic `text_format`, retrieve, input items, delete, `store: false`,
+/// conversations (CRUD, responses in one, an item deleted from the middle),
 /// and the 400s for what cannot be honoured.
 #[cfg(unix)]
 #[test]

@@ -106,6 +106,39 @@ try:
 except openai.NotFoundError:
     pass
 
+# Conversations: CRUD, and responses in one keep its agent warm.
+conv = client.conversations.create(metadata={"topic": "travel"},
+                                   items=[{"type": "message", "role": "user", "content": "I am planning a trip."}])
+assert conv.id.startswith("conv_") and conv.metadata == {"topic": "travel"}, conv
+c1 = client.responses.create(model=M, instructions=SYS, conversation=conv.id, input="Where should I go in France?",
+                             temperature=0, max_output_tokens=32)
+assert c1.output_text, c1
+c2 = client.responses.create(model=M, instructions=SYS, conversation=conv.id, input="And what should I eat there?",
+                             temperature=0, max_output_tokens=32)
+assert cached(c2) >= c1.usage.input_tokens + c1.usage.output_tokens - 32, (cached(c2), c1.usage)
+listed = client.conversations.items.list(conv.id, order="asc")
+kinds = [(i.type, getattr(i, "role", None)) for i in listed.data]
+assert kinds == [("message", "user"), ("message", "user"), ("message", "assistant"), ("message", "user"),
+                 ("message", "assistant")], kinds
+added = client.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "Thanks!"}])
+one = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+assert one.content[0].text == "Thanks!", one
+# Deleting an item from the middle: the next response recomputes from it.
+client.conversations.items.delete(listed.data[1].id, conversation_id=conv.id)
+assert len(client.conversations.items.list(conv.id).data) == 5
+c3 = client.responses.create(model=M, instructions=SYS, conversation=conv.id, input="Bye.", temperature=0,
+                             max_output_tokens=8)
+assert cached(c3) < c3.usage.input_tokens, c3.usage
+updated = client.conversations.update(conv.id, metadata={"topic": "food"})
+assert client.conversations.retrieve(conv.id).metadata == {"topic": "food"}, updated
+client.conversations.delete(conv.id)
+try:
+    client.conversations.retrieve(conv.id)
+    raise AssertionError("a deleted conversation is still there")
+except openai.NotFoundError:
+    pass
+print("conversations: ok")
+
 # What cannot be honoured is a 400 naming the field.
 for kwargs, param in [
     ({"input": [{"type": "bogus"}]}, "input"),

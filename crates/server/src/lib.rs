@@ -11,13 +11,14 @@
 //! | Prometheus text exposition | `metrics.rs` |
 //! | errors as OpenAI JSON with status codes | `error.rs` |
 //! | the Responses API: items to turns, streaming events | `responses.rs` |
-//! | stored responses, durable on disk | `response_store.rs` |
+//! | the Conversations API | `conversations.rs` |
+//! | stored responses and conversations, durable on disk | `response_store.rs` |
 //! | Host, Origin and API-key rules | `guard.rs` |
 //! | the web page at `/` and its dashboard JSON | `ui.rs`, assets in `ui/` |
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`,
 //! `POST /v1/responses`, `/v1/responses/{id}` (GET, DELETE) and its
-//! `input_items`, `GET /v1/models`, `/v1/agents...`, `GET /health`,
+//! `input_items`, `/v1/conversations...`, `GET /v1/models`, `/v1/agents...`, `GET /health`,
 //! `GET /metrics`, and
 //! (unless `--no-ui`) `GET /`, `GET /v1/dashboard`.
 //!
@@ -30,6 +31,7 @@ mod access_log;
 mod agents;
 mod completions;
 pub mod conn;
+mod conversations;
 mod end_body;
 mod error;
 mod guard;
@@ -221,6 +223,16 @@ pub fn router(engine: EngineHandle, config: ServerConfig) -> Router {
         .route("/v1/responses", post(responses::create))
         .route("/v1/responses/{id}", get(responses::get).delete(responses::delete))
         .route("/v1/responses/{id}/input_items", get(responses::input_items_list))
+        .route("/v1/conversations", post(conversations::create))
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get).post(conversations::update).delete(conversations::delete),
+        )
+        .route("/v1/conversations/{id}/items", get(conversations::list_items).post(conversations::add_items))
+        .route(
+            "/v1/conversations/{id}/items/{item_id}",
+            get(conversations::get_item).delete(conversations::delete_item),
+        )
         .route("/v1/models", get(models))
         .route("/v1/agents", get(agents::list))
         .route("/v1/agents/{id}", get(agents::get).delete(agents::delete).patch(agents::patch))

@@ -1,6 +1,7 @@
-//! Stored responses: what `POST /v1/responses` keeps with `store: true`
-//! (the default) so that `previous_response_id` can continue it and
-//! `GET /v1/responses/{id}` can return it.
+//! Stored responses and conversations: what `POST /v1/responses` keeps
+//! with `store: true` (the default) so that `previous_response_id` can
+//! continue it and `GET /v1/responses/{id}` can return it, and the
+//! Conversations API's conversations (`conversations.rs`).
 //!
 //! A record holds the response as answered, its input items and its output
 //! items, the response it continued and the agent whose K/V holds the
@@ -18,9 +19,15 @@
 //! renamed into place, the directory synced after; a delete removes the
 //! file and syncs the directory. A tenant asking for another tenant's id
 //! hashes to a file that does not exist: a 404, as for an unknown id.
-//! Without a directory (tests, `--no-disk-cache`) the records live in
-//! memory. Records older than the TTL are gone (404), removed when met.
-//! File I/O runs on the blocking pool, never on the async runtime.
+//! Without a directory (tests, `--disk-cache 0`) the records live in
+//! memory. Records untouched for longer than the TTL are gone (404),
+//! removed when met. File I/O runs on the blocking pool, never on the async
+//! runtime.
+//!
+//! A conversation changes in place (items added and deleted, a response's
+//! items appended): each change is a read-modify-write under the
+//! conversation's own lock ([`ResponseStore::lock`]), so two at once both
+//! land.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -53,16 +60,64 @@ pub(crate) struct Stored {
     pub(crate) response: Value,
 }
 
+/// A conversation of the Conversations API (`conversations.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Conversation {
+    pub(crate) id: String,
+    pub(crate) tenant: String,
+    pub(crate) created_at: u64,
+    /// Its last change, for the TTL.
+    pub(crate) updated_at: u64,
+    pub(crate) metadata: serde_json::Map<String, Value>,
+    /// Its items, oldest first, each with an id.
+    pub(crate) items: Vec<Value>,
+}
+
+/// What the store keeps: its owner, id and last change.
+pub(crate) trait Record: Serialize + serde::de::DeserializeOwned + Send + 'static {
+    fn tenant(&self) -> &str;
+    fn id(&self) -> &str;
+    /// Seconds since the Unix epoch of its last change.
+    fn touched(&self) -> u64;
+}
+
+impl Record for Stored {
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn touched(&self) -> u64 {
+        self.created_at
+    }
+}
+
+impl Record for Conversation {
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn touched(&self) -> u64 {
+        self.updated_at
+    }
+}
+
 enum Backend {
-    Memory(Mutex<HashMap<String, Stored>>),
+    /// Records as their JSON, by name.
+    Memory(Mutex<HashMap<String, Vec<u8>>>),
     Disk(PathBuf),
 }
 
-/// The stored responses of every tenant (module doc).
+/// The stored responses and conversations of every tenant (module doc).
 #[derive(Clone)]
 pub(crate) struct ResponseStore {
     backend: Arc<Backend>,
     ttl: Duration,
+    /// Per-record locks for read-modify-write, by name (dead ones pruned).
+    locks: Arc<Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>>,
 }
 
 impl std::fmt::Debug for ResponseStore {
@@ -96,7 +151,7 @@ fn now() -> u64 {
 impl ResponseStore {
     /// Records kept in memory only.
     pub(crate) fn memory(ttl: Duration) -> Self {
-        Self { backend: Arc::new(Backend::Memory(Mutex::new(HashMap::new()))), ttl }
+        Self { backend: Arc::new(Backend::Memory(Mutex::new(HashMap::new()))), ttl, locks: Arc::default() }
     }
 
     /// Records kept as files in `dir` (created if missing).
@@ -105,24 +160,45 @@ impl ResponseStore {
     /// The directory cannot be created.
     pub(crate) fn disk(dir: PathBuf, ttl: Duration) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { backend: Arc::new(Backend::Disk(dir)), ttl })
+        Ok(Self { backend: Arc::new(Backend::Disk(dir)), ttl, locks: Arc::default() })
     }
 
-    fn expired(&self, r: &Stored) -> bool {
-        now().saturating_sub(r.created_at) > self.ttl.as_secs()
+    fn expired(&self, r: &impl Record) -> bool {
+        now().saturating_sub(r.touched()) > self.ttl.as_secs()
+    }
+
+    /// The lock of the tenant's record `id`, held across a
+    /// read-modify-write.
+    pub(crate) async fn lock(&self, tenant: &str, id: &str) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+        let name = key(tenant, id);
+        let lock = {
+            let mut locks = self.locks.lock().map_err(storage_error)?;
+            if locks.len() > 1024 {
+                locks.retain(|_, l| l.strong_count() > 0);
+            }
+            match locks.get(&name).and_then(std::sync::Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(name, Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        Ok(lock.lock_owned().await)
     }
 
     /// Stores `record`, durably where the store is on disk.
-    pub(crate) async fn put(&self, record: Stored) -> Result<(), ApiError> {
-        let name = key(&record.tenant, &record.id);
+    pub(crate) async fn put(&self, record: &impl Record) -> Result<(), ApiError> {
+        let name = key(record.tenant(), record.id());
+        let bytes = serde_json::to_vec(record).map_err(storage_error)?;
         match &*self.backend {
             Backend::Memory(map) => {
-                map.lock().map_err(storage_error)?.insert(name, record);
+                map.lock().map_err(storage_error)?.insert(name, bytes);
                 Ok(())
             }
             Backend::Disk(dir) => {
                 let dir = dir.clone();
-                let bytes = serde_json::to_vec(&record).map_err(storage_error)?;
                 blocking(move || {
                     let tmp = dir.join(format!("{name}.tmp"));
                     let mut f = std::fs::File::create(&tmp)?;
@@ -136,33 +212,31 @@ impl ResponseStore {
         }
     }
 
-    /// The tenant's record of `id`, if stored and not expired.
-    pub(crate) async fn get(&self, tenant: &str, id: &str) -> Result<Option<Stored>, ApiError> {
+    /// The tenant's record `id`, if stored and not expired.
+    pub(crate) async fn get<T: Record>(&self, tenant: &str, id: &str) -> Result<Option<T>, ApiError> {
         let name = key(tenant, id);
-        let found = match &*self.backend {
+        let bytes = match &*self.backend {
             Backend::Memory(map) => map.lock().map_err(storage_error)?.get(&name).cloned(),
             Backend::Disk(dir) => {
                 let path = dir.join(format!("{name}.json"));
-                let bytes = blocking(move || match std::fs::read(&path) {
+                blocking(move || match std::fs::read(&path) {
                     Ok(b) => Ok(Some(b)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                     Err(e) => Err(e),
                 })
-                .await?;
-                match bytes {
-                    None => None,
-                    Some(b) => match serde_json::from_slice::<Stored>(&b) {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "a stored response does not parse; treated as missing");
-                            None
-                        }
-                    },
-                }
+                .await?
             }
         };
-        // The hash names the tenant; the check guards against a collision.
-        let found = found.filter(|r| r.tenant == tenant && r.id == id);
+        let found = bytes.and_then(|b| match serde_json::from_slice::<T>(&b) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "a stored record does not parse; treated as missing");
+                None
+            }
+        });
+        // The hash names the tenant; the check guards against a collision
+        // (and a response id asked for as a conversation's).
+        let found = found.filter(|r| r.tenant() == tenant && r.id() == id);
         match found {
             Some(r) if self.expired(&r) => {
                 self.delete(tenant, id).await?;
@@ -172,8 +246,7 @@ impl ResponseStore {
         }
     }
 
-    /// Deletes the tenant's record of `id`, durably; false if there was
-    /// none.
+    /// Deletes the tenant's record `id`, durably; false if there was none.
     pub(crate) async fn delete(&self, tenant: &str, id: &str) -> Result<bool, ApiError> {
         let name = key(tenant, id);
         match &*self.backend {
@@ -213,16 +286,48 @@ mod tests {
     }
 
     async fn round_trip(store: ResponseStore) {
-        store.put(record("a", "resp_1", now())).await.unwrap();
-        assert_eq!(store.get("a", "resp_1").await.unwrap().unwrap().response["id"], "resp_1");
-        assert!(store.get("b", "resp_1").await.unwrap().is_none(), "another tenant's id is unknown");
+        store.put(&record("a", "resp_1", now())).await.unwrap();
+        assert_eq!(store.get::<Stored>("a", "resp_1").await.unwrap().unwrap().response["id"], "resp_1");
+        assert!(store.get::<Stored>("b", "resp_1").await.unwrap().is_none(), "another tenant's id is unknown");
         assert!(!store.delete("b", "resp_1").await.unwrap());
         assert!(store.delete("a", "resp_1").await.unwrap());
-        assert!(store.get("a", "resp_1").await.unwrap().is_none());
+        assert!(store.get::<Stored>("a", "resp_1").await.unwrap().is_none());
         // Expired records are gone.
-        store.put(record("a", "old", now() - 100)).await.unwrap();
-        assert!(store.get("a", "old").await.unwrap().is_none());
+        store.put(&record("a", "old", now() - 100)).await.unwrap();
+        assert!(store.get::<Stored>("a", "old").await.unwrap().is_none());
         assert!(!store.delete("a", "old").await.unwrap(), "removed when met");
+    }
+
+    /// Two read-modify-writes at once on one record both land.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_under_the_lock_never_lose_one_another() {
+        let store = ResponseStore::memory(Duration::from_secs(50));
+        let conv = Conversation {
+            id: "conv_1".into(),
+            tenant: "a".into(),
+            created_at: now(),
+            updated_at: now(),
+            metadata: serde_json::Map::new(),
+            items: Vec::new(),
+        };
+        store.put(&conv).await.unwrap();
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let _guard = store.lock("a", "conv_1").await.unwrap();
+                    let mut c: Conversation = store.get("a", "conv_1").await.unwrap().unwrap();
+                    tokio::task::yield_now().await;
+                    c.items.push(serde_json::json!(i));
+                    store.put(&c).await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let c: Conversation = store.get("a", "conv_1").await.unwrap().unwrap();
+        assert_eq!(c.items.len(), 16);
     }
 
     #[tokio::test]
@@ -233,9 +338,10 @@ mod tests {
         round_trip(store.clone()).await;
         // A second store on the same directory (a restart) reads what the
         // first wrote; file names are hashes, not ids.
-        store.put(record("a", "resp_2", now())).await.unwrap();
+        store.put(&record("a", "resp_2", now())).await.unwrap();
         let again = ResponseStore::disk(dir.path().join("responses"), Duration::from_secs(50)).unwrap();
-        assert!(again.get("a", "resp_2").await.unwrap().is_some());
+        assert!(again.get::<Stored>("a", "resp_2").await.unwrap().is_some());
+        assert!(again.get::<Conversation>("a", "resp_2").await.unwrap().is_none(), "a response is no conversation");
         let names: Vec<String> = std::fs::read_dir(dir.path().join("responses"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

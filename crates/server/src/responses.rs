@@ -21,7 +21,9 @@
 //! the next turn recomputes only its new tokens. A fork (continuing an
 //! older response of the chain) shares the cached blocks up to the fork
 //! point by content (copy-on-write), and computes the rest. `store: false`
-//! runs without an agent and keeps nothing.
+//! runs without an agent and keeps nothing. A response in a `conversation`
+//! (`conversations.rs`) runs on the conversation's agent with its items as
+//! the context, and appends its input and output items to it.
 //!
 //! The stored record (`response_store.rs`) holds the response object,
 //! this turn's input items and its output items: enough to rebuild the
@@ -33,7 +35,8 @@
 //! Fields this server cannot honour are a 400 naming the field, never
 //! ignored: `background: true`, a non-empty `reasoning` (the model has
 //! none), `include`, built-in tools (`web_search`, `file_search`, ...),
-//! image or file inputs, `conversation` (not yet), `prompt` templates,
+//! image or file inputs, `conversation` together with
+//! `previous_response_id`, `prompt` templates,
 //! `top_logprobs`. The same fields sent empty (`reasoning: null`,
 //! `background: false`, `include: []`) are accepted, as clients send them.
 //! Function tools default to `strict: true`, as in this API.
@@ -148,8 +151,8 @@ impl ResponsesRequest {
         if self.include.as_ref().is_some_and(|i| !i.is_empty()) {
             return Err(invalid("include", "no additional output data can be included"));
         }
-        if self.conversation.as_ref().is_some_and(|c| !c.is_null()) {
-            return Err(invalid("conversation", "conversations are not supported yet; use previous_response_id"));
+        if self.conversation.as_ref().is_some_and(|c| !c.is_null()) && self.previous_response_id.is_some() {
+            return Err(invalid("conversation", "give either conversation or previous_response_id, not both"));
         }
         if self.prompt.as_ref().is_some_and(|p| !p.is_null()) {
             return Err(invalid("prompt", "prompt templates are not supported"));
@@ -173,7 +176,7 @@ impl ResponsesRequest {
 }
 
 /// `input`, as items with ids (module doc): a string is one user message.
-fn input_items(input: Option<Value>) -> Result<Vec<Value>, ApiError> {
+pub(crate) fn input_items(input: Option<Value>) -> Result<Vec<Value>, ApiError> {
     let items = match input {
         None | Some(Value::Null) => return Err(invalid("input", "input is required")),
         Some(Value::String(text)) => {
@@ -199,7 +202,7 @@ fn text_field(item: &Map<String, Value>, name: &str, what: &str) -> Result<Strin
 }
 
 /// One input item checked and put in the shape it is stored and listed in.
-fn normalize(item: Value) -> Result<Value, ApiError> {
+pub(crate) fn normalize(item: Value) -> Result<Value, ApiError> {
     let Value::Object(item) = item else { return Err(invalid("input", "each input item must be an object")) };
     let kind = match item.get("type") {
         None if item.contains_key("role") => "message",
@@ -399,6 +402,19 @@ fn chat_format(text: Option<&Value>) -> Result<Option<Value>, ApiError> {
     }
 }
 
+/// `conversation`: an id, or `{"id": ...}`.
+fn conversation_id(v: Option<&Value>) -> Result<Option<String>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) => Ok(Some(id.clone())),
+        Some(Value::Object(m)) => match m.get("id") {
+            Some(Value::String(id)) => Ok(Some(id.clone())),
+            _ => Err(invalid("conversation", "must be a conversation id or {\"id\": ...}")),
+        },
+        Some(_) => Err(invalid("conversation", "must be a conversation id or {\"id\": ...}")),
+    }
+}
+
 /// The items of the chain ending at `id` (oldest first), and its agent.
 async fn chain(state: &AppState, tenant: &TenantId, id: &str) -> Result<(Vec<Value>, Option<String>), ApiError> {
     let store = state.responses.as_ref().ok_or_else(|| invalid("previous_response_id", "responses are not stored"))?;
@@ -408,7 +424,7 @@ async fn chain(state: &AppState, tenant: &TenantId, id: &str) -> Result<(Vec<Val
         if records.len() == MAX_CHAIN {
             return Err(invalid("previous_response_id", "the chain is too long"));
         }
-        let Some(r) = store.get(tenant.as_str(), &id).await? else {
+        let Some(r) = store.get::<Stored>(tenant.as_str(), &id).await? else {
             let id: String = id.chars().take(64).collect();
             let mut e = ApiError::not_found(format!("no response {id:?}"));
             e.param = Some("previous_response_id");
@@ -432,6 +448,8 @@ struct Meta {
     previous_response_id: Option<String>,
     store: bool,
     agent: Option<String>,
+    /// The conversation its items are appended to.
+    conversation: Option<String>,
     tenant: TenantId,
     /// The request's own fields, echoed in the response object.
     echo: Map<String, Value>,
@@ -524,9 +542,13 @@ impl Meta {
             FinishReason::Cancelled => ("incomplete", Some(("incomplete_details", json!({"reason": "cancelled"})))),
         };
         let object = self.object(status, output, Some(usage), extra);
+        if let Some(conv) = &self.conversation {
+            let items = self.input.iter().chain(output).cloned().collect();
+            crate::conversations::append(state, &self.tenant, conv, items).await?;
+        }
         if let (true, Some(store)) = (self.store, &state.responses) {
             store
-                .put(Stored {
+                .put(&Stored {
                     id: self.id.clone(),
                     tenant: self.tenant.as_str().to_owned(),
                     created_at: self.created_at,
@@ -552,12 +574,18 @@ pub(crate) async fn create(
     req.refuse_unsupported()?;
     let store = req.store.unwrap_or(true);
     let input = input_items(req.input.clone())?;
-    let (mut context, agent) = match &req.previous_response_id {
-        Some(prev) => chain(&state, &tenant, prev).await?,
-        None => (Vec::new(), None),
+    let conversation = conversation_id(req.conversation.as_ref())?;
+    let (mut context, agent) = match (&req.previous_response_id, &conversation) {
+        (Some(prev), _) => chain(&state, &tenant, prev).await?,
+        (None, Some(conv)) => {
+            let c = crate::conversations::load(&state, &tenant, conv, "conversation").await?;
+            (c.items, Some(c.id))
+        }
+        (None, None) => (Vec::new(), None),
     };
     let id = new_id("resp");
-    let agent = match (store, agent) {
+    // A conversation is an agent whatever `store` says: its items are kept.
+    let agent = match (store || conversation.is_some(), agent) {
         (false, _) => None,
         (true, Some(a)) => Some(a),
         (true, None) => Some(id.clone()),
@@ -580,6 +608,7 @@ pub(crate) async fn create(
     echo.insert("truncation".into(), json!(req.truncation.as_deref().unwrap_or("disabled")));
     echo.insert("metadata".into(), Value::Object(req.metadata.clone().unwrap_or_default()));
     echo.insert("user".into(), req.other.get("user").cloned().unwrap_or(Value::Null));
+    echo.insert("conversation".into(), conversation.as_ref().map_or(Value::Null, |c| json!({"id": c})));
     // Plans the prompt, dropping the oldest context items while it does not
     // fit and truncation allows.
     let (events, plan) = loop {
@@ -634,6 +663,7 @@ pub(crate) async fn create(
         previous_response_id: req.previous_response_id.clone(),
         store,
         agent,
+        conversation,
         tenant,
         echo,
         input,
@@ -832,6 +862,39 @@ fn for_responses(mut e: ApiError) -> ApiError {
     e
 }
 
+pub(crate) fn page(items: &[Value], q: &ListQuery) -> Result<Value, ApiError> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 100"));
+    }
+    let mut items = items.to_vec();
+    match q.order.as_deref() {
+        None | Some("desc") => items.reverse(),
+        Some("asc") => {}
+        Some(_) => return Err(invalid("order", "must be \"asc\" or \"desc\"")),
+    }
+    let position = |cursor: &str, param: &'static str| {
+        items.iter().position(|i| i["id"] == cursor).ok_or_else(|| invalid(param, "no such item"))
+    };
+    let start = match &q.after {
+        Some(a) => position(a, "after")? + 1,
+        None => 0,
+    };
+    let end = match &q.before {
+        Some(b) => position(b, "before")?,
+        None => items.len(),
+    };
+    let window: Vec<Value> = items.get(start..end.max(start)).unwrap_or_default().iter().take(limit).cloned().collect();
+    let has_more = end.max(start) - start > window.len();
+    Ok(json!({
+        "object": "list",
+        "data": window,
+        "first_id": window.first().map(|i| i["id"].clone()),
+        "last_id": window.last().map(|i| i["id"].clone()),
+        "has_more": has_more,
+    }))
+}
+
 fn stored_or_404(found: Option<Stored>, id: &str) -> Result<Stored, ApiError> {
     found.ok_or_else(|| {
         let id: String = id.chars().take(64).collect();
@@ -839,7 +902,7 @@ fn stored_or_404(found: Option<Stored>, id: &str) -> Result<Stored, ApiError> {
     })
 }
 
-fn store(state: &AppState) -> Result<&crate::response_store::ResponseStore, ApiError> {
+pub(crate) fn store(state: &AppState) -> Result<&crate::response_store::ResponseStore, ApiError> {
     state.responses.as_ref().ok_or_else(|| ApiError::not_found("responses are not stored on this server"))
 }
 
@@ -849,7 +912,7 @@ pub(crate) async fn get(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let found = store(&state)?.get(tenant.as_str(), &id).await?;
+    let found = store(&state)?.get::<Stored>(tenant.as_str(), &id).await?;
     Ok(Json(stored_or_404(found, &id)?.response))
 }
 
@@ -866,6 +929,8 @@ pub(crate) async fn delete(
     Ok(Json(json!({"id": id, "object": "response.deleted", "deleted": true})))
 }
 
+/// A list's page: `limit` (1 to 100, default 20), `order` (`desc`, the
+/// default, or `asc`), `after` or `before` an item id.
 #[derive(Debug, Deserialize)]
 pub(crate) struct ListQuery {
     limit: Option<usize>,
@@ -874,45 +939,16 @@ pub(crate) struct ListQuery {
     before: Option<String>,
 }
 
-/// `GET /v1/responses/{id}/input_items`: the response's input items,
-/// newest first by default, `limit` (1 to 100, default 20) at a time after
-/// or before an item id.
+/// `GET /v1/responses/{id}/input_items`: the response's input items, a
+/// page at a time ([`ListQuery`]).
 pub(crate) async fn input_items_list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(invalid("limit", "must be between 1 and 100"));
-    }
-    let mut items = stored_or_404(store(&state)?.get(tenant.as_str(), &id).await?, &id)?.input;
-    match q.order.as_deref() {
-        None | Some("desc") => items.reverse(),
-        Some("asc") => {}
-        Some(_) => return Err(invalid("order", "must be \"asc\" or \"desc\"")),
-    }
-    let position = |cursor: &str, param: &'static str| {
-        items.iter().position(|i| i["id"] == cursor).ok_or_else(|| invalid(param, "no such item in this response"))
-    };
-    let start = match &q.after {
-        Some(a) => position(a, "after")? + 1,
-        None => 0,
-    };
-    let end = match &q.before {
-        Some(b) => position(b, "before")?,
-        None => items.len(),
-    };
-    let window: Vec<Value> = items.get(start..end.max(start)).unwrap_or_default().iter().take(limit).cloned().collect();
-    let has_more = end.max(start) - start > window.len();
-    Ok(Json(json!({
-        "object": "list",
-        "data": window,
-        "first_id": window.first().map(|i| i["id"].clone()),
-        "last_id": window.last().map(|i| i["id"].clone()),
-        "has_more": has_more,
-    })))
+    let items = stored_or_404(store(&state)?.get::<Stored>(tenant.as_str(), &id).await?, &id)?.input;
+    Ok(Json(page(&items, &q)?))
 }
 
 #[cfg(test)]
@@ -945,6 +981,8 @@ mod tests {
 
     #[test]
     fn unsupported_items_and_fields_are_400s_naming_them() {
+        assert_eq!(conversation_id(Some(&json!({"id": "conv_1"}))).unwrap().as_deref(), Some("conv_1"));
+        assert_eq!(conversation_id(Some(&json!(7))).unwrap_err().param, Some("conversation"));
         for bad in [
             json!([{"type": "input_image", "image_url": "x"}]),
             json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
@@ -961,7 +999,7 @@ mod tests {
             (json!({"background": true}), "background"),
             (json!({"reasoning": {"effort": "high"}}), "reasoning"),
             (json!({"include": ["file_search_call.results"]}), "include"),
-            (json!({"conversation": "conv_1"}), "conversation"),
+            (json!({"conversation": "conv_1", "previous_response_id": "resp_1"}), "conversation"),
             (json!({"truncation": "middle"}), "truncation"),
         ] {
             assert_eq!(req(body.clone()).refuse_unsupported().unwrap_err().param, Some(param), "{body}");

@@ -203,3 +203,61 @@ async fn bad_items_and_fields_are_openai_shaped_400s_and_a_huge_input_a_413() {
     let (status, text) = call(&app, "POST", "/v1/responses", "key-a", Some(huge)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", &text[..text.len().min(200)]);
 }
+
+/// Conversations: per tenant, responses in one append their items and run
+/// on its agent, concurrent responses both land, and deleting it deletes
+/// the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_keep_items_per_tenant_and_their_agent_goes_with_them() {
+    let app = app();
+    let (status, text) = call(
+        &app,
+        "POST",
+        "/v1/conversations",
+        "key-a",
+        Some(json!({"metadata": {"k": "v"}, "items": [{"role": "user", "content": "hi"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let conv: Value = serde_json::from_str(&text).unwrap();
+    let id = conv["id"].as_str().unwrap().to_owned();
+    assert_eq!(conv["object"], "conversation");
+    for (method, uri) in [
+        ("GET", format!("/v1/conversations/{id}")),
+        ("GET", format!("/v1/conversations/{id}/items")),
+        ("DELETE", format!("/v1/conversations/{id}")),
+    ] {
+        assert_eq!(call(&app, method, &uri, "key-b", None).await.0, StatusCode::NOT_FOUND, "{method} {uri}");
+    }
+    let (status, _) =
+        call(&app, "POST", "/v1/responses", "key-b", Some(json!({"model": "fake", "input": "x", "conversation": id})))
+            .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Two responses at once in the conversation: both append their input
+    // and output.
+    let ask = |text: &'static str| {
+        let (app, id) = (app.clone(), id.clone());
+        tokio::spawn(async move {
+            create(&app, "key-a", json!({"model": "fake", "input": text, "conversation": id, "max_output_tokens": 3}))
+                .await
+        })
+    };
+    let (one, two) = (ask("one"), ask("two"));
+    let (one, two) = (one.await.unwrap(), two.await.unwrap());
+    assert_eq!(one["conversation"]["id"], id.as_str());
+    assert_eq!(two["conversation"]["id"], id.as_str());
+    let (_, text) = call(&app, "GET", &format!("/v1/conversations/{id}/items?order=asc"), "key-a", None).await;
+    let items: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(items["data"].as_array().unwrap().len(), 5, "the first item, then two inputs and two outputs: {items}");
+    let (status, _) = call(&app, "GET", &format!("/v1/agents/{id}"), "key-a", None).await;
+    assert_eq!(status, StatusCode::OK, "the conversation's agent");
+    let bad = json!({"model": "fake", "input": "x", "conversation": id, "previous_response_id": one["id"]});
+    assert_eq!(call(&app, "POST", "/v1/responses", "key-a", Some(bad)).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(call(&app, "DELETE", &format!("/v1/conversations/{id}"), "key-a", None).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&app, "GET", &format!("/v1/agents/{id}"), "key-a", None).await.0,
+        StatusCode::NOT_FOUND,
+        "its agent went with it"
+    );
+    assert_eq!(call(&app, "GET", &format!("/v1/conversations/{id}"), "key-a", None).await.0, StatusCode::NOT_FOUND);
+}
