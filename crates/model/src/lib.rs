@@ -14,7 +14,7 @@
 //! | K/V arenas indexed by block id; a hybrid model's sliding-window pages | `kv_store.rs` |
 //! | paged attention | `attention.rs` |
 //! | the forward pass (llama, qwen2, gemma3) | `llama.rs` |
-//! | SIMD quantized matmul kernels | `quant.rs` |
+//! | SIMD quantized matmul kernels (by concept: ISA, layouts, activations, x86) | `quant/` |
 //! | GGML block formats (Q4_0 … Q6_K) unpacked for the 8-bit kernel | `kquant.rs` |
 //! | the interface the engine drives (`Model`, `TextCodec`) | `runner.rs` |
 //! | tool calling in the generic format (render, grammar, parse) | `tools.rs` |
