@@ -1,6 +1,6 @@
 //! The engine's state machine: queues, admission, batch planning,
 //! preemption, sampling and finishing. Plain `&mut self`; the loop in
-//! `engine.rs` owns it on one thread, so no lock guards any of this.
+//! `engine/` owns it on one thread, so no lock guards any of this.
 //!
 //! # One step
 //!

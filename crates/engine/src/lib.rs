@@ -5,20 +5,29 @@
 //! | concept | file |
 //! |---|---|
 //! | requests, ids, events, validation rules | `request.rs` |
-//! | the engine thread, the handle, the event stream (`# Concurrency`) | `engine.rs` |
+//! | the engine thread and its concurrency (`# Concurrency`) | `engine/mod.rs` |
+//! | its settings and limits | `engine/config.rs` |
+//! | the loop and what each command does | `engine/run.rs` |
+//! | a request's event stream | `engine/events.rs` |
+//! | the handle's methods | `engine/handle.rs` |
 //! | scheduling: admission, chunked prefill, preemption, finishing | `core.rs` |
 //! | one step's cache transaction around the model's forward pass | `txn.rs` |
 //! | agents and their retention | `agents.rs` |
 //! | admission: reuse from the pool and the tiers, fitting the step | `core/admission.rs` |
 //! | the tiers below the pool: config, loads, pending blocks, costs | `tiering.rs` |
 //! | the scheduler's use of the tiers, durable agents | `core/tier_ops.rs` |
+//! | agents' operations: info, delete, hand over, retention | `core/agent_ops.rs` |
+//! | agents that come back on another replica (a shared tier) | `core/resume.rs` |
 //! | choosing tokens | `sampling.rs` |
 //! | constrained decoding (grammars, masks) | `grammar.rs` |
 //! | JSON schemas as compiled: bounded values, strict objects, layout | `schema.rs` |
 //! | streamed text and stop strings | `text.rs` |
 //! | the metrics snapshot | `metrics.rs` |
 //! | KV events and the snapshot a router follows | `kv_events.rs` |
+//! | speculative decoding: proposers, step costs, choosing drafts | `speculative.rs` |
+//! | a tenant's prefix tree, for the web page | `prefix_tree.rs` |
 //! | a fake model and codec for tests | `testing.rs` |
+//! | errors | `error.rs` |
 //!
 //! ```
 //! use std::sync::Arc;
