@@ -14,8 +14,8 @@
 //!    as soon as its own prefill is done, instead of all at the end of one
 //!    long shared step (the kernels are as efficient at 64 rows as at 500,
 //!    so only the time to first token changes). Four agents whose ~90-token
-//!    turns continue a shared, just-computed system prompt got their first
-//!    tokens together after every tail was computed; now after their own.
+//!    turns continue a shared, just-computed system prompt each get their
+//!    first token after their own tail, not after every tail.
 //!    A step with other work holds at most [`SHARED_CHUNK_ROWS`] prefill
 //!    rows; only a prefill alone takes the whole budget. So a new short
 //!    turn waits at most one step behind a long document, not for all of
@@ -340,7 +340,7 @@ impl EngineCore {
                 return;
             }
         };
-        let agent = s.req.req.agent.clone().map(|a| (tenant, a));
+        let agent = s.req.req.agent.clone().map(|a| AgentKey::new(tenant, a));
         if let Some(key) = &agent {
             // An agent this process does not know may have run its turns on
             // another replica: wait for its manifest if a tier can look.

@@ -138,10 +138,10 @@ fn check_call(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<()> {
 /// with one scale per block); at the end the minimums' `Σ min · d_x · Σq_x`
 /// is added (`min_terms`). Every kernel computes exactly this (integer
 /// sums are exact in any order), so every instruction set and every row
-/// count gives the same bits. (Before the column-interleaved layout each
-/// column kept eight float lanes of four weights each, candle's order for
-/// Q8_0: sixteen float operations per column and block instead of four, and
-/// the tile's float work was most of Gemma-3's prefill.)
+/// count gives the same bits. The layout is why: candle's order for Q8_0
+/// (eight float lanes of four weights per column) takes sixteen float
+/// operations per column and block instead of four, and that float work
+/// would be most of Gemma-3's prefill.
 ///
 /// # Errors
 /// As [`matmul`].
