@@ -164,6 +164,15 @@ impl BlockLocations {
     }
 }
 
+/// How far [`crate::EngineHandle::offload_agent`] moves an agent's blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffloadTo {
+    /// Out of the pool into the first tier (RAM), as memory pressure would.
+    FirstTier,
+    /// On past the first tier to the next (disk).
+    SecondTier,
+}
+
 /// Changes to an agent's retention.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentUpdate {
@@ -173,7 +182,19 @@ pub struct AgentUpdate {
     pub priority: Option<i32>,
 }
 
-pub(crate) type AgentKey = (TenantId, AgentId);
+/// An agent's key: its tenant and its id (two tenants may name agents
+/// alike; they are different agents).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct AgentKey {
+    pub(crate) tenant: TenantId,
+    pub(crate) id: AgentId,
+}
+
+impl AgentKey {
+    pub(crate) fn new(tenant: TenantId, id: AgentId) -> Self {
+        Self { tenant, id }
+    }
+}
 
 /// All agents, keyed by tenant and id (tenants cannot see each other's).
 #[derive(Debug, Default)]
@@ -218,7 +239,7 @@ impl Agents {
 
     /// Agents `tenant` has.
     pub(crate) fn count_of(&self, tenant: &TenantId) -> usize {
-        self.map.keys().filter(|k| &k.0 == tenant).count()
+        self.map.keys().filter(|k| &k.tenant == tenant).count()
     }
 
     /// The agent `tenant` should forget to make room for a new one: idle,
@@ -227,7 +248,9 @@ impl Agents {
     pub(crate) fn forget_candidate(&self, tenant: &TenantId) -> Option<AgentKey> {
         self.map
             .iter()
-            .filter(|(k, a)| &k.0 == tenant && a.busy.is_none() && a.turns > 0 && a.retention == Retention::Evictable)
+            .filter(|(k, a)| {
+                &k.tenant == tenant && a.busy.is_none() && a.turns > 0 && a.retention == Retention::Evictable
+            })
             .min_by_key(|(_, a)| (a.priority, a.last_used))
             .map(|(k, _)| k.clone())
     }
@@ -253,7 +276,7 @@ impl Agents {
     }
 
     pub(crate) fn keys_of(&self, tenant: &TenantId) -> Vec<AgentKey> {
-        let mut keys: Vec<AgentKey> = self.map.keys().filter(|k| &k.0 == tenant).cloned().collect();
+        let mut keys: Vec<AgentKey> = self.map.keys().filter(|k| &k.tenant == tenant).cloned().collect();
         keys.sort();
         keys
     }
@@ -293,7 +316,7 @@ impl Agents {
                     && a.busy.is_none()
                     && a.retention != Retention::Pinned
                     && Some(*k) != except
-                    && tenant.is_none_or(|t| &k.0 == t)
+                    && tenant.is_none_or(|t| &k.tenant == t)
             })
             .min_by_key(|(_, a)| (a.priority, a.last_used))
             .map(|(k, _)| k.clone())
@@ -302,8 +325,8 @@ impl Agents {
     pub(crate) fn info(&self, key: &AgentKey, blocks_held: usize, blocks: BlockLocations) -> Option<AgentInfo> {
         let a = self.map.get(key)?;
         Some(AgentInfo {
-            id: key.1.clone(),
-            tenant: key.0.clone(),
+            id: key.id.clone(),
+            tenant: key.tenant.clone(),
             cached_tokens: if a.seq.is_some() { a.tokens.len() } else { 0 },
             blocks_held,
             window_pages: None,

@@ -73,7 +73,7 @@ mod text;
 mod tiering;
 pub mod txn;
 
-pub use agents::{AgentInfo, AgentUpdate, BlockLocations, Retention};
+pub use agents::{AgentInfo, AgentUpdate, BlockLocations, OffloadTo, Retention};
 pub use engine::{start, EngineConfig, EngineHandle, EventStream, Limits};
 pub use error::{Error, Result};
 pub use grammar::{CompiledGrammar, Grammar, GrammarSpec, MAX_GRAMMAR_BYTES};

@@ -103,10 +103,10 @@ async fn greedy_output_is_identical_from_the_pool_from_ram_from_disk_and_after_a
     let mut h = vec![Message::new("system", "You are a concise assistant.")];
     let engine = tiered_engine(dir.path());
     let (t1, _) = say(&engine, &mut h, users[0]).await;
-    engine.offload_agent(&tenant, &agent, false).await.unwrap();
+    engine.offload_agent(&tenant, &agent, engine::OffloadTo::FirstTier).await.unwrap();
     let (t2, u2) = say(&engine, &mut h, users[1]).await;
     engine.flush_tiers(Duration::from_secs(30)).await.unwrap();
-    let loc = engine.offload_agent(&tenant, &agent, true).await.unwrap();
+    let loc = engine.offload_agent(&tenant, &agent, engine::OffloadTo::SecondTier).await.unwrap();
     assert!(loc.tier("disk") > 0 && loc.pool == 0 && loc.tier("ram") == 0, "{loc:?}");
     engine.flush_tiers(Duration::from_secs(30)).await.unwrap();
     let (t3, u3) = say(&engine, &mut h, users[2]).await;

@@ -126,7 +126,7 @@ async fn a_conversation_continued_from_ram_gives_the_same_tokens() {
     let mut h = Vec::new();
     let (t1, u1) = say(&engine, &mut h, "a", USERS[0]).await;
     assert_eq!(t1, want[0]);
-    let loc = engine.offload_agent(&tenant(), &agent("a"), false).await.unwrap();
+    let loc = engine.offload_agent(&tenant(), &agent("a"), engine::OffloadTo::FirstTier).await.unwrap();
     assert_eq!(loc.pool, 0, "{loc:?}");
     assert!(loc.tier("ram") > 0, "{loc:?}");
     let (t2, u2) = say(&engine, &mut h, "a", USERS[1]).await;
@@ -183,7 +183,7 @@ async fn a_conversation_continued_from_disk_gives_the_same_tokens() {
     let mut h = Vec::new();
     say(&engine, &mut h, "a", USERS[0]).await;
     assert!(engine.flush_tiers(Duration::from_secs(10)).await.unwrap());
-    let loc = engine.offload_agent(&tenant(), &agent("a"), true).await.unwrap();
+    let loc = engine.offload_agent(&tenant(), &agent("a"), engine::OffloadTo::SecondTier).await.unwrap();
     assert!(loc.durable && loc.tier("disk") > 0 && loc.pool == 0, "{loc:?}");
     let (t2, u2) = say(&engine, &mut h, "a", USERS[1]).await;
     assert_eq!(t2, want[1]);

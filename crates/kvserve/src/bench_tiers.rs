@@ -79,11 +79,11 @@ pub(crate) fn bench_tiers(mut args: TierBenchArgs) -> Result<()> {
             run_one(engine, request(conversation.clone(), Some(&agent)))
         };
         let t0 = turn(&engine, 1)?;
-        rt.block_on(engine.offload_agent(&TenantId::default_tenant(), &agent, false))?;
+        rt.block_on(engine.offload_agent(&TenantId::default_tenant(), &agent, engine::OffloadTo::FirstTier))?;
         let before = engine.stats().tiers.counters;
         let t1 = turn(&engine, 2)?;
         let import_ms = (engine.stats().tiers.counters.promote_seconds - before.promote_seconds) * 1e3;
-        rt.block_on(engine.offload_agent(&TenantId::default_tenant(), &agent, true))?;
+        rt.block_on(engine.offload_agent(&TenantId::default_tenant(), &agent, engine::OffloadTo::SecondTier))?;
         rt.block_on(engine.flush_tiers(Duration::from_secs(60)))?;
         rt.block_on(engine.forget_disk_cache())?;
         let before = engine.stats().tiers.counters.load_latency.sum;

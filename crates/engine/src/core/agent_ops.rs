@@ -64,12 +64,12 @@ impl EngineCore {
     /// exists, else forget the tenant's best candidate if at the limit.
     pub(super) fn make_agent_room(&mut self, key: &AgentKey) -> Result<()> {
         let limit = self.config.max_agents_per_tenant;
-        if self.agents.get(key).is_some() || self.agents.count_of(&key.0) < limit {
+        if self.agents.get(key).is_some() || self.agents.count_of(&key.tenant) < limit {
             return Ok(());
         }
-        let forget = self.agents.forget_candidate(&key.0);
-        let Some(old) = forget else { return Err(Error::TooManyAgents { tenant: key.0.to_string(), limit }) };
-        tracing::debug!(tenant = %key.0, agent = %old.1, "agent limit reached; forgetting the least recently used");
+        let forget = self.agents.forget_candidate(&key.tenant);
+        let Some(old) = forget else { return Err(Error::TooManyAgents { tenant: key.tenant.to_string(), limit }) };
+        tracing::debug!(tenant = %key.tenant, agent = %old.id, "agent limit reached; forgetting the least recently used");
         self.forget_agent(&old);
         self.stats.agents_forgotten += 1;
         Ok(())
@@ -127,7 +127,7 @@ impl EngineCore {
     /// replica at a time. `reply` hears back once that is durable.
     pub(crate) fn hand_over_agent(&mut self, key: &AgentKey, reply: tokio::sync::oneshot::Sender<Result<()>>) {
         let Some(ag) = self.agents.get(key) else {
-            let _ = reply.send(Err(Error::UnknownAgent(key.1.to_string())));
+            let _ = reply.send(Err(Error::UnknownAgent(key.id.to_string())));
             return;
         };
         if ag.busy.is_some() {
@@ -151,7 +151,7 @@ impl EngineCore {
     /// (its manifest can no longer bring it back after a restart).
     pub(crate) fn delete_agent(&mut self, key: &AgentKey, reply: tokio::sync::oneshot::Sender<Result<()>>) {
         if self.agents.get(key).is_none() {
-            let _ = reply.send(Err(Error::UnknownAgent(key.1.to_string())));
+            let _ = reply.send(Err(Error::UnknownAgent(key.id.to_string())));
             return;
         }
         let done = move |result: std::result::Result<(), String>| {
@@ -175,7 +175,7 @@ impl EngineCore {
     fn pinned<'a>(&'a self, tenant: Option<&'a TenantId>, except: Option<&'a AgentKey>) -> Vec<&'a AgentKey> {
         self.agents
             .keys()
-            .filter(|k| tenant.is_none_or(|t| &k.0 == t) && Some(*k) != except)
+            .filter(|k| tenant.is_none_or(|t| &k.tenant == t) && Some(*k) != except)
             .filter(|k| self.agents.get(k).is_some_and(|ag| ag.retention == Retention::Pinned))
             .collect()
     }
@@ -217,8 +217,8 @@ impl EngineCore {
     fn pin_room(&self, key: &AgentKey) -> Result<()> {
         let (me, records) = (self.agent_blocks(key), self.agents.get(key).map_or(0, |a| a.chain.len()));
         let c = &self.config;
-        let refuse = |what, limit, wanted| Err(Error::PinLimit { tenant: key.0.to_string(), what, limit, wanted });
-        for (tenant, share) in [(Some(&key.0), c.max_pinned_share), (None, c.max_pinned_share_total)] {
+        let refuse = |what, limit, wanted| Err(Error::PinLimit { tenant: key.tenant.to_string(), what, limit, wanted });
+        for (tenant, share) in [(Some(&key.tenant), c.max_pinned_share), (None, c.max_pinned_share_total)] {
             let (limit, wanted) = (self.pin_limit(share), self.pinned_blocks(tenant, Some(key)) + me);
             if wanted > limit {
                 return refuse("blocks", limit, wanted);
@@ -259,7 +259,7 @@ impl EngineCore {
     pub(super) fn unpin_past_share(&mut self, key: &AgentKey) {
         let pinned = self.agents.get(key).is_some_and(|ag| ag.retention == Retention::Pinned);
         if pinned && self.pin_room(key).is_err() {
-            tracing::warn!(tenant = %key.0, agent = %key.1, "pinned agents past their share; unpinned");
+            tracing::warn!(tenant = %key.tenant, agent = %key.id, "pinned agents past their share; unpinned");
             if let Some(ag) = self.agents.get_mut(key) {
                 ag.retention = Retention::Evictable;
             }
@@ -268,12 +268,12 @@ impl EngineCore {
 
     pub(crate) fn update_agent(&mut self, key: &AgentKey, update: AgentUpdate) -> Result<AgentInfo> {
         if self.agents.get(key).is_none() {
-            return Err(Error::UnknownAgent(key.1.to_string()));
+            return Err(Error::UnknownAgent(key.id.to_string()));
         }
         if update.retention == Some(Retention::Pinned) {
             self.pin_room(key)?;
         }
-        let ag = self.agents.get_mut(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))?;
+        let ag = self.agents.get_mut(key).ok_or_else(|| Error::UnknownAgent(key.id.to_string()))?;
         if let Some(r) = update.retention {
             ag.retention = r;
             ag.last_used = Instant::now();
@@ -285,7 +285,7 @@ impl EngineCore {
             // The manifest carries retention and priority: rewrite it.
             self.commit_agent(key, Instant::now());
         }
-        self.agent_info(key).ok_or_else(|| Error::UnknownAgent(key.1.to_string()))
+        self.agent_info(key).ok_or_else(|| Error::UnknownAgent(key.id.to_string()))
     }
 
     pub(crate) fn set_quota(&mut self, tenant: &TenantId, quota: Option<u32>) -> Result<()> {

@@ -41,7 +41,7 @@ impl EngineCore {
         if s.looked_up || self.agents.get(key).is_some() {
             return Some(s);
         }
-        let id = ManifestId::of(key.0.as_str(), key.1.as_str());
+        let id = ManifestId::of(key.tenant.as_str(), key.id.as_str());
         if let Some(f) = self.tiers.fetches.get_mut(&id) {
             f.waiting.push(s);
             return None;
@@ -76,7 +76,7 @@ impl EngineCore {
             self.tiers.fetches.iter().filter(|(_, f)| now >= f.deadline).map(|(id, _)| *id).collect();
         for id in late {
             if let Some(fetch) = self.tiers.fetches.remove(&id) {
-                tracing::debug!(tenant = %fetch.key.0, agent = %fetch.key.1, "no answer in time from the tiers about an agent: its turn runs without its stored history");
+                tracing::debug!(tenant = %fetch.key.tenant, agent = %fetch.key.id, "no answer in time from the tiers about an agent: its turn runs without its stored history");
                 self.resubmit(fetch);
             }
         }
@@ -125,7 +125,7 @@ impl EngineCore {
         let mut wanted: Vec<(usize, BlockKey)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (key, ag) in agents {
-            let ns = Namespace::new(self.model.fingerprint(), key.0.as_str().as_bytes());
+            let ns = Namespace::new(self.model.fingerprint(), key.tenant.as_str().as_bytes());
             let chain = &ag.chain[..ag.chain.len().min(ag.tokens.len() / bs)];
             for (i, h) in chain.iter().enumerate() {
                 if room == 0 {

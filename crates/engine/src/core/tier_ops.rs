@@ -509,7 +509,8 @@ impl EngineCore {
             }
             TierEvent::Agent { agent, manifest } => self.on_agent_manifest(agent, manifest.map(|m| *m)),
             TierEvent::CommitFailed { agent, retry } => {
-                let key = self.agents.keys().find(|k| ManifestId::of(k.0.as_str(), k.1.as_str()) == agent).cloned();
+                let key =
+                    self.agents.keys().find(|k| ManifestId::of(k.tenant.as_str(), k.id.as_str()) == agent).cloned();
                 // A failing tier: retried once it resumes. A tier full of
                 // pinned records: not (the next turn tries again).
                 if let Some(ag) = key.and_then(|k| self.agents.get_mut(&k)) {
@@ -618,7 +619,7 @@ impl EngineCore {
             return;
         }
         let Some(ag) = self.agents.get(key) else { return };
-        let ns = Namespace::new(self.model.fingerprint(), key.0.as_str().as_bytes());
+        let ns = Namespace::new(self.model.fingerprint(), key.tenant.as_str().as_bytes());
         let bs = self.cache.spec().block_size();
         let chain = &ag.chain[..ag.chain.len().min(ag.tokens.len() / bs)];
         let records: Vec<RecordKey> = chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
@@ -711,8 +712,8 @@ impl EngineCore {
             }
         }
         let manifest = AgentManifest {
-            tenant: key.0.as_str().into(),
-            agent: key.1.as_str().into(),
+            tenant: key.tenant.as_str().into(),
+            agent: key.id.as_str().into(),
             ns,
             retention: manifest_retention(ag.retention),
             priority: ag.priority,
@@ -826,7 +827,7 @@ impl EngineCore {
                 }
             };
             let now = Instant::now();
-            let ag = self.agents.entry((tenant, agent));
+            let ag = self.agents.entry(AgentKey::new(tenant, agent));
             ag.tokens = m.tokens;
             ag.chain = chain;
             ag.tail = tail;
@@ -866,7 +867,7 @@ impl EngineCore {
         }
         let others: std::collections::HashSet<BlockHash> = self
             .agents
-            .keys_of(&key.0)
+            .keys_of(&key.tenant)
             .iter()
             .filter(|k| *k != key)
             .filter_map(|k| self.agents.get(k))
@@ -885,7 +886,7 @@ impl EngineCore {
         // Its tail is its own (a disk tier deletes it with the manifest).
         records
             .extend(self.agents.get(key).and_then(|ag| ag.tail.as_ref()).map(|(_, k)| RecordKey::new(GROUP, k.hash)));
-        let id = ManifestId::of(key.0.as_str(), key.1.as_str());
+        let id = ManifestId::of(key.tenant.as_str(), key.id.as_str());
         let here: Vec<&mut Box<dyn Tier>> =
             self.tiers.list.iter_mut().filter(|t| !(keep_shared && t.shared())).collect();
         let parts = tiers::split_done(done, here.len());
@@ -909,7 +910,7 @@ impl EngineCore {
         let pool = (0..ag.chain.len()).filter(|&i| held(i) || self.cache.is_indexed(ag.chain[i])).count();
         let mut loc = BlockLocations { pool, ..BlockLocations::default() };
         let keys: Vec<RecordKey> = ag.chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
-        let id = ManifestId::of(key.0.as_str(), key.1.as_str());
+        let id = ManifestId::of(key.tenant.as_str(), key.id.as_str());
         for t in &self.tiers.list {
             loc.tiers.insert(t.name(), t.confirmed(&keys).into_iter().filter(|&h| h).count());
             loc.durable |= t.durable_turns(&id) == Some(ag.turns);
@@ -922,7 +923,7 @@ impl EngineCore {
     /// agent's sequence, or cached), else the first tier that confirms it.
     pub(crate) fn prefix_tree(&self, tenant: &crate::TenantId) -> crate::PrefixTree {
         let keys = self.agents.keys_of(tenant);
-        let agents: Vec<_> = keys.iter().filter_map(|k| self.agents.get(k).map(|ag| (k.1.clone(), ag))).collect();
+        let agents: Vec<_> = keys.iter().filter_map(|k| self.agents.get(k).map(|ag| (k.id.clone(), ag))).collect();
         let chains: Vec<(crate::AgentId, &[kv::BlockHash])> =
             agents.iter().map(|(id, ag)| (id.clone(), ag.chain.as_slice())).collect();
         crate::prefix_tree::build(self.block_size(), &chains, |a, indices| {
@@ -949,11 +950,11 @@ impl EngineCore {
     }
 
     /// Moves an idle agent's blocks out of the pool into the first tier or
-    /// (with `to_disk`) on past it to the next, as memory pressure would:
+    /// ([`crate::OffloadTo::SecondTier`]) on past it to the next, as memory pressure would:
     /// for benchmarks and operators. Returns where its blocks are
     /// afterwards.
-    pub(crate) fn offload_agent(&mut self, key: &AgentKey, to_disk: bool) -> crate::Result<BlockLocations> {
-        let Some(ag) = self.agents.get(key) else { return Err(crate::Error::UnknownAgent(key.1.to_string())) };
+    pub(crate) fn offload_agent(&mut self, key: &AgentKey, to: crate::OffloadTo) -> crate::Result<BlockLocations> {
+        let Some(ag) = self.agents.get(key) else { return Err(crate::Error::UnknownAgent(key.id.to_string())) };
         if ag.busy.is_some() {
             return Err(crate::Error::InvalidRequest { field: "agent", problem: "a turn is running".into() });
         }
@@ -969,8 +970,8 @@ impl EngineCore {
         self.cache.evict_cached(&chain);
         self.stash_evicted();
         let first_at_once = self.tiers.list.first().is_some_and(|t| t.at_once());
-        if to_disk && first_at_once {
-            let ns = self.namespace(&key.0);
+        if to == crate::OffloadTo::SecondTier && first_at_once {
+            let ns = self.namespace(&key.tenant);
             let bs = self.block_size();
             let tokens = self.agents.get(key).map(|a| a.tokens.clone()).unwrap_or_default();
             let expected: Vec<BlockKey> = (0..chain.len()).map(|i| block_key(ns, &chain, &tokens, i, bs)).collect();

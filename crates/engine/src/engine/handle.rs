@@ -207,16 +207,16 @@ impl EngineHandle {
     }
 
     /// Moves an idle agent's blocks out of the pool into the RAM tier, or
-    /// with `to_disk` on to the disk tier, as memory pressure would (for
+    /// with [`crate::OffloadTo::SecondTier`] on to the disk tier, as memory pressure would (for
     /// benchmarks and operators; the next turn brings them back). Returns
     /// where its blocks are then.
     ///
     /// # Errors
     /// [`Error::UnknownAgent`], [`Error::InvalidRequest`] if a turn is
     /// running, [`Error::EngineStopped`].
-    pub async fn offload_agent(&self, tenant: &TenantId, id: &AgentId, to_disk: bool) -> Result<BlockLocations> {
+    pub async fn offload_agent(&self, tenant: &TenantId, id: &AgentId, to: crate::OffloadTo) -> Result<BlockLocations> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        self.ask(|r| Command::Offload(tenant, id, to_disk, r)).await?
+        self.ask(|r| Command::Offload(tenant, id, to, r)).await?
     }
 
     /// Waits until everything queued for the disk tier so far is written

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use model::{Model, TextCodec};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
-use crate::agents::{AgentInfo, AgentUpdate, BlockLocations};
+use crate::agents::{AgentInfo, AgentKey, AgentUpdate, BlockLocations};
 use crate::core::{EngineCore, QueueCounts, Submission};
 use crate::error::{Error, Result};
 use crate::metrics::EngineStats;
@@ -69,7 +69,7 @@ pub(super) enum Command {
     Agent(TenantId, AgentId, oneshot::Sender<Result<AgentInfo>>),
     DeleteAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
     HandOverAgent(TenantId, AgentId, oneshot::Sender<Result<()>>),
-    Offload(TenantId, AgentId, bool, oneshot::Sender<Result<BlockLocations>>),
+    Offload(TenantId, AgentId, crate::OffloadTo, oneshot::Sender<Result<BlockLocations>>),
     Flusher(oneshot::Sender<Option<tiers::Flusher>>),
     ForgetDiskCache(oneshot::Sender<()>),
     /// A report from the tier at this position in the tier list.

@@ -122,13 +122,13 @@ pub(super) fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<
             let _ = reply.send(core.prefix_tree(&tenant));
         }
         Command::Agent(tenant, id, reply) => {
-            let key = (tenant, id.clone());
+            let key = AgentKey::new(tenant, id.clone());
             let _ = reply.send(core.agent_info(&key).ok_or_else(|| Error::UnknownAgent(id.to_string())));
         }
-        Command::DeleteAgent(tenant, id, reply) => core.delete_agent(&(tenant, id), reply),
-        Command::HandOverAgent(tenant, id, reply) => core.hand_over_agent(&(tenant, id), reply),
-        Command::Offload(tenant, id, to_disk, reply) => {
-            let _ = reply.send(core.offload_agent(&(tenant, id), to_disk));
+        Command::DeleteAgent(tenant, id, reply) => core.delete_agent(&AgentKey::new(tenant, id), reply),
+        Command::HandOverAgent(tenant, id, reply) => core.hand_over_agent(&AgentKey::new(tenant, id), reply),
+        Command::Offload(tenant, id, to, reply) => {
+            let _ = reply.send(core.offload_agent(&AgentKey::new(tenant, id), to));
         }
         Command::Flusher(reply) => {
             let _ = reply.send(core.disk_flusher());
@@ -143,7 +143,7 @@ pub(super) fn handle(core: &mut EngineCore, cmd: Command, shutdown: &mut Option<
         }
         Command::HandlesGone | Command::Publish(_) => {} // run_loop handles these
         Command::UpdateAgent(tenant, id, update, reply) => {
-            let _ = reply.send(core.update_agent(&(tenant, id), update));
+            let _ = reply.send(core.update_agent(&AgentKey::new(tenant, id), update));
         }
         Command::SetQuota(tenant, quota, reply) => {
             let _ = reply.send(core.set_quota(&tenant, quota));
