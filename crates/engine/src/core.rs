@@ -110,36 +110,49 @@ const PREFILL_MAX_WAIT: Duration = Duration::from_millis(500);
 /// check against both limits and the reservation are one act.
 #[derive(Debug, Default)]
 pub(crate) struct QueueCounts {
-    counts: std::sync::Mutex<(usize, std::collections::HashMap<TenantId, usize>)>,
+    counts: std::sync::Mutex<Waiting>,
+}
+
+/// What [`QueueCounts`] guards.
+#[derive(Debug, Default)]
+struct Waiting {
+    all: usize,
+    by_tenant: std::collections::HashMap<TenantId, usize>,
+}
+
+/// A refused place: how many wait in all, and for the tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct QueueFull {
+    pub(crate) all: usize,
+    pub(crate) tenant: usize,
 }
 
 impl QueueCounts {
     /// Takes a place for `tenant` if the queue has fewer than `limit` and the
-    /// tenant fewer than `per_tenant`; otherwise how many wait (all, the
-    /// tenant's).
+    /// tenant fewer than `per_tenant`; otherwise how many wait.
     pub(crate) fn reserve(
         self: &Arc<Self>,
         tenant: &TenantId,
         limit: usize,
         per_tenant: usize,
-    ) -> std::result::Result<QueueTicket, (usize, usize)> {
+    ) -> std::result::Result<QueueTicket, QueueFull> {
         let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mine = c.1.get(tenant).copied().unwrap_or(0);
-        if c.0 >= limit || mine >= per_tenant {
-            return Err((c.0, mine));
+        let mine = c.by_tenant.get(tenant).copied().unwrap_or(0);
+        if c.all >= limit || mine >= per_tenant {
+            return Err(QueueFull { all: c.all, tenant: mine });
         }
-        c.0 += 1;
-        *c.1.entry(tenant.clone()).or_default() += 1;
+        c.all += 1;
+        *c.by_tenant.entry(tenant.clone()).or_default() += 1;
         Ok(QueueTicket { counts: Arc::clone(self), tenant: tenant.clone() })
     }
 
     fn release(&self, tenant: &TenantId) {
         let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        c.0 = c.0.saturating_sub(1);
-        if let Some(n) = c.1.get_mut(tenant) {
+        c.all = c.all.saturating_sub(1);
+        if let Some(n) = c.by_tenant.get_mut(tenant) {
             *n -= 1;
             if *n == 0 {
-                c.1.remove(tenant);
+                c.by_tenant.remove(tenant);
             }
         }
     }

@@ -106,8 +106,8 @@ impl EngineHandle {
         let (limit, per_tenant) = (config.max_waiting, config.max_waiting_per_tenant);
         let ticket = match self.shared.waiting.reserve(&req.req.tenant, limit, per_tenant) {
             Ok(t) => t,
-            Err((queued, _)) if queued >= limit => return Err(Error::Overloaded { queued, limit }),
-            Err((_, mine)) => return Err(Error::Overloaded { queued: mine, limit: per_tenant }),
+            Err(full) if full.all >= limit => return Err(Error::Overloaded { queued: full.all, limit }),
+            Err(full) => return Err(Error::Overloaded { queued: full.tenant, limit: per_tenant }),
         };
         let id = RequestId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (events, rx) = tmpsc::unbounded_channel();
