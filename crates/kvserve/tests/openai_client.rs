@@ -44,18 +44,25 @@ fn make_venv() -> PathBuf {
     py
 }
 
-#[cfg(unix)]
-#[test]
-fn the_official_client_calls_tools_and_parses_structured_outputs() {
+/// Runs the checks of `script` (under `tests/`) with the official client
+/// against a fresh server; they print "ok" last when all passed.
+#[allow(clippy::print_stdout)] // the script's report, shown with the test's output
+fn run_checks(script: &str) {
     let py = venv();
     let cache = tempfile::tempdir().expect("a temp dir");
     let server = common::serve(cache.path());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("openai_client.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
     let out = Command::new(py).arg(script).arg(format!("http://{}", server.addr)).output().expect("the script runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{stdout}");
     assert!(out.status.success(), "the client's checks failed:\n{stdout}\n{stderr}");
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+}
+
+#[cfg(unix)]
+#[test]
+fn the_official_client_calls_tools_and_parses_structured_outputs() {
+    run_checks("openai_client.py");
 }
 
 /// The Responses API through the official client (`openai_responses.py`):
@@ -67,15 +74,7 @@ fn the_official_client_calls_tools_and_parses_structured_outputs() {
 #[cfg(unix)]
 #[test]
 fn the_official_client_drives_the_responses_api() {
-    let py = venv();
-    let cache = tempfile::tempdir().expect("a temp dir");
-    let server = common::serve(cache.path());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("openai_responses.py");
-    let out = Command::new(py).arg(script).arg(format!("http://{}", server.addr)).output().expect("the script runs");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{stdout}");
-    assert!(out.status.success(), "the client's checks failed:\n{stdout}\n{stderr}");
-    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    run_checks("openai_responses.py");
 }
 
 /// The base URL the README's examples use; the test points it at its server.

@@ -81,15 +81,7 @@ fn an_agent_survives_kill_9_and_its_next_turn_comes_from_disk() {
         let answer = turn(&server.addr, &messages);
         // Killed only once the turn is durable (the lag itself is measured
         // by the durability-lag metric and the benchmarks, not timed here).
-        let started = Instant::now();
-        loop {
-            let info = json_body(&get(&server.addr, "/v1/agents/survivor"));
-            if info["blocks"]["durable"] == true {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(60), "never durable: {info}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_durable(&server.addr, "survivor", 1);
         let pid = server.child.id().to_string();
         assert!(Command::new("kill").args(["-9", &pid]).status().expect("kill runs").success());
         let _ = server.child.wait();
@@ -203,15 +195,7 @@ fn a_response_chain_survives_kill_9_and_continues_from_disk() {
         let second = create(&server.addr, "And when does it come back?", Some(&id));
         // The chain's agent is named after its first response; killed once
         // its latest turn is durable.
-        let started = Instant::now();
-        loop {
-            let info = json_body(&get(&server.addr, &format!("/v1/agents/{id}")));
-            if info["blocks"]["durable"] == true && info["turns"] == 2 {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(60), "never durable: {info}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_durable(&server.addr, &id, 2);
         let pid = server.child.id().to_string();
         assert!(Command::new("kill").args(["-9", &pid]).status().expect("kill runs").success());
         let _ = server.child.wait();
@@ -235,6 +219,19 @@ fn a_response_chain_survives_kill_9_and_continues_from_disk() {
     drop(server);
     let server = serve(cache.path());
     assert!(get(&server.addr, &format!("/v1/responses/{second_id}")).starts_with("HTTP/1.1 404"));
+}
+
+/// Waits (at most a minute) until the agent's turn `turns` is durable.
+fn wait_durable(addr: &str, agent: &str, turns: u64) {
+    let started = Instant::now();
+    loop {
+        let info = json_body(&get(addr, &format!("/v1/agents/{agent}")));
+        if info["blocks"]["durable"] == true && info["turns"] == turns {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "never durable: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn http_delete(addr: &str, path: &str) -> String {
