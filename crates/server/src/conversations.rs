@@ -100,18 +100,37 @@ pub(crate) async fn load(
     })
 }
 
-/// Appends a response's items to its conversation, under its lock.
-pub(crate) async fn append(state: &AppState, tenant: &TenantId, id: &str, new: Vec<Value>) -> Result<(), ApiError> {
+/// Changes the tenant's conversation `id` with `f`, under its lock: read,
+/// change, stamp, write back. Nothing is written when `f` refuses.
+async fn change(
+    state: &AppState,
+    tenant: &TenantId,
+    id: &str,
+    param: &'static str,
+    f: impl FnOnce(&mut Conversation) -> Result<(), ApiError>,
+) -> Result<Conversation, ApiError> {
     let store = store(state)?;
     let _guard = store.lock(tenant.as_str(), id).await?;
-    let mut c = load(state, tenant, id, "conversation").await?;
-    c.items.extend(new);
-    if c.items.len() > MAX_ITEMS {
-        let extra = c.items.len() - MAX_ITEMS;
-        c.items.drain(..extra);
-    }
+    let mut c = load(state, tenant, id, param).await?;
+    f(&mut c)?;
     c.updated_at = now_secs();
-    store.put(&c).await
+    store.put(&c).await?;
+    Ok(c)
+}
+
+/// Appends a response's items to its conversation (the oldest go past
+/// [`MAX_ITEMS`]).
+pub(crate) async fn append(state: &AppState, tenant: &TenantId, id: &str, new: Vec<Value>) -> Result<(), ApiError> {
+    change(state, tenant, id, "conversation", |c| {
+        c.items.extend(new);
+        if c.items.len() > MAX_ITEMS {
+            let extra = c.items.len() - MAX_ITEMS;
+            c.items.drain(..extra);
+        }
+        Ok(())
+    })
+    .await
+    .map(drop)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,12 +182,11 @@ pub(crate) async fn update(
     JsonBody(body): JsonBody<UpdateBody>,
 ) -> Result<Json<Value>, ApiError> {
     let metadata = metadata(Some(body.metadata))?;
-    let store = store(&state)?;
-    let _guard = store.lock(tenant.as_str(), &id).await?;
-    let mut c = load(&state, &tenant, &id, "conversation_id").await?;
-    c.metadata = metadata;
-    c.updated_at = now_secs();
-    store.put(&c).await?;
+    let c = change(&state, &tenant, &id, "conversation_id", |c| {
+        c.metadata = metadata;
+        Ok(())
+    })
+    .await?;
     Ok(Json(object(&c)))
 }
 
@@ -220,15 +238,14 @@ pub(crate) async fn add_items(
     if new.is_empty() {
         return Err(invalid("items", "give at least one item"));
     }
-    let store = store(&state)?;
-    let _guard = store.lock(tenant.as_str(), &id).await?;
-    let mut c = load(&state, &tenant, &id, "conversation_id").await?;
-    if c.items.len() + new.len() > MAX_ITEMS {
-        return Err(invalid("items", format!("a conversation holds at most {MAX_ITEMS} items")));
-    }
-    c.items.extend(new.iter().cloned());
-    c.updated_at = now_secs();
-    store.put(&c).await?;
+    change(&state, &tenant, &id, "conversation_id", |c| {
+        if c.items.len() + new.len() > MAX_ITEMS {
+            return Err(invalid("items", format!("a conversation holds at most {MAX_ITEMS} items")));
+        }
+        c.items.extend(new.iter().cloned());
+        Ok(())
+    })
+    .await?;
     Ok(Json(json!({
         "object": "list",
         "data": new,
@@ -255,15 +272,14 @@ pub(crate) async fn delete_item(
     Tenant(tenant): Tenant,
     Path((id, item)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let store = store(&state)?;
-    let _guard = store.lock(tenant.as_str(), &id).await?;
-    let mut c = load(&state, &tenant, &id, "conversation_id").await?;
-    let before = c.items.len();
-    c.items.retain(|i| i["id"] != item.as_str());
-    if c.items.len() == before {
-        return Err(ApiError::not_found("no such item"));
-    }
-    c.updated_at = now_secs();
-    store.put(&c).await?;
+    let c = change(&state, &tenant, &id, "conversation_id", |c| {
+        let before = c.items.len();
+        c.items.retain(|i| i["id"] != item.as_str());
+        if c.items.len() == before {
+            return Err(ApiError::not_found("no such item"));
+        }
+        Ok(())
+    })
+    .await?;
     Ok(Json(object(&c)))
 }
