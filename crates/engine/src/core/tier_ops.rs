@@ -902,12 +902,21 @@ impl EngineCore {
         }
     }
 
+    /// Whether block `i` of `ag`'s chain is in the pool: held by its
+    /// sequence, or cached there.
+    fn in_pool<'a>(&'a self, ag: &'a crate::agents::Agent) -> impl Fn(usize) -> bool + 'a {
+        let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
+        move |i| {
+            table.is_some_and(|t| i >= t.first_block() && i < t.logical_len())
+                || ag.chain.get(i).is_some_and(|h| self.cache.is_indexed(*h))
+        }
+    }
+
     /// Where an agent's blocks are now.
     pub(super) fn block_locations(&self, key: &AgentKey) -> BlockLocations {
         let Some(ag) = self.agents.get(key) else { return BlockLocations::default() };
-        let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
-        let held = |i: usize| table.is_some_and(|t| i >= t.first_block() && i < t.logical_len());
-        let pool = (0..ag.chain.len()).filter(|&i| held(i) || self.cache.is_indexed(ag.chain[i])).count();
+        let in_pool = self.in_pool(ag);
+        let pool = (0..ag.chain.len()).filter(|&i| in_pool(i)).count();
         let mut loc = BlockLocations { pool, ..BlockLocations::default() };
         let keys: Vec<RecordKey> = ag.chain.iter().map(|h| RecordKey::new(GROUP, *h)).collect();
         let id = ManifestId::of(key.tenant.as_str(), key.id.as_str());
@@ -928,10 +937,8 @@ impl EngineCore {
             agents.iter().map(|(id, ag)| (id.clone(), ag.chain.as_slice())).collect();
         crate::prefix_tree::build(self.block_size(), &chains, |a, indices| {
             let ag = agents[a].1;
-            let table = ag.seq.and_then(|s| self.cache.block_table(s).ok());
-            let held = |i: usize| table.is_some_and(|t| i >= t.first_block() && i < t.logical_len());
-            let mut places: Vec<Option<&'static str>> =
-                indices.iter().map(|&i| (held(i) || self.cache.is_indexed(ag.chain[i])).then_some("pool")).collect();
+            let in_pool = self.in_pool(ag);
+            let mut places: Vec<Option<&'static str>> = indices.iter().map(|&i| in_pool(i).then_some("pool")).collect();
             for t in &self.tiers.list {
                 let missing: Vec<usize> = (0..indices.len()).filter(|&j| places[j].is_none()).collect();
                 if missing.is_empty() {
